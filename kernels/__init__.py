@@ -1,0 +1,85 @@
+"""mLSTM cell kernels: PyTorch reference forms and fused Triton kernels behind one dispatch function.
+
+    h, state = mlstm(q, k, v, i, f, state=None, backend="auto", chunk_size=64, reset=None)
+    h, state = mlstm_step(q, k, v, i, f, state)
+
+This package depends on torch (and triton for the GPU kernels) only; it knows nothing of the model.
+"""
+
+import torch
+
+from .chunkwise import mlstm_chunkwise
+from .common import EPS, MLSTMState, check_inputs, zero_state
+from .parallel import mlstm_parallel
+from .recurrent import mlstm_recurrent, mlstm_step_torch
+
+BACKENDS = ("auto", "torch")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> the fastest backend available for `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"mlstm: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "torch"
+    return backend
+
+
+def mlstm(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None = None,
+    *,
+    backend: str = "auto",
+    chunk_size: int = 64,
+    reset: torch.Tensor | None = None,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """The mLSTM cell over a sequence, from `state` (None = empty), returning h and the final state.
+
+    q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S] soft-capped gate pre-activations;
+    state (C [B, NH, DK, DV], n [B, NH, DK], m [B, NH, 1]); reset: bool [B, S], True where a new
+    document starts (the state is zeroed right before that position). Any S >= 1, any chunk_size.
+    Padding that must not touch the state: i = -inf and f = +inf at those positions.
+    """
+    resolve_backend(backend, q.device)
+    return mlstm_chunkwise(q, k, v, i, f, state, reset=reset, chunk_size=chunk_size, eps=eps)
+
+
+def mlstm_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None = None,
+    *,
+    backend: str = "auto",
+    eps: float = EPS,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """One token: q, k [B, NH, DK], v [B, NH, DV], i, f [B, NH]; returns h [B, NH, DV] and the new state."""
+    if q.ndim != 3:
+        raise ValueError(f"mlstm_step: q must be [B, NH, DK] (one token), got shape {tuple(q.shape)}")
+    B, NH, DK = q.shape
+    if state is None:
+        state = zero_state(B, NH, DK, v.shape[-1], device=q.device)
+    check_inputs(q[:, :, None], k[:, :, None], v[:, :, None], i[..., None], f[..., None], state)
+    resolve_backend(backend, q.device)
+    h, state = mlstm_step_torch(q, k, v, i, f, state, eps=eps)
+    return h.to(v.dtype), state
+
+
+__all__ = [
+    "EPS",
+    "MLSTMState",
+    "mlstm",
+    "mlstm_chunkwise",
+    "mlstm_parallel",
+    "mlstm_recurrent",
+    "mlstm_step",
+    "mlstm_step_torch",
+    "zero_state",
+]

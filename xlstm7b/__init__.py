@@ -1,0 +1,1 @@
+"""xLSTM 7B in PyTorch + Triton."""
