@@ -1,1 +1,8 @@
-"""xLSTM 7B in PyTorch + Triton."""
+"""xLSTM 7B in PyTorch + Triton: the exact released model, fast kernels, training and inference."""
+
+from .config import ModelConfig, preset_names, preset_path
+from .model import XLSTM, convert_weight_layout
+from .state import State
+
+__all__ = ["XLSTM", "ModelConfig", "State", "convert_weight_layout", "preset_names", "preset_path"]
+__version__ = "0.1.0"

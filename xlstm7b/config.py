@@ -1,0 +1,154 @@
+"""Model configuration: one dataclass with the released field names, and TOML presets.
+
+Presets live in `configs/NAME.toml` (installed as the package `xlstm7b.configs`); their `[model]`
+section is a ModelConfig. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+WeightMode = Literal["single", "fused"]
+
+
+@dataclass
+class ModelConfig:
+    embedding_dim: int = 4096
+    """Width D of the residual stream (the released config also calls it hidden_size)."""
+    num_blocks: int = 32
+    """Number of residual blocks, each an mLSTM layer and a gated feed-forward (num_hidden_layers)."""
+    num_heads: int = 8
+    """mLSTM heads NH; must divide the query/key and value dimensions."""
+    vocab_size: int = 50304
+    """Rows of the embedding and the lm_head (GPT-NeoX-20B's 50,277 tokens padded to 50,304)."""
+    qk_dim_factor: float = 0.5
+    """Query/key width Dqk = int(D * qk_dim_factor)."""
+    v_dim_factor: float = 1.0
+    """Value (and output gate) width Dv = int(D * v_dim_factor)."""
+    ffn_proj_factor: float = 2.667
+    """Feed-forward width Dff = round_up(D * ffn_proj_factor, ffn_round_up_to_multiple_of)."""
+    ffn_round_up_to_multiple_of: int = 64
+    """Dff is rounded up to a multiple of this."""
+    gate_soft_cap: float = 15.0
+    """Input and forget gate pre-activations are soft-capped: c * tanh(x / c)."""
+    output_logit_soft_cap: float = 30.0
+    """Logits are soft-capped with this value."""
+    norm_eps: float = 1e-6
+    """Epsilon of RMSNorm and of the per-head LayerNorm."""
+    use_bias: bool = False
+    """Biases in the linear layers and norms (the i/f gates always have one). False in the release."""
+    add_out_norm: bool = True
+    """RMSNorm after the last block, before the lm_head."""
+    tie_word_embeddings: bool = False
+    """Share the embedding and the lm_head (the 7B keeps them separate)."""
+    weight_mode: WeightMode = "single"
+    """'single': separate q/k/v/o, i/f and FFN gate/up projections (the released layout);
+    'fused': one [q|k|v|o], one [i|f] and one [gate|z] projection (fewer, larger matmuls)."""
+    chunk_size: int = 64
+    """Chunk length of the chunkwise mLSTM kernel; any sequence length works with any value."""
+    eps: float = 1e-6
+    """Epsilon of the mLSTM normalizer, added in stabilized units (spec §2)."""
+    mlstm_backend: str = "auto"
+    """mLSTM kernel: 'auto' (Triton on CUDA, PyTorch elsewhere), 'torch' or 'triton'."""
+    bos_token_id: int = 0
+    """Token that starts every prompt and separates documents."""
+    pad_token_id: int = 1
+    """Token used to pad finished or shorter rows."""
+    eos_token_id: int = 0
+    """Token that ends generation (id 0, <|endoftext|>, in the 7B's tokenizer)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    # Derived dimensions, computed as the xlstm package does (int(), no rounding to 64).
+    @property
+    def qk_dim(self) -> int:
+        return int(self.embedding_dim * self.qk_dim_factor)
+
+    @property
+    def v_dim(self) -> int:
+        return int(self.embedding_dim * self.v_dim_factor)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_dim // self.num_heads
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.v_dim // self.num_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        m = self.ffn_round_up_to_multiple_of
+        return int(math.ceil(self.embedding_dim * self.ffn_proj_factor / m) * m)
+
+    def validate(self) -> None:
+        for name in ("embedding_dim", "num_blocks", "num_heads", "vocab_size", "ffn_round_up_to_multiple_of", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("qk_dim_factor", "v_dim_factor", "ffn_proj_factor", "gate_soft_cap", "output_logit_soft_cap", "norm_eps", "eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
+        if self.weight_mode not in ("single", "fused"):
+            raise ValueError(f"ModelConfig.weight_mode must be 'single' or 'fused', got {self.weight_mode!r}")
+        if self.mlstm_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"ModelConfig.mlstm_backend must be 'auto', 'torch' or 'triton', got {self.mlstm_backend!r}")
+        for name, dim in (("qk_dim", self.qk_dim), ("v_dim", self.v_dim)):
+            if dim == 0 or dim % self.num_heads:
+                raise ValueError(
+                    f"ModelConfig.num_heads={self.num_heads} must divide {name} = int(embedding_dim * "
+                    f"{name}_factor) = {dim}; change num_heads, embedding_dim or {name}_factor"
+                )
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(f"ModelConfig.{name}={value} must lie in [0, vocab_size={self.vocab_size})")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "ModelConfig":
+        """Strict: every key must be a field; the error names the unknown key and the valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown model config key(s) {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "ModelConfig":
+        """The [model] section of a TOML file (other sections belong to the trainer)."""
+        path = Path(path)
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        if "model" not in data:
+            raise ValueError(f"{path}: no [model] section")
+        return cls.from_dict(data["model"], source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelConfig":
+        return cls.from_toml(preset_path(name))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in resources.files("xlstm7b.configs").iterdir() if p.name.endswith(".toml"))
+
+
+def preset_path(name: str) -> Path:
+    """Path of the preset `name` (e.g. 'toy', '7b'), or of `name` itself if it is a TOML file."""
+    if name.endswith(".toml") and Path(name).is_file():
+        return Path(name)
+    path = resources.files("xlstm7b.configs") / f"{name}.toml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; choose one of {preset_names()} or pass a path to a .toml file")
+    return Path(str(path))
