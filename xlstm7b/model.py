@@ -265,6 +265,12 @@ class XLSTM(nn.Module):
         x = self.backbone.out_norm(x[:, -1:] if last_logits_only else x)
         return soft_cap(self.lm_head(x), self.config.output_logit_soft_cap), new_state
 
+    def save_pretrained(self, path, *, max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
+        """Writes the released Hugging Face layout (config.json + safetensors shards); see checkpoint.py."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
     def with_weight_mode(self, weight_mode: WeightMode) -> "XLSTM":
         """This model in the other weight layout (single <-> fused), with identical outputs."""
         config = self.config.replace(weight_mode=weight_mode)
