@@ -1,8 +1,18 @@
 """xLSTM 7B in PyTorch + Triton: the exact released model, fast kernels, training and inference."""
 
+from .checkpoint import CheckpointError, from_pretrained
 from .config import ModelConfig, preset_names, preset_path
 from .model import XLSTM, convert_weight_layout
 from .state import State
 
-__all__ = ["XLSTM", "ModelConfig", "State", "convert_weight_layout", "preset_names", "preset_path"]
+__all__ = [
+    "CheckpointError",
+    "ModelConfig",
+    "State",
+    "XLSTM",
+    "convert_weight_layout",
+    "from_pretrained",
+    "preset_names",
+    "preset_path",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,266 @@
+"""Checkpoint I/O compatible with the released xLSTM-7b (spec §4).
+
+Reads two layouts:
+- Hugging Face (NX-AI/xLSTM-7b): config.json + model.safetensors, or shards listed in
+  model.safetensors.index.json; parameter names `backbone.embeddings.weight`, `backbone.blocks.N...`.
+- the xlstm package: config.yaml + model.safetensors (or model_0.safetensors, model_1, ...), with
+  `embedding.weight` for the embedding.
+Writes the Hugging Face layout, which both `from_pretrained` and transformers' xLSTMForCausalLM load.
+
+Loading builds the model on the meta device and assigns each tensor as it is read, so the weights
+exist once (a fused layout conversion adds one projection at a time).
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import XLSTM, convert_weight_layout
+
+INDEX = "model.safetensors.index.json"
+
+# Released config.json / config.yaml key -> ModelConfig field, for keys whose names differ.
+CONFIG_ALIASES = {"hidden_size": "embedding_dim", "num_hidden_layers": "num_blocks"}
+# Parameter name spellings of other releases -> ours.
+NAME_ALIASES = (
+    (re.compile(r"^embedding\.weight$"), "backbone.embeddings.weight"),
+    (re.compile(r"\.mlstm_layer\.query\."), ".mlstm_layer.q."),
+    (re.compile(r"\.mlstm_layer\.key\."), ".mlstm_layer.k."),
+    (re.compile(r"\.mlstm_layer\.value\."), ".mlstm_layer.v."),
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: the message names the file and the key."""
+
+
+def config_from_released(raw: dict, *, source: str) -> ModelConfig:
+    """A ModelConfig from a released config.json/config.yaml dict; keys we do not use are ignored."""
+    fields = set(ModelConfig.__dataclass_fields__)
+    values = {}
+    for key, value in raw.items():
+        name = CONFIG_ALIASES.get(key, key)
+        if name in fields and value is not None and name not in values:
+            values[name] = value
+    for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        if isinstance(values.get(key), list):  # some configs list several EOS ids; the first is the main one
+            values[key] = values[key][0]
+    missing = [k for k in ("embedding_dim", "num_blocks", "num_heads", "vocab_size") if k not in values]
+    if missing:
+        raise CheckpointError(f"{source}: missing config key(s) {missing} (or their aliases {CONFIG_ALIASES})")
+    try:
+        return ModelConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid model config: {e}") from e
+
+
+def config_to_released(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json in the released field names; the kernel names make transformers run it on any device."""
+    c = config
+    return {
+        "architectures": ["xLSTMForCausalLM"],
+        "model_type": "xlstm",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.embedding_dim,
+        "embedding_dim": c.embedding_dim,
+        "num_hidden_layers": c.num_blocks,
+        "num_blocks": c.num_blocks,
+        "num_heads": c.num_heads,
+        "use_bias": c.use_bias,
+        "norm_reduction_force_float32": True,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "add_out_norm": c.add_out_norm,
+        "norm_eps": c.norm_eps,
+        "qk_dim_factor": c.qk_dim_factor,
+        "v_dim_factor": c.v_dim_factor,
+        "chunkwise_kernel": "chunkwise--native_autograd",
+        "sequence_kernel": "native_sequence__native",
+        "step_kernel": "native",
+        "mode": "inference",
+        "chunk_size": c.chunk_size,
+        "return_last_states": True,
+        "autocast_kernel_dtype": "bfloat16",
+        "eps": c.eps,
+        "inference_state_dtype": "float32",
+        "ffn_proj_factor": c.ffn_proj_factor,
+        "ffn_round_up_to_multiple_of": c.ffn_round_up_to_multiple_of,
+        "gate_soft_cap": c.gate_soft_cap,
+        "output_logit_soft_cap": c.output_logit_soft_cap,
+        "weight_mode": "single",
+        "use_cache": True,
+        "bos_token_id": c.bos_token_id,
+        "pad_token_id": c.pad_token_id,
+        "eos_token_id": c.eos_token_id,
+        "max_inference_chunksize": 16384,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def read_config(path: Path) -> ModelConfig:
+    if (path / "config.json").is_file():
+        file = path / "config.json"
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    elif (path / "config.yaml").is_file():
+        import yaml
+
+        file = path / "config.yaml"
+        try:
+            raw = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as e:
+            raise CheckpointError(f"{file}: not valid YAML ({e})") from e
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+            raw = raw["model"]
+    else:
+        raise CheckpointError(f"{path}: no config.json (Hugging Face layout) or config.yaml (xlstm package layout)")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a mapping of config keys")
+    return config_from_released(raw, source=str(file))
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, in order."""
+    if (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / INDEX}: not a valid safetensors index ({e})") from e
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        files = sorted(path.glob("model_*.safetensors"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    if not files:
+        raise CheckpointError(f"{path}: no weights (model.safetensors, {INDEX} or model_0.safetensors)")
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"{file}: listed in {INDEX} but missing")
+    return files
+
+
+def canonical_name(name: str) -> str:
+    for pattern, repl in NAME_ALIASES:
+        name = pattern.sub(repl, name)
+    return name
+
+
+def layout_of(names) -> str:
+    return "fused" if any(".qkv_opreact." in n for n in names) else "single"
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    weight_mode: str | None = None,
+) -> XLSTM:
+    """Loads a checkpoint folder (Hugging Face or xlstm package layout) into an XLSTM in eval mode.
+
+    device: where the weights go (default CPU); each tensor is moved as it is read.
+    dtype: the parameter dtype (default: as stored, bf16 for the released 7B).
+    weight_mode: 'single' or 'fused' (default: the stored layout).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass the checkpoint folder")
+    config = read_config(path)
+    tensors: dict[str, torch.Tensor] = {}
+    source: dict[str, Path] = {}
+    for file in weight_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as fh:
+                for raw_name in fh.keys():
+                    name = canonical_name(raw_name)
+                    t = fh.get_tensor(raw_name)
+                    tensors[name] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+                    source[name] = file
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from e
+    stored = layout_of(tensors)
+    config = config.replace(weight_mode=stored)
+    with torch.device("meta"):
+        model = XLSTM(config)
+    check_tensors(model, tensors, source, path)
+    if weight_mode not in (None, stored):
+        tensors = convert_weight_layout(tensors, config, weight_mode)
+        config = config.replace(weight_mode=weight_mode)
+        with torch.device("meta"):
+            model = XLSTM(config)
+    model.load_state_dict(tensors, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    return model.eval()
+
+
+def check_tensors(model: XLSTM, tensors: dict, source: dict, path: Path) -> None:
+    """Every expected key present with its shape, and no unknown key; errors name the file."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        tensors.pop("lm_head.weight", None)
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"{source[unexpected[0]]}: unexpected key(s) {unexpected[:5]} for this config")
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for k, shape in expected.items():
+        if tensors[k].shape != shape:
+            raise CheckpointError(f"{source[k]}: key {k} has shape {list(tensors[k].shape)}, the config expects {list(shape)}")
+
+
+def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
+    """Writes config.json and safetensors in the released single layout; several shards plus an
+    index when the weights exceed `max_shard_size` bytes. Files are written under temporary names
+    and renamed, so an interrupted save never leaves a half-written file under a final name."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    if model.config.weight_mode == "fused":
+        sd = convert_weight_layout(sd, model.config, "single")
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    sd = {k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous() for k, v in sd.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))
+    ]
+    for name, shard in zip(names, shards):
+        save_file(shard, path / f"{name}.tmp", metadata={"format": "pt"})
+        os.replace(path / f"{name}.tmp", path / name)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+            "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
+        }
+        write_text_atomic(path / INDEX, json.dumps(index, indent=2))
+    stored_dtype = next(iter(sd.values())).dtype
+    write_text_atomic(path / "config.json", json.dumps(config_to_released(model.config, stored_dtype), indent=2))
+    # Weights of an earlier save into the same folder that this one did not overwrite.
+    keep = {*names, INDEX} if len(shards) > 1 else set(names)
+    for stale in [*path.glob("model*.safetensors"), path / INDEX]:
+        if stale.name not in keep and stale.exists():
+            stale.unlink()
+
+
+def write_text_atomic(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
