@@ -27,20 +27,19 @@ def chunk_gates(i: torch.Tensor, lf: torch.Tensor, reset: torch.Tensor | None, L
       carry  [B, NH, NC, L]     log weight of the carried state at t (-inf after a reset),
       virt   [B, NH, NC, L]     log weight of the zeroed state (m = 0) after a reset, else -inf.
     """
-    b = lf.cumsum(dim=-1)  # inclusive cumulative log forget gate
-    log_d = b[..., :, None] - b[..., None, :] + i[..., None, :]
     causal = torch.ones(L, L, dtype=torch.bool, device=i.device).tril()
     if reset is None:
+        b = lf.cumsum(dim=-1)  # inclusive cumulative log forget gate
+        log_d = b[..., :, None] - b[..., None, :] + i[..., None, :]
         return log_d.masked_fill(~causal, NEG_INF), b, torch.full_like(b, NEG_INF)
-    count = reset.cumsum(dim=-1)[:, None]  # [B, 1, NC, L]
-    reach = causal & (count[..., :, None] == count[..., None, :])
-    pos = torch.arange(L, device=i.device)
-    last = torch.where(reset, pos, 0).cummax(dim=-1).values[:, None].expand_as(b)  # [B, NH, NC, L]
-    b_before = (b - lf).gather(-1, last)  # cumulative lf just before the last reset
+    count = reset.cumsum(dim=-1)[:, None]  # [B, 1, NC, L] resets in the chunk up to t
+    reach = causal & (count[..., :, None] == count[..., None, :])  # j <= t, same document
+    # Cumulative lf restarted at every reset, as a masked sum: no value or gradient of a gate before
+    # a reset enters anything after it, not even as rounding.
+    b = (lf[..., None, :] * reach).sum(dim=-1)
+    log_d = b[..., :, None] - b[..., None, :] + i[..., None, :]
     fresh = count > 0
-    carry = b.masked_fill(fresh, NEG_INF)
-    virt = torch.where(fresh, b - b_before, NEG_INF)
-    return log_d.masked_fill(~reach, NEG_INF), carry, virt
+    return log_d.masked_fill(~reach, NEG_INF), b.masked_fill(fresh, NEG_INF), b.masked_fill(~fresh, NEG_INF)
 
 
 def mlstm_chunkwise(
