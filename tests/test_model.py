@@ -1,0 +1,313 @@
+"""The model: shapes, init, presets, layouts, state handling, invariants, errors, the official peer."""
+
+import math
+import tomllib
+
+import pytest
+import torch
+
+from xlstm7b import XLSTM, ModelConfig, State, preset_names, preset_path
+
+SMALL = dict(embedding_dim=64, num_blocks=2, num_heads=2, vocab_size=97, chunk_size=8)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def perturbed(model: XLSTM, seed=0, scale=0.1) -> XLSTM:
+    """The release init zeroes the gate weights; perturb every parameter so every path is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def small_model(**overrides) -> XLSTM:
+    torch.manual_seed(0)
+    return perturbed(XLSTM(ModelConfig(**{**SMALL, **overrides})))
+
+
+def ids(B=2, S=29, V=97, seed=1):
+    return torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def test_forward_shapes_and_state_size():
+    model = small_model()
+    for S in (1, 7, 8, 29):
+        logits, state = model(ids(S=S))
+        assert logits.shape == (2, S, 97)
+        assert len(state) == 2 and state.batch_size == 2
+        C, n, m = state[0]
+        assert C.shape == (2, 2, 16, 32) and n.shape == (2, 2, 16) and m.shape == (2, 2, 1)
+        assert C.dtype == torch.float32
+    assert logits.abs().max() <= 30.0  # logit soft-cap
+
+
+def test_7b_preset_parameter_count_and_state_size_on_meta():
+    config = ModelConfig.from_preset("7b")
+    with torch.device("meta"):
+        model = XLSTM(config)
+    assert model.num_params() == 6_865_424_896
+    assert (config.qk_head_dim, config.v_head_dim, config.ffn_dim) == (256, 512, 10944)
+    assert State.zeros(config, 1, device="meta").nbytes / 2**20 == pytest.approx(128.25, abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["debug", "toy", "125m", "350m", "1.3b", "7b"])
+def test_preset_parameter_counts(name):
+    config = ModelConfig.from_preset(name)
+    with torch.device("meta"):
+        model = XLSTM(config)
+    c = config
+    per_block = (2 * c.qk_dim + 2 * c.v_dim) * c.embedding_dim + 2 * (c.num_heads * c.embedding_dim + c.num_heads)
+    per_block += c.v_dim + c.v_dim * c.embedding_dim + 2 * c.embedding_dim + 3 * c.ffn_dim * c.embedding_dim
+    expected = 2 * c.vocab_size * c.embedding_dim + c.num_blocks * per_block + c.embedding_dim
+    assert model.num_params() == expected
+    assert name in preset_names()
+
+
+def test_init_statistics():
+    config = ModelConfig(embedding_dim=256, num_blocks=4, num_heads=4, vocab_size=1000)
+    torch.manual_seed(0)
+    model = XLSTM(config)
+    small, wang = math.sqrt(2 / (5 * 256)), 2 / (4 * math.sqrt(256))
+    layer, ffn = model.backbone.blocks[0].mlstm_layer, model.backbone.blocks[0].ffn
+    for w in (layer.q.weight, layer.k.weight, layer.v.weight, ffn.proj_up.weight, ffn.proj_up_gate.weight, model.lm_head.weight):
+        assert w.std().item() == pytest.approx(small, rel=0.05) and abs(w.mean().item()) < 0.1 * small
+    assert model.backbone.embeddings.weight.std().item() == pytest.approx(small, rel=0.05)
+    for w in (layer.out_proj.weight, ffn.proj_down.weight):
+        assert w.std().item() == pytest.approx(wang, rel=0.05)
+    for w in (layer.ogate_preact.weight, layer.igate_preact.weight, layer.fgate_preact.weight):
+        assert torch.count_nonzero(w) == 0
+    assert torch.equal(layer.igate_preact.bias, torch.full((4,), -10.0))
+    assert torch.allclose(layer.fgate_preact.bias, torch.linspace(3, 6, 4))
+    assert torch.equal(layer.multihead_norm.weight, torch.ones(256))
+    assert torch.equal(model.backbone.blocks[1].norm_ffn.weight, torch.ones(256))
+
+
+@pytest.mark.parametrize("weight_mode", ["single", "fused"])
+def test_meta_build_then_init_matches_direct_build(weight_mode):
+    config = ModelConfig(**SMALL, weight_mode=weight_mode)
+    direct = XLSTM(config)
+    torch.manual_seed(3)
+    direct.init_weights()  # init_weights alone decides the values: same seed, same weights
+    with torch.device("meta"):
+        model = XLSTM(config)
+    model.to_empty(device="cpu")
+    torch.manual_seed(3)
+    model.init_weights()
+    for (name, a), b in zip(direct.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_fused_init_has_release_gate_values():
+    model = XLSTM(ModelConfig(**SMALL, weight_mode="fused"))
+    layer = model.backbone.blocks[0].mlstm_layer
+    assert torch.equal(layer.ifgate_preact.bias[:2], torch.full((2,), -10.0))
+    assert torch.allclose(layer.ifgate_preact.bias[2:], torch.linspace(3, 6, 2))
+    assert torch.count_nonzero(layer.qkv_opreact.weight[-64:]) == 0  # output gate rows
+
+
+def test_single_and_fused_layouts_give_identical_logits_both_ways():
+    model = small_model()
+    x = ids()
+    logits, state = model(x)
+    fused = model.with_weight_mode("fused")
+    assert fused.config.weight_mode == "fused"
+    logits_f, state_f = fused(x)
+    torch.testing.assert_close(logits_f, logits, rtol=1e-5, atol=1e-5)
+    back = fused.with_weight_mode("single")
+    for (k, a), (k2, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert torch.equal(back(x)[0], logits)
+
+
+def test_teacher_forced_steps_equal_full_forward():
+    model = small_model().eval()
+    x = ids(S=21)
+    with torch.no_grad():
+        full, full_state = model(x)
+        state = State.zeros(model.config, 2)
+        steps = []
+        for t in range(21):
+            logits, state = model(x[:, t : t + 1], state, inplace=True)
+            steps.append(logits)
+    assert rel(torch.cat(steps, dim=1), full) < 1e-5
+    for a, b in zip(state, full_state):
+        for u, w in zip(a, b):
+            assert rel(u, w) < 1e-5
+
+
+def test_pieces_with_carried_state_equal_one_run():
+    model = small_model()
+    x = ids(S=40)
+    full, full_state = model(x)
+    a, st = model(x[:, :13])
+    b, st = model(x[:, 13:], st)
+    assert rel(torch.cat([a, b], dim=1), full) < 1e-5
+    assert rel(st[1][0], full_state[1][0]) < 1e-5
+
+
+def test_state_passed_in_is_not_mutated_unless_inplace():
+    model = small_model()
+    _, state = model(ids(S=9))
+    state = state.detach()
+    before = state.clone()
+    _, new = model(ids(S=5, seed=2), state)
+    assert all(torch.equal(u, w) for a, b in zip(state, before) for u, w in zip(a, b))
+    ptr = state[0][0].data_ptr()
+    with torch.no_grad():
+        _, new2 = model(ids(S=5, seed=2), state, inplace=True)
+    assert new2 is state and state[0][0].data_ptr() == ptr
+    assert rel(state[0][0], new[0][0]) < 1e-6 and not torch.equal(state[0][0], before[0][0])
+
+
+def test_gradients_flow_through_a_state_passed_in():
+    """Truncated BPTT: the loss of the second segment reaches the first segment's parameters
+    only through the carried state; detach() cuts it."""
+    model = small_model()
+    x = ids(S=30)
+    _, state = model(x[:, :15])
+    logits, _ = model(x[:, 15:], state)
+    grad = torch.autograd.grad(logits.sum(), state[0][0])[0]
+    assert grad.abs().sum() > 0
+    _, state = model(x[:, :15])
+    logits, _ = model(x[:, 15:], state.detach())
+    logits.sum().backward()  # does not reach into the first segment's graph
+    assert model.lm_head.weight.grad is not None
+
+
+def test_reset_starts_a_fresh_document():
+    model = small_model()
+    x = ids(B=1, S=30)
+    reset = torch.zeros(1, 30, dtype=torch.bool)
+    reset[0, 11] = True
+    logits, state = model(x, reset=reset)
+    alone, alone_state = model(x[:, 11:])
+    assert rel(logits[:, 11:], alone) < 1e-5
+    assert rel(state[0][0], alone_state[0][0]) < 1e-5
+
+
+def test_padding_mask_leaves_state_untouched():
+    """Left padding with mask=False gives the same last logits and state as the unpadded row."""
+    model = small_model()
+    x = ids(B=1, S=17)
+    padded = torch.cat([torch.full((1, 6), 1), x], dim=1)
+    mask = torch.ones(1, 23, dtype=torch.bool)
+    mask[:, :6] = False
+    logits, state = model(padded, mask=mask)
+    ref, ref_state = model(x)
+    assert rel(logits[:, 6:], ref) < 1e-5
+    for a, b in zip(state, ref_state):
+        assert rel(a[0], b[0]) < 1e-5 and rel(a[2], b[2]) < 1e-5
+
+
+def test_last_logits_only():
+    model = small_model()
+    x = ids(S=12)
+    full, _ = model(x)
+    last, _ = model(x, last_logits_only=True)
+    assert last.shape == (2, 1, 97) and torch.allclose(last[:, 0], full[:, -1], atol=1e-6)
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = XLSTM(ModelConfig(**SMALL, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.backbone.embeddings.weight
+    untied = XLSTM(ModelConfig(**SMALL))
+    assert untied.num_params() - model.num_params() == 97 * 64
+
+
+def test_state_helpers():
+    config = ModelConfig(**SMALL)
+    state = State.zeros(config, 4)
+    for n, layer in enumerate(state):
+        for t in layer:
+            t.copy_(torch.arange(4, dtype=t.dtype).view(4, *[1] * (t.ndim - 1)) + 10 * n)
+    picked = state.select([3, 0, 0])
+    assert picked.batch_size == 3 and torch.equal(picked[1][0][:, 0, 0, 0], torch.tensor([13.0, 10.0, 10.0]))
+    assert state.select(torch.tensor([True, False, True, False])).batch_size == 2
+    assert state.select(slice(1, 3))[0][2][:, 0, 0].tolist() == [1.0, 2.0]
+    assert state.to(dtype=torch.float64).dtype == torch.float64
+    assert state.nbytes == 2 * 4 * 2 * (16 * 32 + 16 + 1) * 4
+    with pytest.raises(ValueError, match="rows must be"):
+        state.select([4])
+
+
+@pytest.mark.parametrize(
+    "bad,err,match",
+    [
+        (torch.tensor([[1.0, 2.0]]), TypeError, "integer token ids"),
+        (torch.tensor([1, 2, 3]), ValueError, r"shape \[B, S\]"),
+        (torch.zeros(2, 0, dtype=torch.long), ValueError, "S >= 1"),
+        (torch.tensor([[5, 97]]), ValueError, "token id 97 outside"),
+        (torch.tensor([[-1, 3]]), ValueError, "token id -1 outside"),
+        ([[1, 2]], TypeError, "LongTensor"),
+    ],
+    ids=["float", "1d", "empty", "too-large", "negative", "list"],
+)
+def test_bad_input_ids(bad, err, match):
+    with pytest.raises(err, match=match):
+        small_model()(bad)
+
+
+def test_bad_state_reset_and_mask():
+    model = small_model()
+    with pytest.raises(ValueError, match="batch size 2"):
+        model(ids(), State.zeros(model.config, 3))
+    with pytest.raises(ValueError, match="reset must be a bool tensor"):
+        model(ids(), reset=torch.zeros(2, 29))
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        model(ids(), mask=torch.ones(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (dict(num_heads=3), "num_heads=3 must divide qk_dim"),
+        (dict(embedding_dim=0), "embedding_dim must be a positive integer"),
+        (dict(num_blocks=-1), "num_blocks must be a positive integer"),
+        (dict(qk_dim_factor=0.0), "qk_dim_factor must be a positive number"),
+        (dict(weight_mode="packed"), "weight_mode must be 'single' or 'fused'"),
+        (dict(eos_token_id=97), r"eos_token_id=97 must lie in \[0, vocab_size=97\)"),
+    ],
+    ids=["heads", "dim", "blocks", "factor", "weight-mode", "eos"],
+)
+def test_invalid_config_names_field_and_fix(fields, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**{**SMALL, **fields})
+
+
+def test_toml_unknown_key_and_unknown_preset(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nembedding_dim = 64\nnum_head = 2\n")
+    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['num_head'\]"):
+        ModelConfig.from_toml(bad)
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset_path("huge")
+    with open(preset_path("7b"), "rb") as fh:
+        assert tomllib.load(fh)["model"]["embedding_dim"] == 4096
+
+
+def test_logits_match_official_xlstm_large():
+    """Our logits and final states == the xlstm package's xLSTMLarge (native PyTorch kernels) on
+    the same random weights."""
+    xl = pytest.importorskip("xlstm.xlstm_large.model")
+    model = small_model(embedding_dim=128, chunk_size=16)
+    c = model.config
+    for mode in ("train", "inference"):
+        theirs = xl.xLSTMLarge(xl.xLSTMLargeConfig(
+            embedding_dim=c.embedding_dim, num_heads=c.num_heads, num_blocks=c.num_blocks, vocab_size=c.vocab_size,
+            chunkwise_kernel="chunkwise--native_autograd", sequence_kernel="native_sequence__native",
+            step_kernel="native", mode=mode, return_last_states=True, chunk_size=16,
+        ))
+        sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v for k, v in model.state_dict().items()}
+        theirs.load_state_dict(sd, strict=True)
+        x = ids(S=48)
+        with torch.no_grad():
+            their_logits, their_state = theirs(x)
+            logits, state = model(x)
+        assert rel(logits, their_logits) < 1e-5, mode
+        for n in range(c.num_blocks):
+            for ours, other in zip(state[n], their_state[n]):
+                assert rel(ours, other) < 1e-5, mode
