@@ -1,0 +1,313 @@
+"""Backward of the Triton chunkwise mLSTM (forward and public function: chunkwise_triton.py).
+
+The forward keeps only h, the per-position stabilizer m_t and denominator den, and the chunk-entry
+m; the chunk-entry states C, n are recomputed (one cheap sequential pass) instead of stored.
+Then:
+1. `_states_bwd_kernel` walks the chunks backwards carrying dC, dn: the gradient of the state at
+   every chunk boundary, and dC0, dn0 at the start. It also carries the scalar gradient of the
+   chunk-boundary stabilizer m (see below).
+2. `_dqk_bwd_kernel` (per chunk and DK tile) and `_dv_bwd_kernel` (per chunk and DV tile) give
+   dq, dk, dv from the chunk's tokens, its entry state and the gradient of its end state, plus the
+   per-position pieces of the gate gradients.
+
+Exact gradients, eps included. Writing every stabilized quantity as exp(-m) times its unstabilized
+value, the result depends on a stabilizer m only through eps: with Dn = max(|den|, exp(-m)) + eps,
+dh_t/dm_t = -h_t eps / Dn_t, and a chunk-boundary m_k moves the final state (C, n) by -(C, n).
+These gradients flow to whichever term attained the max (the carried state, the zeroed state after
+a reset, or a token's log weight), as autograd through the reference does; all other paths treat
+every m as a constant. The gate gradients come out as gradients of the kernels' gate vectors
+(b, ig, virt), and autograd carries them through the cumsum and logsigmoid to f.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .chunkwise_triton import NEG_INF, _gate_vectors, _log_d, chunk_states, launch_config
+
+
+@triton.jit
+def _states_bwd_kernel(
+    # pointers
+    Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, R, BETA, DCS, DNS, DMK,
+    # dims
+    S, S_pad, NC, DK, DV, scale,
+    # strides
+    s_k_bh, s_k_t, s_v_bh, s_v_t,
+    # meta-parameters
+    NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """DCS[:, c + 1] = gradient of the state at the end of chunk c (DCS[:, NC] comes in filled with
+    the final state's gradient), DCS[:, 0] = dC0; likewise DNS and the stabilizer's DMK."""
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = i_bh // NH
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mk, mv = offs_k < DK, offs_v < DV
+    mkv = mk[:, None] & mv[None, :]
+    c_off = offs_k[:, None] * DV + offs_v[None, :]
+    dC = tl.load(DCS + (i_bh * (NC + 1) + NC) * DK * DV + c_off, mask=mkv, other=0.0)
+    dn = tl.load(DNS + (i_bh * (NC + 1) + NC) * DK + offs_k, mask=mk, other=0.0)
+    dmk = tl.load(DMK + i_bh * (NC + 1) + NC)
+    for j in range(NC):
+        i_c = NC - 1 - j
+        tl.store(DCS + (i_bh * (NC + 1) + i_c + 1) * DK * DV + c_off, dC, mask=mkv)
+        if i_v == 0:
+            tl.store(DNS + (i_bh * (NC + 1) + i_c + 1) * DK + offs_k, dn, mask=mk)
+            if i_k == 0:
+                tl.store(DMK + i_bh * (NC + 1) + i_c + 1, dmk)
+        _, _, _, carry, _, _, g, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+        offs_t = i_c * L + tl.arange(0, L)
+        mt = offs_t < S
+        m_beg = tl.load(MS + i_bh * (NC + 1) + i_c)
+        m_end = tl.load(MS + i_bh * (NC + 1) + i_c + 1)
+        m_t = tl.load(MT + i_bh * S_pad + offs_t)
+        rden = tl.load(RDEN + i_bh * S_pad + offs_t)
+        dden = tl.load(DDEN + i_bh * S_pad + offs_t)
+        qd = tl.exp(carry + m_beg - m_t) * scale  # weight of the entry state in h_t, times 1/sqrt(DK)
+        qt = tl.load(Q + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        dnum = tl.load(DH + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32) * rden[:, None]
+        decay = tl.exp(g + m_beg - m_end)
+        dC = decay * dC + tl.dot(tl.trans(qt * qd[:, None]).to(DT), dnum.to(DT), input_precision=PREC)
+        dn = decay * dn + tl.sum(qt * (qd * dden)[:, None], 0)
+        dmk = tl.load(R + i_bh * NC + i_c) + tl.load(BETA + i_bh * NC + i_c) * dmk
+    tl.store(DCS + i_bh * (NC + 1) * DK * DV + c_off, dC, mask=mkv)
+    if i_v == 0:
+        tl.store(DNS + i_bh * (NC + 1) * DK + offs_k, dn, mask=mk)
+        if i_k == 0:
+            tl.store(DMK + i_bh * (NC + 1), dmk)
+
+
+@triton.jit
+def _dqk_bwd_kernel(
+    # pointers
+    Q, K, V, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, DML, CS, NS, DCS, DNS, MS,
+    DQ, DK_, DCARRY, DA, DG, ROWS, COLS,
+    # dims
+    S, S_pad, NC, BH, DK, DV, scale,
+    # strides
+    s_k_bh, s_k_t, s_v_bh, s_v_t,
+    # meta-parameters
+    NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq, dk of one chunk and DK tile, and the gate-gradient pieces: per DK tile the partial sums
+    dcarry_t (through the entry state's weight), da_j (through the end state's weights), dg (through
+    the entry state's decay); from the first tile the row and column sums of d log D."""
+    i_c, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = i_bh // NH
+    offs_t = i_c * L + tl.arange(0, L)
+    mt = offs_t < S
+    bt, it, cnt, carry, _, a, g, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    log_d = _log_d(bt, it, cnt, L)
+    st_in = i_bh * (NC + 1) + i_c
+    m_beg, m_end = tl.load(MS + st_in), tl.load(MS + st_in + 1)
+    m_t = tl.load(MT + i_bh * S_pad + offs_t)
+    rden = tl.load(RDEN + i_bh * S_pad + offs_t)
+    dden = tl.load(DDEN + i_bh * S_pad + offs_t)
+    E = tl.exp(log_d - m_t[:, None])
+    qd = tl.exp(carry + m_beg - m_t) * scale
+    w = tl.exp(a - m_end)
+    decay = tl.exp(g + m_beg - m_end)
+
+    qk = tl.zeros([L, L], dtype=tl.float32)
+    for kb in range(tl.cdiv(DK, BK)):
+        offs_k = kb * BK + tl.arange(0, BK)
+        mtk = mt[:, None] & (offs_k < DK)[None, :]
+        qt = tl.load(Q + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
+        kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
+        qk += tl.dot(qt.to(DT), tl.trans(kt).to(DT), input_precision=PREC)
+    A = qk * scale * E
+
+    offs_k = i_k * BK + tl.arange(0, BK)
+    mk = offs_k < DK
+    mtk = mt[:, None] & mk[None, :]
+    qt = tl.load(Q + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
+    kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
+    dA = tl.zeros([L, L], dtype=tl.float32)  # gradient of the weighted scores A_tj
+    dq_s = tl.zeros([L, BK], dtype=tl.float32)  # gradient of q_t through the entry state
+    dk_s = tl.zeros([L, BK], dtype=tl.float32)  # gradient of k_j through the end state
+    dg_acc = tl.zeros([BK], dtype=tl.float32)
+    for vb in range(tl.cdiv(DV, BV)):
+        offs_v = vb * BV + tl.arange(0, BV)
+        mv = offs_v < DV
+        mtv = mt[:, None] & mv[None, :]
+        mkv = mk[:, None] & mv[None, :]
+        vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mtv, other=0.0).to(tl.float32)
+        dnum = tl.load(DH + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mtv, other=0.0).to(tl.float32) * rden[:, None]
+        C = tl.load(CS + st_in * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0)
+        dCe = tl.load(DCS + (st_in + 1) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0)
+        dA += tl.dot(dnum.to(DT), tl.trans(vt).to(DT), input_precision=PREC)
+        dq_s += tl.dot(dnum.to(DT), tl.trans(C).to(DT), input_precision=PREC)
+        dk_s += tl.dot(vt.to(DT), tl.trans(dCe).to(DT), input_precision=PREC)
+        dg_acc += tl.sum(dCe * C, 1)
+    n = tl.load(NS + st_in * DK + offs_k, mask=mk, other=0.0)
+    dne = tl.load(DNS + (st_in + 1) * DK + offs_k, mask=mk, other=0.0)
+    dA += dden[:, None]
+    dq_s += dden[:, None] * n[None, :]
+    dk_s += dne[None, :]
+    dg_acc += dne * n
+
+    dS = dA * E * scale  # gradient of the raw products q_t . k_j
+    dq = tl.dot(dS.to(DT), kt.to(DT), input_precision=PREC) + qd[:, None] * dq_s
+    dk = tl.dot(tl.trans(dS).to(DT), qt.to(DT), input_precision=PREC) + w[:, None] * dk_s
+    tl.store(DQ + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], dq.to(DQ.dtype.element_ty), mask=mtk)
+    tl.store(DK_ + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], dk.to(DK_.dtype.element_ty), mask=mtk)
+    part = (i_k * BH + i_bh) * S_pad + offs_t
+    tl.store(DCARRY + part, qd * tl.sum(qt * dq_s, 1))
+    tl.store(DA + part, w * tl.sum(kt * dk_s, 1))
+    tl.store(DG + (i_k * BH + i_bh) * NC + i_c, decay * tl.sum(dg_acc, 0))
+    if i_k == 0:
+        d_log_d = dA * A
+        # the stabilizer's own gradient (DML: the part whose max was a token's log weight) goes to
+        # the maximal entries of the row, split evenly between ties
+        top = log_d == m_t[:, None]
+        ties = tl.maximum(tl.sum(top.to(tl.float32), 1), 1.0)
+        d_log_d += tl.where(top, (tl.load(DML + i_bh * S_pad + offs_t) / ties)[:, None], 0.0)
+        tl.store(ROWS + i_bh * S_pad + offs_t, tl.sum(d_log_d, 1))
+        tl.store(COLS + i_bh * S_pad + offs_t, tl.sum(d_log_d, 0))
+
+
+@triton.jit
+def _dv_bwd_kernel(
+    # pointers
+    Q, K, DH, B_, I_, VIRT, CNT, MT, RDEN, DCS, MS, DV_,
+    # dims
+    S, S_pad, NC, DK, DV, scale,
+    # strides
+    s_k_bh, s_k_t, s_v_bh, s_v_t,
+    # meta-parameters
+    NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """dv of one chunk and DV tile: through the chunk's own outputs and through its end state."""
+    i_c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = i_bh // NH
+    offs_t = i_c * L + tl.arange(0, L)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mt, mv = offs_t < S, offs_v < DV
+    mtv = mt[:, None] & mv[None, :]
+    bt, it, cnt, _, _, a, _, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    log_d = _log_d(bt, it, cnt, L)
+    st_end = i_bh * (NC + 1) + i_c + 1
+    m_t = tl.load(MT + i_bh * S_pad + offs_t)
+    w = tl.exp(a - tl.load(MS + st_end))
+    qk = tl.zeros([L, L], dtype=tl.float32)
+    dv_s = tl.zeros([L, BV], dtype=tl.float32)
+    for kb in range(tl.cdiv(DK, BK)):
+        offs_k = kb * BK + tl.arange(0, BK)
+        mk = offs_k < DK
+        mtk = mt[:, None] & mk[None, :]
+        qt = tl.load(Q + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
+        kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
+        dCe = tl.load(DCS + st_end * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        qk += tl.dot(qt.to(DT), tl.trans(kt).to(DT), input_precision=PREC)
+        dv_s += tl.dot(kt.to(DT), dCe.to(DT), input_precision=PREC)
+    A = qk * scale * tl.exp(log_d - m_t[:, None])
+    rden = tl.load(RDEN + i_bh * S_pad + offs_t)
+    dnum = tl.load(DH + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mtv, other=0.0).to(tl.float32) * rden[:, None]
+    dv = tl.dot(tl.trans(A).to(DT), dnum.to(DT), input_precision=PREC) + w[:, None] * dv_s
+    tl.store(DV_ + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], dv.to(DV_.dtype.element_ty), mask=mtv)
+
+
+def _per_position(x: torch.Tensor, S_pad: int) -> torch.Tensor:
+    """[B, NH, S] -> [B*NH, S_pad], zero padded."""
+    return torch.nn.functional.pad(x.flatten(0, 1), (0, S_pad - x.shape[-1]))
+
+
+@torch.library.custom_op("xlstm7b::mlstm_chunkwise_bwd", mutates_args=())
+def mlstm_chunkwise_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    b: torch.Tensor, ig: torch.Tensor, virt: torch.Tensor | None, cnt: torch.Tensor | None,
+    C0: torch.Tensor, n0: torch.Tensor, m0: torch.Tensor,
+    h: torch.Tensor, C: torch.Tensor, n: torch.Tensor, mt: torch.Tensor, den: torch.Tensor, MS: torch.Tensor,
+    dh: torch.Tensor, dC: torch.Tensor, dn: torch.Tensor, dm: torch.Tensor, chunk: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dq, dk, dv, the gradients of the gate vectors b, ig, virt, and dC0, dn0, dm0."""
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    BH, S_pad, L = B * NH, b.shape[-1], chunk
+    NC = S_pad // L
+    cfg = launch_config(q, v, L)
+    CS, NS, _ = chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg)
+    strides = (k.stride(1), k.stride(2), v.stride(1), v.stride(2))
+    meta = dict(HAS_RESET=cnt is not None, NH=NH, **cfg)
+
+    # Per position: h = num / Dn with Dn = max(|den|, exp(-m_t)) + eps.
+    hdh = _per_position((h.float() * dh.float()).sum(-1), S_pad)  # [BH, S_pad]
+    rden = 1.0 / (torch.maximum(den.abs(), torch.exp(-mt)) + eps)
+    dden = -hdh * rden * torch.where(den.abs() > torch.exp(-mt), den.sign(), 0.0)
+    dmt = -eps * hdh * rden  # total derivative of h_t . dh_t in m_t
+
+    # Which term attained the stabilizer's max, per position and per chunk boundary (the forward
+    # computed both maxima from the same float32 operands, so equality tests are exact).
+    carry = b if cnt is None else b.masked_fill(cnt.repeat_interleave(NH, 0) > 0, NEG_INF)
+    m_beg, m_end = MS[:, :NC], MS[:, 1:]
+    by_carry = carry + m_beg.repeat_interleave(L, 1) == mt
+    by_virt = torch.zeros_like(by_carry) if virt is None else (virt == mt) & ~by_carry
+    dml = dmt.masked_fill(by_carry | by_virt, 0.0)  # routed to the maximal log D_tj in the kernel
+    r = (dmt * by_carry).view(BH, NC, L).sum(-1)  # to the chunk-entry m
+    g = carry.view(BH, NC, L)[..., -1]
+    beta = (g + m_beg == m_end).float()  # the chunk-end m came from the carried state
+
+    DCS = torch.empty_like(CS)
+    DNS = torch.empty_like(NS)
+    DMK = torch.empty_like(MS)
+    DCS[:, NC] = dC.flatten(0, 1)
+    DNS[:, NC] = dn.flatten(0, 1)
+    DMK[:, NC] = (dm.flatten() - (dC * C).sum((-1, -2)).flatten() - (dn * n).sum(-1).flatten())
+    grid = (triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]), BH)
+    _states_bwd_kernel[grid](
+        q, dh, b, ig, virt, cnt, mt, rden, dden, MS, r, beta, DCS, DNS, DMK,
+        S, S_pad, NC, DK, DV, DK**-0.5, *strides, **meta,
+    )
+
+    NKB = triton.cdiv(DK, cfg["BK"])
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dcarry = q.new_empty(NKB, BH, S_pad, dtype=torch.float32)
+    da = torch.empty_like(dcarry)
+    dg = q.new_empty(NKB, BH, NC, dtype=torch.float32)
+    rows = q.new_empty(BH, S_pad, dtype=torch.float32)
+    cols = torch.empty_like(rows)
+    _dqk_bwd_kernel[(NC, NKB, BH)](
+        q, k, v, dh, b, ig, virt, cnt, mt, rden, dden, dml, CS, NS, DCS, DNS, MS,
+        dq, dk, dcarry, da, dg, rows, cols,
+        S, S_pad, NC, BH, DK, DV, DK**-0.5, *strides, **meta,
+    )
+    _dv_bwd_kernel[(NC, triton.cdiv(DV, cfg["BV"]), BH)](
+        q, k, dh, b, ig, virt, cnt, mt, rden, DCS, MS, dv,
+        S, S_pad, NC, DK, DV, DK**-0.5, *strides, **meta,
+    )
+
+    # Gate vectors. log D_tj = b_t - b_j + ig_j; the end-state weights a_j = b_last - b_j + ig_j;
+    # the entry state's weight at t is carry_t = b_t and its decay over the chunk g = b_last.
+    dmk_end = DMK[:, 1:]  # [BH, NC]
+    a = (b.view(BH, NC, L)[..., -1:] - b.view(BH, NC, L) + ig.view(BH, NC, L))
+    if cnt is not None:
+        c = cnt.repeat_interleave(NH, 0).view(BH, NC, L)
+        a = a.masked_fill(c != c[..., -1:], NEG_INF)
+    top_a = (a == m_end[..., None]) & (beta == 0)[..., None]
+    n_top = top_a.sum(-1, keepdim=True)
+    da = da.sum(0).view(BH, NC, L) + top_a * (dmk_end[..., None] / n_top.clamp(min=1))
+    dgate = dg.sum(0) + dmk_end * beta
+    db = (rows - cols + dcarry.sum(0) + dmt * by_carry).view(BH, NC, L) - da
+    db[..., -1] += da.sum(-1) + dgate
+    dig = cols + da.flatten(1)
+    dvirt = None
+    if virt is not None:
+        dvirt = (dmt * by_virt).view(BH, NC, L)
+        dvirt[..., -1] += dmk_end * (1 - beta) * (n_top[..., 0] == 0)  # the zeroed state won the max
+        dvirt = dvirt.flatten(1)
+    dC0 = DCS[:, 0].view_as(C0)
+    dn0 = DNS[:, 0].view_as(n0)
+    dm0 = (DMK[:, 0] + (dC0 * C0).reshape(BH, -1).sum(-1) + (dn0 * n0).reshape(BH, -1).sum(-1)).view_as(m0)
+    return dq, dk, dv, db.flatten(1), dig, dvirt if dvirt is not None else torch.zeros_like(b), dC0.clone(), dn0.clone(), dm0
+
+
+@mlstm_chunkwise_bwd.register_fake
+def _(q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS, dh, dC, dn, dm, chunk, eps):
+    return (
+        torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(b), torch.empty_like(ig),
+        torch.empty_like(b), torch.empty_like(C0), torch.empty_like(n0), torch.empty_like(m0),
+    )
