@@ -4,7 +4,11 @@
     h, state = mlstm_step(q, k, v, i, f, state)
 
 This package depends on torch (and triton for the GPU kernels) only; it knows nothing of the model.
+Triton is imported lazily, on the first call that needs it, so the package imports without it.
 """
+
+import importlib.util
+import os
 
 import torch
 
@@ -13,15 +17,24 @@ from .common import EPS, MLSTMState, check_inputs, zero_state
 from .parallel import mlstm_parallel
 from .recurrent import mlstm_recurrent, mlstm_step_torch
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> the fastest backend available for `device`."""
+    """'auto' -> the fastest backend available for `device`: triton on CUDA, torch elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"mlstm: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "torch"
+        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("mlstm: backend='triton' needs the triton package; use backend='torch'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(
+                f"mlstm: backend='triton' needs CUDA tensors (got {device.type}); use backend='torch', "
+                "move the tensors to CUDA, or set TRITON_INTERPRET=1 before importing to run Triton's CPU interpreter"
+            )
     return backend
 
 
@@ -44,8 +57,12 @@ def mlstm(
     state (C [B, NH, DK, DV], n [B, NH, DK], m [B, NH, 1]); reset: bool [B, S], True where a new
     document starts (the state is zeroed right before that position). Any S >= 1, any chunk_size.
     Padding that must not touch the state: i = -inf and f = +inf at those positions.
+    The triton backend takes chunk_size in 16, 32, 64, 128, 256 and head dims >= 16.
     """
-    resolve_backend(backend, q.device)
+    if resolve_backend(backend, q.device) == "triton":
+        from .chunkwise_triton import mlstm_chunkwise_triton
+
+        return mlstm_chunkwise_triton(q, k, v, i, f, state, reset=reset, chunk_size=chunk_size, eps=eps)
     return mlstm_chunkwise(q, k, v, i, f, state, reset=reset, chunk_size=chunk_size, eps=eps)
 
 
@@ -59,17 +76,32 @@ def mlstm_step(
     *,
     backend: str = "auto",
     eps: float = EPS,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, MLSTMState]:
-    """One token: q, k [B, NH, DK], v [B, NH, DV], i, f [B, NH]; returns h [B, NH, DV] and the new state."""
+    """One token: q, k [B, NH, DK], v [B, NH, DV], i, f [B, NH]; returns h [B, NH, DV] and the new state.
+
+    inplace=True writes the new state into `state` (contiguous float32 tensors) and returns it:
+    no allocation besides h, CUDA-graph friendly, no gradient through the state. The default keeps
+    `state` untouched.
+    """
     if q.ndim != 3:
         raise ValueError(f"mlstm_step: q must be [B, NH, DK] (one token), got shape {tuple(q.shape)}")
     B, NH, DK = q.shape
     if state is None:
         state = zero_state(B, NH, DK, v.shape[-1], device=q.device)
     check_inputs(q[:, :, None], k[:, :, None], v[:, :, None], i[..., None], f[..., None], state)
-    resolve_backend(backend, q.device)
-    h, state = mlstm_step_torch(q, k, v, i, f, state, eps=eps)
-    return h.to(v.dtype), state
+    if resolve_backend(backend, q.device) == "triton":
+        from .step_triton import mlstm_step_triton
+
+        if not inplace:
+            state = tuple(t.to(torch.float32, copy=True, memory_format=torch.contiguous_format) for t in state)
+        return mlstm_step_triton(q, k, v, i, f, state, eps=eps)
+    h, new = mlstm_step_torch(q, k, v, i, f, state, eps=eps)
+    if inplace:
+        for t, x in zip(state, new):
+            t.copy_(x)
+        new = state
+    return h.to(v.dtype), new
 
 
 __all__ = [
