@@ -2,6 +2,7 @@
 
 from .checkpoint import CheckpointError, from_pretrained
 from .config import ModelConfig, preset_names, preset_path
+from .generate import generate
 from .model import XLSTM, convert_weight_layout
 from .state import State
 
@@ -12,6 +13,7 @@ __all__ = [
     "XLSTM",
     "convert_weight_layout",
     "from_pretrained",
+    "generate",
     "preset_names",
     "preset_path",
 ]

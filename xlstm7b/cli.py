@@ -8,6 +8,7 @@ import sys
 # name -> (module:function taking argv, one-line help)
 SUBCOMMANDS = {
     "info": ("xlstm7b.cli:info_main", "build a model from a preset or TOML file; print its size, state size and a forward pass"),
+    "generate": ("xlstm7b.generate:cli_main", "generate text from a checkpoint folder, streamed as it is produced"),
 }
 
 

@@ -1,0 +1,329 @@
+"""generate(): greedy == teacher-forced argmax, ragged batch == each row alone, EOS, seeded sampling,
+final state == one forward over the whole text, constant decoding memory, streaming and the CLI."""
+
+import ctypes
+import io
+
+import pytest
+import torch
+
+from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate
+from xlstm7b.generate import TextStreamer, cli_main, sample
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_states_close(a: State, b: State, tol: float = 1e-4) -> None:
+    for la, lb in zip(a, b):
+        for name, x, y in zip("Cnm", la, lb):
+            assert rel_err(x, y) <= tol, f"state {name} differs: rel err {rel_err(x, y):.2e}"
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> XLSTM:
+    """The training init zeroes the gate and output-gate weights; perturb every parameter so the
+    gates vary per token and the stabilizer m moves."""
+    torch.manual_seed(seed)
+    model = XLSTM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> XLSTM:
+    return random_model(ModelConfig.from_preset("debug"))  # D 64, 2 blocks, V 512, chunk 16
+
+
+def forward_state(model: XLSTM, ids: list[int]) -> tuple[torch.Tensor, State]:
+    with torch.no_grad():
+        return model(torch.tensor([ids]))
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("n", [1, 7, 40], ids=lambda n: f"prompt{n}")
+def test_greedy_equals_teacher_forced_argmax_and_state(model, n):
+    ids = prompt(n, seed=n)
+    tokens, state = generate(model, torch.tensor([ids]), max_new_tokens=12)
+    assert tokens.shape == (1, 12) and tokens.dtype == torch.long
+    logits, full_state = forward_state(model, ids + tokens[0].tolist())
+    assert torch.equal(logits[0, n - 1 : -1].argmax(-1), tokens[0])  # each step's argmax, teacher forced
+    assert_states_close(state, full_state)  # prefill + decoding == one forward over the whole text
+
+
+def test_prefill_in_pieces_equals_one_pass(model):
+    ids = torch.tensor([prompt(45, seed=1)])
+    one = generate(model, ids, max_new_tokens=6)
+    pieces = generate(model, ids, max_new_tokens=6, prefill_chunk_size=16)
+    assert torch.equal(one.tokens, pieces.tokens)
+    assert_states_close(pieces.state, one.state, 1e-5)
+
+
+def test_ragged_batch_equals_each_row_alone(model):
+    prompts = [prompt(5, 2), prompt(1, 3), prompt(23, 4), []]
+    batch = generate(model, prompts, max_new_tokens=10)
+    for b, p in enumerate(prompts):
+        alone = generate(model, [p], max_new_tokens=10)
+        assert torch.equal(batch.tokens[b], alone.tokens[0]), f"row {b}"
+        assert_states_close(batch.state.select([b]), alone.state)
+    assert batch.lengths.tolist() == [10] * 4
+
+
+def test_eos_per_row(model):
+    prompts = [prompt(6, 5), prompt(17, 6)]
+    free = generate(model, prompts, max_new_tokens=10)
+    eos = int(free.tokens[0, 3])  # row 0 produces it at step 3; row 1 later or never
+    out = generate(model, prompts, max_new_tokens=10, eos_token_id=eos)
+    pad = model.config.pad_token_id
+    for b, p in enumerate(prompts):
+        hits = (free.tokens[b] == eos).nonzero()
+        n = int(hits[0]) + 1 if len(hits) else 10
+        assert int(out.lengths[b]) == n
+        assert torch.equal(out.tokens[b, :n], free.tokens[b, :n])
+        assert (out.tokens[b, n:] == pad).all()
+        alone = generate(model, [p], max_new_tokens=10, eos_token_id=eos)
+        assert torch.equal(alone.tokens[0], out.tokens[b])
+        # A finished row's state stops at its EOS: the padding after it never touches the state.
+        assert_states_close(out.state.select([b]), forward_state(model, p + out.tokens[b, :n].tolist())[1])
+    assert int(out.lengths[0]) == 4
+
+
+def test_stops_when_every_row_finished(model):
+    ids = torch.tensor([prompt(4, 7)])
+    first = int(generate(model, ids, max_new_tokens=1).tokens[0, 0])
+    out = generate(model, ids, max_new_tokens=50, eos_token_id=first)
+    assert out.lengths.tolist() == [1] and (out.tokens[0, 1:] == model.config.pad_token_id).all()
+
+
+def test_continue_from_state(model):
+    a, b = prompt(9, 8), prompt(4, 9)
+    first = generate(model, [a], max_new_tokens=5)
+    kept = first.state.clone()
+    second = generate(model, [b], max_new_tokens=6, state=first.state)
+    assert_states_close(first.state, kept, 0.0)  # the given state is not modified
+    whole = generate(model, [a + first.tokens[0].tolist() + b], max_new_tokens=6)
+    assert torch.equal(second.tokens, whole.tokens)
+    assert_states_close(second.state, whole.state)
+
+
+def test_sampling_reproducible_by_seed(model):
+    ids = [prompt(5, 10), prompt(8, 11)]
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.95)
+    a = generate(model, ids, seed=123, **kw).tokens
+    assert torch.equal(a, generate(model, ids, seed=123, **kw).tokens)
+    assert not torch.equal(a, generate(model, ids, seed=124, **kw).tokens)
+    greedy = generate(model, ids, max_new_tokens=16).tokens
+    assert torch.equal(greedy, generate(model, ids, max_new_tokens=16, temperature=0.7, top_k=1, seed=0).tokens)
+    assert torch.equal(greedy, generate(model, ids, max_new_tokens=16, temperature=0.7, top_p=1e-6, seed=0).tokens)
+
+
+def test_sample_filters():
+    # probabilities 0.5, 0.3, 0.15, 0.05 over four tokens, 4000 draws at once
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample(logits, temperature=1.0, top_k=2, generator=g).tolist()) == {0, 1}
+    assert set(sample(logits, temperature=1.0, top_p=0.75, generator=g).tolist()) == {0, 1}
+    assert set(sample(logits, temperature=1.0, top_p=0.5, generator=g).tolist()) == {0}
+    draws = sample(logits, temperature=1.0, generator=g)
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+    assert torch.equal(sample(logits[:3]), torch.zeros(3, dtype=torch.long))
+
+
+def test_empty_prompt_starts_from_bos(model):
+    bos = [model.config.bos_token_id]
+    expected = generate(model, [bos], max_new_tokens=5).tokens
+    assert torch.equal(generate(model, [[]], max_new_tokens=5).tokens, expected)
+    assert torch.equal(generate(model, torch.zeros(1, 0, dtype=torch.long), max_new_tokens=5).tokens, expected)
+
+
+def test_zero_new_tokens_runs_the_prompt_only(model):
+    ids = prompt(11, 12)
+    out = generate(model, [ids], max_new_tokens=0)
+    assert out.tokens.shape == (1, 0) and out.lengths.tolist() == [0]
+    assert_states_close(out.state, forward_state(model, ids)[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_ids=[[3, 512]]), "outside the vocabulary"),
+        (dict(input_ids=[[-1, 3]]), "outside the vocabulary"),
+        (dict(input_ids=[]), "empty list"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_k=5), "temperature > 0"),
+        (dict(temperature=1.0, top_p=0.0), "top_p"),
+        (dict(temperature=1.0, top_k=0), "top_k"),
+        (dict(eos_token_id=512), "eos_token_id"),
+        (dict(state="zeros2"), "batch size 1"),
+        (dict(cuda_graph=True), "CUDA device"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_bad_input_errors(model, kwargs, match):
+    if kwargs.get("state") == "zeros2":
+        kwargs["state"] = State.zeros(model.config, 2)
+    args = dict(input_ids=[[3, 4]], max_new_tokens=2) | kwargs
+    with pytest.raises(ValueError, match=match):
+        generate(model, args.pop("input_ids"), **args)
+
+
+def test_streamer_protocol(model):
+    ids = [prompt(3, 13), prompt(6, 14)]
+    seen = []
+    out = generate(model, ids, max_new_tokens=7, streamer=seen.append)
+    assert torch.equal(torch.stack(seen, dim=1), out.tokens)
+
+    class StopAfterThree:
+        def __init__(self):
+            self.steps, self.ended = 0, False
+
+        def put(self, tokens):
+            assert tokens.shape == (2,) and tokens.device.type == "cpu"
+            self.steps += 1
+            return self.steps == 3
+
+        def end(self):
+            self.ended = True
+
+    s = StopAfterThree()
+    stopped = generate(model, ids, max_new_tokens=7, streamer=s)
+    assert s.ended and stopped.lengths.tolist() == [3, 3]
+    assert torch.equal(stopped.tokens[:, :3], out.tokens[:, :3])
+    assert (stopped.tokens[:, 3:] == model.config.pad_token_id).all()
+    assert_states_close(stopped.state.select([0]), forward_state(model, ids[0] + out.tokens[0, :3].tolist())[1])
+
+
+def heap_bytes_in_use() -> int:
+    """Bytes allocated through glibc malloc in all arenas (torch's CPU tensors live there)."""
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2) to measure heap use")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def test_decoding_memory_constant_in_generated_tokens():
+    # A tiny model (1 block, D 32, V 64) so that 11k decoding steps take a few seconds on CPU.
+    model = random_model(ModelConfig(embedding_dim=32, num_blocks=1, num_heads=2, vocab_size=64, chunk_size=16))
+    heap_bytes_in_use()  # skips early where it cannot measure
+
+    def growth(n: int) -> int:
+        """Peak heap growth while decoding, measured at every step from the first one on (after the
+        prefill and the [B, n] output buffer). Keeps two ints only, so it allocates nothing itself."""
+        first, peak = None, 0
+
+        def probe(tokens):
+            nonlocal first, peak
+            now = heap_bytes_in_use()
+            first = now if first is None else first
+            peak = max(peak, now)
+
+        generate(model, [[0, 5, 9]], max_new_tokens=n, temperature=1.0, seed=0, streamer=probe)
+        return peak - first
+
+    small, large = growth(1_000), growth(10_000)
+    assert large <= small + 64 * 1024, f"decoding memory grows with tokens: {small} B after 1k, {large} B after 10k"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|padding|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, hello there", "a stop sign"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def stream_text(tokenizer, text: str, stop=()) -> tuple[str, bool]:
+    out = io.StringIO()
+    s = TextStreamer(tokenizer, stop=stop, out=out)
+    stopped = False
+    for i in tokenizer.encode(text).ids:
+        if s.put(torch.tensor([i])):
+            stopped = True
+            break
+    s.end()
+    assert out.getvalue() == s.text + "\n"
+    return s.text, stopped
+
+
+def test_text_streamer_multibyte_and_stop(tokenizer):
+    text = "héllo wörld ✓ 日本 the fox"  # characters of 2-3 bytes split across byte-level tokens
+    assert len(tokenizer.encode("日").ids) > 1
+    assert stream_text(tokenizer, text) == (text, False)
+    assert stream_text(tokenizer, "hello there stop here", stop=["stop"]) == ("hello there ", True)
+    assert stream_text(tokenizer, "hello sto", stop=["stop"]) == ("hello sto", False)  # held back, then flushed
+    assert stream_text(tokenizer, "日本 over", stop=["本 o", "lazy"]) == ("日", True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    config = ModelConfig.from_preset("debug").replace(vocab_size=tokenizer.get_vocab_size())
+    path = tmp_path_factory.mktemp("ckpt")
+    random_model(config, seed=1).save_pretrained(path)
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_cli_streams_the_greedy_continuation(checkpoint, tokenizer, capsys):
+    from xlstm7b.cli import main
+
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "12"]) == 0
+    streamed = capsys.readouterr()
+    model = from_pretrained(checkpoint, weight_mode="fused")
+    ids = [0] + tokenizer.encode("hello").ids
+    out = generate(model, [ids], max_new_tokens=12, eos_token_id=model.config.eos_token_id)
+    assert streamed.out == tokenizer.decode(out.tokens[0, : int(out.lengths[0])].tolist()) + "\n"
+    assert "tok/s" in streamed.err
+
+    assert cli_main(["--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5", "--no-stream",
+                     "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert cli_main(["--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5", "--stream",
+                     "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_cli_errors(checkpoint, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in checkpoint.iterdir():
+        if f.name != "tokenizer.json":
+            (bare / f.name).write_bytes(f.read_bytes())
+    assert cli_main(["--checkpoint", str(bare), "--prompt", "hi"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert cli_main(["--checkpoint", str(bare), "--tokenizer", str(checkpoint / "tokenizer.json"), "--prompt", "hi",
+                     "--max-new-tokens", "-3"]) == 2
+    assert "max_new_tokens" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decoding_equals_eager(model):
+    cuda_model = random_model(ModelConfig.from_preset("debug")).cuda()
+    prompts = [prompt(5, 15), prompt(30, 16), []]
+    kw = dict(max_new_tokens=20, eos_token_id=7)
+    graphed = generate(cuda_model, prompts, cuda_graph=True, **kw)
+    eager = generate(cuda_model, prompts, cuda_graph=False, **kw)
+    assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(graphed.lengths, eager.lengths)
+    assert_states_close(graphed.state, eager.state, 1e-5)
+    sampled = [generate(cuda_model, prompts, temperature=1.0, top_k=20, seed=5, **kw).tokens for _ in range(2)]
+    assert torch.equal(*sampled)

@@ -1,0 +1,387 @@
+"""Constant-memory text generation: chunkwise prefill, then single-token steps on a preallocated state.
+
+    tokens, state = generate(model, input_ids, max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0)
+
+How it runs:
+- Prefill: the chunkwise kernel over the prompt, in pieces of `prefill_chunk_size` positions carrying
+  the state (memory bounded for any prompt length), logits only at the last position.
+- Decode: one token per step through the step kernel, writing into the state allocated once before
+  the loop, so memory does not grow with the number of generated tokens. No host synchronization
+  per token on GPU (EOS is tracked in tensors; "all rows finished" is checked every
+  `SYNC_EVERY` tokens), and on CUDA the step is captured once in a CUDA graph and replayed.
+- Ragged batches (a list of prompts of different lengths): prompts are left-padded and the padding
+  is masked (spec §2: i = -inf, lf = 0), so it never touches the state, and rows finished at EOS are
+  masked from then on; every row's tokens and final state are those of generating it alone.
+
+Streamer protocol: `streamer` is a callable `f(tokens)` or an object with `put(tokens)` and
+`end()`. After every step it receives the new token of each row as a CPU LongTensor [B] (the pad id
+for rows that have finished); `end()` is called once after the last step. If `put` (or the
+callable) returns True, generation stops after that step. A streamer forces one host sync per token.
+"""
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .model import XLSTM, soft_cap
+from .state import State
+
+SYNC_EVERY = 32
+"""On GPU, how many tokens pass between checks that every row has finished (each check syncs)."""
+
+
+class GenerateOutput(tuple):
+    """The result of `generate`: unpacks as `tokens, state`, and also has `.lengths`.
+
+    tokens: LongTensor [B, max_new_tokens], rows that finished early padded with the pad id.
+    state: the State after the prompt and every generated token of each row (the EOS included), so
+        `generate(model, next_ids, state=state, ...)` continues the text.
+    lengths: LongTensor [B], the number of generated tokens of each row (the EOS included).
+    """
+
+    def __new__(cls, tokens: torch.Tensor, state: State, lengths: torch.Tensor):
+        out = super().__new__(cls, (tokens, state))
+        out.lengths = lengths
+        return out
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def state(self) -> State:
+        return self[1]
+
+
+def generate(
+    model: XLSTM,
+    input_ids: torch.Tensor | Sequence[Sequence[int] | torch.Tensor],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    seed: int | None = None,
+    state: State | None = None,
+    streamer=None,
+    prefill_chunk_size: int = 8192,
+    cuda_graph: bool | None = None,
+) -> GenerateOutput:
+    """Generates `max_new_tokens` tokens after each prompt; returns `(tokens, state)` with `.lengths`.
+
+    input_ids: LongTensor [B, S] (or [S] for one prompt), or a list of 1-D id sequences of different
+        lengths (a ragged batch). An empty prompt is replaced by the BOS token (a document start).
+    max_new_tokens: tokens to generate per row; 0 only runs the prompt into the state.
+    temperature: 0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
+    top_k: sample among the k most likely tokens only. top_p: among the smallest set of most likely
+        tokens whose probability reaches p (nucleus sampling). Both need temperature > 0.
+    eos_token_id: a row that produces it stops (the EOS is kept, the rest is the pad id). None (the
+        default) never stops early; pass `model.config.eos_token_id` to stop at the model's EOS.
+    seed: seeds a private generator, so sampled output is reproducible; None uses torch's global RNG.
+    state: continue from this State ([B] rows) instead of the empty one; it is not modified.
+    streamer: receives the tokens of every step (protocol in the module docstring).
+    prefill_chunk_size: prompt positions run at once during prefill; bounds prefill memory.
+    cuda_graph: capture the decode step in a CUDA graph; default: on CUDA devices.
+    """
+    config = model.config
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, prefill_chunk_size, config.vocab_size)
+    device = model.lm_head.weight.device
+    ids, mask = _batch_prompts(input_ids, config, device)
+    B = ids.shape[0]
+    if state is not None and (not isinstance(state, State) or state.batch_size != B or len(state) != config.num_blocks):
+        raise ValueError(f"state must be a State with {config.num_blocks} layers and batch size {B} (one row per prompt)")
+    # The decode loop writes into this state in place; a given state is copied, never modified.
+    state = State.zeros(config, B, device=device) if state is None else state.to(device).clone()
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    if use_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {device}")
+
+    tokens = torch.full((B, max_new_tokens), config.pad_token_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    with torch.no_grad():
+        logits = _prefill(model, ids, mask, state, prefill_chunk_size)
+        if max_new_tokens == 0:
+            return GenerateOutput(tokens, state, lengths)
+        # Only rows that can finish need the mask; without EOS every step runs unmasked.
+        finished = torch.zeros(B, dtype=torch.bool, device=device) if eos_token_id is not None else None
+        step = _CUDAGraphStep(model, state) if use_graph else (lambda tok, active: decode_step(model, tok, state, active))
+        sync_every = 1 if device.type == "cpu" else SYNC_EVERY
+        for t in range(max_new_tokens):
+            token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            active = None
+            if finished is not None:
+                active = ~finished
+                token = token.masked_fill(finished, config.pad_token_id)
+                finished = finished | (token == eos_token_id)
+            tokens[:, t] = token
+            # The step is launched before the streamer's sync, so the device works meanwhile; it
+            # also feeds the last token, so the state covers everything that was generated.
+            logits = step(token, active)
+            lengths += 1 if active is None else active
+            stop = _stream(streamer, token)
+            if stop or (finished is not None and (t + 1) % sync_every == 0 and bool(finished.all())):
+                break
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
+    return GenerateOutput(tokens, state, lengths)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, prefill_chunk_size, vocab_size) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError("top_k and top_p apply to sampling; set temperature > 0 (temperature 0 is greedy)")
+    if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
+        raise ValueError(f"eos_token_id={eos_token_id} lies outside the vocabulary [0, {vocab_size})")
+    if not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
+
+
+def _batch_prompts(input_ids, config, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts -> ids [B, S] on `device` and mask [B, S] (False at left padding; None without any)."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, S], [S] or a list of 1-D sequences, got shape {list(input_ids.shape)}")
+        rows = list(input_ids) if input_ids.shape[1] == 0 else None
+    else:
+        rows = list(input_ids)
+    if rows is not None:
+        if not rows:
+            raise ValueError("input_ids is an empty list; pass at least one prompt (an empty prompt is fine)")
+        rows = [torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in rows]
+        # An empty prompt has no last position to predict from: start a document with BOS.
+        rows = [r if r.numel() else torch.tensor([config.bos_token_id]) for r in rows]
+        S = max(r.numel() for r in rows)
+        input_ids = torch.full((len(rows), S), config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), S, dtype=torch.bool)
+        for b, r in enumerate(rows):  # left padding: every row's last prompt token is at S - 1
+            input_ids[b, S - r.numel():] = r
+            mask[b, S - r.numel():] = True
+        mask = None if bool(mask.all()) else mask.to(device)
+    else:
+        mask = None
+    if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.is_floating_point():
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= config.vocab_size:
+        raise ValueError(f"input_ids contains token id {lo if lo < 0 else hi} outside the vocabulary [0, {config.vocab_size})")
+    return input_ids.to(device=device, dtype=torch.long), mask
+
+
+def _prefill(model: XLSTM, ids: torch.Tensor, mask: torch.Tensor | None, state: State, chunk: int) -> torch.Tensor:
+    """Runs the prompt into `state` (in place), piece by piece; returns the last position's logits [B, V]."""
+    # Pieces on kernel-chunk boundaries give the same chunking as one pass over the whole prompt.
+    L = model.config.chunk_size
+    chunk = max(L, chunk // L * L)
+    for start in range(0, ids.shape[1], chunk):
+        piece = slice(start, start + chunk)
+        logits, _ = model(ids[:, piece], state, mask=None if mask is None else mask[:, piece], inplace=True, last_logits_only=True)
+    return logits[:, -1]
+
+
+def decode_step(model: XLSTM, token: torch.Tensor, state: State, active: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoding step: token [B] -> logits [B, V]; `state` is updated in place.
+
+    Rows where `active` [B] is False leave the state untouched. Unlike `model(...)`, this does not
+    validate the ids (a host sync), so it can run inside a CUDA graph; the ids come from sampling.
+    """
+    x = model.backbone.embeddings(token[:, None])  # [B, 1, D]
+    mask = None if active is None else active[:, None]
+    for layer_state, block in zip(state, model.backbone.blocks):
+        x, new = block(x, layer_state, mask=mask)
+        for dst, src in zip(layer_state, new):
+            if dst is not src:  # an in-place step kernel already wrote there
+                dst.copy_(src)
+    x = model.backbone.out_norm(x)
+    return soft_cap(model.lm_head(x[:, 0]), model.config.output_logit_soft_cap)
+
+
+class _CUDAGraphStep:
+    """`decode_step` captured once in a CUDA graph over static buffers and replayed per token: one
+    launch instead of hundreds of small kernels, which dominate batch-1 decoding time."""
+
+    def __init__(self, model: XLSTM, state: State):
+        B, device = state.batch_size, state.device
+        self.token = torch.zeros(B, dtype=torch.long, device=device)
+        self.active = torch.ones(B, dtype=torch.bool, device=device)
+        # Warm-up and capture run the step on the real state buffers; restore them afterwards.
+        saved = state.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture requires
+            for _ in range(2):
+                decode_step(model, self.token, state, self.active)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step(model, self.token, state, self.active)
+        state.copy_(saved)
+
+    def __call__(self, token: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        self.token.copy_(token)
+        if active is not None:
+            self.active.copy_(active)
+        self.graph.replay()
+        return self.logits  # overwritten by the next replay: sample from it before that
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]: argmax when temperature is 0, else a sample after
+    temperature scaling and top-k / top-p filtering."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the more likely ones already reach top_p (the most likely always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    # argmax(p / E) with E ~ Exp(1) is a sample from p (the exponential race), without the host
+    # sync of torch.multinomial on CUDA.
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+def _stream(streamer, token: torch.Tensor) -> bool:
+    if streamer is None:
+        return False
+    put = streamer.put if hasattr(streamer, "put") else streamer
+    return bool(put(token.cpu()))
+
+
+class TextStreamer:
+    """A streamer for one row that turns tokens into text as they arrive.
+
+    Decodes a short window of recent ids and emits only the new suffix, holding back text that ends
+    in an incomplete UTF-8 character (byte-level BPE splits characters across tokens) or that could
+    be the start of a stop string. Generation stops at the first stop string, which is not emitted.
+    """
+
+    def __init__(self, tokenizer, *, stop: Sequence[str] = (), out=None):
+        self.tokenizer, self.stop, self.out = tokenizer, [s for s in stop if s], out
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] give context; ids[read:] are not yet emitted
+        self.text = ""  # emitted text
+        self.pending = ""  # decoded but held back (a possible stop-string start)
+        self.stopped = False
+
+    def put(self, tokens: torch.Tensor) -> bool:
+        if self.stopped:
+            return True
+        self.ids.append(int(tokens.reshape(-1)[0]))
+        seen = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        new = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(new) <= len(seen) or new.endswith("\ufffd"):
+            return False  # an incomplete character: wait for the next token
+        self.pending += new[len(seen):]
+        self.prefix, self.read = self.read, len(self.ids)
+        return self._flush(final=False)
+
+    def end(self) -> None:
+        if not self.stopped:
+            self._flush(final=True)
+        if self.out is not None:
+            self.out.write("\n")
+            self.out.flush()
+
+    def _flush(self, final: bool) -> bool:
+        # Emitted text never ends in a possible stop-string start (it is held back), so a stop
+        # string can only begin inside `pending`.
+        hits = [self.pending.find(s) for s in self.stop if s in self.pending]
+        if hits:
+            cut, self.stopped = min(hits), True
+        elif final:
+            cut = len(self.pending)
+        else:  # hold back the longest tail that is a prefix of a stop string
+            tail = max((n for s in self.stop for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+            cut = len(self.pending) - tail
+        self._emit(self.pending[:cut])
+        self.pending = self.pending[cut:]
+        return self.stopped
+
+    def _emit(self, text: str) -> None:
+        self.text += text
+        if self.out is not None and text:
+            self.out.write(text)
+            self.out.flush()
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cli_main(argv: list[str]) -> int:
+    """`xlstm7b generate`: loads a checkpoint folder and its tokenizer, streams the continuation."""
+    p = argparse.ArgumentParser(prog="xlstm7b generate", description="Generate text from a checkpoint folder.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + safetensors)")
+    p.add_argument("--prompt", required=True, help="prompt text ('' starts from the BOS token alone)")
+    p.add_argument("--tokenizer", help="tokenizer.json to use (default: the one in the checkpoint folder)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (the default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop at this string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it is produced")
+    args = p.parse_args(argv)
+
+    from tokenizers import Tokenizer
+
+    from .checkpoint import CheckpointError, from_pretrained
+
+    tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.json"
+    if not tok_path.is_file():
+        hint = "" if args.tokenizer else " (the checkpoint folder has none); pass --tokenizer PATH/tokenizer.json"
+        print(f"xlstm7b generate: tokenizer file {tok_path} not found{hint}", file=sys.stderr)
+        return 2
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        model = from_pretrained(args.checkpoint, device=device, dtype=dtype, weight_mode="fused")
+        config = model.config
+        ids = [config.bos_token_id] + tokenizer.encode(args.prompt, add_special_tokens=False).ids
+        streamer = TextStreamer(tokenizer, stop=args.stop, out=sys.stdout if args.stream else None)
+        t0 = time.perf_counter()
+        out = generate(
+            model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, seed=args.seed, eos_token_id=None if args.ignore_eos else config.eos_token_id,
+            streamer=streamer,
+        )
+    except (CheckpointError, ValueError, TypeError) as e:
+        print(f"xlstm7b generate: {e}", file=sys.stderr)
+        return 2
+    dt = time.perf_counter() - t0
+    if not args.stream:
+        print(streamer.text)
+    n = int(out.lengths[0])
+    print(f"[{len(ids)} prompt + {n} generated tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {device}]", file=sys.stderr)
+    return 0
