@@ -14,10 +14,11 @@ exist once (a fused layout conversion adds one projection at a time).
 import json
 import os
 import re
+import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
@@ -146,6 +147,40 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, tensor) from a safetensors file, one tensor at a time, with plain reads into
+    fresh tensors: unlike a memory map, the file's pages never count as a second resident copy."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        try:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header length {header_len} exceeds the file size {size}")
+            header = json.loads(fh.read(header_len))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: not a safetensors file, truncated or corrupt ({e})") from e
+        header.pop("__metadata__", None)
+        start = 8 + header_len
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{file}: key {name} has an unsupported dtype {info.get('dtype')!r}")
+            begin, end = info["data_offsets"]
+            if start + end > size:
+                raise CheckpointError(f"{file}: truncated: key {name} ends at byte {start + end} of {size}")
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            fh.seek(start + begin)
+            fh.readinto(memoryview(buf.numpy()))
+            yield name, buf.view(dtype).reshape(info["shape"])
+
+
 def canonical_name(name: str) -> str:
     for pattern, repl in NAME_ALIASES:
         name = pattern.sub(repl, name)
@@ -176,15 +211,10 @@ def from_pretrained(
     tensors: dict[str, torch.Tensor] = {}
     source: dict[str, Path] = {}
     for file in weight_files(path):
-        try:
-            with safe_open(file, framework="pt", device="cpu") as fh:
-                for raw_name in fh.keys():
-                    name = canonical_name(raw_name)
-                    t = fh.get_tensor(raw_name)
-                    tensors[name] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
-                    source[name] = file
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from e
+        for raw_name, t in read_safetensors(file):
+            name = canonical_name(raw_name)
+            tensors[name] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+            source[name] = file
     stored = layout_of(tensors)
     config = config.replace(weight_mode=stored)
     with torch.device("meta"):
