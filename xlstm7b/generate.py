@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .model import XLSTM, soft_cap
+from .kernels import mlstm_step
+from .model import XLSTM, mLSTMLayer, soft_cap
 from .state import State
 
 SYNC_EVERY = 32
@@ -95,8 +96,13 @@ def generate(
     B = ids.shape[0]
     if state is not None and (not isinstance(state, State) or state.batch_size != B or len(state) != config.num_blocks):
         raise ValueError(f"state must be a State with {config.num_blocks} layers and batch size {B} (one row per prompt)")
-    # The decode loop writes into this state in place; a given state is copied, never modified.
-    state = State.zeros(config, B, device=device) if state is None else state.to(device).clone()
+    # The decode loop writes into this state in place (contiguous float32, as the fused step kernel
+    # needs); a given state is copied, never modified.
+    if state is None:
+        state = State.zeros(config, B, device=device)
+    else:
+        fresh = dict(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+        state = State([tuple(t.to(**fresh) for t in layer) for layer in state])
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     if use_graph and device.type != "cuda":
@@ -200,14 +206,29 @@ def decode_step(model: XLSTM, token: torch.Tensor, state: State, active: torch.T
     validate the ids (a host sync), so it can run inside a CUDA graph; the ids come from sampling.
     """
     x = model.backbone.embeddings(token[:, None])  # [B, 1, D]
-    mask = None if active is None else active[:, None]
     for layer_state, block in zip(state, model.backbone.blocks):
-        x, new = block(x, layer_state, mask=mask)
-        for dst, src in zip(layer_state, new):
-            if dst is not src:  # an in-place step kernel already wrote there
-                dst.copy_(src)
+        x = x + _mlstm_layer_step(block.mlstm_layer, block.norm_mlstm(x), layer_state, active)
+        x = x + block.ffn(block.norm_ffn(x))
     x = model.backbone.out_norm(x)
     return soft_cap(model.lm_head(x[:, 0]), model.config.output_logit_soft_cap)
+
+
+def _mlstm_layer_step(layer: mLSTMLayer, x: torch.Tensor, layer_state, active: torch.Tensor | None) -> torch.Tensor:
+    """mLSTMLayer.forward for one token, with the step kernel writing into `layer_state` in place
+    (the layer's own step returns a new state, which would cost a copy of the whole state per token)."""
+    c = layer.config
+    B = x.shape[0]
+    q, k, v, o, i, f = layer.project(x)  # [B, 1, ...]
+    if active is not None:  # spec §2: i = -inf writes nothing, f = +inf (lf = 0) forgets nothing
+        i = i.masked_fill(~active[:, None, None], float("-inf"))
+        f = f.masked_fill(~active[:, None, None], float("inf"))
+    heads = (B, c.num_heads, -1)  # [B, 1, NH*DH] -> [B, NH, DH]
+    h, _ = mlstm_step(
+        q.view(heads), k.view(heads), v.view(heads), i.view(B, -1), f.view(B, -1), layer_state,
+        backend=c.mlstm_backend, eps=c.eps, inplace=True,
+    )
+    h = layer.multihead_norm(h.view(B, 1, c.num_heads, -1))  # [B, 1, Dv]
+    return layer.out_proj(torch.sigmoid(o) * h)
 
 
 class _CUDAGraphStep:
