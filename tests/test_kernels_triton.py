@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from xlstm7b.kernels import mlstm, mlstm_parallel, mlstm_step, mlstm_step_torch, resolve_backend  # noqa: E402
-from xlstm7b.kernels.chunkwise_triton import mlstm_chunkwise_triton  # noqa: E402
+from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
 from xlstm7b.kernels.step_triton import mlstm_step_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,6 +82,7 @@ CASES = [
     (1, 1, 33, 24, 40, 32, True, True, "random"),  # head dims that are not powers of two
     (1, 1, 48, 16, 16, 128, True, False, "random"),
     (1, 1, 20, 16, 16, 256, False, True, "random"),
+    (2, 2, 64, 32, 32, 16, True, True, "random"),
     (1, 2, 40, 16, 16, 16, True, True, "limits"),
     (1, 1, 33, 16, 16, 16, False, False, "limits"),
 ]
@@ -155,6 +156,15 @@ def test_compile_traces_the_op():
     torch.compile(fn, backend="aot_eager", fullgraph=True)(*comp_x).backward()
     for a, b in zip(comp_x, eager_x):
         assert rel(a.grad, b.grad) < 1e-6
+
+
+def test_opcheck():
+    """Schema, fake tensor, autograd registration and AOT dispatch of the custom op."""
+    xs, rs = make_inputs(1, 1, 18, 16, 16, init=True, reset=True)
+    b, ig, virt, cnt = chunk_gates(xs[3], xs[4], rs, 16)
+    args = [xs[0], xs[1], xs[2], b, ig, virt, cnt, *xs[5:]]
+    args = [a.detach().requires_grad_() if a.is_floating_point() else a for a in args]
+    torch.library.opcheck(mlstm_chunkwise_fwd, (*args, 16, 1e-6))
 
 
 # B, NH, DK, DV
