@@ -4,6 +4,9 @@ Without CUDA the real kernels run in Triton's CPU interpreter (conftest sets TRI
 fp32, tiny shapes. Tests marked gpu add bf16/fp16, large shapes and long sequences.
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -207,6 +210,17 @@ def test_step_dispatch_keeps_state_unless_inplace():
     assert rel(h_t, h_c) < 1e-5 and all(rel(a, b) < 1e-5 for a, b in zip(s_t, s_c))
     h_i, s_i = mlstm_step(q, k, v, i, f, state, backend="triton", inplace=True)
     assert s_i[0] is state[0] and rel(state[0], s_c[0]) < 1e-5
+
+
+def test_benchmark_dry_run(tmp_path):
+    """The GPU benchmark script parses its arguments and runs end to end on tiny CPU shapes."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "benchmarks" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--dry-run", "--out", str(tmp_path)])
+    assert (tmp_path / "kernels-dry-run.json").exists()
+    assert {r["kernel"] for r in report["rows"]} == {"chunkwise", "step"}
+    assert all("error" not in r for r in report["rows"])
 
 
 # ---------------------------------------------------------------------------------------------

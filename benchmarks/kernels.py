@@ -1,0 +1,279 @@
+"""mLSTM kernel benchmark: our Triton and PyTorch chunkwise kernels side by side with the peers.
+
+    python benchmarks/kernels.py                 # on a GPU: everything, writes JSON + PNG
+    python benchmarks/kernels.py --dry-run       # tiny shapes on CPU through the torch backend
+
+Chunkwise kernels: forward and forward+backward time and peak memory at a fixed token count
+B*S = 65,536 (S from 512 to 65,536) for the xLSTM 7B head shape (NH 8, DK 256, DV 512, bf16) and
+for NH 16 (DK 128, DV 256). Peers, each skipped with a message when missing: the official TFLA
+kernel (mlstm_kernels, "chunkwise--triton_xl_chunk"), flash-linear-attention's chunk_simple_gla,
+and causal flash attention through torch SDPA (32 heads x 128, same token count).
+Step kernel: latency at batch 1, 8, 64 with the 7B per-layer state, and the HBM bandwidth it reaches
+(state bytes read + written per step / time).
+Results go to benchmarks/results/kernels-<date>.json and .png.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+from xlstm7b.kernels import mlstm, mlstm_step, zero_state  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def measure(fn, device: str, reps: int) -> tuple[float, float | None]:
+    """(median ms, peak MiB allocated during one call; None on CPU) of fn()."""
+    if device == "cuda":
+        import triton.testing
+
+        fn()  # compile / autotune outside the measurement
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return triton.testing.do_bench(fn, warmup=max(1, reps // 4), rep=reps), peak
+    fn()
+    times = []
+    for _ in range(max(1, reps // 25)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2], None
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers: each returns a closure running the forward on fresh-gradient inputs, or raises
+# ImportError / RuntimeError with the reason it cannot run.
+# ---------------------------------------------------------------------------------------------
+
+
+def mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad):
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale + shift).requires_grad_(grad)
+
+    q, k = rand(B, NH, S, DK).to(dtype), rand(B, NH, S, DK).to(dtype)
+    v = rand(B, NH, S, DV).to(dtype)
+    i, f = rand(B, NH, S, scale=2.0, shift=-5.0), rand(B, NH, S, shift=4.0)  # gates stay fp32
+    return [t.detach().requires_grad_(grad) for t in (q, k, v, i, f)]
+
+
+def provider_ours(backend: str, chunk: int):
+    def make(x):
+        return lambda: mlstm(*x, backend=backend, chunk_size=chunk)[0]
+
+    return make
+
+
+def provider_tfla(chunk: int):
+    from mlstm_kernels.torch import get_mlstm_kernel  # noqa: F401  (import error -> skipped)
+
+    kernel = get_mlstm_kernel("chunkwise--triton_xl_chunk")
+
+    def make(x):
+        q, k, v, i, f = x
+        return lambda: kernel(q=q, k=k, v=v, i=i, f=f, return_last_states=False, chunk_size=chunk)
+
+    return make
+
+
+def provider_fla():
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    def make(x):
+        q, k, v, _, f = x
+        # fla's layout is [B, S, H, D]; its gate is the log forget gate, without input gate/normalizer
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        g = F.logsigmoid(f).transpose(1, 2)
+        return lambda: chunk_simple_gla(q, k, v, g, scale=q.shape[-1] ** -0.5)[0]
+
+    return make
+
+
+def provider_sdpa(device: str):
+    if device != "cuda":
+        raise RuntimeError("flash attention needs CUDA")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def make(x):
+        q = x[0]
+        B, _, S, _ = q.shape
+        g = torch.Generator(device=device).manual_seed(0)
+        qa, ka, va = (torch.randn(B, 32, S, 128, generator=g, device=device, dtype=q.dtype).requires_grad_(q.requires_grad) for _ in range(3))
+
+        def run():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qa, ka, va, is_causal=True)
+
+        return run
+
+    return make
+
+
+def bench_chunkwise(args, device, dtype) -> list[dict]:
+    providers = {"xlstm7b-torch": lambda: provider_ours("torch", args.chunk_size)}
+    if not args.dry_run:
+        providers = {"xlstm7b-triton": lambda: provider_ours("triton", args.chunk_size), **providers}
+        providers["tfla-exp-chunk128"] = lambda: provider_tfla(128)
+        providers["fla-simple-gla"] = provider_fla
+        providers["sdpa-flash-32x128"] = lambda: provider_sdpa(device)
+    rows = []
+    for name, make_provider in providers.items():
+        try:
+            make = make_provider()
+        except (ImportError, RuntimeError) as e:
+            print(f"skip {name}: {e}")
+            continue
+        for NH, DK, DV in args.heads:
+            for S in args.seq_lens:
+                B = max(1, args.tokens // S)
+                row = dict(kernel="chunkwise", provider=name, B=B, S=S, NH=NH, DK=DK, DV=DV, dtype=str(dtype))
+                try:
+                    fwd = make(mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad=False))
+                    with torch.no_grad():
+                        row["fwd_ms"], row["fwd_peak_mib"] = measure(fwd, device, args.reps)
+                    x = mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad=True)
+                    out = make(x)
+                    dout = None
+
+                    def fwd_bwd():
+                        nonlocal dout
+                        y = out()
+                        dout = torch.ones_like(y) if dout is None else dout
+                        y.backward(dout)
+
+                    row["fwdbwd_ms"], row["fwdbwd_peak_mib"] = measure(fwd_bwd, device, args.reps)
+                except Exception as e:  # a peer failing on one shape must not stop the run
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    torch.cuda.empty_cache() if device == "cuda" else None
+                print(json.dumps(row))
+                rows.append(row)
+    return rows
+
+
+def bench_step(args, device) -> list[dict]:
+    NH, DK, DV = args.step_shape
+    backend = "torch" if args.dry_run else "triton"
+    rows = []
+    for B in args.step_batches:
+        state = zero_state(B, NH, DK, DV, device=device)
+        q, k = torch.randn(B, NH, DK, device=device), torch.randn(B, NH, DK, device=device)
+        v = torch.randn(B, NH, DV, device=device)
+        i, f = torch.randn(B, NH, device=device), torch.randn(B, NH, device=device) + 4
+        ms, _ = measure(lambda: mlstm_step(q, k, v, i, f, state, backend=backend, inplace=True), device, args.reps)
+        state_bytes = 4 * B * NH * (DK * DV + DK + 1)
+        io_bytes = 4 * B * NH * (2 * DK + 2 * DV + 2)
+        moved = 2 * state_bytes + io_bytes
+        row = dict(kernel="step", provider=f"xlstm7b-{backend}", B=B, NH=NH, DK=DK, DV=DV, ms=ms, bytes=moved, gb_per_s=moved / ms / 1e6)
+        print(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict:
+    env = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__, python=platform.python_version())
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device == "cuda":
+        env["device"] = torch.cuda.get_device_name()
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+            env["driver"] = out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    else:
+        env["device"] = platform.processor() or "cpu"
+    return env
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    shapes = sorted({(r["NH"], r["DK"], r["DV"]) for r in rows if r["kernel"] == "chunkwise"})
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 4 * len(shapes)), squeeze=False)
+    for row_axes, (NH, DK, DV) in zip(axes, shapes):
+        for ax, key in zip(row_axes, ("fwd_ms", "fwdbwd_ms")):
+            for name in dict.fromkeys(r["provider"] for r in rows if r["kernel"] == "chunkwise"):
+                pts = [(r["S"], r[key]) for r in rows if r["kernel"] == "chunkwise" and r["provider"] == name and (r["NH"], r["DK"], r["DV"]) == (NH, DK, DV) and key in r]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=name)
+            ax.set(xscale="log", xlabel="sequence length S (B*S fixed)", ylabel="ms", title=f"{key[:-3]}: NH {NH}, DK {DK}, DV {DV}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU through the torch backend (checks the script)")
+    p.add_argument("--tokens", type=int, default=65536, help="B * S for the chunkwise kernels")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    p.add_argument("--chunk-size", type=int, default=64, help="chunk size of our kernels")
+    p.add_argument("--step-batches", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--reps", type=int, default=100, help="measurement time per point in ms (do_bench rep)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
+    args = p.parse_args(argv)
+    args.heads = [(8, 256, 512), (16, 128, 256)]
+    args.step_shape = (8, 256, 512)
+    if args.dry_run:
+        args.tokens, args.seq_lens, args.chunk_size = 128, [32, 64], 16
+        args.heads, args.step_shape, args.step_batches, args.reps = [(2, 16, 32)], (2, 16, 32), [1, 2], 25
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.dry_run:
+        device, dtype = "cpu", torch.float32
+    elif torch.cuda.is_available():
+        device, dtype = "cuda", torch.bfloat16
+    else:
+        raise SystemExit("no CUDA device: run with --dry-run to check the script on CPU")
+    rows = bench_chunkwise(args, device, dtype) + bench_step(args, device)
+    report = dict(environment=environment(device), tokens=args.tokens, chunk_size=args.chunk_size, rows=rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "kernels-dry-run" if args.dry_run else f"kernels-{datetime.date.today().isoformat()}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out / (stem + '.json')}")
+    plot(rows, args.out / f"{stem}.png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
