@@ -8,6 +8,10 @@ import sys
 # name -> (module:function taking argv, one-line help)
 SUBCOMMANDS = {
     "info": ("xlstm7b.cli:info_main", "build a model from a preset or TOML file; print its size, state size and a forward pass"),
+    "train": ("xlstm7b.train.cli:train_main", "pretrain from a preset or TOML config (--section.key=value overrides); resumes a run"),
+    "tokenizer": ("xlstm7b.train.tokenizer:tokenizer_main", "train a byte-level BPE tokenizer on a config's corpus"),
+    "plan": ("xlstm7b.train.plan:plan_main", "parameter count and per-GPU memory of a training config; whether it fits"),
+    "plot": ("xlstm7b.train.plot:plot_main", "plot loss, bits-per-byte and throughput of a run directory to a PNG"),
     "generate": ("xlstm7b.generate:cli_main", "generate text from a checkpoint folder, streamed as it is produced"),
 }
 

@@ -1,0 +1,98 @@
+"""Training checkpoints: torch.distributed.checkpoint (sharded), atomic, the last k kept.
+
+RUN_DIR/checkpoints/step_00000100/ holds the DCP shards of model and optimizer, `rng_rank{r}.pt` and
+`trainer.json` (step, tokens seen, config). A save goes to `step_N.tmp` and is renamed when every
+rank has finished, so a crash mid-save leaves the previous checkpoint as the latest complete one.
+"""
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from .parallel import Dist
+
+# One process saves and loads without a process group (DCP warns that it assumes so).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+NAME = re.compile(r"^step_(\d{8})$")
+
+# Config keys a resumed run may change; any other difference is an error.
+RESUMABLE_CHANGES = {
+    "train": {"steps", "lr", "min_lr_ratio", "schedule", "warmup_steps", "cooldown_steps", "grad_clip", "micro_batch",
+              "compile", "activation_checkpointing", "threads", "parallel", "cpu_offload"},
+    "run": {"dir", "log_every", "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "export", "wandb_project",
+            "wandb_mode", "progress", "gpu_memory_gb"},
+    "data": {"cache_dir", "shard_tokens"},
+    "model": {"mlstm_backend"},
+}
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = run_dir / "checkpoints"
+    found = [p for p in root.iterdir() if NAME.match(p.name) and (p / "trainer.json").is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: p.name)
+
+
+def save(run_dir: Path, step: int, model, optimizer, meta: dict, d: Dist, keep: int) -> Path:
+    final = run_dir / "checkpoints" / f"step_{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
+    d.barrier()
+    if d.is_main:
+        (tmp / "trainer.json").write_text(json.dumps({**meta, "step": step, "world_size": d.world}, indent=2))
+        if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+    return final
+
+
+def load(path: Path, model, optimizer, d: Dist) -> dict:
+    """Restores model, optimizer and this rank's RNG from `path`; returns its trainer.json."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path, no_dist=d.world == 1)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / f"rng_rank{d.rank}.pt"
+    if rng_file.is_file():  # absent when resuming with more processes than saved
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((path / "trainer.json").read_text())
+
+
+def check_compatible(saved: dict, current: dict, path: Path) -> None:
+    """A resumed run must train the same model on the same data in the same order."""
+    diffs = []
+    for section, values in current.items():
+        for key, value in values.items():
+            old = saved.get(section, {}).get(key, value)
+            if old != value and key not in RESUMABLE_CHANGES.get(section, set()):
+                diffs.append(f"{section}.{key}: {old!r} in the checkpoint, {value!r} now")
+    if diffs:
+        raise ValueError(
+            f"cannot resume {path} with this config:\n  " + "\n  ".join(diffs) +
+            "\nRestore these values, or start a new run with a different --run.dir.")
+
+
+def full_model_state(model) -> dict[str, torch.Tensor]:
+    """The whole model state dict on the CPU of rank 0 (gathered from shards), for the export."""
+    return get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]

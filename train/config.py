@@ -1,0 +1,213 @@
+"""Trainer configuration: one dataclass per TOML section, a docstring per field.
+
+    config = load_config("configs/toy.toml", ["--train.steps=100", "--run.dir=runs/x"])
+
+A preset's `[model]` section is a ModelConfig; `[data]`, `[train]` and `[run]` are below. Unknown
+sections or keys are errors that name the key and the valid ones, in the file and on the command line.
+"""
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from xlstm7b.config import ModelConfig, preset_path
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    """'stdlib' (the Python standard library of the running interpreter, split by file: offline
+    everywhere), a local file/folder/glob of .txt/.json/.jsonl/.parquet files, or a hub dataset name."""
+    text_field: str = "text"
+    """Column holding the document text in json/parquet/hub datasets."""
+    hub_config: str = ""
+    """Hub dataset configuration (subset) name, if the dataset has several."""
+    hub_split: str = "train"
+    """Hub dataset split to read (streamed)."""
+    max_documents: int = 0
+    """Read at most this many documents (0 = all); bounds a streamed hub corpus."""
+    val_fraction: float = 0.02
+    """Share of documents (whole files for 'stdlib') held out for validation, chosen by a hash of the name."""
+    tokenizer: str = "train"
+    """Path to a tokenizer.json, or 'train' to train a byte-level BPE of model.vocab_size on the training split."""
+    cache_dir: str = "~/.cache/xlstm7b"
+    """Where tokenizers and token shards are cached, keyed by a hash of the files and the tokenizer."""
+    shard_tokens: int = 1 << 26
+    """Tokens per on-disk shard."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps of the whole run."""
+    seq_len: int = 2048
+    """Tokens per training sequence (the context length)."""
+    global_batch_tokens: int = 524288
+    """Tokens per optimizer step over all ranks; must be a multiple of seq_len * micro_batch * world size.
+    Gradient accumulation is derived from it."""
+    micro_batch: int = 8
+    """Sequences per rank per forward/backward."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate (exponential, cosine) or floor before cool-down, as a fraction of the peak."""
+    schedule: Literal["exponential", "cosine", "wsd", "constant"] = "exponential"
+    """'exponential' (the 7B recipe: decay to min_lr_ratio, then linear cool-down to 0), 'cosine',
+    'wsd' (warmup-stable-decay: constant, then linear decay to 0) or 'constant' after warmup."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to the peak."""
+    cooldown_steps: int = 0
+    """Final steps of linear decay to 0 ('exponential' and 'wsd'; for 'wsd' 0 means 20% of steps)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to weight matrices only (not biases, norms, embedding)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """Compute dtype: 'auto' = bf16 autocast on GPU, float32 on CPU."""
+    parallel: Literal["auto", "fsdp", "ddp", "none"] = "auto"
+    """'fsdp' (FSDP2 fully_shard per block), 'ddp', 'none' (one process), 'auto' = fsdp on several
+    processes or with cpu_offload, none otherwise."""
+    cpu_offload: bool = False
+    """Keep parameters, gradients and optimizer state in host memory (FSDP2 CPUOffloadPolicy): the
+    7B on one 80 GB GPU."""
+    compile: bool = False
+    """torch.compile each block."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass."""
+    threads: int = 0
+    """CPU threads per process for torch (0 = all cores divided by local processes)."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: checkpoints, metrics.jsonl, the exported model. An existing run is resumed."""
+    seed: int = 0
+    """Seed of the initialization, the data order and every random draw."""
+    log_every: int = 10
+    """Log a metrics record every this many steps."""
+    eval_every: int = 100
+    """Evaluate on the validation split every this many steps (and at the end; 0 = end only)."""
+    eval_tokens: int = 262144
+    """Validation tokens per evaluation (a fixed subset of the validation split)."""
+    ckpt_every: int = 500
+    """Save a checkpoint every this many steps (and at the end, and on SIGTERM/SIGINT)."""
+    keep_checkpoints: int = 2
+    """Keep the last k checkpoints."""
+    export: bool = True
+    """At the end, export RUN_DIR/model/ (save_pretrained layout + tokenizer.json)."""
+    wandb_project: str = ""
+    """Log to Weights & Biases under this project ('' = off)."""
+    wandb_mode: Literal["online", "offline"] = "offline"
+    """wandb mode; 'offline' works without a network (sync later with `wandb sync`)."""
+    progress: bool = True
+    """Show a progress bar with ETA on rank 0."""
+    gpu_memory_gb: float = 0.0
+    """Memory per GPU for the up-front fit check (0 = ask the device)."""
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in dataclasses.fields(self)}
+
+    def validate(self) -> None:
+        t, r = self.train, self.run
+        for name in ("steps", "seq_len", "micro_batch", "global_batch_tokens"):
+            if getattr(t, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(t, name)}")
+        for name in ("log_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(r, name) <= 0:
+                raise ValueError(f"run.{name} must be positive, got {getattr(r, name)}")
+        if not 0 <= self.data.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must lie in [0, 1), got {self.data.val_fraction}")
+        if t.global_batch_tokens % t.seq_len:
+            raise ValueError(f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of train.seq_len={t.seq_len}")
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per rank per step, derived from the global batch."""
+        t = self.train
+        sequences = t.global_batch_tokens // t.seq_len
+        per_micro = t.micro_batch * world_size
+        if sequences % per_micro:
+            raise ValueError(
+                f"train.global_batch_tokens={t.global_batch_tokens} is {sequences} sequences of {t.seq_len}, not a multiple "
+                f"of micro_batch {t.micro_batch} x {world_size} process(es); change train.micro_batch or train.global_batch_tokens")
+        return sequences // per_micro
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "run": RunConfig}
+
+
+def _section(cls, values: dict, source: str, name: str):
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid [{name}] keys: {names}")
+    if cls is ModelConfig:
+        return ModelConfig.from_dict(values, source=source)
+    obj = cls(**values)
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        expected = hints[key]
+        if typing.get_origin(expected) is Literal:
+            if value not in typing.get_args(expected):
+                raise ValueError(f"{source}: {name}.{key} must be one of {list(typing.get_args(expected))}, got {value!r}")
+        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(obj, key, float(value))
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"{source}: {name}.{key} must be {expected.__name__}, got {value!r}")
+    return obj
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as TOML would read it (numbers, booleans, quoted strings); else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> None:
+    for arg in overrides:
+        key, sep, value = arg.removeprefix("--").partition("=")
+        section, dot, name = key.partition(".")
+        if not arg.startswith("--") or not sep or not dot:
+            raise ValueError(f"override {arg!r} must look like --section.key=value (e.g. --train.steps=100)")
+        if section not in SECTIONS:
+            raise ValueError(f"override {arg!r}: unknown section {section!r}; valid sections: {list(SECTIONS)}")
+        data.setdefault(section, {})[name.replace("-", "_")] = parse_value(value)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """A preset name ('toy') or TOML path, plus `--section.key=value` overrides."""
+    path = preset_path(str(path))
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
+    apply_overrides(data, list(overrides))
+    source = f"{path} (with overrides)" if overrides else str(path)
+    job = JobConfig(**{name: _section(cls, data.get(name, {}), source, name) for name, cls in SECTIONS.items()})
+    job.validate()
+    return job
+
+
+def config_from_dict(data: dict) -> JobConfig:
+    """The inverse of JobConfig.to_dict (reading a run's saved config)."""
+    return JobConfig(**{name: _section(cls, data.get(name, {}), "saved config", name) for name, cls in SECTIONS.items()})

@@ -1,0 +1,221 @@
+"""Data: documents -> tokenizer -> on-disk token shards with a manifest -> deterministic batches.
+
+Each document is written as `0 tok tok ...` (id 0 separates documents, as in the 7B recipe) into
+uint16/uint32 shards under `data.cache_dir/tokens/HASH/`, HASH covering the documents and the
+tokenizer. Shards are built once (by rank 0, in a temporary folder renamed into place) and reused
+across runs and processes.
+
+Training samples are windows of seq_len + 1 tokens at stride seq_len. Sample k of the run is window
+perm_e[k mod W] of epoch e = k // W, where perm_e is a permutation seeded by (seed, e): the order
+depends only on the step, so a resumed run or a different number of processes sees the same batches.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+from .tokenizer import check_vocab, load_tokenizer, token_bytes, train_bpe
+
+BOS = 0
+SPLITS = ("train", "val")
+LOCAL_FORMATS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def stable_hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def split_of(name: str, val_fraction: float) -> str:
+    """'val' for a fixed share of document names, by hash (stable across machines and runs)."""
+    h = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 2**32
+    return "val" if h < val_fraction else "train"
+
+
+class Corpus:
+    """The documents of `data.source`, split into train and validation by document name."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        source = cfg.source
+        if source == "stdlib":
+            root = Path(sysconfig.get_paths()["stdlib"])
+            self.kind, self.root = "files", root
+            self.files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+        elif Path(source).expanduser().exists() or glob.glob(os.path.expanduser(source), recursive=True):
+            path = Path(source).expanduser()
+            if path.is_dir():
+                files = path.rglob("*")
+            else:
+                files = [path] if path.is_file() else glob.glob(os.path.expanduser(source), recursive=True)
+            self.files = sorted(Path(f) for f in files if Path(f).is_file() and Path(f).suffix in LOCAL_FORMATS)
+            formats = {LOCAL_FORMATS[f.suffix] for f in self.files}
+            if len(formats) > 1:
+                raise ValueError(f"data.source={source!r} mixes file formats {sorted(formats)}; point it at one kind of file")
+            if not self.files:
+                raise ValueError(f"data.source={source!r}: no {'/'.join(LOCAL_FORMATS)} files there; check the path")
+            self.kind = "files" if formats == {"text"} else formats.pop()
+            self.root = Path(os.path.commonpath([f.parent for f in self.files]))
+        elif source.startswith((".", "/", "~")) or Path(source).suffix in LOCAL_FORMATS:
+            raise ValueError(f"data.source={source!r} does not exist; pass an existing file, folder or glob, 'stdlib', or a hub dataset name")
+        else:
+            self.kind, self.files, self.root = "hub", [], None
+
+    def fingerprint(self) -> str:
+        c = self.cfg
+        if self.kind == "hub":
+            return stable_hash(c.source, c.hub_config, c.hub_split, c.text_field, c.max_documents, c.val_fraction)
+        stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
+        return stable_hash(stats, c.text_field, c.max_documents, c.val_fraction)
+
+    def _all_documents(self) -> Iterator[tuple[str, str]]:
+        c = self.cfg
+        if self.kind == "files":  # one document per file
+            for f in self.files:
+                yield str(f.relative_to(self.root)), f.read_text(encoding="utf-8", errors="replace")
+            return
+        import datasets
+
+        if self.kind == "hub":
+            ds = datasets.load_dataset(c.source, c.hub_config or None, split=c.hub_split, streaming=True)
+        else:
+            ds = datasets.load_dataset(self.kind, data_files=[str(f) for f in self.files], split="train")
+        for n, row in enumerate(ds):
+            if c.text_field not in row:
+                raise ValueError(f"data.source={c.source!r} has no column {c.text_field!r}; set data.text_field to one of {list(row)}")
+            yield f"{n}", row[c.text_field]
+
+    def documents(self, split: str) -> Iterator[tuple[str, str]]:
+        limit = self.cfg.max_documents or None
+        for n, (name, text) in enumerate(self._all_documents()):
+            if limit is not None and n >= limit:
+                return
+            if text and split_of(name, self.cfg.val_fraction) == split:
+                yield name, text
+
+
+def prepare_tokenizer(corpus: Corpus, tokenizer: str, vocab_size: int, cache: Path, rank: int):
+    """The tokenizer file to use: `tokenizer` itself, or a BPE trained on the training split (cached)."""
+    if tokenizer != "train":
+        path = Path(tokenizer).expanduser()
+        check_vocab(load_tokenizer(path), vocab_size, str(path))
+        return path if path.is_file() else path / "tokenizer.json"
+    path = cache / "tokenizers" / stable_hash(corpus.fingerprint(), vocab_size) / "tokenizer.json"
+    if rank == 0 and not path.is_file():
+        t0 = time.perf_counter()
+        print(f"training a byte-level BPE tokenizer ({vocab_size} tokens) on {corpus.cfg.source!r} ...", flush=True)
+        tok = train_bpe((text for _, text in corpus.documents("train")), vocab_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)
+        print(f"tokenizer trained in {time.perf_counter() - t0:.0f}s: {path}", flush=True)
+    return path
+
+
+def build_shards(corpus: Corpus, tokenizer_path: Path, out: Path, shard_tokens: int) -> None:
+    """Tokenizes every split into `out`, writing into a temporary folder renamed at the end."""
+    tok = load_tokenizer(tokenizer_path)
+    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    manifest = {"tokenizer": str(tokenizer_path), "dtype": np.dtype(dtype).name, "splits": {}}
+    t0 = time.perf_counter()
+    for split in SPLITS:
+        shards, buf = [], []
+
+        def flush():
+            if buf:
+                name = f"{split}_{len(shards):05d}.bin"
+                arr = np.concatenate(buf).astype(dtype)
+                arr.tofile(tmp / name)
+                shards.append({"file": name, "tokens": int(arr.size)})
+                buf.clear()
+
+        texts = [text for _, text in corpus.documents(split)]
+        for lo in range(0, len(texts), 256):
+            for enc in tok.encode_batch(texts[lo : lo + 256], add_special_tokens=False):
+                buf.append(np.asarray([BOS, *enc.ids], dtype=np.int64))
+            if sum(a.size for a in buf) >= shard_tokens:
+                flush()
+        docs, n_bytes = len(texts), sum(len(t.encode("utf-8")) for t in texts)
+        flush()
+        manifest["splits"][split] = {"shards": shards, "documents": docs, "bytes": n_bytes,
+                                     "tokens": sum(s["tokens"] for s in shards)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process finished first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    tr = manifest["splits"]["train"]
+    print(f"tokenized {tr['documents']} training documents into {tr['tokens']:,} tokens "
+          f"in {time.perf_counter() - t0:.0f}s: {out}", flush=True)
+
+
+def prepare_data(cfg: DataConfig, vocab_size: int, rank: int = 0, barrier=lambda: None) -> tuple[Path, Path]:
+    """(token folder with manifest.json, tokenizer.json): built by rank 0 if not cached yet."""
+    cache = Path(cfg.cache_dir).expanduser()
+    corpus = Corpus(cfg)
+    tokenizer_path = prepare_tokenizer(corpus, cfg.tokenizer, vocab_size, cache, rank)
+    barrier()
+    tok_hash = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:16]
+    out = cache / "tokens" / stable_hash(corpus.fingerprint(), tok_hash)
+    if rank == 0 and not (out / "manifest.json").is_file():
+        build_shards(corpus, Path(tokenizer_path), out, cfg.shard_tokens)
+    barrier()
+    return out, Path(tokenizer_path)
+
+
+class TokenData:
+    """Windows over the token shards of one split; `batch(...)` returns inputs, targets and resets."""
+
+    def __init__(self, folder: Path, split: str, seq_len: int, seed: int, vocab_size: int):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        info = manifest["splits"][split]
+        self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.bytes = info["bytes"]
+        self.shards = [np.memmap(folder / s["file"], dtype=manifest["dtype"], mode="r") for s in info["shards"]]
+        counts = [max(0, (s.size - 1) // seq_len) for s in self.shards]
+        self.num_windows = sum(counts)
+        if self.num_windows == 0:
+            raise ValueError(
+                f"the {split} split has {info['tokens']} tokens in {info['documents']} documents: not one sequence of "
+                f"train.seq_len={seq_len} + 1 tokens. Add data, lower train.seq_len or raise data.val_fraction")
+        # window w -> (shard, start)
+        self.starts = np.concatenate([np.stack([np.full(c, i), np.arange(c) * seq_len], 1) for i, c in enumerate(counts) if c])
+        top = max(int(s.max()) for s in self.shards if s.size)
+        if top >= vocab_size:
+            raise ValueError(f"token id {top} in {folder} exceeds model.vocab_size={vocab_size}; the tokenizer does not fit the model")
+        self._perm_epoch, self._perm = -1, None
+
+    def window(self, w: int) -> np.ndarray:
+        shard, start = self.starts[w]
+        return np.asarray(self.shards[shard][start : start + self.seq_len + 1], dtype=np.int64)
+
+    def sample_window(self, k: int) -> int:
+        """Window of the k-th sample of the run (shuffled epochs)."""
+        epoch, idx = divmod(k, self.num_windows)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_windows, generator=g).numpy(), epoch
+        return int(self._perm[idx])
+
+    def batch(self, windows: list[int]):
+        """inputs, targets [B, seq_len] (long) and reset [B, seq_len] (True where a document starts)."""
+        rows = torch.from_numpy(np.stack([self.window(w) for w in windows]))
+        inputs = rows[:, :-1]
+        return inputs, rows[:, 1:], inputs == BOS
+
+    def train_batch(self, step: int, micro: int, grad_accum: int, micro_batch: int, rank: int, world: int):
+        """Micro-batch `micro` of rank `rank` at optimizer step `step`: a slice of the step's global batch."""
+        first = (step * grad_accum * world + micro * world + rank) * micro_batch
+        return self.batch([self.sample_window(first + j) for j in range(micro_batch)])

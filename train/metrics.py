@@ -1,0 +1,106 @@
+"""Metrics: the FLOP count behind MFU, RUN_DIR/metrics.jsonl, wandb, and the progress bar.
+
+FLOPs per trained token (forward + backward = 3x forward; multiply-add = 2 FLOPs):
+    matmuls   2 * (every weight matrix except the embedding lookup, lm_head included)
+    mLSTM     per layer and head, chunkwise with chunk L: 2*L*(dqk + dv) inside the chunk (q k^T and
+              its product with v, computed densely over the chunk) + 4*dqk*dv across chunks (q C and
+              the k v^T state update)
+Norms, gates and elementwise work are left out (< 1 %). Activation recomputation is not counted
+(MFU counts useful work only).
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from xlstm7b import ModelConfig
+
+# Dense bf16 peak FLOP/s by device-name fragment (no sparsity).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
+
+
+def matmul_params(c: ModelConfig) -> int:
+    per_block = 2 * c.embedding_dim * c.qk_dim + 3 * c.embedding_dim * c.v_dim + 2 * c.embedding_dim * c.num_heads
+    per_block += 3 * c.embedding_dim * c.ffn_dim
+    return c.num_blocks * per_block + c.embedding_dim * c.vocab_size
+
+
+def forward_flops_per_token(c: ModelConfig) -> float:
+    L = c.chunk_size
+    cell = c.num_heads * (2 * L * (c.qk_head_dim + c.v_head_dim) + 4 * c.qk_head_dim * c.v_head_dim)
+    return 2 * matmul_params(c) + c.num_blocks * cell
+
+
+def train_flops_per_token(c: ModelConfig) -> float:
+    return 3 * forward_flops_per_token(c)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of a known GPU; None on CPUs and unknown devices (no MFU then)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except ImportError:
+        return None
+
+
+class MetricsLog:
+    """Rank 0's metrics.jsonl, wandb and progress bar. Records past `resume_step` (from steps run
+    after the last checkpoint of a killed run) are dropped on resume, so the file matches the run."""
+
+    def __init__(self, run_dir: Path, step: int, total: int, config: dict, *, progress: bool, wandb_project: str, wandb_mode: str):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True)
+        self.wandb = None
+        if wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(run_dir), config=config,
+                                    name=run_dir.name, resume="allow", id=f"{run_dir.name}-{abs(hash(str(run_dir.resolve()))) % 10**8}")
+
+    def log(self, record: dict) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+        if self.bar is not None:
+            shown = {k: f"{record[k]:.4g}" for k in ("loss", "val_loss", "val_bpb", "tokens_per_s") if record.get(k) is not None}
+            self.bar.set_postfix(shown, refresh=False)
+        elif "loss" in record or "val_loss" in record:
+            print(json.dumps(record), flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,83 @@
+"""Tokenizers: load a `tokenizer.json` (e.g. GPT-NeoX-20B's) or train a byte-level BPE on a corpus.
+
+Trained tokenizers follow the 7B's conventions: id 0 `<|endoftext|>` separates documents (BOS/EOS),
+id 1 `<|padding|>` pads.
+"""
+
+import argparse
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE with `vocab_size` entries (the special tokens first)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} not found; pass a tokenizer.json, or data.tokenizer='train' to train one")
+    return Tokenizer.from_file(str(path))
+
+
+def check_vocab(tok: Tokenizer, vocab_size: int, source: str) -> None:
+    """Every id the tokenizer can emit must index the embedding."""
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise ValueError(
+            f"tokenizer {source} has {n} tokens but model.vocab_size={vocab_size}: ids would exceed the embedding. "
+            f"Set --model.vocab_size={-(-n // 64) * 64} (rounded up to 64) or use a smaller tokenizer")
+    if tok.token_to_id(SPECIAL_TOKENS[0]) != 0:
+        print(f"warning: tokenizer {source} does not have {SPECIAL_TOKENS[0]} at id 0; id 0 still separates documents")
+
+
+def token_bytes(tok: Tokenizer) -> np.ndarray:
+    """Bytes of text each id stands for (0 for special tokens): the denominator of bits-per-byte."""
+    n = tok.get_vocab_size(with_added_tokens=True)
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    byte_level = "ByteLevel" in tok.to_str()[:4000] and isinstance(tok.decoder, decoders.ByteLevel)
+    out = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        piece = tok.id_to_token(i)
+        if piece is None or piece in special:
+            continue
+        # A byte-level token spells one byte per character; otherwise decode it.
+        out[i] = len(piece) if byte_level else len(tok.decode([i]).encode("utf-8"))
+    return out
+
+
+def tokenizer_main(argv: list[str]) -> int:
+    """`xlstm7b tokenizer train`: train a byte-level BPE on a config's training split."""
+    from .config import load_config
+    from .data import Corpus
+
+    p = argparse.ArgumentParser(prog="xlstm7b tokenizer", description="train a byte-level BPE tokenizer")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train on the training split of a config's [data] source")
+    t.add_argument("config", help="preset name or .toml path (its [data] section and model.vocab_size)")
+    t.add_argument("--output", "-o", required=True, help="where to write tokenizer.json")
+    t.add_argument("--vocab-size", type=int, default=0, help="default: the config's model.vocab_size")
+    args, overrides = t.parse_known_args(argv[1:]) if argv[:1] == ["train"] else (p.parse_args(argv), [])
+    job = load_config(args.config, overrides)
+    corpus = Corpus(job.data)
+    tok = train_bpe((text for _, text in corpus.documents("train")), args.vocab_size or job.model.vocab_size)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out))
+    print(f"wrote {out}: {tok.get_vocab_size()} tokens trained on the training split of {job.data.source!r}")
+    return 0

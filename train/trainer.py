@@ -1,0 +1,223 @@
+"""The training loop: data, model, optimizer, resume, metrics, evaluation, checkpoints, export.
+
+    exit_code = train(load_config("toy", ["--train.steps=100"]))
+
+Run under torchrun for several processes. Running it again on the same run.dir resumes from the
+last complete checkpoint.
+"""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xlstm7b import XLSTM
+
+from . import checkpointing
+from .config import JobConfig
+from .data import TokenData, prepare_data
+from .metrics import MetricsLog, peak_flops, peak_memory_gb, train_flops_per_token
+from .optim import build_optimizer, lr_at
+from .parallel import Dist, compute_dtype, init_distributed, build_model
+from .plan import estimate
+from .tokenizer import check_vocab, load_tokenizer, token_bytes
+
+
+class TrainingError(RuntimeError):
+    """Training stopped; the message says why and what state the run directory is in."""
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask the loop to checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def set_threads(threads: int) -> None:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
+
+
+def sequence_loss(model, inputs, targets, reset, autocast) -> torch.Tensor:
+    """Per-token cross-entropy [B, S] in float32; the state is reset at every document start."""
+    with autocast:
+        logits, _ = model(inputs, reset=reset)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenData, tbytes: torch.Tensor, job: JobConfig, d: Dist, autocast) -> dict:
+    """val_loss (nats per token) and val_bpb (bits per byte of text; special-token targets, which
+    stand for no text, are excluded) on a fixed subset of the validation split."""
+    model.eval()
+    n = min(data.num_windows, max(1, job.run.eval_tokens // job.train.seq_len))
+    per_rank = max(1, n // d.world)  # every rank runs the same number of forwards (FSDP needs it)
+    windows = [(d.rank * per_rank + j) % data.num_windows for j in range(per_rank)]
+    totals = torch.zeros(4, dtype=torch.float64, device=d.device)  # nats, tokens, nats on text, bytes
+    for lo in range(0, len(windows), job.train.micro_batch):
+        inputs, targets, reset = (t.to(d.device) for t in data.batch(windows[lo : lo + job.train.micro_batch]))
+        nats = sequence_loss(model, inputs, targets, reset, autocast).double()
+        nbytes = tbytes[targets]
+        totals += torch.stack([nats.sum(), torch.tensor(nats.numel(), device=d.device), nats[nbytes > 0].sum(), nbytes.sum()])
+    d.all_reduce(totals)
+    model.train()
+    nats, tokens, text_nats, nbytes = totals.tolist()
+    return {"val_loss": nats / tokens, "val_bpb": text_nats / math.log(2) / max(nbytes, 1)}
+
+
+def export(run_dir: Path, model, plain: XLSTM, tokenizer_path: Path, d: Dist) -> None:
+    """RUN_DIR/model/: the save_pretrained layout plus tokenizer.json (xlstm7b.from_pretrained, transformers)."""
+    sd = checkpointing.full_model_state(model)
+    if d.is_main:
+        with torch.device("meta"):
+            out = XLSTM(plain.config)
+        out.load_state_dict(sd, assign=True)
+        out.save_pretrained(run_dir / "model")
+        shutil.copyfile(tokenizer_path, run_dir / "model" / "tokenizer.json")
+    d.barrier()
+
+
+def train(job: JobConfig) -> int:
+    d = init_distributed()
+    try:
+        return _train(job, d)
+    finally:
+        if d.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(job: JobConfig, d: Dist) -> int:
+    t, r = job.train, job.run
+    set_threads(t.threads)
+    torch.manual_seed(r.seed)
+    run_dir = Path(r.dir).expanduser()
+    grad_accum = job.grad_accum(d.world)
+    plan = estimate(job, d.world, d.device)
+    if not plan.fits:
+        raise TrainingError(f"this config does not fit in memory:\n{plan.report(job)}")
+
+    folder, tokenizer_path = prepare_data(job.data, job.model.vocab_size, d.rank, d.barrier)
+    tok = load_tokenizer(tokenizer_path)
+    check_vocab(tok, job.model.vocab_size, str(tokenizer_path))
+    train_data = TokenData(folder, "train", t.seq_len, r.seed, job.model.vocab_size)
+    val_data = TokenData(folder, "val", t.seq_len, r.seed, job.model.vocab_size)
+    tbytes = np.zeros(job.model.vocab_size, dtype=np.int64)
+    tb = token_bytes(tok)
+    tbytes[: len(tb)] = tb
+    tbytes = torch.from_numpy(tbytes).to(d.device)
+
+    model, plain, parallel = build_model(job.model, t, d, r.seed)
+    optimizer = build_optimizer(model, t)
+    dtype = compute_dtype(t, d.device)
+    autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 and parallel != "fsdp"
+                else contextlib.nullcontext())
+
+    config = job.to_dict()
+    step, tokens_seen = 0, 0
+    found = checkpointing.checkpoints(run_dir)
+    if found:
+        saved = json.loads((found[-1] / "trainer.json").read_text())
+        checkpointing.check_compatible(saved["config"], config, found[-1])
+        meta = checkpointing.load(found[-1], model, optimizer, d)
+        step, tokens_seen = meta["step"], meta["tokens_seen"]
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+        info = (f"{plain.num_params():,} parameters, parallel={parallel} x{d.world}, {grad_accum} micro-batch(es) of "
+                f"{t.micro_batch} x {t.seq_len} per process per step, {train_data.num_windows * t.seq_len:,} training tokens")
+        print(f"resuming {run_dir} at step {step}: {info}" if found else f"training {run_dir}: {info}", flush=True)
+    log = MetricsLog(run_dir, step, t.steps, config, progress=r.progress, wandb_project=r.wandb_project,
+                     wandb_mode=r.wandb_mode) if d.is_main else None
+
+    def save(at: int):
+        meta = {"tokens_seen": tokens_seen, "config": config, "data": str(folder)}
+        return checkpointing.save(run_dir, at, model, optimizer, meta, d, r.keep_checkpoints)
+
+    def record(rec: dict):
+        if log is not None:
+            log.log(rec)
+
+    flops = train_flops_per_token(job.model)
+    peak = peak_flops(d.device)
+    step_tokens = t.global_batch_tokens
+    stop = StopSignal()
+    interval_time, interval_tokens = 0.0, 0
+    try:
+        while step < t.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+            for micro in range(grad_accum):
+                last = micro == grad_accum - 1
+                inputs, targets, reset = (x.to(d.device) for x in train_data.train_batch(step, micro, grad_accum, t.micro_batch, d.rank, d.world))
+                if parallel == "fsdp":
+                    model.set_requires_gradient_sync(last)
+                sync = model.no_sync() if parallel == "ddp" and not last else contextlib.nullcontext()
+                with sync:
+                    loss = sequence_loss(model, inputs, targets, reset, autocast).mean() / grad_accum
+                    loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            loss_value = d.all_reduce(loss_sum).item() / d.world
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+                good = checkpointing.checkpoints(run_dir)
+                where = f"the last good checkpoint {good[-1]} is intact" if good else "no checkpoint was saved yet"
+                raise TrainingError(
+                    f"non-finite loss ({loss_value}) or gradient norm ({grad_norm.item()}) at step {step + 1}; training "
+                    f"stopped without saving, {where}. Lower train.lr, raise train.warmup_steps or set train.grad_clip, then rerun.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += step_tokens
+            interval_time += time.perf_counter() - t0
+            interval_tokens += step_tokens
+            if log is not None:
+                log.advance()
+            if step % r.log_every == 0 or step == t.steps:
+                tps = interval_tokens / interval_time
+                mem = peak_memory_gb(d.device)
+                record({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
+                        "tokens_per_s": tps, "mfu": tps * flops / (peak * d.world) if peak else None,
+                        "peak_memory_gb": None if mem is None else round(mem, 3)})
+                interval_time, interval_tokens = 0.0, 0
+            if (r.eval_every and step % r.eval_every == 0) or step == t.steps:
+                record({"step": step, **evaluate(model, val_data, tbytes, job, d, autocast)})
+            signum = int(d.all_reduce(torch.tensor(stop.signum, device=d.device), op=torch.distributed.ReduceOp.MAX).item())
+            if step % r.ckpt_every == 0 or step == t.steps or signum:
+                path = save(step)
+                if signum:
+                    if log is not None:
+                        log.write(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {path}. "
+                                  "Run the same command to resume.")
+                    return 128 + signum
+        if r.export:
+            export(run_dir, model, plain, tokenizer_path, d)
+            if log is not None:
+                log.write(f"done: {step} steps; model exported to {run_dir / 'model'}")
+        return 0
+    finally:
+        stop.restore()
+        if log is not None:
+            log.close()
