@@ -16,7 +16,6 @@ Results go to benchmarks/results/kernels-<date>.json and .png.
 import argparse
 import datetime
 import json
-import math
 import platform
 import subprocess
 import sys
