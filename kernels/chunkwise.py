@@ -19,6 +19,22 @@ from .common import EPS, MLSTMState, check_inputs, compute_dtype, zero_state
 NEG_INF = float("-inf")
 
 
+def in_chunk_cumsum(lf: torch.Tensor, reset: torch.Tensor | None):
+    """lf [B, NH, NC, L], reset [B, NC, L] or None -> b, the inclusive cumulative lf inside each chunk,
+    restarted at every reset, and count [B, 1, NC, L], the resets so far in the chunk (None without).
+
+    With resets, b is a masked sum rather than differences of one cumsum: no value or gradient of a
+    gate before a reset enters anything after it, not even as rounding. Shared with the Triton path.
+    """
+    if reset is None:
+        return lf.cumsum(dim=-1), None
+    L = lf.shape[-1]
+    count = reset.cumsum(dim=-1)[:, None]
+    causal = torch.ones(L, L, dtype=torch.bool, device=lf.device).tril()
+    same_doc = causal & (count[..., :, None] == count[..., None, :])
+    return (lf[..., None, :] * same_doc).sum(dim=-1), count
+
+
 def chunk_gates(i: torch.Tensor, lf: torch.Tensor, reset: torch.Tensor | None, L: int):
     """Per-chunk log weights shared by both phases (inputs already padded to NC * L).
 
@@ -27,17 +43,12 @@ def chunk_gates(i: torch.Tensor, lf: torch.Tensor, reset: torch.Tensor | None, L
       carry  [B, NH, NC, L]     log weight of the carried state at t (-inf after a reset),
       virt   [B, NH, NC, L]     log weight of the zeroed state (m = 0) after a reset, else -inf.
     """
-    causal = torch.ones(L, L, dtype=torch.bool, device=i.device).tril()
-    if reset is None:
-        b = lf.cumsum(dim=-1)  # inclusive cumulative log forget gate
-        log_d = b[..., :, None] - b[..., None, :] + i[..., None, :]
-        return log_d.masked_fill(~causal, NEG_INF), b, torch.full_like(b, NEG_INF)
-    count = reset.cumsum(dim=-1)[:, None]  # [B, 1, NC, L] resets in the chunk up to t
-    reach = causal & (count[..., :, None] == count[..., None, :])  # j <= t, same document
-    # Cumulative lf restarted at every reset, as a masked sum: no value or gradient of a gate before
-    # a reset enters anything after it, not even as rounding.
-    b = (lf[..., None, :] * reach).sum(dim=-1)
+    b, count = in_chunk_cumsum(lf, reset)
     log_d = b[..., :, None] - b[..., None, :] + i[..., None, :]
+    reach = torch.ones(L, L, dtype=torch.bool, device=i.device).tril()
+    if count is None:
+        return log_d.masked_fill(~reach, NEG_INF), b, torch.full_like(b, NEG_INF)
+    reach = reach & (count[..., :, None] == count[..., None, :])  # j <= t, same document
     fresh = count > 0
     return log_d.masked_fill(~reach, NEG_INF), b.masked_fill(fresh, NEG_INF), b.masked_fill(~fresh, NEG_INF)
 

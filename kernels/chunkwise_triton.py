@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .chunkwise import in_chunk_cumsum
 from .common import EPS, MLSTMState, check_inputs, zero_state
 
 NEG_INF = float("-inf")
@@ -291,16 +292,12 @@ def chunk_gates(i: torch.Tensor, f: torch.Tensor, reset: torch.Tensor | None, L:
     pad = NC * L - S
     lf = F.pad(F.logsigmoid(f.float()), (0, pad)).view(B, NH, NC, L)
     ig = F.pad(i.float(), (0, pad), value=NEG_INF).reshape(B * NH, NC * L)
-    b = lf.cumsum(dim=-1)
-    if reset is None:
+    r = None if reset is None else F.pad(reset, (0, pad)).view(B, NC, L)
+    b, count = in_chunk_cumsum(lf, r)
+    if count is None:
         return b.reshape(B * NH, NC * L), ig, None, None
-    r = F.pad(reset, (0, pad)).view(B, NC, L)
-    cnt = r.cumsum(dim=-1, dtype=torch.int32)
-    pos = torch.arange(L, device=i.device)
-    last = torch.where(r, pos, 0).cummax(dim=-1).values[:, None].expand(B, NH, NC, L)
-    b_before = (b - lf).gather(-1, last)  # cumulative lf just before the chunk's last reset at t
-    virt = torch.where(cnt[:, None] > 0, b - b_before, NEG_INF)
-    return b.reshape(B * NH, NC * L), ig, virt.reshape(B * NH, NC * L), cnt.view(B, NC * L)
+    virt = b.masked_fill(count == 0, NEG_INF)
+    return b.reshape(B * NH, NC * L), ig, virt.reshape(B * NH, NC * L), count.to(torch.int32).view(B, NC * L)
 
 
 def triton_chunk_size(chunk_size: int, S: int) -> int:

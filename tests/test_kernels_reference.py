@@ -119,14 +119,19 @@ def test_reset_equals_starting_fresh():
     assert all(rel(a, b) < 1e-12 for a, b in zip(s, s_suffix))
 
 
-@pytest.mark.parametrize("form", ["parallel", "recurrent", "chunkwise"])
+@pytest.mark.parametrize("form", ["parallel", "recurrent", "chunkwise", "triton"])
 def test_no_gradient_crosses_a_reset(form):
     """Not even rounding: gates before a reset get exactly zero gradient from outputs after it."""
-    x, _, _ = make_inputs(B=1, S=30)
+    x, _, _ = make_inputs(B=1, S=30, DK=16, DV=16, dtype=torch.float32 if form == "triton" else torch.float64)
     leaves = [t.clone().requires_grad_() for t in x]
     reset = torch.zeros(1, 30, dtype=torch.bool)
     reset[0, 12] = True
-    fn = {"parallel": mlstm_parallel, "recurrent": mlstm_recurrent, "chunkwise": mlstm_chunkwise}[form]
+    fn = {
+        "parallel": mlstm_parallel,
+        "recurrent": mlstm_recurrent,
+        "chunkwise": mlstm_chunkwise,
+        "triton": lambda *a, **kw: mlstm(*a, **kw, backend="triton", chunk_size=16),  # Triton's interpreter on CPU
+    }[form]
     h, _ = fn(*leaves, reset=reset)
     h[:, :, 12:].sum().backward()
     for t in leaves:
