@@ -174,6 +174,12 @@ def test_bad_input_errors(model, kwargs, match):
         generate(model, args.pop("input_ids"), **args)
 
 
+def test_float_ids_are_rejected(model):
+    for ids in ([[1.5, 2.0]], torch.tensor([[1.0, 2.0]])):
+        with pytest.raises(TypeError, match="integer token ids"):
+            generate(model, ids, max_new_tokens=1)
+
+
 def test_streamer_protocol(model):
     ids = [prompt(3, 13), prompt(6, 14)]
     seen = []

@@ -20,6 +20,7 @@ callable) returns True, generation stops after that step. A streamer forces one 
 """
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Sequence
@@ -112,11 +113,12 @@ def generate(
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     with torch.no_grad():
         logits = _prefill(model, ids, mask, state, prefill_chunk_size)
-        if max_new_tokens == 0:
-            return GenerateOutput(tokens, state, lengths)
         # Only rows that can finish need the mask; without EOS every step runs unmasked.
         finished = torch.zeros(B, dtype=torch.bool, device=device) if eos_token_id is not None else None
-        step = _CUDAGraphStep(model, state) if use_graph else (lambda tok, active: decode_step(model, tok, state, active))
+        if use_graph and max_new_tokens > 0:
+            step = _CUDAGraphStep(model, state)
+        else:
+            step = functools.partial(decode_step, model, state=state)
         sync_every = 1 if device.type == "cpu" else SYNC_EVERY
         for t in range(max_new_tokens):
             token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -128,7 +130,7 @@ def generate(
             tokens[:, t] = token
             # The step is launched before the streamer's sync, so the device works meanwhile; it
             # also feeds the last token, so the state covers everything that was generated.
-            logits = step(token, active)
+            logits = step(token, active=active)
             lengths += 1 if active is None else active
             stop = _stream(streamer, token)
             if stop or (finished is not None and (t + 1) % sync_every == 0 and bool(finished.all())):
@@ -168,9 +170,11 @@ def _batch_prompts(input_ids, config, device) -> tuple[torch.Tensor, torch.Tenso
     if rows is not None:
         if not rows:
             raise ValueError("input_ids is an empty list; pass at least one prompt (an empty prompt is fine)")
-        rows = [torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in rows]
+        rows = [torch.as_tensor(r).reshape(-1) for r in rows]
         # An empty prompt has no last position to predict from: start a document with BOS.
         rows = [r if r.numel() else torch.tensor([config.bos_token_id]) for r in rows]
+        for r in rows:
+            _check_integer(r)
         S = max(r.numel() for r in rows)
         input_ids = torch.full((len(rows), S), config.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(rows), S, dtype=torch.bool)
@@ -180,12 +184,16 @@ def _batch_prompts(input_ids, config, device) -> tuple[torch.Tensor, torch.Tenso
         mask = None if bool(mask.all()) else mask.to(device)
     else:
         mask = None
-    if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.is_floating_point():
-        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    _check_integer(input_ids)
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= config.vocab_size:
         raise ValueError(f"input_ids contains token id {lo if lo < 0 else hi} outside the vocabulary [0, {config.vocab_size})")
     return input_ids.to(device=device, dtype=torch.long), mask
+
+
+def _check_integer(ids: torch.Tensor) -> None:
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
 
 
 def _prefill(model: XLSTM, ids: torch.Tensor, mask: torch.Tensor | None, state: State, chunk: int) -> torch.Tensor:

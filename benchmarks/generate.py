@@ -1,0 +1,283 @@
+"""Generation speed and memory: xlstm7b.generate next to the official `xlstm` package's
+xLSTMLarge.generate, on the same weights, in one run.
+
+    python benchmarks/generate.py                 # CPU: the toy preset, fp32
+    python benchmarks/generate.py --device cuda   # GPU: the 7B shape, random bf16 weights
+
+Measures decode tok/s at several batch sizes, prefill tok/s and time to first token (TTFT) at several
+prompt lengths, and peak memory while generating more and more tokens (constant for a recurrent model).
+Decode rate = B * (N - 1) / (t(N tokens) - t(1 token)), so prefill and the first token are excluded;
+every time is the best of --repeats runs. Writes benchmarks/results/generate_<device>.json and a PNG
+beside it (when matplotlib is installed).
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from xlstm7b import XLSTM, ModelConfig, generate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build(preset: str, device: str, dtype: torch.dtype, official: bool, seed: int = 0):
+    """Our model in the fused layout and, if asked, the official xLSTMLarge sharing its weights."""
+    config = ModelConfig.from_preset(preset).replace(weight_mode="fused")
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        ours = XLSTM(config)
+    ours = ours.to_empty(device=device)
+    ours.init_weights()
+    ours = ours.to(dtype).eval()
+    if not official:
+        return ours, None
+    from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
+
+    on_gpu = device.startswith("cuda")
+    kernels = (
+        dict(chunkwise_kernel="chunkwise--triton_xl_chunk", sequence_kernel="native_sequence__triton", step_kernel="triton")
+        if on_gpu
+        else dict(chunkwise_kernel="chunkwise--native_autograd", sequence_kernel="native_sequence__native", step_kernel="native")
+    )
+    c = config
+    theirs_config = xLSTMLargeConfig(
+        embedding_dim=c.embedding_dim, num_heads=c.num_heads, num_blocks=c.num_blocks, vocab_size=c.vocab_size,
+        qk_dim_factor=c.qk_dim_factor, v_dim_factor=c.v_dim_factor, ffn_proj_factor=c.ffn_proj_factor,
+        ffn_round_up_to_multiple_of=c.ffn_round_up_to_multiple_of, gate_soft_cap=c.gate_soft_cap,
+        output_logit_soft_cap=c.output_logit_soft_cap, chunk_size=c.chunk_size, weight_mode="fused",
+        mode="inference", return_last_states=True, inference_state_dtype="float32",
+        autocast_kernel_dtype="bfloat16" if dtype == torch.bfloat16 else "float32", **kernels,
+    )
+    with torch.device("meta"):
+        theirs = xLSTMLarge(theirs_config)
+    # Same tensors, no copy: only the embedding's name differs.
+    sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v for k, v in ours.state_dict().items()}
+    theirs.load_state_dict(sd, strict=True, assign=True)
+    return ours, theirs.eval()
+
+
+def run_fn(impl: str, model, ids: torch.Tensor, n: int):
+    """One greedy generation of n tokens per row; returns the tokens."""
+    if impl == "ours":
+        return generate(model, ids, max_new_tokens=n).tokens
+    with torch.no_grad():
+        return model.generate(ids, max_length=n)[0]
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def prompt(batch: int, length: int, vocab: int, device) -> torch.Tensor:
+    ids = torch.randint(2, vocab, (batch, length), generator=torch.Generator().manual_seed(length)).to(device)
+    ids[:, 0] = 0  # BOS
+    return ids
+
+
+def bench_speed(models: dict, args, vocab: int, device) -> list[dict]:
+    rows = []
+    for B in args.batches:
+        ids = prompt(B, 16, vocab, device)
+        for impl, model in models.items():
+            t1 = best_time(lambda: run_fn(impl, model, ids, 1), args.repeats)
+            tn = best_time(lambda: run_fn(impl, model, ids, args.decode_tokens), args.repeats)
+            rate = B * (args.decode_tokens - 1) / (tn - t1)
+            rows.append(dict(impl=impl, metric="decode", batch=B, new_tokens=args.decode_tokens, tok_per_s=rate))
+            print(f"decode   {impl:<8} batch {B:>3}: {rate:9.1f} tok/s", flush=True)
+    for S in args.prompt_lengths:
+        ids = prompt(1, S, vocab, device)
+        for impl, model in models.items():
+            try:
+                ttft = best_time(lambda: run_fn(impl, model, ids, 1), 1 if S > 8192 else args.repeats)
+            except torch.OutOfMemoryError:
+                print(f"prefill  {impl:<8} {S:>6} tokens: out of memory", flush=True)
+                rows.append(dict(impl=impl, metric="prefill", prompt_tokens=S, error="out of memory"))
+                continue
+            rows.append(dict(impl=impl, metric="prefill", prompt_tokens=S, ttft_s=ttft, tok_per_s=S / ttft))
+            print(f"prefill  {impl:<8} {S:>6} tokens: TTFT {ttft * 1e3:9.1f} ms, {S / ttft:9.0f} tok/s", flush=True)
+            gc.collect()
+    return rows
+
+
+def memory_child(impl: str, n: int, args) -> dict:
+    """In a fresh process: peak memory while generating n tokens, and its excess over the memory in
+    use before (the model, and buffers kept from a warm-up run). CUDA: the allocator's peak; CPU: the
+    process's peak RSS, reset through /proc/self/clear_refs after the warm-up."""
+    device = args.device
+    ours, theirs = build(args.preset, device, DTYPES[args.dtype], official=impl == "official")
+    model = ours if impl == "ours" else theirs
+    ids = prompt(1, 16, ours.config.vocab_size, device)
+    run_fn(impl, model, ids, 2)  # warm-up: kernels compiled, caches filled
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_fn(impl, model, ids, n)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return dict(peak_bytes=peak, peak_extra_bytes=peak - base)
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM)
+    base = proc_status_bytes("VmRSS")
+    run_fn(impl, model, ids, n)
+    peak = proc_status_bytes("VmHWM")
+    return dict(peak_bytes=peak, peak_extra_bytes=peak - base)
+
+
+def proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def bench_memory(impls: list[str], args) -> list[dict]:
+    rows = []
+    for n in args.memory_tokens:
+        for impl in impls:
+            cmd = [sys.executable, __file__, "--memory-child", impl, str(n), "--device", args.device,
+                   "--preset", args.preset, "--dtype", args.dtype]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"memory   {impl:<8} {n:>6} tokens: failed\n{done.stderr[-2000:]}", flush=True)
+                continue
+            m = {k: v / 2**20 for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+            rows.append(dict(impl=impl, metric="memory", new_tokens=n, peak_mib=m["peak_bytes"], peak_extra_mib=m["peak_extra_bytes"]))
+            print(f"memory   {impl:<8} {n:>6} tokens: peak {m['peak_bytes']:9.1f} MiB "
+                  f"(+{m['peak_extra_bytes']:.1f} MiB over the models and warm-up)", flush=True)
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (metric, x, y, xlabel, ylabel) in zip(axes, [
+        ("decode", "batch", "tok_per_s", "batch size", "decode tok/s"),
+        ("prefill", "prompt_tokens", "ttft_s", "prompt tokens", "time to first token (s)"),
+        ("memory", "new_tokens", "peak_mib", "generated tokens", "peak memory while generating (MiB)"),
+    ]):
+        for impl in ("ours", "official"):
+            pts = sorted((r[x], r[y]) for r in result["rows"] if r["impl"] == impl and r["metric"] == metric and y in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        xs = sorted({r[x] for r in result["rows"] if r["metric"] == metric})
+        ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel)
+        ax.set_xticks(xs, [str(v) for v in xs])
+        ax.minorticks_off()
+        ax.legend()
+    fig.suptitle(f"generate, {result['preset']} preset, {result['dtype']}, {result['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--preset", help="model shape (default: toy on CPU, 7b on CUDA)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--decode-tokens", type=int, help="tokens per decode measurement (default: 32 CPU, 256 CUDA)")
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[2048, 8192, 16384, 65536])
+    p.add_argument("--memory-tokens", type=int, nargs="+", help="generated tokens for the memory rows "
+                   "(default: 250 2500 on CPU, 1000 10000 100000 on CUDA)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: on a shared 2-core machine, "
+                   "a second OpenMP thread waiting for a busy core stalls every small op for milliseconds)")
+    p.add_argument("--no-official", action="store_true", help="measure xlstm7b only")
+    p.add_argument("--memory-child", nargs=2, metavar=("IMPL", "TOKENS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("no CUDA device here: the GPU section (7B shape, bf16) is skipped; run the CPU section with --device cpu")
+        return
+    args.preset = args.preset or ("7b" if cuda else "toy")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.decode_tokens = args.decode_tokens or (256 if cuda else 32)
+    args.memory_tokens = args.memory_tokens or ([1000, 10000, 100000] if cuda else [250, 2500])
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), args)))
+        return
+
+    ours, theirs = build(args.preset, args.device, DTYPES[args.dtype], official=not args.no_official)
+    models = {"ours": ours} | ({} if theirs is None else {"official": theirs})
+    vocab = ours.config.vocab_size
+    c = ours.config
+    model_shape = dict(embedding_dim=c.embedding_dim, num_blocks=c.num_blocks, num_heads=c.num_heads,
+                       vocab_size=vocab, params=ours.num_params(), weight_mode=c.weight_mode)
+    agree = None
+    if theirs is not None:  # the same weights must give the same greedy tokens
+        ids = prompt(2, 24, vocab, args.device)
+        agree = bool(torch.equal(run_fn("ours", ours, ids, 16), run_fn("official", theirs, ids, 16)))
+        print(f"same greedy tokens as the official model: {agree}", flush=True)
+    rows = bench_speed(models, args, vocab, args.device)
+    del models, ours, theirs
+    gc.collect()
+    rows += bench_memory(["ours"] + ([] if args.no_official else ["official"]), args)
+
+    import xlstm
+
+    result = dict(
+        device=args.device,
+        device_name=torch.cuda.get_device_name() if cuda else cpu_name(),
+        driver=torch.version.cuda if cuda else None,
+        torch=torch.__version__,
+        triton=_version("triton"),
+        xlstm=getattr(xlstm, "__version__", None) or _version("xlstm"),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        preset=args.preset, model=model_shape, dtype=args.dtype, threads=args.threads, repeats=args.repeats,
+        same_greedy_tokens=agree, rows=rows,
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"generate_{'cuda' if cuda else 'cpu'}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    plot(result, out.with_suffix(".png"))
+
+
+def cpu_name() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.machine())
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
