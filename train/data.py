@@ -106,9 +106,16 @@ class Corpus:
 def prepare_tokenizer(corpus: Corpus, tokenizer: str, vocab_size: int, cache: Path, rank: int):
     """The tokenizer file to use: `tokenizer` itself, or a BPE trained on the training split (cached)."""
     if tokenizer != "train":
+        tok = load_tokenizer(tokenizer)
+        check_vocab(tok, vocab_size, tokenizer)
         path = Path(tokenizer).expanduser()
-        check_vocab(load_tokenizer(path), vocab_size, str(path))
-        return path if path.is_file() else path / "tokenizer.json"
+        if path.exists():
+            return path if path.is_file() else path / "tokenizer.json"
+        path = cache / "tokenizers" / stable_hash(tokenizer) / "tokenizer.json"  # a hub tokenizer, kept locally
+        if rank == 0 and not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tok.save(str(path))
+        return path
     path = cache / "tokenizers" / stable_hash(corpus.fingerprint(), vocab_size) / "tokenizer.json"
     if rank == 0 and not path.is_file():
         t0 = time.perf_counter()

@@ -27,12 +27,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    path = Path(path).expanduser()
+    """A tokenizer.json file, a folder holding one, or a hub model name (e.g. EleutherAI/gpt-neox-20b)."""
+    name, path = str(path), Path(path).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path} not found; pass a tokenizer.json, or data.tokenizer='train' to train one")
-    return Tokenizer.from_file(str(path))
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    if "/" in name and not name.startswith((".", "/", "~")) and not path.suffix:
+        return Tokenizer.from_pretrained(name)
+    raise FileNotFoundError(f"tokenizer {path} not found; pass a tokenizer.json, a hub name, or data.tokenizer='train' to train one")
 
 
 def check_vocab(tok: Tokenizer, vocab_size: int, source: str) -> None:

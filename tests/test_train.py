@@ -1,0 +1,301 @@
+"""Pretraining system on CPU: config, data, schedule, exact resume, checkpoints, bad input, export."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import xlstm7b
+from xlstm7b.train import checkpointing, trainer
+from xlstm7b.train.config import load_config
+from xlstm7b.train.data import TokenData, prepare_data
+from xlstm7b.train.optim import lr_at, param_groups
+from xlstm7b.train.plan import estimate
+from xlstm7b.train.tokenizer import train_bpe
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small code corpus: 40 standard-library modules."""
+    import sysconfig
+
+    root = tmp_path_factory.mktemp("corpus")
+    src = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
+    for f in src:
+        (root / f.name).write_text(f.read_text(encoding="utf-8", errors="replace")[:20000])
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def overrides(corpus: Path, cache: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"--data.source={corpus}", f"--data.cache_dir={cache}", f"--run.dir={run_dir}", "--data.val_fraction=0.1",
+            "--run.progress=false", "--run.export=false", "--train.seq_len=32", "--train.global_batch_tokens=256",
+            "--train.micro_batch=4", "--run.eval_tokens=256", "--run.eval_every=0", "--run.log_every=1", *extra]
+
+
+def job(corpus, cache, run_dir, *extra):
+    return load_config("debug", overrides(corpus, cache, run_dir, *extra))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["debug", "toy", "125m", "350m", "1.3b", "7b"])
+def test_presets_load(preset):
+    cfg = load_config(preset)
+    assert cfg.train.steps > 0 and cfg.run.dir
+    if preset == "7b":
+        assert cfg.model == xlstm7b.ModelConfig.from_preset("7b")
+
+
+def test_overrides_and_types():
+    cfg = load_config("debug", ["--train.steps=7", "--train.lr=1", "--run.dir=x/y", "--train.schedule=wsd", "--run.export=false"])
+    assert (cfg.train.steps, cfg.train.lr, cfg.run.dir, cfg.train.schedule, cfg.run.export) == (7, 1.0, "x/y", "wsd", False)
+    assert isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train.stepz=3"], "unknown key(s) ['train.stepz']; valid [train] keys"),
+    (["--trian.steps=3"], "unknown section 'trian'"),
+    (["--model.dim=3"], "unknown key(s) ['model.dim']; valid [model] keys"),
+    (["--train.steps=abc"], "train.steps must be int"),
+    (["--train.schedule=linear"], "train.schedule must be one of"),
+    (["train.steps=3"], "must look like --section.key=value"),
+    (["--train.seq_len=100"], "multiple of train.seq_len"),
+])
+def test_config_errors(args, message):
+    with pytest.raises(ValueError, match=None) as e:
+        load_config("debug", args)
+    assert message in str(e.value)
+
+
+def test_unknown_section_in_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nembedding_dim = 64\nnum_heads = 2\n[optim]\nlr = 1\n')
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['optim'\]; valid sections"):
+        load_config(str(path))
+
+
+# --- schedule and optimizer -----------------------------------------------------------------------
+
+def test_schedules():
+    cfg = load_config("debug", ["--train.steps=100", "--train.warmup_steps=10", "--train.lr=1", "--train.min_lr_ratio=0.1"]).train
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    cfg.schedule = "cosine"
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(55, cfg) == pytest.approx(0.55, abs=0.02)
+    cfg.schedule, cfg.cooldown_steps = "exponential", 10
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(90, cfg) == pytest.approx(0.1)
+    assert lr_at(50, cfg) == pytest.approx(0.1**0.5)
+    assert lr_at(95, cfg) == pytest.approx(0.05) and lr_at(99, cfg) == pytest.approx(0.01)
+    cfg.schedule, cfg.cooldown_steps = "wsd", 0  # 20 % cool-down from the peak to 0
+    assert lr_at(79, cfg) == 1.0 and lr_at(80, cfg) == pytest.approx(1.0) and lr_at(90, cfg) == pytest.approx(0.5)
+
+
+def test_weight_decay_groups():
+    model = xlstm7b.XLSTM(xlstm7b.ModelConfig.from_preset("debug"))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "lm_head.weight" in decayed and "backbone.blocks.0.mlstm_layer.q.weight" in decayed
+    assert "backbone.embeddings.weight" not in decayed
+    assert not any(n.endswith("bias") or "norm" in n for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def test_shards_manifest_reuse_and_batches(corpus, cache):
+    cfg = job(corpus, cache, "unused")
+    folder, tok_path = prepare_data(cfg.data, cfg.model.vocab_size)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["dtype"] == "uint16" and manifest["splits"]["val"]["documents"] > 0
+    stamp = (folder / "manifest.json").stat().st_mtime_ns
+    assert prepare_data(cfg.data, cfg.model.vocab_size) == (folder, tok_path)  # cached, not rebuilt
+    assert (folder / "manifest.json").stat().st_mtime_ns == stamp
+
+    data = TokenData(folder, "train", 32, seed=0, vocab_size=cfg.model.vocab_size)
+    inputs, targets, reset = data.train_batch(3, 1, 2, 4, 0, 1)
+    assert inputs.shape == targets.shape == reset.shape == (4, 32)
+    assert torch.equal(inputs[:, 1:], targets[:, :-1]) and torch.equal(reset, inputs == 0)
+    # The global batch of a step is the same whatever the split into processes and micro-batches.
+    one = torch.cat([data.train_batch(3, m, 2, 4, 0, 1)[0] for m in range(2)])
+    two = torch.cat([data.train_batch(3, 0, 1, 4, r, 2)[0] for r in range(2)])
+    assert torch.equal(one, two)
+    # Epochs are permutations of all windows.
+    ks = [data.sample_window(k) for k in range(data.num_windows)]
+    assert sorted(ks) == list(range(data.num_windows))
+
+
+def test_reset_stops_flow_between_documents():
+    """Tokens after a document start do not depend on the document before it."""
+    model = xlstm7b.XLSTM(xlstm7b.ModelConfig.from_preset("debug")).eval()
+    a = torch.tensor([[0, 5, 6, 7, 0, 9, 10, 11]])
+    b = torch.tensor([[0, 8, 3, 2, 0, 9, 10, 11]])
+    with torch.no_grad():
+        la, _ = model(a, reset=a == 0)
+        lb, _ = model(b, reset=b == 0)
+    torch.testing.assert_close(la[:, 4:], lb[:, 4:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(la[:, 1:4], lb[:, 1:4])
+
+
+def test_empty_data_and_oversized_tokenizer(tmp_path, corpus, cache):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .* files there"):
+        trainer.train(job(tmp_path / "empty", cache, tmp_path / "r"))
+    with pytest.raises(ValueError, match="does not exist"):
+        trainer.train(job(tmp_path / "missing.txt", cache, tmp_path / "r"))
+    tok = train_bpe([(corpus / f).read_text() for f in sorted(os.listdir(corpus))[:5]], 600)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"has \d+ tokens but model.vocab_size=512.*--model.vocab_size=640"):
+        trainer.train(job(corpus, cache, tmp_path / "r", f"--data.tokenizer={tmp_path / 'tokenizer.json'}"))
+
+
+# --- resume, checkpoints, failures ----------------------------------------------------------------
+
+# The learning rate must not depend on train.steps, which the resumed half raises.
+CONSTANT = ("--train.schedule=constant", "--train.warmup_steps=2", "--run.ckpt_every=100")
+
+
+def test_exact_resume_bit_identical(tmp_path, corpus, cache):
+    assert trainer.train(job(corpus, cache, tmp_path / "straight", "--train.steps=8", *CONSTANT)) == 0
+    assert trainer.train(job(corpus, cache, tmp_path / "resumed", "--train.steps=4", *CONSTANT)) == 0
+    # The second half is a new invocation: steps raised, everything else restored from the checkpoint.
+    assert trainer.train(job(corpus, cache, tmp_path / "resumed", "--train.steps=8", *CONSTANT)) == 0
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert list(resumed) == list(range(1, 9)) and resumed == straight  # bit-identical
+
+
+def test_incompatible_resume(tmp_path, corpus, cache):
+    assert trainer.train(job(corpus, cache, tmp_path / "r", "--train.steps=2")) == 0
+    with pytest.raises(ValueError, match=r"(?s)model.embedding_dim: 64 in the checkpoint, 32 now.*different --run.dir"):
+        trainer.train(job(corpus, cache, tmp_path / "r", "--train.steps=4", "--model.embedding_dim=32"))
+
+
+def test_crash_mid_save_keeps_last_checkpoint(tmp_path, corpus, cache, monkeypatch):
+    run = tmp_path / "r"
+    assert trainer.train(job(corpus, cache, run, "--train.steps=2", "--run.ckpt_every=2")) == 0
+
+    def crash(*args, **kwargs):
+        partial = Path(kwargs["checkpoint_id"])
+        (partial / "__0_0.distcp").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.dcp, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train(job(corpus, cache, run, "--train.steps=4", "--run.ckpt_every=2"))
+    monkeypatch.undo()
+    assert [p.name for p in checkpointing.checkpoints(run)] == ["step_00000002"]
+    assert trainer.train(job(corpus, cache, run, "--train.steps=4", "--run.ckpt_every=2")) == 0
+    assert [p.name for p in checkpointing.checkpoints(run)] == ["step_00000002", "step_00000004"]
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, corpus, cache, monkeypatch):
+    run = tmp_path / "r"
+    calls = []
+    real = trainer.sequence_loss
+
+    def poisoned(*args):
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) > 2 * 3 else loss  # 2 micro-batches per step: NaN at step 4
+
+    monkeypatch.setattr(trainer, "sequence_loss", poisoned)
+    with pytest.raises(trainer.TrainingError, match=r"non-finite loss .* at step 4.*step_00000002 is intact"):
+        trainer.train(job(corpus, cache, run, "--train.steps=6", "--run.ckpt_every=2"))
+    assert [p.name for p in checkpointing.checkpoints(run)] == ["step_00000002"]
+    monkeypatch.undo()
+    assert trainer.train(job(corpus, cache, run, "--train.steps=4", "--run.ckpt_every=2")) == 0
+
+
+def run_cli(args, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "xlstm7b", "train", "debug", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_sigkill_restarts_from_last_checkpoint(tmp_path, corpus, cache):
+    run = tmp_path / "r"
+    args = overrides(corpus, cache, run, "--train.steps=1000", "--run.ckpt_every=3", "--train.threads=1")
+    proc = run_cli(args)
+    deadline = time.time() + 120
+    while not any(p.name >= "step_00000006" for p in checkpointing.checkpoints(run)) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    last = checkpointing.checkpoints(run)[-1]
+    step = int(last.name.split("_")[1])
+    assert step >= 6
+    args[args.index("--train.steps=1000")] = f"--train.steps={step + 2}"
+    out, _ = run_cli(args).communicate(timeout=120)
+    assert f"resuming {run} at step {step}" in out, out
+    assert sorted(losses(run)) == list(range(1, step + 3))
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path, corpus, cache):
+    run = tmp_path / "r"
+    proc = run_cli(overrides(corpus, cache, run, "--train.steps=1000", "--run.ckpt_every=1000", "--train.threads=1"))
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in out, out
+    assert len(checkpointing.checkpoints(run)) == 1
+
+
+# --- export, plan, plot ---------------------------------------------------------------------------
+
+def test_export_loads_with_from_pretrained(tmp_path, corpus, cache):
+    run = tmp_path / "r"
+    assert trainer.train(job(corpus, cache, run, "--train.steps=2", "--run.export=true", "--run.eval_every=1")) == 0
+    model = xlstm7b.from_pretrained(run / "model")
+    assert (run / "model" / "tokenizer.json").is_file() and model.config.vocab_size == 512
+    ids = torch.tensor([[0, 5, 6, 7]])
+    with torch.no_grad():
+        logits, _ = model(ids)
+    assert torch.isfinite(logits).all()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gb"} <= set(records[0])
+    evals = [r for r in records if "val_bpb" in r]
+    assert len(evals) == 2 and all(math.isfinite(r["val_bpb"]) and r["val_bpb"] > 0 for r in evals)
+
+    from xlstm7b.train.plot import plot_main
+
+    assert plot_main([str(run)]) == 0
+    assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_7b(capsys):
+    from xlstm7b.train.plan import plan_main
+
+    assert plan_main(["7b", "--gpus", "1", "--gpu-memory-gb", "80"]) == 1
+    out = capsys.readouterr().out
+    assert "6,865,424,896 parameters" in out and "fits         NO" in out and "--train.cpu_offload=true" in out
+    assert plan_main(["7b", "--gpus", "1", "--gpu-memory-gb", "80", "--train.cpu_offload=true"]) == 0
+    assert plan_main(["7b", "--gpus", "8", "--gpu-memory-gb", "80"]) == 0
+    cfg = load_config("7b")
+    assert estimate(cfg, 8, torch.device("cuda"), 80).parts_gb["optimizer"] == pytest.approx(8 * 6.865e9 / 8 / 2**30, rel=0.01)
+
+
+def test_refuses_config_that_does_not_fit(tmp_path, corpus, cache):
+    with pytest.raises(trainer.TrainingError, match="does not fit in memory"):
+        trainer.train(job(corpus, cache, tmp_path / "r", "--run.gpu_memory_gb=0.5"))
+    assert not (tmp_path / "r").exists()
