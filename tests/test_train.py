@@ -277,10 +277,16 @@ def test_export_loads_with_from_pretrained(tmp_path, corpus, cache):
     evals = [r for r in records if "val_bpb" in r]
     assert len(evals) == 2 and all(math.isfinite(r["val_bpb"]) and r["val_bpb"] > 0 for r in evals)
 
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
     from xlstm7b.train.plot import plot_main
 
-    assert plot_main([str(run)]) == 0
-    assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [{"step": s, "loss": 5 - s / 10, "tokens_per_s": 1000.0} for s in range(1, 11)]
+    records += [{"step": 5, "val_loss": 4.6, "val_bpb": 2.1}, {"step": 10, "val_loss": 4.2, "val_bpb": 1.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot_main([str(tmp_path)]) == 0
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plan_7b(capsys):

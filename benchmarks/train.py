@@ -1,0 +1,137 @@
+"""Training throughput and MFU, and the toy run's compression against xz.
+
+    python benchmarks/train.py                      # GPU: 125m/350m/1.3b tokens/s + MFU; CPU: toy tokens/s
+    python benchmarks/train.py --run-dir runs/toy   # also: the run's val bpb next to xz -9 on the same files
+
+On a GPU each preset trains a few steps in bf16 (one process, micro_batch x seq_len per step, no
+data loading in the timed region) and reports tokens/s and MFU from the FLOP count in
+xlstm7b/train/metrics.py. On a CPU the toy preset is timed the same way in float32. xz -9 is
+Python's lzma at preset 9 | PRESET_EXTREME over the validation split's files, each compressed on
+its own. JSON goes to benchmarks/results/train-<device>.json.
+"""
+
+import argparse
+import json
+import lzma
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from xlstm7b.train.config import load_config
+from xlstm7b.train.data import Corpus
+from xlstm7b.train.metrics import peak_flops, train_flops_per_token
+from xlstm7b.train.optim import build_optimizer
+from xlstm7b.train.parallel import Dist, build_model, compute_dtype
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def time_training(preset: str, device: torch.device, steps: int, micro_batch: int | None, seq_len: int | None) -> dict:
+    overrides = [f"--train.micro_batch={micro_batch}"] if micro_batch else []
+    overrides += [f"--train.seq_len={seq_len}", f"--train.global_batch_tokens={seq_len}"] if seq_len else []
+    job = load_config(preset, overrides)
+    t = job.train
+    model, plain, _ = build_model(job.model, t, Dist(device=device), seed=0)
+    optimizer = build_optimizer(model, t)
+    dtype = compute_dtype(t, device)
+    B, S = t.micro_batch, t.seq_len
+    ids = torch.randint(2, job.model.vocab_size, (B, S + 1), device=device)
+    ids[:, :: max(1, S // 4)] = 0  # document starts, as in packed training rows
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits, _ = model(inputs, reset=inputs == 0)
+        F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    step()  # warm-up (and compilation)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    tps = B * S / dt
+    peak = peak_flops(device)
+    return {
+        "preset": preset, "parameters": plain.num_params(), "dtype": str(dtype).removeprefix("torch."),
+        "micro_batch": B, "seq_len": S, "steps": steps, "step_s": dt, "tokens_per_s": tps,
+        "flops_per_token": train_flops_per_token(job.model), "mfu": tps * train_flops_per_token(job.model) / peak if peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def xz_bpb(preset: str) -> dict:
+    """Bits per byte of xz -9 on each validation document (file) of the preset's corpus."""
+    corpus = Corpus(load_config(preset).data)
+    raw = compressed = 0
+    for _, text in corpus.documents("val"):
+        data = text.encode("utf-8")
+        raw += len(data)
+        compressed += len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+    return {"val_bytes": raw, "xz9_bytes": compressed, "xz9_bpb": 8 * compressed / raw}
+
+
+def run_summary(run_dir: Path) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_bpb" in r]
+    logs = [r for r in records if "tokens_per_s" in r]
+    return {
+        "run_dir": str(run_dir), "steps": records[-1]["step"], "val_loss": evals[-1]["val_loss"], "val_bpb": evals[-1]["val_bpb"],
+        "val_bpb_curve": [(r["step"], round(r["val_bpb"], 4)) for r in evals],
+        "mean_tokens_per_s": sum(r["tokens_per_s"] for r in logs) / len(logs),
+        "wall_s": records[-1]["time"] - records[0]["time"] if len(records) > 1 else None,
+    }
+
+
+def machine(device: torch.device) -> dict:
+    info = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        import triton
+
+        info |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda, "triton": triton.__version__}
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="*", help="default: 125m 350m 1.3b on a GPU, toy on a CPU")
+    p.add_argument("--steps", type=int, default=0, help="timed steps (default 10 on GPU, 3 on CPU)")
+    p.add_argument("--micro-batch", type=int, default=0, help="override train.micro_batch")
+    p.add_argument("--seq-len", type=int, default=0, help="override train.seq_len")
+    p.add_argument("--run-dir", type=Path, help="a finished toy run: report its val bpb next to xz -9")
+    p.add_argument("--output", type=Path, help="default benchmarks/results/train-<cpu|gpu>.json")
+    args = p.parse_args(argv)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    presets = args.presets or (["125m", "350m", "1.3b"] if device.type == "cuda" else ["toy"])
+    result = {"machine": machine(device), "throughput": []}
+    for preset in presets:
+        row = time_training(preset, device, args.steps or (10 if device.type == "cuda" else 3), args.micro_batch or None, args.seq_len or None)
+        mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+        print(f"{preset:>6}: {row['tokens_per_s']:,.0f} tokens/s{mfu}", flush=True)
+        result["throughput"].append(row)
+    if args.run_dir:
+        result["toy_run"] = run_summary(args.run_dir) | xz_bpb("toy")
+        r = result["toy_run"]
+        print(f"toy run: val bpb {r['val_bpb']:.3f} after {r['steps']} steps; xz -9 on the same validation files: {r['xz9_bpb']:.3f} bpb")
+    out = args.output or RESULTS / f"train-{device.type if device.type == 'cpu' else 'gpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
