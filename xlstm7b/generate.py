@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .kernels import mlstm_step
-from .model import XLSTM, mLSTMLayer, soft_cap
+from .model import XLSTM
 from .state import State
 
 SYNC_EVERY = 32
@@ -208,35 +207,14 @@ def _prefill(model: XLSTM, ids: torch.Tensor, mask: torch.Tensor | None, state: 
 
 
 def decode_step(model: XLSTM, token: torch.Tensor, state: State, active: torch.Tensor | None = None) -> torch.Tensor:
-    """One decoding step: token [B] -> logits [B, V]; `state` is updated in place.
+    """One decoding step: token [B] -> logits [B, V]; `state` is updated in place by the step kernel.
 
-    Rows where `active` [B] is False leave the state untouched. Unlike `model(...)`, this does not
-    validate the ids (a host sync), so it can run inside a CUDA graph; the ids come from sampling.
+    Rows where `active` [B] is False leave the state untouched. Runs `model.run`, which does not
+    validate the ids (a host sync), so it can be captured in a CUDA graph; the ids come from sampling.
     """
-    x = model.backbone.embeddings(token[:, None])  # [B, 1, D]
-    for layer_state, block in zip(state, model.backbone.blocks):
-        x = x + _mlstm_layer_step(block.mlstm_layer, block.norm_mlstm(x), layer_state, active)
-        x = x + block.ffn(block.norm_ffn(x))
-    x = model.backbone.out_norm(x)
-    return soft_cap(model.lm_head(x[:, 0]), model.config.output_logit_soft_cap)
-
-
-def _mlstm_layer_step(layer: mLSTMLayer, x: torch.Tensor, layer_state, active: torch.Tensor | None) -> torch.Tensor:
-    """mLSTMLayer.forward for one token, with the step kernel writing into `layer_state` in place
-    (the layer's own step returns a new state, which would cost a copy of the whole state per token)."""
-    c = layer.config
-    B = x.shape[0]
-    q, k, v, o, i, f = layer.project(x)  # [B, 1, ...]
-    if active is not None:  # spec §2: i = -inf writes nothing, f = +inf (lf = 0) forgets nothing
-        i = i.masked_fill(~active[:, None, None], float("-inf"))
-        f = f.masked_fill(~active[:, None, None], float("inf"))
-    heads = (B, c.num_heads, -1)  # [B, 1, NH*DH] -> [B, NH, DH]
-    h, _ = mlstm_step(
-        q.view(heads), k.view(heads), v.view(heads), i.view(B, -1), f.view(B, -1), layer_state,
-        backend=c.mlstm_backend, eps=c.eps, inplace=True,
-    )
-    h = layer.multihead_norm(h.view(B, 1, c.num_heads, -1))  # [B, 1, Dv]
-    return layer.out_proj(torch.sigmoid(o) * h)
+    mask = None if active is None else active[:, None]
+    logits, _ = model.run(token[:, None], state, mask=mask, inplace=True)
+    return logits[:, 0]
 
 
 class _CUDAGraphStep:

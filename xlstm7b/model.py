@@ -108,7 +108,8 @@ class mLSTMLayer(nn.Module):
             i, f = self.igate_preact(x).float(), self.fgate_preact(x).float()
         return q, k, v, o, soft_cap(i, c.gate_soft_cap), soft_cap(f, c.gate_soft_cap)
 
-    def forward(self, x, state=None, *, reset=None, mask=None):
+    def forward(self, x, state=None, *, reset=None, mask=None, inplace=False):
+        """x [B, S, D] -> y [B, S, D] and the layer's new state; `inplace` writes it into `state`."""
         c = self.config
         B, S, _ = x.shape
         q, k, v, o, i, f = self.project(x)
@@ -119,16 +120,22 @@ class mLSTMLayer(nn.Module):
             # Decoding: the fused single-token step. [B, 1, NH*DH] -> [B, NH, DH]
             h, state = mlstm_step(
                 q.view(B, c.num_heads, -1), k.view(B, c.num_heads, -1), v.view(B, c.num_heads, -1),
-                i.view(B, c.num_heads), f.view(B, c.num_heads), state, backend=c.mlstm_backend, eps=c.eps,
+                i.view(B, c.num_heads), f.view(B, c.num_heads), state,
+                backend=c.mlstm_backend, eps=c.eps, inplace=inplace,
             )
             h = h.view(B, 1, c.num_heads, -1)  # [B, S=1, NH, DV]
         else:
             # [B, S, NH*DH] -> [B, NH, S, DH]
             q, k, v = (t.view(B, S, c.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-            h, state = mlstm(
+            h, new_state = mlstm(
                 q, k, v, i.transpose(1, 2), f.transpose(1, 2), state,
                 backend=c.mlstm_backend, chunk_size=c.chunk_size, reset=reset, eps=c.eps,
             )
+            if inplace and state is not None:
+                for old, new in zip(state, new_state):
+                    old.copy_(new)
+            else:
+                state = new_state
             h = h.transpose(1, 2)  # [B, S, NH, DV]
         h = self.multihead_norm(h)  # [B, S, Dv]
         return self.out_proj(torch.sigmoid(o) * h), state
@@ -142,8 +149,8 @@ class Block(nn.Module):
         self.norm_ffn = RMSNorm(config.embedding_dim, config.norm_eps, config.use_bias)
         self.ffn = FeedForward(config)
 
-    def forward(self, x, state=None, *, reset=None, mask=None):
-        y, state = self.mlstm_layer(self.norm_mlstm(x), state, reset=reset, mask=mask)
+    def forward(self, x, state=None, *, reset=None, mask=None, inplace=False):
+        y, state = self.mlstm_layer(self.norm_mlstm(x), state, reset=reset, mask=mask, inplace=inplace)
         x = x + y
         return x + self.ffn(self.norm_ffn(x)), state
 
@@ -254,16 +261,19 @@ class XLSTM(nn.Module):
         if state is not None:
             if not isinstance(state, State) or len(state) != self.config.num_blocks or state.batch_size != B:
                 raise ValueError(f"state must be a State with {self.config.num_blocks} layers and batch size {B}")
+        return self.run(input_ids, state, reset=reset, mask=mask, inplace=inplace, last_logits_only=last_logits_only)
+
+    def run(self, input_ids, state=None, *, reset=None, mask=None, inplace=False, last_logits_only=False):
+        """`forward` without validating its arguments: no host synchronization, so a decoding step
+        can be captured in a CUDA graph. The caller guarantees ids in range and matching shapes."""
         x = self.backbone.embeddings(input_ids)
-        new_layers = []
+        layers = []
         for n, block in enumerate(self.backbone.blocks):
-            x, layer_state = block(x, None if state is None else state[n], reset=reset, mask=mask)
-            new_layers.append(layer_state)
-        new_state = State(new_layers)
-        if inplace and state is not None:
-            new_state = state.copy_(new_state)
+            x, layer_state = block(x, None if state is None else state[n], reset=reset, mask=mask, inplace=inplace)
+            layers.append(layer_state)
         x = self.backbone.out_norm(x[:, -1:] if last_logits_only else x)
-        return soft_cap(self.lm_head(x), self.config.output_logit_soft_cap), new_state
+        logits = soft_cap(self.lm_head(x), self.config.output_logit_soft_cap)
+        return logits, state if inplace and state is not None else State(layers)
 
     def save_pretrained(self, path, *, max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
         """Writes the released Hugging Face layout (config.json + safetensors shards); see checkpoint.py."""
