@@ -15,7 +15,7 @@ import torch
 from .chunkwise import mlstm_chunkwise
 from .common import EPS, MLSTMState, check_inputs, zero_state
 from .parallel import mlstm_parallel
-from .recurrent import mlstm_recurrent, mlstm_step_torch
+from .recurrent import mlstm_recurrent, mlstm_step_torch, mlstm_step_torch_
 
 BACKENDS = ("auto", "torch", "triton")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -96,11 +96,9 @@ def mlstm_step(
         if not inplace:
             state = tuple(t.to(torch.float32, copy=True, memory_format=torch.contiguous_format) for t in state)
         return mlstm_step_triton(q, k, v, i, f, state, eps=eps)
-    h, new = mlstm_step_torch(q, k, v, i, f, state, eps=eps)
     if inplace:
-        for t, x in zip(state, new):
-            t.copy_(x)
-        new = state
+        return mlstm_step_torch_(q, k, v, i, f, state, eps=eps).to(v.dtype), state
+    h, new = mlstm_step_torch(q, k, v, i, f, state, eps=eps)
     return h.to(v.dtype), new
 
 

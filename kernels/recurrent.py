@@ -9,6 +9,22 @@ import torch.nn.functional as F
 from .common import EPS, MLSTMState, check_inputs, compute_dtype, zero_state
 
 
+def step_gates(i: torch.Tensor, f: torch.Tensor, m: torch.Tensor):
+    """i, f [B, NH] and m [B, NH, 1] -> the new stabilizer m and the decay of the old state and the
+    write weight of the new token, both [B, NH, 1] (spec §2)."""
+    i, lf = i.to(m.dtype)[..., None], F.logsigmoid(f.to(m.dtype))[..., None]
+    m_new = torch.maximum(lf + m, i)
+    return m_new, torch.exp(lf + m - m_new), torch.exp(i - m_new)
+
+
+def step_readout(q: torch.Tensor, C: torch.Tensor, n: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
+    """h = C^T q̂ / (max(|n^T q̂|, exp(-m)) + eps) for the updated state: [B, NH, DV]."""
+    qs = q.to(C.dtype) * q.shape[-1] ** -0.5
+    num = (qs[..., None, :] @ C).squeeze(-2)  # [B, NH, DV]
+    den = (qs * n).sum(dim=-1, keepdim=True)  # [B, NH, 1]
+    return num / (torch.maximum(den.abs(), torch.exp(-m)) + eps)
+
+
 def mlstm_step_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -20,20 +36,35 @@ def mlstm_step_torch(
     eps: float = EPS,
 ) -> tuple[torch.Tensor, MLSTMState]:
     """One token: q, k [B, NH, DK], v [B, NH, DV], i, f [B, NH]; returns h [B, NH, DV] and the new state."""
-    dt = state[0].dtype
     C, n, m = state
-    q, k, v = (t.to(dt) for t in (q, k, v))
-    i, lf = i.to(dt)[..., None], F.logsigmoid(f.to(dt))[..., None]  # [B, NH, 1]
-    m_new = torch.maximum(lf + m, i)
-    decay = torch.exp(lf + m - m_new)
-    write = torch.exp(i - m_new)
+    k, v = k.to(C.dtype), v.to(C.dtype)
+    m, decay, write = step_gates(i, f, m)
     C = decay[..., None] * C + write[..., None] * (k[..., :, None] * v[..., None, :])
     n = decay * n + write * k
-    qs = q * q.shape[-1] ** -0.5
-    num = (qs[..., None, :] @ C).squeeze(-2)  # [B, NH, DV]
-    den = (qs * n).sum(dim=-1, keepdim=True)  # [B, NH, 1]
-    h = num / (torch.maximum(den.abs(), torch.exp(-m_new)) + eps)
-    return h, (C, n, m_new)
+    return step_readout(q, C, n, m, eps), (C, n, m)
+
+
+@torch.no_grad()
+def mlstm_step_torch_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState,
+    *,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """`mlstm_step_torch` writing the new state into `state`: one pass over C and no temporary of
+    its size, which is what decoding at large batch spends its time on. Returns h."""
+    C, n, m = state
+    B, NH, DK, DV = C.shape
+    m_new, decay, write = step_gates(i, f, m)
+    Cf = C.view(B * NH, DK, DV)
+    Cf.mul_(decay.view(B * NH, 1, 1)).baddbmm_(k.to(C.dtype).reshape(B * NH, DK, 1), (write * v.to(C.dtype)).reshape(B * NH, 1, DV))
+    n.mul_(decay).add_(write * k.to(n.dtype))
+    m.copy_(m_new)
+    return step_readout(q, C, n, m, eps)
 
 
 def mlstm_recurrent(

@@ -166,6 +166,20 @@ def test_step_matches_recurrent_and_dispatch_default():
     assert rel(h_d, mlstm_parallel(*x, st)[0]) < 1e-10
 
 
+def test_inplace_step_writes_the_same_state_into_the_given_tensors():
+    x, st, _ = make_inputs(S=6, state=True)
+    state = tuple(t.clone() for t in st)
+    ptrs = [t.data_ptr() for t in state]
+    ref = st
+    for t in range(6):
+        token = [a[:, :, t] for a in x]
+        h_ref, ref = mlstm_step(*token, ref)
+        h, out = mlstm_step(*token, state, inplace=True)
+        assert out is state and [u.data_ptr() for u in state] == ptrs
+        assert rel(h, h_ref) < 1e-12
+    assert all(rel(a, b) < 1e-12 for a, b in zip(state, ref))
+
+
 def test_empty_state_convention_is_m_zero():
     C, n, m = zero_state(1, 2, 4, 6)
     assert C.abs().sum() == n.abs().sum() == m.abs().sum() == 0
