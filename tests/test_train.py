@@ -268,6 +268,7 @@ def test_export_loads_with_from_pretrained(tmp_path, corpus, cache):
     assert trainer.train(job(corpus, cache, run, "--train.steps=2", "--run.export=true", "--run.eval_every=1")) == 0
     model = xlstm7b.from_pretrained(run / "model")
     assert (run / "model" / "tokenizer.json").is_file() and model.config.vocab_size == 512
+    assert (run / "sample.txt").is_file()
     ids = torch.tensor([[0, 5, 6, 7]])
     with torch.no_grad():
         logits, _ = model(ids)

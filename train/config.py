@@ -105,6 +105,8 @@ class RunConfig:
     """Keep the last k checkpoints."""
     export: bool = True
     """At the end, export RUN_DIR/model/ (save_pretrained layout + tokenizer.json)."""
+    sample_tokens: int = 200
+    """After the export, sample this many tokens from the model into RUN_DIR/sample.txt (0 = off)."""
     wandb_project: str = ""
     """Log to Weights & Biases under this project ('' = off)."""
     wandb_mode: Literal["online", "offline"] = "offline"

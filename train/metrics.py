@@ -17,6 +17,8 @@ import torch
 
 from xlstm7b import ModelConfig
 
+from .data import stable_hash
+
 # Dense bf16 peak FLOP/s by device-name fragment (no sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
 
@@ -75,7 +77,7 @@ class MetricsLog:
             import wandb
 
             self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(run_dir), config=config,
-                                    name=run_dir.name, resume="allow", id=f"{run_dir.name}-{abs(hash(str(run_dir.resolve()))) % 10**8}")
+                                    name=run_dir.name, resume="allow", id=f"{run_dir.name}-{stable_hash(str(run_dir.resolve()))[:8]}")
 
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}

@@ -84,16 +84,38 @@ def evaluate(model, data: TokenData, tbytes: torch.Tensor, job: JobConfig, d: Di
     return {"val_loss": nats / tokens, "val_bpb": text_nats / math.log(2) / max(nbytes, 1)}
 
 
-def export(run_dir: Path, model, plain: XLSTM, tokenizer_path: Path, d: Dist) -> None:
-    """RUN_DIR/model/: the save_pretrained layout plus tokenizer.json (xlstm7b.from_pretrained, transformers)."""
+@torch.no_grad()
+def sample(model: XLSTM, tok, prompt: str, n: int, temperature: float = 0.8, seed: int = 0) -> str:
+    """Continues `prompt` by n tokens, sampling with the recurrent state (one forward per token)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [0, *tok.encode(prompt, add_special_tokens=False).ids]
+    logits, state = model(torch.tensor([ids]), last_logits_only=True)
+    for _ in range(n):
+        probs = torch.softmax(logits[0, -1].float() / temperature, dim=-1)
+        nxt = int(torch.multinomial(probs, 1, generator=g))
+        if nxt == model.config.eos_token_id:
+            break
+        ids.append(nxt)
+        logits, state = model(torch.tensor([[nxt]]), state)
+    return tok.decode(ids[1:])
+
+
+def export(run_dir: Path, model, plain: XLSTM, tokenizer_path: Path, d: Dist, sample_tokens: int) -> str | None:
+    """RUN_DIR/model/: the save_pretrained layout plus tokenizer.json (xlstm7b.from_pretrained,
+    transformers); and a sample from the exported model in RUN_DIR/sample.txt."""
     sd = checkpointing.full_model_state(model)
+    text = None
     if d.is_main:
         with torch.device("meta"):
             out = XLSTM(plain.config)
         out.load_state_dict(sd, assign=True)
         out.save_pretrained(run_dir / "model")
         shutil.copyfile(tokenizer_path, run_dir / "model" / "tokenizer.json")
+        if sample_tokens:
+            text = sample(out.eval(), load_tokenizer(tokenizer_path), "def ", sample_tokens)
+            (run_dir / "sample.txt").write_text(text)
     d.barrier()
+    return text
 
 
 def train(job: JobConfig) -> int:
@@ -213,9 +235,11 @@ def _train(job: JobConfig, d: Dist) -> int:
                                   "Run the same command to resume.")
                     return 128 + signum
         if r.export:
-            export(run_dir, model, plain, tokenizer_path, d)
+            text = export(run_dir, model, plain, tokenizer_path, d, r.sample_tokens)
             if log is not None:
                 log.write(f"done: {step} steps; model exported to {run_dir / 'model'}")
+                if text is not None:
+                    log.write(f"sample ({run_dir / 'sample.txt'}):\n{text}")
         return 0
     finally:
         stop.restore()
