@@ -4,7 +4,7 @@
 # Extra arguments go to `xlstm7b train` (e.g. --train.steps=100); rerunning resumes the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+XLSTM7B_EXTRAS=plot bash scripts/setup.sh
 . .venv/bin/activate
 xlstm7b train configs/toy.toml "$@"
 echo
