@@ -1,10 +1,12 @@
-"""One decoding step of the mLSTM as a single Triton launch, updating the state in place.
+"""One decoding step of the mLSTM in Triton, updating the state in place.
 PyTorch twin: mlstm_step_torch in recurrent.py.
 
 Gate activations (logsigmoid of f, exponential input gate with the max stabilizer), the C/n/m
-update, the readout and the normalization are fused: one program per (batch, head) reads its
-C [DK, DV] once, writes it back once and emits h. A head's n and m are read by the program that
-overwrites them, so the in-place update is race-free. No host synchronisation and no allocation
+update, the readout and the normalization are fused. Decoding is bound by reading and writing C,
+so the work is split over (batch*head, DV tile) programs, enough to keep the SMs streaming even at
+batch 1 (the 7B has 8 heads). Each program recomputes its head's small n and m update from the old
+values and owns one [DK, BV] tile of C; a second, tiny launch then writes n and m, so no program
+reads an n or m that another has already overwritten. No host synchronisation and no allocation
 besides h (or none with `h_out`): the step can be captured in a CUDA graph. Forward only.
 """
 
@@ -13,6 +15,22 @@ import triton
 import triton.language as tl
 
 from .common import EPS, MLSTMState
+
+
+@triton.jit
+def _head_update(K, I_, F_, N, M, i_bh, offs_k, mk, s_k, DK):
+    """The head's new stabilizer m, the decay of its old state, the write weight of the token and
+    the new normalizer n, all from the old n and m."""
+    k = tl.load(K + i_bh * s_k + offs_k, mask=mk, other=0.0).to(tl.float32)
+    ig = tl.load(I_ + i_bh).to(tl.float32)
+    f = tl.load(F_ + i_bh).to(tl.float32)
+    lf = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))  # logsigmoid without overflow
+    m = tl.load(M + i_bh)
+    m_new = tl.maximum(lf + m, ig)
+    decay = tl.exp(lf + m - m_new)
+    write = tl.exp(ig - m_new)
+    n = decay * tl.load(N + i_bh * DK + offs_k, mask=mk, other=0.0) + write * k
+    return k, m_new, decay, write, n
 
 
 @triton.jit
@@ -26,30 +44,29 @@ def _step_kernel(
     # meta-parameters
     BK: tl.constexpr, BV: tl.constexpr,
 ):
+    """C tile [DK, BV] of head i_bh: update in place, emit h for those BV columns."""
+    i_bh, i_v = tl.program_id(0), tl.program_id(1)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mk, mv = offs_k < DK, offs_v < DV
+    k, m_new, decay, write, n = _head_update(K, I_, F_, N, M, i_bh, offs_k, mk, s_k, DK)
+    q = tl.load(Q + i_bh * s_q + offs_k, mask=mk, other=0.0).to(tl.float32) * scale
+    rden = 1.0 / (tl.maximum(tl.abs(tl.sum(q * n, 0)), tl.exp(-m_new)) + eps)
+    c_ptr = C + i_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    v = tl.load(V + i_bh * s_v + offs_v, mask=mv, other=0.0).to(tl.float32)
+    c = decay * tl.load(c_ptr, mask=mk[:, None] & mv[None, :], other=0.0) + (write * k)[:, None] * v[None, :]
+    tl.store(c_ptr, c, mask=mk[:, None] & mv[None, :])
+    h = tl.sum(q[:, None] * c, 0) * rden
+    tl.store(H + i_bh * s_h + offs_v, h.to(H.dtype.element_ty), mask=mv)
+
+
+@triton.jit
+def _step_nm_kernel(K, I_, F_, N, M, DK, s_k, BK: tl.constexpr):
+    """Writes the new n and m of head i_bh, after every C tile has read the old ones."""
     i_bh = tl.program_id(0)
     offs_k = tl.arange(0, BK)
     mk = offs_k < DK
-    q = tl.load(Q + i_bh * s_q + offs_k, mask=mk, other=0.0).to(tl.float32) * scale
-    k = tl.load(K + i_bh * s_k + offs_k, mask=mk, other=0.0).to(tl.float32)
-    ig = tl.load(I_ + i_bh).to(tl.float32)
-    f = tl.load(F_ + i_bh).to(tl.float32)
-    lf = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))  # logsigmoid without overflow
-    m = tl.load(M + i_bh)
-    m_new = tl.maximum(lf + m, ig)
-    decay = tl.exp(lf + m - m_new)
-    write = tl.exp(ig - m_new)
-    n = decay * tl.load(N + i_bh * DK + offs_k, mask=mk, other=0.0) + write * k
-    den = tl.sum(q * n, 0)
-    rden = 1.0 / (tl.maximum(tl.abs(den), tl.exp(-m_new)) + eps)
-    for vb in range(tl.cdiv(DV, BV)):
-        offs_v = vb * BV + tl.arange(0, BV)
-        mv = offs_v < DV
-        c_ptr = C + i_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
-        v = tl.load(V + i_bh * s_v + offs_v, mask=mv, other=0.0).to(tl.float32)
-        c = decay * tl.load(c_ptr, mask=mk[:, None] & mv[None, :], other=0.0) + (write * k)[:, None] * v[None, :]
-        tl.store(c_ptr, c, mask=mk[:, None] & mv[None, :])
-        h = tl.sum(q[:, None] * c, 0) * rden
-        tl.store(H + i_bh * s_h + offs_v, h.to(H.dtype.element_ty), mask=mv)
+    _, m_new, _, _, n = _head_update(K, I_, F_, N, M, i_bh, offs_k, mk, s_k, DK)
     tl.store(N + i_bh * DK + offs_k, n, mask=mk)
     tl.store(M + i_bh, m_new)
 
@@ -84,12 +101,14 @@ def mlstm_step_triton(
         raise ValueError(f"mlstm_step: h_out must be a contiguous tensor of shape {tuple(v.shape)}")
     BH = B * NH
     q, k, v = _rows(q, BH), _rows(k, BH), _rows(v, BH)
+    i, f = i.reshape(BH).contiguous(), f.reshape(BH).contiguous()
     BK = triton.next_power_of_2(DK)
-    BV = max(16, min(triton.next_power_of_2(DV), 8192 // BK))  # a [BK, BV] fp32 tile of C per step
-    _step_kernel[(BH,)](
-        q, k, v, i.reshape(BH).contiguous(), f.reshape(BH).contiguous(), C, n, m, h,
+    BV = max(16, min(triton.next_power_of_2(DV), 8192 // BK))  # a [BK, BV] fp32 tile of C per program
+    _step_kernel[(BH, triton.cdiv(DV, BV))](
+        q, k, v, i, f, C, n, m, h,
         DK, DV, DK**-0.5, eps,
         q.stride(0), k.stride(0), v.stride(0), DV,
-        BK=BK, BV=BV, num_warps=4 if BK * BV <= 4096 else 8,
+        BK=BK, BV=BV, num_warps=4,
     )
+    _step_nm_kernel[(BH,)](k, i, f, n, m, DK, k.stride(0), BK=BK, num_warps=1)
     return h, state

@@ -170,8 +170,8 @@ def test_opcheck():
     torch.library.opcheck(mlstm_chunkwise_fwd, (*args, 16, 1e-6))
 
 
-# B, NH, DK, DV
-STEP_CASES = [(1, 2, 16, 16), (3, 2, 32, 64), (2, 1, 24, 40)]
+# B, NH, DK, DV; the last spreads a head over three DV tiles (BV = 8192 // 128 = 64)
+STEP_CASES = [(1, 2, 16, 16), (3, 2, 32, 64), (2, 1, 24, 40), (1, 2, 128, 160)]
 
 
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "B{}-NH{}-DK{}-DV{}".format(*c))
