@@ -13,10 +13,16 @@ How it runs:
   is masked (spec §2: i = -inf, lf = 0), so it never touches the state, and rows finished at EOS are
   masked from then on; every row's tokens and final state are those of generating it alone.
 
+Speculative decoding: `generate(model, ..., draft=small_model, speculate_k=K)` lets a small xLSTM
+with the same vocabulary propose K tokens per block that the target verifies in one chunkwise pass
+(xlstm7b/speculative.py). The output has exactly the target's distribution (greedy: the same tokens).
+
 Streamer protocol: `streamer` is a callable `f(tokens)` or an object with `put(tokens)` and
 `end()`. After every step it receives the new token of each row as a CPU LongTensor [B] (the pad id
 for rows that have finished); `end()` is called once after the last step. If `put` (or the
 callable) returns True, generation stops after that step. A streamer forces one host sync per token.
+With a draft, the tokens a block commits are streamed one position at a time (the pad id for rows
+that committed fewer); a stop request drops the rest of the block.
 """
 
 import argparse
@@ -42,11 +48,15 @@ class GenerateOutput(tuple):
     state: the State after the prompt and every generated token of each row (the EOS included), so
         `generate(model, next_ids, state=state, ...)` continues the text.
     lengths: LongTensor [B], the number of generated tokens of each row (the EOS included).
+    draft_state: with a draft, the draft's State over the same text (pass it back with `state` to
+        continue speculative decoding); else None.
+    stats: with a draft, a dict: blocks, drafted and accepted draft tokens, acceptance_rate
+        (accepted / drafted) and tokens_per_block (per row); else None.
     """
 
-    def __new__(cls, tokens: torch.Tensor, state: State, lengths: torch.Tensor):
+    def __new__(cls, tokens: torch.Tensor, state: State, lengths: torch.Tensor, draft_state: State | None = None, stats: dict | None = None):
         out = super().__new__(cls, (tokens, state))
-        out.lengths = lengths
+        out.lengths, out.draft_state, out.stats = lengths, draft_state, stats
         return out
 
     @property
@@ -72,6 +82,9 @@ def generate(
     streamer=None,
     prefill_chunk_size: int = 8192,
     cuda_graph: bool | None = None,
+    draft: XLSTM | None = None,
+    speculate_k: int = 4,
+    draft_state: State | None = None,
 ) -> GenerateOutput:
     """Generates `max_new_tokens` tokens after each prompt; returns `(tokens, state)` with `.lengths`.
 
@@ -88,25 +101,31 @@ def generate(
     streamer: receives the tokens of every step (protocol in the module docstring).
     prefill_chunk_size: prompt positions run at once during prefill; bounds prefill memory.
     cuda_graph: capture the decode step in a CUDA graph; default: on CUDA devices.
+    draft: a smaller XLSTM with the same vocabulary, on the same device: speculative decoding (the
+        draft proposes `speculate_k` tokens per block, the target verifies them in one pass). The
+        output follows the target's distribution exactly; greedy output equals plain greedy output.
+    speculate_k: draft tokens per block (>= 1).
+    draft_state: the draft's State to continue from, with `state` (e.g. a previous `.draft_state`);
+        default: the empty state (the output is still exact, the draft only proposes worse).
     """
     config = model.config
     _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, prefill_chunk_size, config.vocab_size)
     device = model.lm_head.weight.device
     ids, mask = _batch_prompts(input_ids, config, device)
     B = ids.shape[0]
-    if state is not None and (not isinstance(state, State) or state.batch_size != B or len(state) != config.num_blocks):
-        raise ValueError(f"state must be a State with {config.num_blocks} layers and batch size {B} (one row per prompt)")
-    # The decode loop writes into this state in place (contiguous float32, as the fused step kernel
-    # needs); a given state is copied, never modified.
-    if state is None:
-        state = State.zeros(config, B, device=device)
-    else:
-        fresh = dict(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
-        state = State([tuple(t.to(**fresh) for t in layer) for layer in state])
+    state = _decoding_state(state, config, B, device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     if use_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {device}")
+    if draft is not None:
+        return _generate_speculative(
+            model, draft, ids, mask, state, draft_state, max_new_tokens=max_new_tokens, speculate_k=speculate_k,
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
+            streamer=streamer, prefill_chunk_size=prefill_chunk_size, use_graph=use_graph,
+        )
+    if draft_state is not None:
+        raise ValueError("draft_state is given without a draft model")
 
     tokens = torch.full((B, max_new_tokens), config.pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
@@ -137,6 +156,42 @@ def generate(
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
     return GenerateOutput(tokens, state, lengths)
+
+
+def _decoding_state(state: State | None, config, B: int, device) -> State:
+    """The state the decode loop writes into in place (contiguous float32, as the fused step kernel
+    needs): the empty one, or a copy of the given one, which is never modified."""
+    if state is not None and (not isinstance(state, State) or state.batch_size != B or len(state) != config.num_blocks):
+        raise ValueError(f"state must be a State with {config.num_blocks} layers and batch size {B} (one row per prompt)")
+    if state is None:
+        return State.zeros(config, B, device=device)
+    fresh = dict(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return State([tuple(t.to(**fresh) for t in layer) for layer in state])
+
+
+def _generate_speculative(model, draft, ids, mask, state, draft_state, *, speculate_k, streamer, **kwargs) -> GenerateOutput:
+    from .speculative import speculative_decode
+
+    if not isinstance(draft, XLSTM):
+        raise TypeError(f"draft must be an XLSTM model, got {type(draft).__name__}")
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"the draft's vocab_size={draft.config.vocab_size} differs from the target's {model.config.vocab_size}: "
+            "speculative decoding needs both models to share one tokenizer"
+        )
+    draft_device = draft.lm_head.weight.device
+    if draft_device != ids.device:
+        raise ValueError(f"the draft model is on {draft_device} but the target on {ids.device}; put both on one device")
+    if not isinstance(speculate_k, int) or isinstance(speculate_k, bool) or speculate_k < 1:
+        raise ValueError(f"speculate_k must be an integer >= 1, got {speculate_k!r}")
+    draft_state = _decoding_state(draft_state, draft.config, ids.shape[0], ids.device)
+    stream = None if streamer is None else functools.partial(_stream, streamer)
+    with torch.no_grad():
+        tokens, lengths, stats = speculative_decode(
+            model, draft, ids, mask, state, draft_state, speculate_k=speculate_k, stream=stream, **kwargs)
+    if streamer is not None and hasattr(streamer, "end"):
+        streamer.end()
+    return GenerateOutput(tokens, state, lengths, draft_state, stats)
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, prefill_chunk_size, vocab_size) -> None:
@@ -258,9 +313,15 @@ def sample(
     temperature scaling and top-k / top-p filtering."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return sample_from(sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p), generator)
+
+
+def sampling_probs(logits: torch.Tensor, *, temperature: float, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits [..., V] -> the float32 probabilities [..., V] that `sample` draws from (temperature > 0):
+    softmax(logits / temperature) after top-k / top-p filtering, filtered tokens at exactly 0."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -268,11 +329,15 @@ def sample(
         # Drop a token when the more likely ones already reach top_p (the most likely always stays).
         drop = probs.cumsum(dim=-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def sample_from(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """weights [..., V] (probabilities, or any nonnegative weights with a positive sum) -> ids [...]."""
     # argmax(p / E) with E ~ Exp(1) is a sample from p (the exponential race), without the host
     # sync of torch.multinomial on CUDA.
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(dim=-1)
+    race = torch.empty_like(weights).exponential_(generator=generator)
+    return (weights / race).argmax(dim=-1)
 
 
 def _stream(streamer, token: torch.Tensor) -> bool:
@@ -358,6 +423,8 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it is produced")
+    p.add_argument("--draft", metavar="DIR", help="a smaller checkpoint with the same tokenizer: speculative decoding")
+    p.add_argument("--speculate-k", type=int, default=4, metavar="K", help="draft tokens per verification (with --draft)")
     args = p.parse_args(argv)
 
     from tokenizers import Tokenizer
@@ -375,13 +442,20 @@ def cli_main(argv: list[str]) -> int:
     try:
         model = from_pretrained(args.checkpoint, device=device, dtype=dtype, weight_mode="fused")
         config = model.config
+        draft = None
+        if args.draft is not None:
+            draft = from_pretrained(args.draft, device=device, dtype=dtype, weight_mode="fused")
+            draft_tok = Path(args.draft) / "tokenizer.json"  # the vocab sizes are checked by generate()
+            if draft_tok.is_file() and draft_tok.read_bytes() != tok_path.read_bytes():
+                print(f"xlstm7b generate: warning: {draft_tok} differs from {tok_path}; the output is still the "
+                      "target's, but a draft with another tokenizer is rarely accepted", file=sys.stderr)
         ids = [config.bos_token_id] + tokenizer.encode(args.prompt, add_special_tokens=False).ids
         streamer = TextStreamer(tokenizer, stop=args.stop, out=sys.stdout if args.stream else None)
         t0 = time.perf_counter()
         out = generate(
             model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, seed=args.seed, eos_token_id=None if args.ignore_eos else config.eos_token_id,
-            streamer=streamer,
+            streamer=streamer, draft=draft, speculate_k=args.speculate_k,
         )
     except (CheckpointError, ValueError, TypeError) as e:
         print(f"xlstm7b generate: {e}", file=sys.stderr)
@@ -390,5 +464,6 @@ def cli_main(argv: list[str]) -> int:
     if not args.stream:
         print(streamer.text)
     n = int(out.lengths[0])
-    print(f"[{len(ids)} prompt + {n} generated tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {device}]", file=sys.stderr)
+    spec = "" if out.stats is None else f", draft acceptance {out.stats['acceptance_rate']:.2f} at K={args.speculate_k}"
+    print(f"[{len(ids)} prompt + {n} generated tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {device}{spec}]", file=sys.stderr)
     return 0
