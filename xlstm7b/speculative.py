@@ -14,20 +14,26 @@ One block, per row, with `last` the newest committed token (not yet in either st
    distribution (same temperature / top-k / top-p transform on p and q). Greedy: accept dj iff it
    is the target's argmax; the output is that of plain greedy decoding.
 
-Rollback (constant memory: two states per model, whatever the number of generated tokens).
-Before a block each model's state is copied into a spare buffer (one state-sized copy). After
-acceptance, row b keeps the first n_b = a_b + 1 positions of [last, d1..dK] (fewer at EOS or at
-max_new_tokens); the token after them becomes the new `last`:
+Rollback (constant memory: two states per model plus one block of cell inputs, whatever the number
+of generated tokens; per-token states are never kept). Before a block each model's state is copied
+into a spare buffer (one state-sized copy each). After acceptance, row b keeps the first
+n_b = a_b + 1 positions of [last, d1..dK] (fewer at EOS or at max_new_tokens); the token after them
+becomes the new `last`:
 - Target: when every running row keeps all K+1 positions, the verification pass's state is the new
-  state (no extra work). Otherwise the saved pre-block state is re-advanced over the same K+1 ids
-  with mask = position < n_b: masked positions write nothing and forget nothing (spec §2), so each
-  row advances over exactly its accepted prefix. Cost: a second chunkwise pass over K+1 positions
-  (without the output head), i.e. at most ~2x the verification compute per block.
+  state (no extra work). Otherwise the saved pre-block state is re-advanced over the kept positions
+  with the mLSTM cells alone: the verification pass records each layer's cell inputs (k, v, i, f,
+  which keep their fused projection output alive: ~24 KiB per position and layer at the 7B shape in
+  bf16, 6 MiB per row at K = 7 against 128 MiB of state), and positions >= n_b are masked as
+  padding (spec §2: i = -inf writes nothing, lf = 0 forgets nothing), so each row advances over
+  exactly its accepted prefix. Cost: one chunkwise cell pass over K+1 positions per layer (no
+  projections, feed-forward or output head), the same state traffic as about one decoding step's
+  cell update, plus the state copy.
 - Draft: its K steps already covered [last, d1..d_{K-1}]; when every running row keeps K positions
   that state is right, when rows keep K+1 one more (masked) step adds dK; otherwise the saved state
-  is re-advanced over the K+1 ids, masked as above (one small chunkwise pass of the draft).
-Per-token states are never kept; the alternative (snapshots of K draft states, gathered per row)
-costs K state copies per block and K state-sized buffers.
+  is re-advanced by one masked chunkwise pass of the draft over the K+1 ids (the draft is small; its
+  steps may run as a CUDA graph, which leaves no Python hook to record cell inputs).
+The alternative, snapshots of per-step states, costs K+1 state copies per block and K+1 state-sized
+buffers (for the 7B, 128 MiB per row each: 1 GiB per row at K = 7).
 
 Finished rows (EOS, max_new_tokens) are masked in every pass, so ragged batches advance each row by
 its own accepted count. At the end the pending `last` token of every row is fed with one step, so
@@ -37,6 +43,7 @@ the returned states cover the prompt and every generated token, as with plain de
 import torch
 
 from .generate import _CUDAGraphStep, _prefill, decode_step, sample_from, sampling_probs
+from .kernels import mlstm
 from .model import XLSTM
 from .state import State
 
@@ -79,6 +86,7 @@ def speculative_decode(
         _prefill(draft, ids[:, :-1], head, draft_state, prefill_chunk_size)
     last = ids[:, -1].clone()
     saved, draft_saved = state.clone(), draft_state.clone()  # the spare buffers for rollback
+    cells = _CellInputs(model)
     draft_step = _CUDAGraphStep(draft, draft_state) if use_graph and max_new_tokens > 0 else None
 
     # Room for one whole block past max_new_tokens, so writes never collide; cut at the end.
@@ -116,7 +124,8 @@ def speculative_decode(
         # 2. Target: one chunkwise pass over the k + 1 positions (step kernel when k = 0).
         saved.copy_(state)
         rows = None if active is None else active[:, None].expand(B, k + 1)
-        logits, _ = model.run(x, state, mask=rows, inplace=True)  # [B, k + 1, V]
+        with cells:  # records each layer's cell inputs for the rollback
+            logits, _ = model.run(x, state, mask=rows, inplace=True)  # [B, k + 1, V]
 
         # 3. Acceptance: a accepted draft tokens per row, then the correction / bonus token.
         if greedy:
@@ -150,7 +159,8 @@ def speculative_decode(
         last = torch.where(keep > 0, new.gather(1, (keep - 1).clamp(min=0)[:, None])[:, 0], last)
 
         # 4. Rollback: each model's state must cover its row's first `keep` positions of x.
-        _rollback(model, state, saved, x, keep, running, cover=k + 1)
+        if not bool(((keep == k + 1) | ~running).all()):
+            cells.readvance(saved, state, keep)
         _rollback(draft, draft_state, draft_saved, x, keep, running, cover=k, step=draft_step)
 
     # Feed every row's pending last token, so the states cover everything that was generated.
@@ -187,6 +197,46 @@ def _accept(p: torch.Tensor, q: torch.Tensor | None, drafted: torch.Tensor, gene
     # p == q up to rounding leaves no residual (a rejection there has probability ~0): fall back to p.
     residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p_a)
     return accepted, sample_from(residual, generator)
+
+
+class _CellInputs:
+    """Within `with cells:`, records the cell inputs (k, v, i, f) that every mLSTM layer of `model`
+    computes, by wrapping each layer's `project`; `readvance` then moves a saved state over the
+    first `keep` positions of that pass with the mLSTM cells alone: no projections, feed-forward or
+    output head, only O(positions * DK * DV) per head and layer."""
+
+    def __init__(self, model: XLSTM):
+        self.config = model.config
+        self.layers = [block.mlstm_layer for block in model.backbone.blocks]
+        self.inputs: list[tuple] = [()] * len(self.layers)
+
+    def __enter__(self):
+        for n, layer in enumerate(self.layers):
+            def project(x, n=n, original=layer.project):
+                out = original(x)
+                self.inputs[n] = out[1:3] + out[4:]  # k, v, i, f (q and the output gate are not needed)
+                return out
+            layer.project = project  # an instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            del layer.project
+
+    def readvance(self, saved: State, state: State, keep: torch.Tensor) -> None:
+        """state <- saved advanced, per row b, over the first keep[b] recorded positions."""
+        c = self.config
+        for n, (k, v, i, f) in enumerate(self.inputs):
+            B, S, _ = k.shape
+            dropped = (torch.arange(S, device=k.device) >= keep[:, None])[:, None]  # [B, 1, S]
+            # [B, S, NH*DH] -> [B, NH, S, DH]; dropped positions are padding (spec §2: i = -inf, lf = 0)
+            k, v = (t.view(B, S, c.num_heads, -1).transpose(1, 2) for t in (k, v))
+            i = i.transpose(1, 2).masked_fill(dropped, float("-inf"))
+            f = f.transpose(1, 2).masked_fill(dropped, float("inf"))
+            # q only shapes h, which is discarded: any q gives the same state.
+            _, new = mlstm(k, k, v, i, f, saved[n], backend=c.mlstm_backend, chunk_size=c.chunk_size, eps=c.eps)
+            for old, value in zip(state[n], new):
+                old.copy_(value)
 
 
 def _rollback(model, state, saved, x, keep, running, *, cover: int, step=None) -> None:
