@@ -6,12 +6,13 @@
 
 Two kinds of rows:
 - "measured": wall time of `generate` with and without the draft on the same prompts (batch 1, best
-  of --repeats), the draft's acceptance rate (accepted / drafted tokens), tokens committed per block,
+  of --repeats), the acceptance rate (accepted / drafted tokens) and the per-token acceptance alpha
+  (accepted / (accepted + rejections)), tokens committed per block,
   and whether greedy speculative tokens equal plain greedy tokens. Meaningful acceptance needs a
   trained pair (random weights accept ~nothing, so their speedup is < 1 by construction).
 - "cost_model": the parts of a block timed alone (a target step, a draft step, the target's
   chunkwise pass over K+1 positions, the cells-only re-advance of its state) and the speedup they predict
-  at acceptance rates 0.5..0.9: tokens per block E = (1 - a^(K+1)) / (1 - a) over block time
+  at per-token acceptance a = 0.5..0.9: tokens per block E = (1 - a^(K+1)) / (1 - a) over block time
   K * draft_step + verify(K+1) + P(some rejection) * readvance(K+1) + 2 state copies, against E
   target steps. This is what random weights can tell (e.g. for the 7B shape on a GPU).
 Writes benchmarks/results/speculative_<device>.json.
@@ -94,13 +95,16 @@ def measured_rows(target, draft, prompts, ks, args, device) -> list[dict]:
             drafted = sum(o.stats["drafted"] for o in outs)
             accepted = sum(o.stats["accepted"] for o in outs)
             blocks = sum(o.stats["blocks"] for o in outs)
+            rejected = sum(o.stats["rejected"] for o in outs)
             same = all(torch.equal(a.tokens, b.tokens) for a, b in zip(outs, plain)) if temperature == 0 else None
             rows.append(dict(
                 kind="measured", temperature=temperature, K=k, seconds=t, tok_per_s=n_tokens / t,
-                speedup=t_plain / t, acceptance=accepted / drafted, tokens_per_block=n_tokens / blocks,
+                speedup=t_plain / t, acceptance=accepted / drafted, token_acceptance=accepted / max(accepted + rejected, 1),
+                tokens_per_block=n_tokens / blocks,
                 same_tokens_as_plain=same,
             ))
-            print(f"T={temperature} K={k}: acceptance {accepted / drafted:.3f}, {n_tokens / blocks:.2f} tok/block, "
+            print(f"T={temperature} K={k}: acceptance {accepted / drafted:.3f} (per token {accepted / max(accepted + rejected, 1):.3f}), "
+                  f"{n_tokens / blocks:.2f} tok/block, "
                   f"{n_tokens / t:.1f} tok/s, speedup {t_plain / t:.2f}x" + ("" if same is None else f", same tokens: {same}"),
                   flush=True)
     return rows

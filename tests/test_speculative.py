@@ -238,3 +238,18 @@ def test_cli_draft_flags(checkpoint, tokenizer, capsys):  # noqa: F811
     assert out.out == plain and "acceptance" in out.err
     assert cli_main(args + ["--draft", str(checkpoint), "--speculate-k", "0"]) == 2
     assert "speculate_k" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_speculative_equals_plain():
+    target = random_model(ModelConfig.from_preset("debug")).cuda()
+    draft = noisy_copy(target, 0.02, seed=4)
+    prompts = [prompt(5, 15), prompt(30, 16), []]
+    kw = dict(max_new_tokens=20, eos_token_id=7)
+    plain = generate(target, prompts, **kw)
+    for graph in (True, False):
+        spec = generate(target, prompts, draft=draft, speculate_k=4, cuda_graph=graph, **kw)
+        assert torch.equal(spec.tokens, plain.tokens) and torch.equal(spec.lengths, plain.lengths)
+        assert_states_close(spec.state, plain.state, 1e-4)
+    sampled = [generate(target, prompts, temperature=1.0, top_k=20, seed=5, draft=draft, **kw).tokens for _ in range(2)]
+    assert torch.equal(*sampled)

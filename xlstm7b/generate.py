@@ -50,8 +50,9 @@ class GenerateOutput(tuple):
     lengths: LongTensor [B], the number of generated tokens of each row (the EOS included).
     draft_state: with a draft, the draft's State over the same text (pass it back with `state` to
         continue speculative decoding); else None.
-    stats: with a draft, a dict: blocks, drafted and accepted draft tokens, acceptance_rate
-        (accepted / drafted) and tokens_per_block (per row); else None.
+    stats: with a draft, a dict: blocks, drafted, accepted and rejected draft tokens,
+        acceptance_rate (accepted / drafted), token_acceptance (accepted / (accepted + rejected): the
+        chance a draft token is accepted after accepted ones) and tokens_per_block (per row); else None.
     """
 
     def __new__(cls, tokens: torch.Tensor, state: State, lengths: torch.Tensor, draft_state: State | None = None, stats: dict | None = None):

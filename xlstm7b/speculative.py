@@ -93,7 +93,7 @@ def speculative_decode(
     tokens = torch.full((B, max_new_tokens + K + 1), pad, dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    stats = {"blocks": 0, "drafted": 0, "accepted": 0}
+    stats = {"blocks": 0, "drafted": 0, "accepted": 0, "rejected": 0}
     stopped = False
     while not stopped:
         running = ~finished & (lengths < max_new_tokens)
@@ -145,6 +145,7 @@ def speculative_decode(
         stats["blocks"] += 1
         stats["drafted"] += k * int(running.sum())
         stats["accepted"] += int(torch.where(running, accepted, 0).sum())
+        stats["rejected"] += int((running & (accepted < k)).sum())
 
         # Stream the committed tokens position by position; a stop request cuts the block there.
         if stream is not None:
@@ -167,6 +168,9 @@ def speculative_decode(
     decode_step(model, last, state)
     decode_step(draft, last, draft_state)
     stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
+    # The probability that a draft token is accepted given that the ones before it were (the alpha of
+    # the speculative decoding papers); accepted / drafted falls with K even at a fixed alpha.
+    stats["token_acceptance"] = stats["accepted"] / max(stats["accepted"] + stats["rejected"], 1)
     stats["tokens_per_block"] = int(lengths.sum()) / max(stats["blocks"], 1) / B
     return tokens[:, :max_new_tokens], lengths, stats
 
