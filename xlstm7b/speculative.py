@@ -28,10 +28,10 @@ becomes the new `last`:
   exactly its accepted prefix. Cost: one chunkwise cell pass over K+1 positions per layer (no
   projections, feed-forward or output head), the same state traffic as about one decoding step's
   cell update, plus the state copy.
-- Draft: its K steps already covered [last, d1..d_{K-1}]; when every running row keeps K positions
-  that state is right, when rows keep K+1 one more (masked) step adds dK; otherwise the saved state
-  is re-advanced by one masked chunkwise pass of the draft over the K+1 ids (the draft is small; its
-  steps may run as a CUDA graph, which leaves no Python hook to record cell inputs).
+- Draft: its K steps already covered [last, d1..d_{K-1}]; rows that keep K+1 positions get one more
+  (masked) step over dK. Rows that keep fewer are re-advanced from the saved state the same way,
+  with the cells alone over the inputs its steps recorded. Under a CUDA graph (no Python runs in a
+  replayed step, so nothing records) that is one masked chunkwise pass of the draft over the K+1 ids.
 The alternative, snapshots of per-step states, costs K+1 state copies per block and K+1 state-sized
 buffers (for the 7B, 128 MiB per row each: 1 GiB per row at K = 7).
 
@@ -88,6 +88,8 @@ def speculative_decode(
     saved, draft_saved = state.clone(), draft_state.clone()  # the spare buffers for rollback
     cells = _CellInputs(model)
     draft_step = _CUDAGraphStep(draft, draft_state) if use_graph and max_new_tokens > 0 else None
+    # A captured step runs no Python, so nothing can record the draft's cell inputs there.
+    draft_cells = _CellInputs(draft) if draft_step is None else None
 
     # Room for one whole block past max_new_tokens, so writes never collide; cut at the end.
     tokens = torch.full((B, max_new_tokens + K + 1), pad, dtype=torch.long, device=device)
@@ -106,13 +108,16 @@ def speculative_decode(
 
         # 1. Draft: k steps from its state over [last, d1 .. d_{k-1}] propose d1 .. dk.
         draft_saved.copy_(draft_state)
+        if draft_cells is not None:
+            draft_cells.clear()
         drafted, q = [], []
         token = last
         for _ in range(k):
             if draft_step is not None:
                 logits = draft_step(token, active)
             else:
-                logits = decode_step(draft, token, draft_state, active)
+                with draft_cells:
+                    logits = decode_step(draft, token, draft_state, active)
             if greedy:
                 token = logits.argmax(dim=-1)
             else:
@@ -124,6 +129,7 @@ def speculative_decode(
         # 2. Target: one chunkwise pass over the k + 1 positions (step kernel when k = 0).
         saved.copy_(state)
         rows = None if active is None else active[:, None].expand(B, k + 1)
+        cells.clear()
         with cells:  # records each layer's cell inputs for the rollback
             logits, _ = model.run(x, state, mask=rows, inplace=True)  # [B, k + 1, V]
 
@@ -162,7 +168,7 @@ def speculative_decode(
         # 4. Rollback: each model's state must cover its row's first `keep` positions of x.
         if not bool(((keep == k + 1) | ~running).all()):
             cells.readvance(saved, state, keep)
-        _rollback(draft, draft_state, draft_saved, x, keep, running, cover=k, step=draft_step)
+        _rollback_draft(draft, draft_state, draft_saved, draft_cells, draft_step, x, keep, running)
 
     # Feed every row's pending last token, so the states cover everything that was generated.
     decode_step(model, last, state)
@@ -205,20 +211,24 @@ def _accept(p: torch.Tensor, q: torch.Tensor | None, drafted: torch.Tensor, gene
 
 class _CellInputs:
     """Within `with cells:`, records the cell inputs (k, v, i, f) that every mLSTM layer of `model`
-    computes, by wrapping each layer's `project`; `readvance` then moves a saved state over the
-    first `keep` positions of that pass with the mLSTM cells alone: no projections, feed-forward or
-    output head, only O(positions * DK * DV) per head and layer."""
+    computes, by wrapping each layer's `project`; records of successive passes (e.g. decoding steps)
+    accumulate until `clear()`. `readvance` then moves a saved state over the first `keep` recorded
+    positions with the mLSTM cells alone: no projections, feed-forward or output head, only
+    O(positions * DK * DV) per head and layer."""
 
     def __init__(self, model: XLSTM):
         self.config = model.config
         self.layers = [block.mlstm_layer for block in model.backbone.blocks]
-        self.inputs: list[tuple] = [()] * len(self.layers)
+        self.clear()
+
+    def clear(self) -> None:
+        self.inputs: list[list[tuple]] = [[] for _ in self.layers]
 
     def __enter__(self):
         for n, layer in enumerate(self.layers):
             def project(x, n=n, original=layer.project):
                 out = original(x)
-                self.inputs[n] = out[1:3] + out[4:]  # k, v, i, f (q and the output gate are not needed)
+                self.inputs[n].append(out[1:3] + out[4:])  # k, v, i, f (q and the output gate are not needed)
                 return out
             layer.project = project  # an instance attribute shadows the method
         return self
@@ -230,7 +240,8 @@ class _CellInputs:
     def readvance(self, saved: State, state: State, keep: torch.Tensor) -> None:
         """state <- saved advanced, per row b, over the first keep[b] recorded positions."""
         c = self.config
-        for n, (k, v, i, f) in enumerate(self.inputs):
+        for n, records in enumerate(self.inputs):
+            k, v, i, f = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in zip(*records))
             B, S, _ = k.shape
             dropped = (torch.arange(S, device=k.device) >= keep[:, None])[:, None]  # [B, 1, S]
             # [B, S, NH*DH] -> [B, NH, S, DH]; dropped positions are padding (spec §2: i = -inf, lf = 0)
@@ -243,19 +254,22 @@ class _CellInputs:
                 old.copy_(value)
 
 
-def _rollback(model, state, saved, x, keep, running, *, cover: int, step=None) -> None:
-    """Makes `state` cover, per row, the first `keep` positions of x [B, k+1] on top of `saved`
-    (the pre-block state). `state` already covers the first `cover` positions of every running row."""
-    B, n = x.shape
-    if bool(((keep == cover) | ~running).all()):
-        return  # the block's own pass advanced exactly the kept positions
-    if n - 1 == cover and bool(((keep >= cover) | ~running).all()):
-        extra = running & (keep > cover)  # the draft: one more step adds dk where all k+1 are kept
+def _rollback_draft(draft, state, saved, cells, step, x, keep, running) -> None:
+    """Makes the draft's `state` cover, per row, the first `keep` positions of x = [last, d1..dk] on
+    top of `saved`; its k steps covered the first k positions of every running row."""
+    k = x.shape[1] - 1
+    if bool(((keep >= k) | ~running).all()):
+        pass  # the steps advanced exactly the kept positions, up to dk
+    elif cells is not None:
+        cells.readvance(saved, state, keep.clamp(max=k))
+    else:  # no recorded inputs (CUDA graph): one masked chunkwise pass of the draft over x
+        rows = torch.arange(k + 1, device=x.device) < keep[:, None]
+        draft.run(x, saved, mask=rows, inplace=True, last_logits_only=True)
+        state.copy_(saved)
+        return
+    extra = running & (keep > k)  # rows that keep all k+1 positions: one more step adds dk
+    if bool(extra.any()):
         if step is not None:
             step(x[:, -1], extra)
         else:
-            decode_step(model, x[:, -1], state, extra)
-        return
-    rows = torch.arange(n, device=x.device) < keep[:, None]
-    model.run(x, saved, mask=rows, inplace=True, last_logits_only=True)
-    state.copy_(saved)
+            decode_step(draft, x[:, -1], state, extra)
