@@ -25,9 +25,9 @@ becomes the new `last`:
   which keep their fused projection output alive: ~24 KiB per position and layer at the 7B shape in
   bf16, 6 MiB per row at K = 7 against 128 MiB of state), and positions >= n_b are masked as
   padding (spec §2: i = -inf writes nothing, lf = 0 forgets nothing), so each row advances over
-  exactly its accepted prefix. Cost: one chunkwise cell pass over K+1 positions per layer (no
-  projections, feed-forward or output head), the same state traffic as about one decoding step's
-  cell update, plus the state copy.
+  exactly its accepted prefix. Cost: the closed-form chunk-state update over K+1 positions per
+  layer (no projections, feed-forward, output head or cell outputs h): about the state traffic of
+  one decoding step's cell update, plus the state copy.
 - Draft: its K steps already covered [last, d1..d_{K-1}]; rows that keep K+1 positions get one more
   (masked) step over dK. Rows that keep fewer are re-advanced from the saved state the same way,
   with the cells alone over the inputs its steps recorded. Under a CUDA graph (no Python runs in a
@@ -41,9 +41,9 @@ the returned states cover the prompt and every generated token, as with plain de
 """
 
 import torch
+import torch.nn.functional as F
 
 from .generate import _CUDAGraphStep, _prefill, decode_step, sample_from, sampling_probs
-from .kernels import mlstm
 from .model import XLSTM
 from .state import State
 
@@ -239,19 +239,33 @@ class _CellInputs:
 
     def readvance(self, saved: State, state: State, keep: torch.Tensor) -> None:
         """state <- saved advanced, per row b, over the first keep[b] recorded positions."""
-        c = self.config
+        NH = self.config.num_heads
         for n, records in enumerate(self.inputs):
             k, v, i, f = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in zip(*records))
             B, S, _ = k.shape
             dropped = (torch.arange(S, device=k.device) >= keep[:, None])[:, None]  # [B, 1, S]
             # [B, S, NH*DH] -> [B, NH, S, DH]; dropped positions are padding (spec §2: i = -inf, lf = 0)
-            k, v = (t.view(B, S, c.num_heads, -1).transpose(1, 2) for t in (k, v))
-            i = i.transpose(1, 2).masked_fill(dropped, float("-inf"))
-            f = f.transpose(1, 2).masked_fill(dropped, float("inf"))
-            # q only shapes h, which is discarded: any q gives the same state.
-            _, new = mlstm(k, k, v, i, f, saved[n], backend=c.mlstm_backend, chunk_size=c.chunk_size, eps=c.eps)
-            for old, value in zip(state[n], new):
-                old.copy_(value)
+            k, v = (t.view(B, S, NH, -1).transpose(1, 2).float() for t in (k, v))
+            i = i.transpose(1, 2).float().masked_fill(dropped, float("-inf"))
+            lf = F.logsigmoid(f.transpose(1, 2).float()).masked_fill(dropped, 0.0)
+            _advance(state[n], saved[n], k, v, i, lf)
+
+
+def _advance(out, state, k, v, i, lf) -> None:
+    """out <- `state` (C, n, m) advanced over k [B, NH, S, DK], v [B, NH, S, DV], gates i, lf
+    [B, NH, S]: the chunk-state update of spec §2 for one chunk, without the outputs h (the cell
+    outputs are what the chunkwise kernel spends most of its work on)."""
+    C, n, m = state
+    b = lf.cumsum(dim=-1)
+    g = b[..., -1:]  # [B, NH, 1] the block's total log forget
+    a = g - b + i  # [B, NH, S] log weight of position t in the state at the block's end
+    m_new = torch.maximum(g + m, a.amax(dim=-1, keepdim=True))
+    decay = torch.exp(g + m - m_new)  # [B, NH, 1]
+    w = torch.exp(a - m_new)[..., None] * k  # [B, NH, S, DK]
+    out[0].copy_(torch.baddbmm(
+        (decay[..., None] * C).flatten(0, 1), w.transpose(-1, -2).flatten(0, 1), v.flatten(0, 1)).view_as(C))
+    out[1].copy_(decay * n + w.sum(dim=-2))
+    out[2].copy_(m_new)
 
 
 def _rollback_draft(draft, state, saved, cells, step, x, keep, running) -> None:
