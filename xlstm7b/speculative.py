@@ -99,7 +99,7 @@ def speculative_decode(
     stopped = False
     while not stopped:
         running = ~finished & (lengths < max_new_tokens)
-        budget = int(torch.where(running, max_new_tokens - lengths, 0).max())  # one host sync per block
+        budget = int(torch.where(running, max_new_tokens - lengths, 0).max())  # host syncs: a few per block
         if budget == 0:
             break
         k = min(K, budget - 1)  # drafting beyond the last token that can be kept is wasted work
