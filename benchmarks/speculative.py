@@ -166,6 +166,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
+    p.add_argument("--cost-model-only", action="store_true", help="skip the generate() runs (e.g. for random weights)")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -196,19 +197,20 @@ def main() -> None:
           f"({draft.num_params():,} params), {pair['weights']} weights, {dtype} on {device}", flush=True)
 
     rows = cost_model_rows(target, draft, args.ks, args, device)
-    rows += measured_rows(target, draft, prompts, args.ks, args, device)
-    best = max((r for r in rows if r["kind"] == "measured" and r["K"]), key=lambda r: r["speedup"])
+    if not args.cost_model_only:
+        rows += measured_rows(target, draft, prompts, args.ks, args, device)
+    best = max((r for r in rows if r["kind"] == "measured" and r["K"]), key=lambda r: r["speedup"], default=None)
     result = dict(
         device=args.device, device_name=torch.cuda.get_device_name() if cuda else cpu_name(),
         driver=torch.version.cuda if cuda else None, torch=torch.__version__, triton=_version("triton"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         dtype=str(dtype).removeprefix("torch."), threads=None if cuda else args.threads, repeats=args.repeats,
         batch=1, prompts=len(prompts), prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, **pair,
-        best=dict(K=best["K"], temperature=best["temperature"], speedup=best["speedup"], acceptance=best["acceptance"]),
+        best=best and {key: best[key] for key in ("K", "temperature", "speedup", "acceptance", "token_acceptance")},
         rows=rows,
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"speculative_{'cuda' if cuda else 'cpu'}{'' if trained else '_random'}.json"
+    out = RESULTS / f"speculative_{'cuda' if cuda else 'cpu'}{'' if trained else '_random_' + pair['target']}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
