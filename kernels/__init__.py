@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .chunkwise import mlstm_chunkwise
+from .chunkwise import mlstm_advance, mlstm_chunkwise
 from .common import EPS, MLSTMState, check_inputs, zero_state
 from .parallel import mlstm_parallel
 from .recurrent import mlstm_recurrent, mlstm_step_torch, mlstm_step_torch_
@@ -106,6 +106,7 @@ __all__ = [
     "EPS",
     "MLSTMState",
     "mlstm",
+    "mlstm_advance",
     "mlstm_chunkwise",
     "mlstm_parallel",
     "mlstm_recurrent",

@@ -53,6 +53,40 @@ def chunk_gates(i: torch.Tensor, lf: torch.Tensor, reset: torch.Tensor | None, L
     return log_d.masked_fill(~reach, NEG_INF), b.masked_fill(fresh, NEG_INF), b.masked_fill(~fresh, NEG_INF)
 
 
+def mlstm_advance(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState,
+    *,
+    out: MLSTMState | None = None,
+) -> MLSTMState:
+    """The state after k [B, NH, S, DK], v [B, NH, S, DV], gates i, f [B, NH, S] from `state`,
+    without the outputs h (which is where the chunkwise forms spend most of their work): the
+    chunk-state update of spec §2 over one chunk of S positions, e.g. to re-advance a saved state
+    over a few accepted tokens. Padding (i = -inf, f = +inf) is skipped as usual. Written into `out`
+    (float32 tensors, may be `state` itself) when given. No gradient."""
+    with torch.no_grad():
+        C, n, m = state
+        dt = C.dtype
+        k, v = k.to(dt), v.to(dt)
+        lf = F.logsigmoid(f.to(dt))
+        b = lf.cumsum(dim=-1)
+        g = b[..., -1:]  # [B, NH, 1] total log forget over the S positions
+        a = g - b + i.to(dt)  # [B, NH, S] log weight of each position in the final state
+        m_new = torch.maximum(g + m, a.amax(dim=-1, keepdim=True))
+        decay = torch.exp(g + m - m_new)
+        w = torch.exp(a - m_new)[..., None] * k  # [B, NH, S, DK]
+        new = (torch.baddbmm((decay[..., None] * C).flatten(0, 1), w.transpose(-1, -2).flatten(0, 1), v.flatten(0, 1)).view_as(C),
+               decay * n + w.sum(dim=-2), m_new)
+        if out is None:
+            return new
+        for t, value in zip(out, new):
+            t.copy_(value)
+        return out
+
+
 def mlstm_chunkwise(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from xlstm7b.kernels import mlstm, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent, mlstm_step, zero_state
+from xlstm7b.kernels import mlstm, mlstm_advance, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent, mlstm_step, zero_state
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -211,3 +211,17 @@ def test_bad_inputs_raise_clear_errors(mutate, match):
     kwargs = {key: args.pop(key) for key in ("backend", "chunk_size", "reset") if key in args}
     with pytest.raises((ValueError, TypeError), match=match):
         mlstm(args["q"], args["k"], args["v"], args["i"], args["f"], args["state"], **kwargs)
+
+
+def test_advance_gives_the_final_state_without_outputs():
+    """mlstm_advance == the oracle's final state, also with padded (skipped) positions and written
+    in place into the state it starts from."""
+    (q, k, v, i, f), st, _ = make_inputs(S=9, state=True)
+    _, ref = mlstm_parallel(q, k, v, i, f, st)
+    assert all(rel(a, b) < 1e-12 for a, b in zip(mlstm_advance(k, v, i, f, st), ref))
+    skip = torch.zeros(9, dtype=torch.bool)
+    skip[5:] = True  # e.g. rejected draft tokens: masked as padding
+    _, ref = mlstm_parallel(q[:, :, :5], k[:, :, :5], v[:, :, :5], i[:, :, :5], f[:, :, :5], st)
+    live = tuple(t.clone() for t in st)
+    out = mlstm_advance(k, v, i.masked_fill(skip, float("-inf")), f.masked_fill(skip, float("inf")), live, out=live)
+    assert out is live and all(rel(a, b) < 1e-12 for a, b in zip(live, ref))

@@ -41,9 +41,9 @@ the returned states cover the prompt and every generated token, as with plain de
 """
 
 import torch
-import torch.nn.functional as F
 
 from .generate import _CUDAGraphStep, _prefill, decode_step, sample_from, sampling_probs
+from .kernels import mlstm_advance
 from .model import XLSTM
 from .state import State
 
@@ -245,27 +245,10 @@ class _CellInputs:
             B, S, _ = k.shape
             dropped = (torch.arange(S, device=k.device) >= keep[:, None])[:, None]  # [B, 1, S]
             # [B, S, NH*DH] -> [B, NH, S, DH]; dropped positions are padding (spec §2: i = -inf, lf = 0)
-            k, v = (t.view(B, S, NH, -1).transpose(1, 2).float() for t in (k, v))
-            i = i.transpose(1, 2).float().masked_fill(dropped, float("-inf"))
-            lf = F.logsigmoid(f.transpose(1, 2).float()).masked_fill(dropped, 0.0)
-            _advance(state[n], saved[n], k, v, i, lf)
-
-
-def _advance(out, state, k, v, i, lf) -> None:
-    """out <- `state` (C, n, m) advanced over k [B, NH, S, DK], v [B, NH, S, DV], gates i, lf
-    [B, NH, S]: the chunk-state update of spec §2 for one chunk, without the outputs h (the cell
-    outputs are what the chunkwise kernel spends most of its work on)."""
-    C, n, m = state
-    b = lf.cumsum(dim=-1)
-    g = b[..., -1:]  # [B, NH, 1] the block's total log forget
-    a = g - b + i  # [B, NH, S] log weight of position t in the state at the block's end
-    m_new = torch.maximum(g + m, a.amax(dim=-1, keepdim=True))
-    decay = torch.exp(g + m - m_new)  # [B, NH, 1]
-    w = torch.exp(a - m_new)[..., None] * k  # [B, NH, S, DK]
-    out[0].copy_(torch.baddbmm(
-        (decay[..., None] * C).flatten(0, 1), w.transpose(-1, -2).flatten(0, 1), v.flatten(0, 1)).view_as(C))
-    out[1].copy_(decay * n + w.sum(dim=-2))
-    out[2].copy_(m_new)
+            k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (k, v))
+            i = i.transpose(1, 2).masked_fill(dropped, float("-inf"))
+            f = f.transpose(1, 2).masked_fill(dropped, float("inf"))
+            mlstm_advance(k, v, i, f, saved[n], out=state[n])
 
 
 def _rollback_draft(draft, state, saved, cells, step, x, keep, running) -> None:
