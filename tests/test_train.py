@@ -306,3 +306,11 @@ def test_refuses_config_that_does_not_fit(tmp_path, corpus, cache):
     with pytest.raises(trainer.TrainingError, match="does not fit in memory"):
         trainer.train(job(corpus, cache, tmp_path / "r", "--run.gpu_memory_gb=0.5"))
     assert not (tmp_path / "r").exists()
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, corpus, cache):
+    """Recomputing each block in the backward changes memory, not the numbers."""
+    assert trainer.train(job(corpus, cache, tmp_path / "plain", "--train.steps=3")) == 0
+    assert trainer.train(job(corpus, cache, tmp_path / "ac", "--train.steps=3", "--train.activation_checkpointing=true")) == 0
+    plain, ac = losses(tmp_path / "plain"), losses(tmp_path / "ac")
+    assert list(ac) == [1, 2, 3] and ac == pytest.approx(plain, rel=1e-6)
