@@ -314,3 +314,11 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, corpus, cache)
     assert trainer.train(job(corpus, cache, tmp_path / "ac", "--train.steps=3", "--train.activation_checkpointing=true")) == 0
     plain, ac = losses(tmp_path / "plain"), losses(tmp_path / "ac")
     assert list(ac) == [1, 2, 3] and ac == pytest.approx(plain, rel=1e-6)
+
+
+def test_compiled_blocks_give_the_same_losses(tmp_path, corpus, cache):
+    """Per-block torch.compile (inductor, CPU code generation here) trains to the eager losses."""
+    assert trainer.train(job(corpus, cache, tmp_path / "eager", "--train.steps=2")) == 0
+    assert trainer.train(job(corpus, cache, tmp_path / "compiled", "--train.steps=2", "--train.compile=true")) == 0
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert list(compiled) == [1, 2] and compiled == pytest.approx(eager, rel=1e-4)
