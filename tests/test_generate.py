@@ -32,14 +32,7 @@ def random_model(config: ModelConfig, seed: int = 0) -> XLSTM:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second OpenMP thread only adds waiting, which on a loaded 2-core
-    machine stalls every small op for milliseconds (the 11k-step memory test took 90 s instead of 7)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from xlstm7b.generate import cli_main, sample_from, sampling_probs
 from test_generate import assert_states_close, checkpoint, heap_bytes_in_use, prompt, random_model, tokenizer  # noqa: F401
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
