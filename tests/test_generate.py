@@ -224,26 +224,27 @@ def heap_bytes_in_use() -> int:
     return info.uordblks + info.hblkhd
 
 
+def decoding_heap_growth(model, n: int, **kwargs) -> int:
+    """Peak heap growth while generating n tokens, measured at every step from the first one on
+    (after the prefill and the [B, n] output buffer). The probe keeps two ints only, so it
+    allocates nothing itself."""
+    first, peak = None, 0
+
+    def probe(tokens):
+        nonlocal first, peak
+        now = heap_bytes_in_use()
+        first = now if first is None else first
+        peak = max(peak, now)
+
+    generate(model, [[0, 5, 9]], max_new_tokens=n, temperature=1.0, seed=0, streamer=probe, **kwargs)
+    return peak - first
+
+
 def test_decoding_memory_constant_in_generated_tokens():
     # A tiny model (1 block, D 32, V 64) so that 11k decoding steps take a few seconds on CPU.
     model = random_model(ModelConfig(embedding_dim=32, num_blocks=1, num_heads=2, vocab_size=64, chunk_size=16))
     heap_bytes_in_use()  # skips early where it cannot measure
-
-    def growth(n: int) -> int:
-        """Peak heap growth while decoding, measured at every step from the first one on (after the
-        prefill and the [B, n] output buffer). Keeps two ints only, so it allocates nothing itself."""
-        first, peak = None, 0
-
-        def probe(tokens):
-            nonlocal first, peak
-            now = heap_bytes_in_use()
-            first = now if first is None else first
-            peak = max(peak, now)
-
-        generate(model, [[0, 5, 9]], max_new_tokens=n, temperature=1.0, seed=0, streamer=probe)
-        return peak - first
-
-    small, large = growth(1_000), growth(10_000)
+    small, large = decoding_heap_growth(model, 1_000), decoding_heap_growth(model, 10_000)
     assert large <= small + 64 * 1024, f"decoding memory grows with tokens: {small} B after 1k, {large} B after 10k"
 
 

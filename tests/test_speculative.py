@@ -11,7 +11,7 @@ from xlstm7b import XLSTM, ModelConfig, State, generate
 from xlstm7b import speculative
 from xlstm7b.generate import cli_main, sample_from, sampling_probs
 
-from test_generate import assert_states_close, checkpoint, heap_bytes_in_use, prompt, random_model, tokenizer  # noqa: F401
+from test_generate import assert_states_close, checkpoint, decoding_heap_growth, heap_bytes_in_use, prompt, random_model, tokenizer  # noqa: F401
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -207,20 +207,7 @@ def test_memory_constant_in_generated_tokens():
     target = random_model(ModelConfig(embedding_dim=32, num_blocks=1, num_heads=2, vocab_size=64, chunk_size=16))
     draft = noisy_copy(target, 0.05, seed=1)
     heap_bytes_in_use()  # skips early where it cannot measure
-
-    def growth(n: int) -> int:
-        first, peak = None, 0
-
-        def probe(tokens):
-            nonlocal first, peak
-            now = heap_bytes_in_use()
-            first = now if first is None else first
-            peak = max(peak, now)
-
-        generate(target, [[0, 5, 9]], max_new_tokens=n, temperature=1.0, seed=0, streamer=probe, draft=draft, speculate_k=4)
-        return peak - first
-
-    small, large = growth(300), growth(2000)
+    small, large = (decoding_heap_growth(target, n, draft=draft, speculate_k=4) for n in (300, 2000))
     assert large <= small + 64 * 1024, f"speculative decoding memory grows: {small} B after 300, {large} B after 2000"
 
 
