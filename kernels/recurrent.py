@@ -20,7 +20,10 @@ def step_gates(i: torch.Tensor, f: torch.Tensor, m: torch.Tensor):
 def step_readout(q: torch.Tensor, C: torch.Tensor, n: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
     """h = C^T q̂ / (max(|n^T q̂|, exp(-m)) + eps) for the updated state: [B, NH, DV]."""
     qs = q.to(C.dtype) * q.shape[-1] ** -0.5
-    num = (qs[..., None, :] @ C).squeeze(-2)  # [B, NH, DV]
+    if torch.compiler.is_compiling():  # a reduction inductor fuses with the update of C: one pass over C
+        num = (qs[..., :, None] * C).sum(dim=-2)
+    else:
+        num = (qs[..., None, :] @ C).squeeze(-2)  # [B, NH, DV]
     den = (qs * n).sum(dim=-1, keepdim=True)  # [B, NH, 1]
     return num / (torch.maximum(den.abs(), torch.exp(-m)) + eps)
 
@@ -57,6 +60,12 @@ def mlstm_step_torch_(
 ) -> torch.Tensor:
     """`mlstm_step_torch` writing the new state into `state`: one pass over C and no temporary of
     its size, which is what decoding at large batch spends its time on. Returns h."""
+    if torch.compiler.is_compiling():
+        # Inductor fuses the pointwise form (no temporary there) and writes the copies in place.
+        h, new = mlstm_step_torch(q, k, v, i, f, state, eps=eps)
+        for old, t in zip(state, new):
+            old.copy_(t)
+        return h
     C, n, m = state
     B, NH, DK, DV = C.shape
     m_new, decay, write = step_gates(i, f, m)

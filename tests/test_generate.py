@@ -304,6 +304,8 @@ def test_cli_streams_the_greedy_continuation(checkpoint, tokenizer, capsys):
     out = generate(model, [ids], max_new_tokens=12, eos_token_id=model.config.eos_token_id)
     assert streamed.out == tokenizer.decode(out.tokens[0, : int(out.lengths[0])].tolist()) + "\n"
     assert "tok/s" in streamed.err
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "12", "--compile"]) == 0
+    assert capsys.readouterr().out == streamed.out
 
     assert cli_main(["--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5", "--no-stream",
                      "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
@@ -324,6 +326,30 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
     assert cli_main(["--checkpoint", str(bare), "--tokenizer", str(checkpoint / "tokenizer.json"), "--prompt", "hi",
                      "--max-new-tokens", "-3"]) == 2
     assert "max_new_tokens" in capsys.readouterr().err
+
+
+def test_compiled_decoding_equals_eager():
+    """compile=True gives eager decoding's tokens, lengths and states, and a compilation (weights
+    frozen in) serves only its own model and version of the weights."""
+    model = random_model(ModelConfig.from_preset("debug"), seed=5)
+    prompts = [prompt(5, 17), prompt(30, 18), []]
+    kw = dict(max_new_tokens=10)
+    eager = generate(model, prompts, **kw)
+    eos = int(eager.tokens[0, 2])
+    for eos_token_id in (None, eos):  # without / with the per-row mask of finished rows
+        a = generate(model, prompts, compile=True, eos_token_id=eos_token_id, **kw)
+        b = generate(model, prompts, eos_token_id=eos_token_id, **kw)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+        assert_states_close(a.state, b.state, 1e-5)
+    assert int(a.lengths[0]) == 3
+    # Another model of the same shape is not served the first one's frozen weights ...
+    other = random_model(ModelConfig.from_preset("debug"), seed=6)
+    assert torch.equal(generate(other, prompts, compile=True, **kw).tokens, generate(other, prompts, **kw).tokens)
+    # ... nor is the first model after an in-place update of its weights (an optimizer step).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.0)
+    assert torch.equal(generate(model, prompts, compile=True, **kw).tokens, generate(model, prompts, **kw).tokens)
 
 
 @pytest.mark.gpu

@@ -66,6 +66,17 @@ def test_greedy_equals_plain_greedy_and_states(target, drafts, kind, k):
         assert 0 < rate < 1  # partial acceptance: the rollback paths are exercised
 
 
+def test_compiled_steps(target, drafts):
+    prompts = [prompt(9, 1), prompt(22, 2)]
+    plain = generate(target, prompts, max_new_tokens=15)
+    spec = generate(target, prompts, max_new_tokens=15, draft=drafts["noisy"], speculate_k=3, compile=True)
+    assert torch.equal(spec.tokens, plain.tokens) and 0 < spec.stats["acceptance_rate"] < 1
+    assert_states_close(spec.state, plain.state)
+    texts = [p + spec.tokens[b].tolist() for b, p in enumerate(prompts)]
+    for b, d in enumerate(full_states(drafts["noisy"], texts)):  # the rollback without recorded cell inputs
+        assert_states_close(spec.draft_state.select([b]), d)
+
+
 def test_fused_weight_layout(target, drafts):
     fused, draft = target.with_weight_mode("fused"), drafts["noisy"].with_weight_mode("fused")
     prompts = [prompt(12, 11), prompt(3, 12)]

@@ -30,8 +30,9 @@ becomes the new `last`:
   one decoding step's cell update, plus the state copy.
 - Draft: its K steps already covered [last, d1..d_{K-1}]; rows that keep K+1 positions get one more
   (masked) step over dK. Rows that keep fewer are re-advanced from the saved state the same way,
-  with the cells alone over the inputs its steps recorded. Under a CUDA graph (no Python runs in a
-  replayed step, so nothing records) that is one masked chunkwise pass of the draft over the K+1 ids.
+  with the cells alone over the inputs its steps recorded. Under a CUDA graph or a compiled step (no
+  Python runs in them, so nothing records) that is one masked chunkwise pass of the draft over the
+  K+1 ids.
 The alternative, snapshots of per-step states, costs K+1 state copies per block and K+1 state-sized
 buffers (for the 7B, 128 MiB per row each: 1 GiB per row at K = 7).
 
@@ -42,7 +43,7 @@ the returned states cover the prompt and every generated token, as with plain de
 
 import torch
 
-from .generate import _CUDAGraphStep, _prefill, decode_step, sample_from, sampling_probs
+from .generate import _prefill, _step_runner, decode_step, sample_from, sampling_probs
 from .kernels import mlstm_advance
 from .model import XLSTM
 from .state import State
@@ -66,6 +67,7 @@ def speculative_decode(
     stream,
     prefill_chunk_size: int,
     use_graph: bool,
+    compile: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The speculative decoding loop of `generate`: prompts ids [B, S] (left-padded, `mask`) ->
     (tokens [B, max_new_tokens], lengths [B], stats). `state` and `draft_state` (contiguous float32,
@@ -87,8 +89,9 @@ def speculative_decode(
     last = ids[:, -1].clone()
     saved, draft_saved = state.clone(), draft_state.clone()  # the spare buffers for rollback
     cells = _CellInputs(model)
-    draft_step = _CUDAGraphStep(draft, draft_state) if use_graph and max_new_tokens > 0 else None
-    # A captured step runs no Python, so nothing can record the draft's cell inputs there.
+    fast = max_new_tokens > 0 and (use_graph or compile)
+    draft_step = _step_runner(draft, draft_state, use_graph=use_graph, compile=compile) if fast else None
+    # A captured or compiled step runs no Python, so nothing can record the draft's cell inputs there.
     draft_cells = _CellInputs(draft) if draft_step is None else None
 
     # Room for one whole block past max_new_tokens, so writes never collide; cut at the end.
@@ -259,7 +262,7 @@ def _rollback_draft(draft, state, saved, cells, step, x, keep, running) -> None:
         pass  # the steps advanced exactly the kept positions, up to dk
     elif cells is not None:
         cells.readvance(saved, state, keep.clamp(max=k))
-    else:  # no recorded inputs (CUDA graph): one masked chunkwise pass of the draft over x
+    else:  # no recorded inputs (CUDA graph, compiled step): one masked chunkwise pass of the draft over x
         rows = torch.arange(k + 1, device=x.device) < keep[:, None]
         draft.run(x, saved, mask=rows, inplace=True, last_logits_only=True)
         state.copy_(saved)
