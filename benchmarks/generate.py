@@ -6,6 +6,8 @@ xLSTMLarge.generate, on the same weights, in one run.
 
 Measures decode tok/s at several batch sizes, prefill tok/s and time to first token (TTFT) at several
 prompt lengths, and peak memory while generating more and more tokens (constant for a recurrent model).
+On CPU, "compiled" is xlstm7b with generate(..., compile=True) (its prefill is ours, so it has no
+prefill rows); the time its first call spends compiling is reported per batch size.
 Decode rate = B * (N - 1) / (t(N tokens) - t(1 token)), so prefill and the first token are excluded;
 every time is the best of --repeats runs. Writes benchmarks/results/generate_<device>.json and a PNG
 beside it (when matplotlib is installed).
@@ -67,8 +69,8 @@ def build(preset: str, device: str, dtype: torch.dtype, official: bool, seed: in
 
 def run_fn(impl: str, model, ids: torch.Tensor, n: int):
     """One greedy generation of n tokens per row; returns the tokens."""
-    if impl == "ours":
-        return generate(model, ids, max_new_tokens=n).tokens
+    if impl in ("ours", "compiled"):
+        return generate(model, ids, max_new_tokens=n, compile=impl == "compiled").tokens
     with torch.no_grad():
         return model.generate(ids, max_length=n)[0]
 
@@ -97,6 +99,13 @@ def bench_speed(models: dict, args, vocab: int, device) -> list[dict]:
     for B in args.batches:
         ids = prompt(B, 16, vocab, device)
         for impl, model in models.items():
+            if impl == "compiled":
+                t0 = time.perf_counter()
+                run_fn(impl, model, ids, 1)
+                first = time.perf_counter() - t0
+                compile_s = first - best_time(lambda: run_fn(impl, model, ids, 1), args.repeats)
+                rows.append(dict(impl=impl, metric="compile", batch=B, seconds=compile_s))
+                print(f"compile  {impl:<8} batch {B:>3}: {compile_s:9.1f} s (once per model, batch size and weights)", flush=True)
             t1 = best_time(lambda: run_fn(impl, model, ids, 1), args.repeats)
             tn = best_time(lambda: run_fn(impl, model, ids, args.decode_tokens), args.repeats)
             rate = B * (args.decode_tokens - 1) / (tn - t1)
@@ -105,6 +114,8 @@ def bench_speed(models: dict, args, vocab: int, device) -> list[dict]:
     for S in args.prompt_lengths:
         ids = prompt(1, S, vocab, device)
         for impl, model in models.items():
+            if impl == "compiled":
+                continue  # the same prefill as "ours"
             try:
                 ttft = best_time(lambda: run_fn(impl, model, ids, 1), 1 if S > 8192 else args.repeats)
             except torch.OutOfMemoryError:
@@ -123,7 +134,7 @@ def memory_child(impl: str, n: int, args) -> dict:
     process's peak RSS, reset through /proc/self/clear_refs after the warm-up."""
     device = args.device
     ours, theirs = build(args.preset, device, DTYPES[args.dtype], official=impl == "official")
-    model = ours if impl == "ours" else theirs
+    model = theirs if impl == "official" else ours
     ids = prompt(1, 16, ours.config.vocab_size, device)
     run_fn(impl, model, ids, 2)  # warm-up: kernels compiled, caches filled
     gc.collect()
@@ -181,10 +192,10 @@ def plot(result: dict, path: Path) -> None:
         ("prefill", "prompt_tokens", "ttft_s", "prompt tokens", "time to first token (s)"),
         ("memory", "new_tokens", "peak_mib", "generated tokens", "peak memory while generating (MiB)"),
     ]):
-        for impl in ("ours", "official"):
+        for impl, color in (("ours", "C0"), ("compiled", "C1"), ("official", "C2")):
             pts = sorted((r[x], r[y]) for r in result["rows"] if r["impl"] == impl and r["metric"] == metric and y in r)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=impl)
+                ax.plot(*zip(*pts), marker="o", label=impl, color=color)
         xs = sorted({r[x] for r in result["rows"] if r["metric"] == metric})
         ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel)
         ax.set_xticks(xs, [str(v) for v in xs])
@@ -229,7 +240,8 @@ def main() -> None:
         return
 
     ours, theirs = build(args.preset, args.device, DTYPES[args.dtype], official=not args.no_official)
-    models = {"ours": ours} | ({} if theirs is None else {"official": theirs})
+    ours_impls = ["ours"] + ([] if cuda else ["compiled"])
+    models = {impl: ours for impl in ours_impls} | ({} if theirs is None else {"official": theirs})
     vocab = ours.config.vocab_size
     c = ours.config
     model_shape = dict(embedding_dim=c.embedding_dim, num_blocks=c.num_blocks, num_heads=c.num_heads,
@@ -242,7 +254,7 @@ def main() -> None:
     rows = bench_speed(models, args, vocab, args.device)
     del models, ours, theirs
     gc.collect()
-    rows += bench_memory(["ours"] + ([] if args.no_official else ["official"]), args)
+    rows += bench_memory(ours_impls + ([] if args.no_official else ["official"]), args)
 
     import xlstm
 

@@ -108,8 +108,8 @@ def generate(
     prefill_chunk_size: prompt positions run at once during prefill; bounds prefill memory.
     cuda_graph: capture the decode step in a CUDA graph; default: on CUDA devices.
     compile: on CPU, compile the decode step (and the draft's) with torch.compile; worth it for long
-        generations at small batch (see `_CompiledStep`). The first call for a model, batch size
-        and set of weights compiles (seconds to a minute); later calls reuse it.
+        generations at batch sizes up to ~16 (see `_CompiledStep`). The first call for a model,
+        batch size and set of weights compiles (seconds to a minute); later calls reuse it.
     draft: a smaller XLSTM with the same vocabulary, on the same device: speculative decoding (the
         draft proposes `speculate_k` tokens per block, the target verifies them in one pass). The
         output follows the target's distribution exactly; greedy output equals plain greedy output.
@@ -290,10 +290,11 @@ def _step_runner(model: XLSTM, state: State, *, use_graph: bool, compile: bool):
 
 
 class _CompiledStep:
-    """`decode_step` on `state` compiled by inductor for CPU: the weights frozen into prepacked GEMM
-    kernels (inductor's C++ templates, chosen by max-autotune), the norms, gates and cell fused into
-    a few loops. Batch-1 decoding is dominated by per-op overhead and by MKL's matrix-vector
-    products, which these replace.
+    """`decode_step` on `state` compiled by inductor for CPU: the weights frozen and prepacked for
+    inductor's C++ GEMM templates (max-autotune with the CPP backend), the norms, gates and cell
+    fused into a few loops. Eager small-batch decoding is dominated by per-op overhead and by MKL's
+    matrix-vector products (slow on AMD CPUs), which these replace; from batch ~64 the products are
+    compute-bound, MKL's are faster and eager decoding wins.
 
     Frozen weights are constants of the compiled code, so a compilation serves one model and one
     version of its weights: each model gets its own copy of `decode_step`'s code object (dynamo
