@@ -279,6 +279,21 @@ def test_export_loads_with_from_pretrained(tmp_path, corpus, cache):
     assert len(evals) == 2 and all(math.isfinite(r["val_bpb"]) and r["val_bpb"] > 0 for r in evals)
 
 
+def test_wandb_offline_logs_the_metrics(tmp_path, corpus, cache, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = tmp_path / "run"
+    assert trainer.train(job(corpus, cache, run, "--train.steps=3", "--run.eval_every=3",
+                             "--run.wandb_project=xlstm7b-test", "--run.wandb_mode=offline")) == 0
+    logs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1, "one offline wandb run in RUN_DIR/wandb"
+    data = logs[0].read_bytes()  # protobuf records: keys and JSON-encoded values appear verbatim
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert b"xlstm7b-test" in data
+    for key in ("loss", "val_bpb"):
+        value = next(r[key] for r in reversed(records) if key in r)
+        assert key.encode() in data and json.dumps(value).encode() in data, f"{key} = {value} not logged to wandb"
+
+
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     from xlstm7b.train.plot import plot_main
