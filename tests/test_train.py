@@ -281,6 +281,7 @@ def test_export_loads_with_from_pretrained(tmp_path, corpus, cache):
 
 def test_wandb_offline_logs_the_metrics(tmp_path, corpus, cache, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # the printed records must not stand in for logged ones
     run = tmp_path / "run"
     assert trainer.train(job(corpus, cache, run, "--train.steps=3", "--run.eval_every=3",
                              "--run.wandb_project=xlstm7b-test", "--run.wandb_mode=offline")) == 0
