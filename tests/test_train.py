@@ -314,6 +314,8 @@ def test_plan_7b(capsys):
     assert "6,865,424,896 parameters" in out and "fits         NO" in out and "--train.cpu_offload=true" in out
     assert plan_main(["7b", "--gpus", "1", "--gpu-memory-gb", "80", "--train.cpu_offload=true"]) == 0
     assert plan_main(["7b", "--gpus", "8", "--gpu-memory-gb", "80"]) == 0
+    assert plan_main(["7b", "--parallel.cpu_offload=true"]) == 2
+    assert "unknown section 'parallel'" in capsys.readouterr().err
     cfg = load_config("7b")
     assert estimate(cfg, 8, torch.device("cuda"), 80).parts_gb["optimizer"] == pytest.approx(8 * 6.865e9 / 8 / 2**30, rel=0.01)
 

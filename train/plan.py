@@ -14,6 +14,7 @@ The estimate (bytes; P parameters, e the compute dtype's size, T = micro_batch *
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,11 @@ def plan_main(argv: list[str]) -> int:
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (processes) to plan for")
     p.add_argument("--gpu-memory-gb", type=float, default=0, help="memory per GPU (default: this machine's GPU, else 80)")
     args, overrides = p.parse_known_args(argv)
-    job = load_config(args.config, overrides)
+    try:
+        job = load_config(args.config, overrides)
+    except ValueError as e:
+        print(f"xlstm7b plan: {e}", file=sys.stderr)
+        return 2
     device = torch.device("cuda")
     capacity = args.gpu_memory_gb or job.run.gpu_memory_gb or (device_capacity_gb(device, 0) if torch.cuda.is_available() else 80.0)
     plan = estimate(job, args.gpus, device, capacity)
