@@ -16,7 +16,7 @@ import torch
 import xlstm7b
 from xlstm7b.train import checkpointing, trainer
 from xlstm7b.train.config import load_config
-from xlstm7b.train.data import TokenData, prepare_data
+from xlstm7b.train.data import Corpus, TokenData, prepare_data
 from xlstm7b.train.optim import lr_at, param_groups
 from xlstm7b.train.plan import estimate
 from xlstm7b.train.tokenizer import train_bpe
@@ -166,6 +166,51 @@ def test_empty_data_and_oversized_tokenizer(tmp_path, corpus, cache):
     tok.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match=r"has \d+ tokens but model.vocab_size=512.*--model.vocab_size=640"):
         trainer.train(job(corpus, cache, tmp_path / "r", f"--data.tokenizer={tmp_path / 'tokenizer.json'}"))
+
+
+def all_documents(cfg) -> dict[str, str]:
+    corpus = Corpus(cfg.data)
+    return {name: text for split in ("train", "val") for name, text in corpus.documents(split)}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_json_and_parquet_sources(tmp_path, corpus, cache, fmt):
+    import datasets
+
+    texts = [(corpus / f).read_text() for f in sorted(os.listdir(corpus))[:20]]
+    path = tmp_path / f"docs.{fmt}"
+    table = datasets.Dataset.from_dict({"content": texts, "id": list(range(len(texts)))})
+    table.to_json(path) if fmt == "jsonl" else table.to_parquet(path)
+    cfg = job(path, cache, tmp_path / "run", "--data.text_field=content", "--data.val_fraction=0.3", "--train.steps=2")
+    assert sorted(all_documents(cfg).values()) == sorted(texts)  # one document per row, none lost
+    assert trainer.train(cfg) == 0 and len(losses(tmp_path / "run")) == 2
+    with pytest.raises(ValueError, match=r"no column 'text'.*data.text_field to one of \['content', 'id'\]"):
+        all_documents(job(path, cache, "unused"))
+
+
+def test_mixed_file_formats_are_rejected(tmp_path, cache):
+    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "b.jsonl").write_text('{"text": "json"}\n')
+    with pytest.raises(ValueError, match="mixes file formats"):
+        Corpus(job(tmp_path, cache, "unused").data)
+
+
+def test_hub_source_streams_and_stops_at_max_documents(cache, monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config=None, *, split, streaming=False):
+        calls.append((name, config, split, streaming))
+        return ({"text": f"document {n}"} for n in range(10**9))  # endless: must be streamed and cut
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = job("someone/code-corpus", cache, "unused", "--data.hub_config=python", "--data.hub_split=train[:1%]",
+              "--data.max_documents=50")
+    docs = all_documents(cfg)
+    assert sorted(docs.values(), key=lambda t: int(t.split()[1])) == [f"document {n}" for n in range(50)]
+    assert calls == [("someone/code-corpus", "python", "train[:1%]", True)] * 2  # one streamed pass per split
+    assert Corpus(cfg.data).fingerprint() != Corpus(job("someone/code-corpus", cache, "unused").data).fingerprint()
 
 
 # --- resume, checkpoints, failures ----------------------------------------------------------------
