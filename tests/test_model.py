@@ -211,6 +211,16 @@ def test_last_logits_only():
     assert last.shape == (2, 1, 97) and torch.allclose(last[:, 0], full[:, -1], atol=1e-6)
 
 
+def test_return_hidden_then_logits():
+    model = small_model()
+    x = ids(S=12)
+    logits, state = model(x)
+    hidden, hidden_state = model(x, return_hidden=True)
+    assert hidden.shape == (2, 12, model.config.embedding_dim)
+    assert torch.equal(model.logits(hidden), logits)
+    assert all(torch.equal(a, b) for la, lb in zip(state, hidden_state) for a, b in zip(la, lb))
+
+
 def test_tied_embeddings_share_one_tensor():
     model = XLSTM(ModelConfig(**SMALL, tie_word_embeddings=True))
     assert model.lm_head.weight is model.backbone.embeddings.weight

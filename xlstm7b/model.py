@@ -242,6 +242,7 @@ class XLSTM(nn.Module):
         mask: torch.Tensor | None = None,
         inplace: bool = False,
         last_logits_only: bool = False,
+        return_hidden: bool = False,
     ) -> tuple[torch.Tensor, State]:
         """input_ids [B, S] (any S >= 1) -> logits [B, S, V] (soft-capped) and the state after the
         last position.
@@ -252,6 +253,8 @@ class XLSTM(nn.Module):
         reset: bool [B, S], True where a new document starts: the state is zeroed right before it.
         mask: bool [B, S], False at padding positions, which leave the state untouched.
         last_logits_only: compute logits for the last position only ([B, 1, V]), as in prefill.
+        return_hidden: return the final hidden states [B, S, D] (after the output norm) in place of
+            the logits; `logits(hidden)` maps them, so a loss can compute the logits piece by piece.
         """
         self.check_input_ids(input_ids)
         B, S = input_ids.shape
@@ -261,9 +264,10 @@ class XLSTM(nn.Module):
         if state is not None:
             if not isinstance(state, State) or len(state) != self.config.num_blocks or state.batch_size != B:
                 raise ValueError(f"state must be a State with {self.config.num_blocks} layers and batch size {B}")
-        return self.run(input_ids, state, reset=reset, mask=mask, inplace=inplace, last_logits_only=last_logits_only)
+        return self.run(input_ids, state, reset=reset, mask=mask, inplace=inplace, last_logits_only=last_logits_only,
+                        return_hidden=return_hidden)
 
-    def run(self, input_ids, state=None, *, reset=None, mask=None, inplace=False, last_logits_only=False):
+    def run(self, input_ids, state=None, *, reset=None, mask=None, inplace=False, last_logits_only=False, return_hidden=False):
         """`forward` without validating its arguments: no host synchronization, so a decoding step
         can be captured in a CUDA graph. The caller guarantees ids in range and matching shapes."""
         x = self.backbone.embeddings(input_ids)
@@ -272,8 +276,11 @@ class XLSTM(nn.Module):
             x, layer_state = block(x, None if state is None else state[n], reset=reset, mask=mask, inplace=inplace)
             layers.append(layer_state)
         x = self.backbone.out_norm(x[:, -1:] if last_logits_only else x)
-        logits = soft_cap(self.lm_head(x), self.config.output_logit_soft_cap)
-        return logits, state if inplace and state is not None else State(layers)
+        return x if return_hidden else self.logits(x), state if inplace and state is not None else State(layers)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., D] (after the output norm) -> soft-capped logits [..., V]."""
+        return soft_cap(self.lm_head(hidden), self.config.output_logit_soft_cap)
 
     def save_pretrained(self, path, *, max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
         """Writes the released Hugging Face layout (config.json + safetensors shards); see checkpoint.py."""
