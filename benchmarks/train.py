@@ -20,13 +20,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from xlstm7b.train.config import load_config
 from xlstm7b.train.data import Corpus
 from xlstm7b.train.metrics import peak_flops, train_flops_per_token
 from xlstm7b.train.optim import build_optimizer
 from xlstm7b.train.parallel import Dist, build_model, compute_dtype
+from xlstm7b.train.trainer import sequence_loss
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,10 +44,10 @@ def time_training(preset: str, device: torch.device, steps: int, micro_batch: in
     ids[:, :: max(1, S // 4)] = 0  # document starts, as in packed training rows
     inputs, targets = ids[:, :-1], ids[:, 1:]
 
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits, _ = model(inputs, reset=inputs == 0)
-        F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+        sequence_loss(model, plain.logits, inputs, targets, inputs == 0, autocast, t.loss_chunk_tokens).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -1,5 +1,6 @@
 """Pretraining system on CPU: config, data, schedule, exact resume, checkpoints, bad input, export."""
 
+import contextlib
 import json
 import math
 import os
@@ -78,6 +79,7 @@ def test_overrides_and_types():
     (["--train.schedule=linear"], "train.schedule must be one of"),
     (["train.steps=3"], "must look like --section.key=value"),
     (["--train.seq_len=100"], "multiple of train.seq_len"),
+    (["--train.loss_chunk_tokens=-1"], "train.loss_chunk_tokens must be >= 0"),
 ])
 def test_config_errors(args, message):
     with pytest.raises(ValueError, match=None) as e:
@@ -118,6 +120,43 @@ def test_weight_decay_groups():
     assert "backbone.embeddings.weight" not in decayed
     assert not any(n.endswith("bias") or "norm" in n for n in decayed)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# --- loss -----------------------------------------------------------------------------------------
+
+def test_loss_in_pieces_equals_loss_at_once():
+    """loss_chunk_tokens changes memory, not the numbers: the same per-token losses and gradients, and
+    no logits-sized tensor kept for the backward pass."""
+    model = xlstm7b.XLSTM(xlstm7b.ModelConfig.from_preset("debug"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    V = model.config.vocab_size
+    ids = torch.randint(1, V, (3, 41), generator=torch.Generator().manual_seed(0))
+    ids[:, ::13] = 0
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    runs = {}
+    for chunk in (0, 16, 7):
+        saved = []
+        def pack(t):
+            saved.append(t.numel() if t.shape[-1:] == (V,) else 0)  # logits-shaped tensors only
+            return t
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            nats = trainer.sequence_loss(model, model.logits, inputs, targets, inputs == 0, contextlib.nullcontext(), chunk)
+        nats.mean().backward()
+        runs[chunk] = nats.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, max(saved)
+    full, grads, _ = runs[0]
+    assert runs[0][2] >= inputs.numel() * V  # at once: whole logits are kept for the backward pass
+    for chunk in (16, 7):
+        nats, chunk_grads, biggest = runs[chunk]
+        torch.testing.assert_close(nats, full, rtol=1e-6, atol=1e-6)
+        for n, g in grads.items():
+            torch.testing.assert_close(chunk_grads[n], g, rtol=1e-5, atol=1e-7, msg=n)
+        assert biggest == 0  # in pieces: no logits kept, each piece's are recomputed in the backward pass
+    with torch.no_grad():
+        evaluated = trainer.sequence_loss(model, model.logits, inputs, targets, inputs == 0, contextlib.nullcontext(), 16)
+    torch.testing.assert_close(evaluated, full)
 
 
 # --- data -----------------------------------------------------------------------------------------

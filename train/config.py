@@ -83,6 +83,9 @@ class TrainConfig:
     """torch.compile each block."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass."""
+    loss_chunk_tokens: int = 0
+    """Compute the output logits and the loss this many tokens at a time, recomputing them in the
+    backward pass, so the [tokens, vocab] logits are never held whole (0 = all at once)."""
     threads: int = 0
     """CPU threads per process for torch (0 = all cores divided by local processes)."""
 
@@ -135,6 +138,8 @@ class JobConfig:
         for name in ("log_every", "ckpt_every", "keep_checkpoints"):
             if getattr(r, name) <= 0:
                 raise ValueError(f"run.{name} must be positive, got {getattr(r, name)}")
+        if t.loss_chunk_tokens < 0:
+            raise ValueError(f"train.loss_chunk_tokens must be >= 0 (0 = all tokens at once), got {t.loss_chunk_tokens}")
         if not 0 <= self.data.val_fraction < 1:
             raise ValueError(f"data.val_fraction must lie in [0, 1), got {self.data.val_fraction}")
         if t.global_batch_tokens % t.seq_len:

@@ -119,7 +119,7 @@ def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int) -> tu
     wrapped: nn.Module = model
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(d.device.type, (d.world,))
         dtype = compute_dtype(cfg, d.device)
@@ -131,6 +131,7 @@ def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int) -> tu
         for block in model.backbone.blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+        register_fsdp_forward_method(model, "logits")  # the loss calls the head outside forward()
         model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
         init_weights(model, seed)
     else:

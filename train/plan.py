@@ -8,7 +8,8 @@ The estimate (bytes; P parameters, e the compute dtype's size, T = micro_batch *
     with cpu_offload these three live in host memory and only the unsharded blocks stay on the device
     activations  per block and token: e * (4D + 2Dqk + 4Dv + 3Dff) + fp32 gates and chunk states;
                  with activation checkpointing only each block's input (e * D) plus one block in full;
-                 plus the logits: T * V * (e + 8) (fp32 upcast for the loss and its gradient)
+                 plus the logits: L * V * (e + 8) (fp32 upcast for the loss and its gradient), L = T or
+                 train.loss_chunk_tokens when the loss is computed in pieces
     overhead     1 GiB of workspace and allocator slack
 """
 
@@ -61,6 +62,8 @@ class Plan:
     def advice(self, job: JobConfig) -> str:
         t = job.train
         tips = []
+        if self.parts_gb["logits"] > 1 and not 0 < t.loss_chunk_tokens <= 4096:
+            tips.append("--train.loss_chunk_tokens=4096")
         if not t.activation_checkpointing:
             tips.append("--train.activation_checkpointing=true")
         if t.micro_batch > 1:
@@ -98,7 +101,7 @@ def estimate(job: JobConfig, devices: int, device: torch.device, capacity_gb: fl
     cell = 4 * (4 * NH + NH * c.qk_head_dim * c.v_head_dim / c.chunk_size + 2 * NH * c.chunk_size)
     per_block = T * (e * (4 * D + 2 * Dqk + 4 * Dv + 3 * Dff) + cell)
     acts = c.num_blocks * T * e * D + per_block if t.activation_checkpointing else c.num_blocks * per_block
-    parts = {**state, "activations": acts, "logits": T * V * (e + 8), "overhead": GiB}
+    parts = {**state, "activations": acts, "logits": min(T, t.loss_chunk_tokens or T) * V * (e + 8), "overhead": GiB}
     kind = "GPU" if device.type == "cuda" else "CPU"
     cap = capacity_gb if capacity_gb is not None else device_capacity_gb(device, job.run.gpu_memory_gb)
     return Plan(P, parallel, devices, kind, cap, {k: v / GiB for k, v in parts.items()}, host / GiB)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from xlstm7b import XLSTM
 
@@ -57,15 +58,33 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
 
 
-def sequence_loss(model, inputs, targets, reset, autocast) -> torch.Tensor:
-    """Per-token cross-entropy [B, S] in float32; the state is reset at every document start."""
+def sequence_loss(model, head, inputs, targets, reset, autocast, chunk_tokens: int = 0) -> torch.Tensor:
+    """Per-token cross-entropy [B, S] in float32; the state is reset at every document start.
+
+    `head` maps final hidden states to logits (`XLSTM.logits`). With `chunk_tokens`, the logits are
+    computed that many tokens at a time and, when gradients are on, recomputed piece by piece in the
+    backward pass, so no [B*S, V] logits tensor is kept: at the 7B shape an 8k-token sequence's
+    logits and their float32 copies are ~4 GiB. 0 computes them all at once.
+    """
     with autocast:
-        logits, _ = model(inputs, reset=reset)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        hidden, _ = model(inputs, reset=reset, return_hidden=True)
+        hidden, flat = hidden.flatten(0, 1), targets.flatten()
+        if not chunk_tokens:
+            return token_nats(head, hidden, flat).view(targets.shape)
+        recompute = torch.is_grad_enabled()
+        pieces = [
+            checkpoint(token_nats, head, h, t, use_reentrant=False) if recompute else token_nats(head, h, t)
+            for h, t in zip(hidden.split(chunk_tokens), flat.split(chunk_tokens))
+        ]
+    return torch.cat(pieces).view(targets.shape)
+
+
+def token_nats(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenData, tbytes: torch.Tensor, job: JobConfig, d: Dist, autocast) -> dict:
+def evaluate(model, head, data: TokenData, tbytes: torch.Tensor, job: JobConfig, d: Dist, autocast) -> dict:
     """val_loss (nats per token) and val_bpb (bits per byte of text; special-token targets, which
     stand for no text, are excluded) on a fixed subset of the validation split."""
     model.eval()
@@ -75,7 +94,7 @@ def evaluate(model, data: TokenData, tbytes: torch.Tensor, job: JobConfig, d: Di
     totals = torch.zeros(4, dtype=torch.float64, device=d.device)  # nats, tokens, nats on text, bytes
     for lo in range(0, len(windows), job.train.micro_batch):
         inputs, targets, reset = (t.to(d.device) for t in data.batch(windows[lo : lo + job.train.micro_batch]))
-        nats = sequence_loss(model, inputs, targets, reset, autocast).double()
+        nats = sequence_loss(model, head, inputs, targets, reset, autocast, job.train.loss_chunk_tokens).double()
         nbytes = tbytes[targets]
         totals += torch.stack([nats.sum(), torch.tensor(nats.numel(), device=d.device), nats[nbytes > 0].sum(), nbytes.sum()])
     d.all_reduce(totals)
@@ -197,7 +216,7 @@ def _train(job: JobConfig, d: Dist) -> int:
                     model.set_requires_gradient_sync(last)
                 sync = model.no_sync() if parallel == "ddp" and not last else contextlib.nullcontext()
                 with sync:
-                    loss = sequence_loss(model, inputs, targets, reset, autocast).mean() / grad_accum
+                    loss = sequence_loss(model, plain.logits, inputs, targets, reset, autocast, t.loss_chunk_tokens).mean() / grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
@@ -225,7 +244,7 @@ def _train(job: JobConfig, d: Dist) -> int:
                         "peak_memory_gb": None if mem is None else round(mem, 3)})
                 interval_time, interval_tokens = 0.0, 0
             if (r.eval_every and step % r.eval_every == 0) or step == t.steps:
-                record({"step": step, **evaluate(model, val_data, tbytes, job, d, autocast)})
+                record({"step": step, **evaluate(model, plain.logits, val_data, tbytes, job, d, autocast)})
             signum = int(d.all_reduce(torch.tensor(stop.signum, device=d.device), op=torch.distributed.ReduceOp.MAX).item())
             if step % r.ckpt_every == 0 or step == t.steps or signum:
                 path = save(step)
