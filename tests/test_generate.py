@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate
-from xlstm7b.generate import TextStreamer, cli_main, sample
+from xlstm7b.generate import TextStreamer, _CompiledStep, cli_main, sample
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -342,6 +342,11 @@ def test_compiled_decoding_equals_eager():
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
         assert_states_close(a.state, b.state, 1e-5)
     assert int(a.lengths[0]) == 3
+    # Above GEMM_TEMPLATE_MAX_BATCH rows the compiled step keeps MKL's GEMMs: a second compilation.
+    many = [prompt(3 + b, 40 + b) for b in range(_CompiledStep.GEMM_TEMPLATE_MAX_BATCH + 1)]
+    a, b = generate(model, many, compile=True, **kw), generate(model, many, **kw)
+    assert torch.equal(a.tokens, b.tokens)
+    assert_states_close(a.state, b.state, 1e-5)
     # Another model of the same shape is not served the first one's frozen weights ...
     other = random_model(ModelConfig.from_preset("debug"), seed=6)
     assert torch.equal(generate(other, prompts, compile=True, **kw).tokens, generate(other, prompts, **kw).tokens)

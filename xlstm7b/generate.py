@@ -108,8 +108,8 @@ def generate(
     prefill_chunk_size: prompt positions run at once during prefill; bounds prefill memory.
     cuda_graph: capture the decode step in a CUDA graph; default: on CUDA devices.
     compile: on CPU, compile the decode step (and the draft's) with torch.compile; worth it for long
-        generations at batch sizes up to ~16 (see `_CompiledStep`). The first call for a model,
-        batch size and set of weights compiles (seconds to a minute); later calls reuse it.
+        generations (see `_CompiledStep`). The first call for a model, batch size and set of
+        weights compiles (seconds to a minute); later calls reuse it.
     draft: a smaller XLSTM with the same vocabulary, on the same device: speculative decoding (the
         draft proposes `speculate_k` tokens per block, the target verifies them in one pass). The
         output follows the target's distribution exactly; greedy output equals plain greedy output.
@@ -290,36 +290,41 @@ def _step_runner(model: XLSTM, state: State, *, use_graph: bool, compile: bool):
 
 
 class _CompiledStep:
-    """`decode_step` on `state` compiled by inductor for CPU: the weights frozen and prepacked for
-    inductor's C++ GEMM templates (max-autotune with the CPP backend), the norms, gates and cell
-    fused into a few loops. Eager small-batch decoding is dominated by per-op overhead and by MKL's
-    matrix-vector products (slow on AMD CPUs), which these replace; from batch ~64 the products are
-    compute-bound, MKL's are faster and eager decoding wins.
+    """`decode_step` on `state` compiled by inductor for CPU: the weights frozen into the compiled
+    code and the norms, gates and cell fused into a few loops. Up to `GEMM_TEMPLATE_MAX_BATCH` rows
+    the matrix products are inductor's C++ GEMM templates (max-autotune, CPP backend), which stream
+    the weights far faster than MKL's matrix-vector products (slow on AMD CPUs); above it, where the
+    products are compute-bound, MKL's packed GEMMs are faster and are kept.
 
     Frozen weights are constants of the compiled code, so a compilation serves one model and one
-    version of its weights: each model gets its own copy of `decode_step`'s code object (dynamo
+    version of its weights: each model gets its own copies of `decode_step`'s code object (dynamo
     keeps compiled graphs per code object) and a fingerprint of its parameters; an in-place weight
     update (an optimizer step, load_state_dict) compiles anew. That makes the guards on the model's
     modules redundant, and they are skipped: they cost more than the step at batch 1.
     """
 
-    _compiled: "weakref.WeakKeyDictionary[XLSTM, tuple[tuple, object]]" = weakref.WeakKeyDictionary()
+    GEMM_TEMPLATE_MAX_BATCH = 16
+    _compiled: "weakref.WeakKeyDictionary[XLSTM, tuple[tuple, dict[bool, object]]]" = weakref.WeakKeyDictionary()
 
     def __init__(self, model: XLSTM, state: State):
         self.model, self.state = model, state
         fingerprint = tuple((p.data_ptr(), p._version) for p in model.parameters())
-        cached = self._compiled.get(model)
-        if cached is None or cached[0] != fingerprint:
-            code = decode_step.__code__.replace()  # a new code object: a fresh dynamo cache
-            fn = types.FunctionType(code, decode_step.__globals__, decode_step.__name__, decode_step.__defaults__)
-            options = {
-                "max_autotune": True,
-                "max_autotune_gemm_backends": "CPP",
-                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-            }
-            cached = fingerprint, torch.compile(fn, dynamic=False, options=options)
-            self._compiled[model] = cached
-        self.fn = cached[1]
+        entry = self._compiled.get(model)
+        if entry is None or entry[0] != fingerprint:
+            entry = self._compiled[model] = fingerprint, {}
+        templates = state.batch_size <= self.GEMM_TEMPLATE_MAX_BATCH
+        if templates not in entry[1]:
+            entry[1][templates] = self._compile(templates)
+        self.fn = entry[1][templates]
+
+    @staticmethod
+    def _compile(gemm_templates: bool):
+        code = decode_step.__code__.replace()  # a new code object: a fresh dynamo cache
+        fn = types.FunctionType(code, decode_step.__globals__, decode_step.__name__, decode_step.__defaults__)
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if gemm_templates:
+            options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+        return torch.compile(fn, dynamic=False, options=options)
 
     def __call__(self, token: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         # Freezing is read when dynamo hands the graph over, which torch.compile's options do not reach.
