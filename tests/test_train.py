@@ -151,8 +151,9 @@ def test_loss_in_pieces_equals_loss_at_once():
     for chunk in (16, 7):
         nats, chunk_grads, biggest = runs[chunk]
         torch.testing.assert_close(nats, full, rtol=1e-6, atol=1e-6)
-        for n, g in grads.items():
-            torch.testing.assert_close(chunk_grads[n], g, rtol=1e-5, atol=1e-7, msg=n)
+        for n, g in grads.items():  # summation order differs: compare each gradient as a whole
+            err = ((chunk_grads[n] - g).norm() / g.norm()).item()
+            assert err < 1e-5, f"{n}: relative error {err:.1e}"
         assert biggest == 0  # in pieces: no logits kept, each piece's are recomputed in the backward pass
     with torch.no_grad():
         evaluated = trainer.sequence_loss(model, model.logits, inputs, targets, inputs == 0, contextlib.nullcontext(), 16)
