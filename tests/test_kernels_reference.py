@@ -180,6 +180,22 @@ def test_inplace_step_writes_the_same_state_into_the_given_tensors():
     assert all(rel(a, b) < 1e-12 for a, b in zip(state, ref))
 
 
+def test_compiled_inplace_step_equals_eager():
+    """Under torch.compile the in-place step takes its pointwise form (fused by inductor): same h and
+    state, written into the same tensors."""
+    x, st, _ = make_inputs(S=6, state=True)
+    eager, compiled = (tuple(t.clone() for t in st) for _ in range(2))
+    ptrs = [t.data_ptr() for t in compiled]
+    step = torch.compile(mlstm_step, dynamic=False)
+    for t in range(6):
+        token = [a[:, :, t] for a in x]
+        h_ref, _ = mlstm_step(*token, eager, inplace=True)
+        h, _ = step(*token, compiled, inplace=True)
+        assert rel(h, h_ref) < 1e-12
+    assert [t.data_ptr() for t in compiled] == ptrs
+    assert all(rel(a, b) < 1e-12 for a, b in zip(compiled, eager))
+
+
 def test_empty_state_convention_is_m_zero():
     C, n, m = zero_state(1, 2, 4, 6)
     assert C.abs().sum() == n.abs().sum() == m.abs().sum() == 0
