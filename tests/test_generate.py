@@ -305,7 +305,8 @@ def test_cli_streams_the_greedy_continuation(checkpoint, tokenizer, capsys):
     assert streamed.out == tokenizer.decode(out.tokens[0, : int(out.lengths[0])].tolist()) + "\n"
     assert "tok/s" in streamed.err
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "12", "--compile"]) == 0
-    assert capsys.readouterr().out == streamed.out
+    compiled = capsys.readouterr()
+    assert compiled.out == streamed.out and "compiling the decode step" in compiled.err
 
     assert cli_main(["--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5", "--no-stream",
                      "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
