@@ -2,6 +2,7 @@
 
     h, state = mlstm(q, k, v, i, f, state=None, backend="auto", chunk_size=64, reset=None)
     h, state = mlstm_step(q, k, v, i, f, state)
+    h = mlstm_step_(q, k, v, i, f, state)        # the same step, writing the new state into `state`
 
 This package depends on torch (and triton for the GPU kernels) only; it knows nothing of the model.
 Triton is imported lazily, on the first call that needs it, so the package imports without it.
@@ -76,14 +77,9 @@ def mlstm_step(
     *,
     backend: str = "auto",
     eps: float = EPS,
-    inplace: bool = False,
 ) -> tuple[torch.Tensor, MLSTMState]:
-    """One token: q, k [B, NH, DK], v [B, NH, DV], i, f [B, NH]; returns h [B, NH, DV] and the new state.
-
-    inplace=True writes the new state into `state` (contiguous float32 tensors) and returns it:
-    no allocation besides h, CUDA-graph friendly, no gradient through the state. The default keeps
-    `state` untouched.
-    """
+    """One token: q, k [B, NH, DK], v [B, NH, DV], i, f [B, NH]; returns h [B, NH, DV] and the new
+    state. `state` is left untouched (see `mlstm_step_` for the in-place form decoding uses)."""
     if q.ndim != 3:
         raise ValueError(f"mlstm_step: q must be [B, NH, DK] (one token), got shape {tuple(q.shape)}")
     B, NH, DK = q.shape
@@ -91,15 +87,32 @@ def mlstm_step(
         state = zero_state(B, NH, DK, v.shape[-1], device=q.device)
     check_inputs(q[:, :, None], k[:, :, None], v[:, :, None], i[..., None], f[..., None], state)
     if resolve_backend(backend, q.device) == "triton":
-        from .step_triton import mlstm_step_triton
-
-        if not inplace:
-            state = tuple(t.to(torch.float32, copy=True, memory_format=torch.contiguous_format) for t in state)
-        return mlstm_step_triton(q, k, v, i, f, state, eps=eps)
-    if inplace:
-        return mlstm_step_torch_(q, k, v, i, f, state, eps=eps).to(v.dtype), state
+        fresh = tuple(t.to(torch.float32, copy=True, memory_format=torch.contiguous_format) for t in state)
+        return mlstm_step_(q, k, v, i, f, fresh, backend="triton", eps=eps), fresh
     h, new = mlstm_step_torch(q, k, v, i, f, state, eps=eps)
     return h.to(v.dtype), new
+
+
+def mlstm_step_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState,
+    *,
+    backend: str = "auto",
+    eps: float = EPS,
+) -> torch.Tensor:
+    """`mlstm_step` writing the new state into `state` (contiguous float32 C, n, m); returns h.
+    No allocation besides h, no host synchronization and no gradient through the state, so a
+    decoding step can be captured in a CUDA graph or compiled. Shapes are the caller's promise: it
+    runs once per token and layer, so it validates nothing."""
+    if resolve_backend(backend, q.device) == "triton":
+        from .step_triton import mlstm_step_triton
+
+        return mlstm_step_triton(q, k, v, i, f, state, eps=eps)[0]
+    return mlstm_step_torch_(q, k, v, i, f, state, eps=eps).to(v.dtype)
 
 
 __all__ = [
@@ -111,6 +124,7 @@ __all__ = [
     "mlstm_parallel",
     "mlstm_recurrent",
     "mlstm_step",
+    "mlstm_step_",
     "mlstm_step_torch",
     "zero_state",
 ]
