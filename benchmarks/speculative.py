@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate
-from xlstm7b.generate import decode_step
-from xlstm7b.speculative import _CellInputs
+from xlstm7b.speculative import readvance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,26 +127,25 @@ def cost_model_rows(target, draft, ks, args, device) -> list[dict]:
     spare, draft_spare = st.clone(), sd.clone()
     rows = []
     with torch.no_grad():
-        t_step = per_call(lambda: decode_step(target, tok, st))
-        d_step = per_call(lambda: decode_step(draft, tok, sd))
+        t_step = per_call(lambda: target.step(tok, st))
+        d_step = per_call(lambda: draft.step(tok, sd))
         t_copy = per_call(lambda: spare.copy_(st)) + per_call(lambda: draft_spare.copy_(sd))
         for k in ks:
             x = torch.full((1, k + 1), 5, device=device)
-            cells = _CellInputs(target)
-            with cells:
-                verify = per_call(lambda: target.run(x, st, inplace=True))
+            cells = target.cell_inputs_buffer(1, k + 1)
+            verify = per_call(lambda: target(x, st, cell_inputs=cells))
             keep = torch.tensor([(k + 1) // 2], device=device)
-            readvance = per_call(lambda: cells.readvance(spare, st, keep))  # cells only, from recorded inputs
+            t_readvance = per_call(lambda: readvance(target.config, cells, spare, keep, out=st))  # cells only
             row = dict(kind="cost_model", K=k, target_step_ms=1e3 * t_step, draft_step_ms=1e3 * d_step,
-                       verify_ms=1e3 * verify, readvance_ms=1e3 * readvance, state_copies_ms=1e3 * t_copy,
+                       verify_ms=1e3 * verify, readvance_ms=1e3 * t_readvance, state_copies_ms=1e3 * t_copy,
                        draft_over_target_step=d_step / t_step, predicted_speedup={})
             for a in (0.5, 0.6, 0.7, 0.8, 0.9):
                 tokens = (1 - a ** (k + 1)) / (1 - a)
-                block = k * d_step + verify + (1 - a**k) * readvance + t_copy
+                block = k * d_step + verify + (1 - a**k) * t_readvance + t_copy
                 row["predicted_speedup"][str(a)] = tokens * t_step / block
             rows.append(row)
             print(f"K={k}: target step {1e3 * t_step:.2f} ms, draft step {1e3 * d_step:.2f} ms, verify {1e3 * verify:.2f} ms, "
-                  f"re-advance {1e3 * readvance:.2f} ms; predicted speedup at acceptance 0.7: "
+                  f"re-advance {1e3 * t_readvance:.2f} ms; predicted speedup at acceptance 0.7: "
                   f"{row['predicted_speedup']['0.7']:.2f}x, 0.9: {row['predicted_speedup']['0.9']:.2f}x", flush=True)
     return rows
 

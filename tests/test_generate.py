@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate
-from xlstm7b.generate import TextStreamer, _CompiledStep, cli_main, sample
+from xlstm7b.cli import generate_main
+from xlstm7b.decode import CompiledStep
+from xlstm7b.sampling import sample
+from xlstm7b.streaming import TextStreamer
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -308,10 +311,10 @@ def test_cli_streams_the_greedy_continuation(checkpoint, tokenizer, capsys):
     compiled = capsys.readouterr()
     assert compiled.out == streamed.out and "compiling the decode step" in compiled.err
 
-    assert cli_main(["--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5", "--no-stream",
+    assert generate_main(["--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5", "--no-stream",
                      "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
     first = capsys.readouterr().out
-    assert cli_main(["--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5", "--stream",
+    assert generate_main(["--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5", "--stream",
                      "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
     assert capsys.readouterr().out == first
 
@@ -322,9 +325,9 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
     for f in checkpoint.iterdir():
         if f.name != "tokenizer.json":
             (bare / f.name).write_bytes(f.read_bytes())
-    assert cli_main(["--checkpoint", str(bare), "--prompt", "hi"]) == 2
+    assert generate_main(["--checkpoint", str(bare), "--prompt", "hi"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
-    assert cli_main(["--checkpoint", str(bare), "--tokenizer", str(checkpoint / "tokenizer.json"), "--prompt", "hi",
+    assert generate_main(["--checkpoint", str(bare), "--tokenizer", str(checkpoint / "tokenizer.json"), "--prompt", "hi",
                      "--max-new-tokens", "-3"]) == 2
     assert "max_new_tokens" in capsys.readouterr().err
 
@@ -344,7 +347,7 @@ def test_compiled_decoding_equals_eager():
         assert_states_close(a.state, b.state, 1e-5)
     assert int(a.lengths[0]) == 3
     # Above GEMM_TEMPLATE_MAX_BATCH rows the compiled step keeps MKL's GEMMs: a second compilation.
-    many = [prompt(3 + b, 40 + b) for b in range(_CompiledStep.GEMM_TEMPLATE_MAX_BATCH + 1)]
+    many = [prompt(3 + b, 40 + b) for b in range(CompiledStep.GEMM_TEMPLATE_MAX_BATCH + 1)]
     a, b = generate(model, many, compile=True, **kw), generate(model, many, **kw)
     assert torch.equal(a.tokens, b.tokens)
     assert_states_close(a.state, b.state, 1e-5)

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from xlstm7b import XLSTM, ModelConfig, State, preset_names, preset_path
+from xlstm7b.kernels import mlstm_advance
+from xlstm7b.model import split_cell_inputs
 
 SMALL = dict(embedding_dim=64, num_blocks=2, num_heads=2, vocab_size=97, chunk_size=8)
 
@@ -129,11 +131,8 @@ def test_teacher_forced_steps_equal_full_forward():
     with torch.no_grad():
         full, full_state = model(x)
         state = State.zeros(model.config, 2)
-        steps = []
-        for t in range(21):
-            logits, state = model(x[:, t : t + 1], state, inplace=True)
-            steps.append(logits)
-    assert rel(torch.cat(steps, dim=1), full) < 1e-5
+        steps = [model.step(x[:, t], state) for t in range(21)]
+    assert rel(torch.stack(steps, dim=1), full) < 1e-5
     for a, b in zip(state, full_state):
         for u, w in zip(a, b):
             assert rel(u, w) < 1e-5
@@ -149,18 +148,59 @@ def test_pieces_with_carried_state_equal_one_run():
     assert rel(st[1][0], full_state[1][0]) < 1e-5
 
 
-def test_state_passed_in_is_not_mutated_unless_inplace():
+def test_forward_leaves_the_state_passed_in_alone_and_step_updates_it():
     model = small_model()
     _, state = model(ids(S=9))
     state = state.detach()
     before = state.clone()
-    _, new = model(ids(S=5, seed=2), state)
+    x = ids(S=1, seed=2)
+    logits, new = model(x, state)
     assert all(torch.equal(u, w) for a, b in zip(state, before) for u, w in zip(a, b))
     ptr = state[0][0].data_ptr()
     with torch.no_grad():
-        _, new2 = model(ids(S=5, seed=2), state, inplace=True)
-    assert new2 is state and state[0][0].data_ptr() == ptr
-    assert rel(state[0][0], new[0][0]) < 1e-6 and not torch.equal(state[0][0], before[0][0])
+        step_logits = model.step(x[:, 0], state)
+    assert state[0][0].data_ptr() == ptr and not torch.equal(state[0][0], before[0][0])
+    assert rel(step_logits, logits[:, 0]) < 1e-5
+    assert all(rel(u, w) < 1e-5 for a, b in zip(state, new) for u, w in zip(a, b))
+
+
+def test_step_leaves_inactive_rows_alone():
+    model = small_model().eval()
+    state = State.zeros(model.config, 2)
+    with torch.no_grad():
+        model.step(ids(S=3)[:, 0], state)
+        before = state.clone()
+        model.step(ids(S=3)[:, 1], state, active=torch.tensor([True, False]))
+    assert all(torch.equal(u[1], w[1]) for a, b in zip(state, before) for u, w in zip(a, b))
+    assert not torch.equal(state[0][0][0], before[0][0][0])
+
+
+def test_cell_inputs_are_what_the_cell_saw_in_forward_and_step():
+    model = small_model().eval()
+    x = ids(S=6)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    seen = model.cell_inputs_buffer(2, 6)
+    with torch.no_grad():
+        model(x, mask=mask, cell_inputs=seen)
+        state = State.zeros(model.config, 2)
+        stepped = [model.cell_inputs_buffer(2) for _ in range(6)]
+        for t in range(6):
+            model.step(x[:, t], state, mask[:, t], cell_inputs=stepped[t])
+    assert rel(torch.cat(stepped, dim=2).nan_to_num(0, 0, 0), seen.nan_to_num(0, 0, 0)) < 1e-5
+    k, v, i, f = split_cell_inputs(seen, model.config)
+    assert (i[:, 1, :2] == float("-inf")).all() and (f[:, 1, :2] == float("inf")).all()
+    assert torch.isfinite(i[:, 0]).all()
+    # Row 0's k, v, i, f of the last layer re-advance the empty state to the forward pass's final state.
+    with torch.no_grad():
+        _, full = model(x[:1])
+    k, v, i, f = (t[1, :1] for t in (k, v, i, f))  # [1, S, NH*DH]
+
+    def heads(t):  # [1, S, NH*DH] -> [1, NH, S, DH]
+        return t.unflatten(-1, (2, -1)).transpose(1, 2)
+
+    C, n, m = mlstm_advance(heads(k), heads(v), i.transpose(1, 2), f.transpose(1, 2), State.zeros(model.config, 1)[1])
+    assert rel(C, full[1][0]) < 1e-5 and rel(n, full[1][1]) < 1e-5 and rel(m, full[1][2]) < 1e-5
 
 
 def test_gradients_flow_through_a_state_passed_in():

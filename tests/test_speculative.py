@@ -9,7 +9,8 @@ import torch
 
 from xlstm7b import XLSTM, ModelConfig, State, generate
 from xlstm7b import speculative
-from xlstm7b.generate import cli_main, sample_from, sampling_probs
+from xlstm7b.cli import generate_main
+from xlstm7b.sampling import sample_from, sampling_probs
 
 from test_generate import assert_states_close, checkpoint, decoding_heap_growth, heap_bytes_in_use, prompt, random_model, tokenizer  # noqa: F401
 
@@ -73,7 +74,7 @@ def test_compiled_steps(target, drafts):
     assert torch.equal(spec.tokens, plain.tokens) and 0 < spec.stats["acceptance_rate"] < 1
     assert_states_close(spec.state, plain.state)
     texts = [p + spec.tokens[b].tolist() for b, p in enumerate(prompts)]
-    for b, d in enumerate(full_states(drafts["noisy"], texts)):  # the rollback without recorded cell inputs
+    for b, d in enumerate(full_states(drafts["noisy"], texts)):  # the rollback from a compiled step's cell inputs
         assert_states_close(spec.draft_state.select([b]), d)
 
 
@@ -224,12 +225,12 @@ def test_memory_constant_in_generated_tokens():
 
 def test_cli_draft_flags(checkpoint, tokenizer, capsys):  # noqa: F811
     args = ["--checkpoint", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "12", "--no-stream"]
-    assert cli_main(args) == 0
+    assert generate_main(args) == 0
     plain = capsys.readouterr().out
-    assert cli_main(args + ["--draft", str(checkpoint), "--speculate-k", "3"]) == 0
+    assert generate_main(args + ["--draft", str(checkpoint), "--speculate-k", "3"]) == 0
     out = capsys.readouterr()
     assert out.out == plain and "acceptance" in out.err
-    assert cli_main(args + ["--draft", str(checkpoint), "--speculate-k", "0"]) == 2
+    assert generate_main(args + ["--draft", str(checkpoint), "--speculate-k", "0"]) == 2
     assert "speculate_k" in capsys.readouterr().err
 
 

@@ -10,15 +10,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import xlstm7b
+from xlstm7b import ModelConfig
 from xlstm7b.train import checkpointing, trainer
-from xlstm7b.train.config import load_config
+from xlstm7b.train.cli import plan_main, plot_main
+from xlstm7b.train.config import TrainConfig, load_config
 from xlstm7b.train.data import Corpus, TokenData, prepare_data
 from xlstm7b.train.optim import lr_at, param_groups
+from xlstm7b.train.parallel import Dist, build_model
 from xlstm7b.train.plan import estimate
 from xlstm7b.train.tokenizer import train_bpe
 
@@ -382,7 +384,6 @@ def test_wandb_offline_logs_the_metrics(tmp_path, corpus, cache, monkeypatch):
 
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from xlstm7b.train.plot import plot_main
 
     records = [{"step": s, "loss": 5 - s / 10, "tokens_per_s": 1000.0} for s in range(1, 11)]
     records += [{"step": 5, "val_loss": 4.6, "val_bpb": 2.1}, {"step": 10, "val_loss": 4.2, "val_bpb": 1.9}]
@@ -392,8 +393,6 @@ def test_plot_writes_png(tmp_path):
 
 
 def test_plan_7b(capsys):
-    from xlstm7b.train.plan import plan_main
-
     assert plan_main(["7b", "--gpus", "1", "--gpu-memory-gb", "80"]) == 1
     out = capsys.readouterr().out
     assert "6,865,424,896 parameters" in out and "fits         NO" in out and "--train.cpu_offload=true" in out
@@ -417,6 +416,17 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, corpus, cache)
     assert trainer.train(job(corpus, cache, tmp_path / "ac", "--train.steps=3", "--train.activation_checkpointing=true")) == 0
     plain, ac = losses(tmp_path / "plain"), losses(tmp_path / "ac")
     assert list(ac) == [1, 2, 3] and ac == pytest.approx(plain, rel=1e-6)
+
+
+def test_activation_checkpointing_recomputes_every_block():
+    config = ModelConfig.from_preset("debug")
+    for recompute, forwards in ((False, 1), (True, 2)):
+        model, plain, _ = build_model(config, TrainConfig(activation_checkpointing=recompute), Dist(), seed=0)
+        calls = []
+        for block in plain.backbone.blocks:
+            block.mlstm_layer.register_forward_hook(lambda *_: calls.append(1))
+        model(torch.tensor([[0, 5, 6, 7]]))[0].sum().backward()
+        assert len(calls) == forwards * config.num_blocks
 
 
 def test_compiled_blocks_give_the_same_losses(tmp_path, corpus, cache):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.distributed._composable import checkpoint as recompute_in_backward
 
 from xlstm7b import XLSTM, ModelConfig
 
@@ -99,11 +99,12 @@ def init_weights(model: XLSTM, seed: int) -> None:
         part.to_empty(device="meta")
 
 
-def checkpoint_blocks(model: XLSTM) -> None:
-    """Activation checkpointing per block; parameter names stay unchanged (no wrapper module)."""
+def recompute_blocks(model: XLSTM) -> None:
+    """Activation checkpointing per block, through PyTorch's composable API (module hooks, so the
+    parameter names stay unchanged and fully_shard applies on top): each block keeps only its input
+    and runs its forward again in the backward pass."""
     for block in model.backbone.blocks:
-        forward = block.forward
-        block.forward = lambda *args, _f=forward, **kwargs: checkpoint(_f, *args, use_reentrant=False, **kwargs)
+        recompute_in_backward(block)
 
 
 def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int) -> tuple[nn.Module, XLSTM, str]:
@@ -112,7 +113,7 @@ def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int) -> tu
     with torch.device("meta"):
         model = XLSTM(config)
     if cfg.activation_checkpointing:
-        checkpoint_blocks(model)
+        recompute_blocks(model)
     if cfg.compile:
         for block in model.backbone.blocks:
             block.compile()

@@ -1,5 +1,5 @@
 """Memory plan: parameters, gradients, optimizer state and activations per device under the chosen
-parallelism, and whether it fits. `xlstm7b plan CONFIG --gpus N` prints it; training checks it first.
+parallelism, and whether it fits. `xlstm7b plan CONFIG --gpus N` (cli.py) prints it; training checks it first.
 
 The estimate (bytes; P parameters, e the compute dtype's size, T = micro_batch * seq_len tokens):
     parameters   4P fp32 master weights (/N with FSDP), + two blocks unsharded in the compute dtype (FSDP)
@@ -13,14 +13,12 @@ The estimate (bytes; P parameters, e the compute dtype's size, T = micro_batch *
     overhead     1 GiB of workspace and allocator slack
 """
 
-import argparse
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from .config import JobConfig, load_config
+from .config import JobConfig
 from .parallel import resolve_parallel
 
 GiB = 2**30
@@ -105,21 +103,3 @@ def estimate(job: JobConfig, devices: int, device: torch.device, capacity_gb: fl
     kind = "GPU" if device.type == "cuda" else "CPU"
     cap = capacity_gb if capacity_gb is not None else device_capacity_gb(device, job.run.gpu_memory_gb)
     return Plan(P, parallel, devices, kind, cap, {k: v / GiB for k, v in parts.items()}, host / GiB)
-
-
-def plan_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="xlstm7b plan", description="parameter count and per-GPU memory of a training config")
-    p.add_argument("config", help="preset name or .toml path")
-    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (processes) to plan for")
-    p.add_argument("--gpu-memory-gb", type=float, default=0, help="memory per GPU (default: this machine's GPU, else 80)")
-    args, overrides = p.parse_known_args(argv)
-    try:
-        job = load_config(args.config, overrides)
-    except ValueError as e:
-        print(f"xlstm7b plan: {e}", file=sys.stderr)
-        return 2
-    device = torch.device("cuda")
-    capacity = args.gpu_memory_gb or job.run.gpu_memory_gb or (device_capacity_gb(device, 0) if torch.cuda.is_available() else 80.0)
-    plan = estimate(job, args.gpus, device, capacity)
-    print(plan.report(job))
-    return 0 if plan.fits else 1

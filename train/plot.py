@@ -1,6 +1,5 @@
 """`xlstm7b plot RUN_DIR`: loss, bits-per-byte and throughput curves from metrics.jsonl as a PNG."""
 
-import argparse
 import json
 from pathlib import Path
 
@@ -40,18 +39,3 @@ def plot(run_dir: Path, out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def plot_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="xlstm7b plot", description=__doc__.split(":", 1)[1].strip())
-    p.add_argument("run_dir")
-    p.add_argument("--output", "-o", help="PNG path (default RUN_DIR/metrics.png)")
-    args = p.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    try:
-        out = plot(run_dir, Path(args.output) if args.output else run_dir / "metrics.png")
-    except ImportError:
-        print("xlstm7b plot needs matplotlib: pip install 'xlstm7b[plot]'")
-        return 1
-    print(f"wrote {out}")
-    return 0

@@ -4,7 +4,6 @@ Trained tokenizers follow the 7B's conventions: id 0 `<|endoftext|>` separates d
 id 1 `<|padding|>` pads.
 """
 
-import argparse
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -62,25 +61,3 @@ def token_bytes(tok: Tokenizer) -> np.ndarray:
         # A byte-level token spells one byte per character; otherwise decode it.
         out[i] = len(piece) if byte_level else len(tok.decode([i]).encode("utf-8"))
     return out
-
-
-def tokenizer_main(argv: list[str]) -> int:
-    """`xlstm7b tokenizer train`: train a byte-level BPE on a config's training split."""
-    from .config import load_config
-    from .data import Corpus
-
-    p = argparse.ArgumentParser(prog="xlstm7b tokenizer", description="train a byte-level BPE tokenizer")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train on the training split of a config's [data] source")
-    t.add_argument("config", help="preset name or .toml path (its [data] section and model.vocab_size)")
-    t.add_argument("--output", "-o", required=True, help="where to write tokenizer.json")
-    t.add_argument("--vocab-size", type=int, default=0, help="default: the config's model.vocab_size")
-    args, overrides = t.parse_known_args(argv[1:]) if argv[:1] == ["train"] else (p.parse_args(argv), [])
-    job = load_config(args.config, overrides)
-    corpus = Corpus(job.data)
-    tok = train_bpe((text for _, text in corpus.documents("train")), args.vocab_size or job.model.vocab_size)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out))
-    print(f"wrote {out}: {tok.get_vocab_size()} tokens trained on the training split of {job.data.source!r}")
-    return 0

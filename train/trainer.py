@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from xlstm7b import XLSTM
+from xlstm7b import XLSTM, generate
 
 from . import checkpointing
 from .config import JobConfig
@@ -103,20 +103,13 @@ def evaluate(model, head, data: TokenData, tbytes: torch.Tensor, job: JobConfig,
     return {"val_loss": nats / tokens, "val_bpb": text_nats / math.log(2) / max(nbytes, 1)}
 
 
-@torch.no_grad()
-def sample(model: XLSTM, tok, prompt: str, n: int, temperature: float = 0.8, seed: int = 0) -> str:
-    """Continues `prompt` by n tokens, sampling with the recurrent state (one forward per token)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = [0, *tok.encode(prompt, add_special_tokens=False).ids]
-    logits, state = model(torch.tensor([ids]), last_logits_only=True)
-    for _ in range(n):
-        probs = torch.softmax(logits[0, -1].float() / temperature, dim=-1)
-        nxt = int(torch.multinomial(probs, 1, generator=g))
-        if nxt == model.config.eos_token_id:
-            break
-        ids.append(nxt)
-        logits, state = model(torch.tensor([[nxt]]), state)
-    return tok.decode(ids[1:])
+def sample_text(model: XLSTM, tok, prompt: str, n: int, temperature: float = 0.8, seed: int = 0) -> str:
+    """`prompt` continued by up to n sampled tokens (stopping at the EOS), as text."""
+    c = model.config
+    ids = [c.bos_token_id, *tok.encode(prompt, add_special_tokens=False).ids]
+    out = generate(model, [ids], max_new_tokens=n, temperature=temperature, seed=seed, eos_token_id=c.eos_token_id)
+    new = out.tokens[0, : int(out.lengths[0])].tolist()
+    return tok.decode(ids[1:] + (new[:-1] if new[-1:] == [c.eos_token_id] else new))
 
 
 def export(run_dir: Path, model, plain: XLSTM, tokenizer_path: Path, d: Dist, sample_tokens: int) -> str | None:
@@ -131,7 +124,7 @@ def export(run_dir: Path, model, plain: XLSTM, tokenizer_path: Path, d: Dist, sa
         out.save_pretrained(run_dir / "model")
         shutil.copyfile(tokenizer_path, run_dir / "model" / "tokenizer.json")
         if sample_tokens:
-            text = sample(out.eval(), load_tokenizer(tokenizer_path), "def ", sample_tokens)
+            text = sample_text(out.eval(), load_tokenizer(tokenizer_path), "def ", sample_tokens)
             (run_dir / "sample.txt").write_text(text)
     d.barrier()
     return text

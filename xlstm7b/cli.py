@@ -1,31 +1,38 @@
-"""The `xlstm7b` command (also `python -m xlstm7b`). Each subcommand lives next to what it drives
-and is imported only when used, so `xlstm7b info` never loads the training stack."""
+"""The `xlstm7b` command (also `python -m xlstm7b`): the inference commands (`info`, `generate`)
+live here; the training commands are in the training half's one front-end, `xlstm7b.train.cli`,
+imported only when one of them runs, so `xlstm7b info` never loads the training stack."""
 
 import argparse
 import importlib
 import sys
+import time
+from pathlib import Path
 
-# name -> (module:function taking argv, one-line help)
+import torch
+from tokenizers import Tokenizer
+
+from .checkpoint import CheckpointError, from_pretrained
+from .config import ModelConfig, preset_names, preset_path
+from .generate import generate
+from .model import XLSTM
+from .state import State
+from .streaming import TextStreamer
+
+# name -> one-line help
 SUBCOMMANDS = {
-    "info": ("xlstm7b.cli:info_main", "build a model from a preset or TOML file; print its size, state size and a forward pass"),
-    "train": ("xlstm7b.train.cli:train_main", "pretrain from a preset or TOML config (--section.key=value overrides); resumes a run"),
-    "tokenizer": ("xlstm7b.train.tokenizer:tokenizer_main", "train a byte-level BPE tokenizer on a config's corpus"),
-    "plan": ("xlstm7b.train.plan:plan_main", "parameter count and per-GPU memory of a training config; whether it fits"),
-    "plot": ("xlstm7b.train.plot:plot_main", "plot loss, bits-per-byte and throughput of a run directory to a PNG"),
-    "generate": ("xlstm7b.generate:cli_main", "generate text from a checkpoint folder, streamed as it is produced"),
+    "info": "build a model from a preset or TOML file; print its size, state size and a forward pass",
+    "train": "pretrain from a preset or TOML config (--section.key=value overrides); resumes a run",
+    "tokenizer": "train a byte-level BPE tokenizer on a config's corpus",
+    "plan": "parameter count and per-GPU memory of a training config; whether it fits",
+    "plot": "plot loss, bits-per-byte and throughput of a run directory to a PNG",
+    "generate": "generate text from a checkpoint folder, streamed as it is produced",
 }
+TRAIN_CLI = "xlstm7b.train.cli"
+"""The training half's front-end: `main(command, argv)` runs train, tokenizer, plan and plot."""
 
 
 def info_main(argv: list[str]) -> int:
-    import time
-
-    import torch
-
-    from .config import ModelConfig, preset_names, preset_path
-    from .model import XLSTM
-    from .state import State
-
-    p = argparse.ArgumentParser(prog="xlstm7b info", description=SUBCOMMANDS["info"][1])
+    p = argparse.ArgumentParser(prog="xlstm7b info", description=SUBCOMMANDS["info"])
     p.add_argument("config", nargs="?", default="toy", help=f"preset name ({', '.join(preset_names())}) or a .toml path")
     p.add_argument("--seq-len", type=int, default=128, help="length of the demo forward pass (0 to skip it)")
     p.add_argument("--seed", type=int, default=0)
@@ -59,11 +66,74 @@ def info_main(argv: list[str]) -> int:
     return 0
 
 
+def generate_main(argv: list[str]) -> int:
+    """`xlstm7b generate`: loads a checkpoint folder and its tokenizer, streams the continuation."""
+    p = argparse.ArgumentParser(prog="xlstm7b generate", description="Generate text from a checkpoint folder.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + safetensors)")
+    p.add_argument("--prompt", required=True, help="prompt text ('' starts from the BOS token alone)")
+    p.add_argument("--tokenizer", help="tokenizer.json to use (default: the one in the checkpoint folder)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (the default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop at this string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: compile the decode step (faster decoding, after a compilation of seconds to a minute)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it is produced")
+    p.add_argument("--draft", metavar="DIR", help="a smaller checkpoint with the same tokenizer: speculative decoding")
+    p.add_argument("--speculate-k", type=int, default=4, metavar="K", help="draft tokens per verification (with --draft)")
+    args = p.parse_args(argv)
+
+    tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.json"
+    if not tok_path.is_file():
+        hint = "" if args.tokenizer else " (the checkpoint folder has none); pass --tokenizer PATH/tokenizer.json"
+        print(f"xlstm7b generate: tokenizer file {tok_path} not found{hint}", file=sys.stderr)
+        return 2
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        model = from_pretrained(args.checkpoint, device=device, dtype=dtype, weight_mode="fused")
+        config = model.config
+        draft = None
+        if args.draft is not None:
+            draft = from_pretrained(args.draft, device=device, dtype=dtype, weight_mode="fused")
+            draft_tok = Path(args.draft) / "tokenizer.json"  # the vocab sizes are checked by generate()
+            if draft_tok.is_file() and draft_tok.read_bytes() != tok_path.read_bytes():
+                print(f"xlstm7b generate: warning: {draft_tok} differs from {tok_path}; the output is still the "
+                      "target's, but a draft with another tokenizer is rarely accepted", file=sys.stderr)
+        ids = [config.bos_token_id] + tokenizer.encode(args.prompt, add_special_tokens=False).ids
+        streamer = TextStreamer(tokenizer, stop=args.stop, out=sys.stdout if args.stream else None)
+        if args.compile:
+            print("compiling the decode step (the first time for a model and batch size takes up to a minute) ...",
+                  file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        out = generate(
+            model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, seed=args.seed, eos_token_id=None if args.ignore_eos else config.eos_token_id,
+            streamer=streamer, draft=draft, speculate_k=args.speculate_k, compile=args.compile,
+        )
+    except (CheckpointError, ValueError, TypeError) as e:
+        print(f"xlstm7b generate: {e}", file=sys.stderr)
+        return 2
+    dt = time.perf_counter() - t0
+    if not args.stream:
+        print(streamer.text)
+    n = int(out.lengths[0])
+    spec = "" if out.stats is None else f", draft acceptance {out.stats['acceptance_rate']:.2f} at K={args.speculate_k}"
+    print(f"[{len(ids)} prompt + {n} generated tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {device}{spec}]", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: xlstm7b COMMAND [ARGS...]\n\ncommands:")
-        for name, (_, help_) in SUBCOMMANDS.items():
+        for name, help_ in SUBCOMMANDS.items():
             print(f"  {name:<10} {help_}")
         print("\n'xlstm7b COMMAND --help' for a command's options.")
         return 0 if argv else 2
@@ -71,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"xlstm7b: unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
-    module, func = SUBCOMMANDS[name][0].split(":")
-    return getattr(importlib.import_module(module), func)(rest) or 0
+    if name == "info":
+        return info_main(rest)
+    if name == "generate":
+        return generate_main(rest)
+    return importlib.import_module(TRAIN_CLI).main(name, rest) or 0
 
 
 if __name__ == "__main__":

@@ -13,12 +13,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, WeightMode
-from .kernels import mlstm, mlstm_step
+from .kernels import mlstm, mlstm_step_
 from .state import State
 
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(x / cap)
+
+
+def cell_inputs_width(config: ModelConfig) -> int:
+    return config.qk_dim + config.v_dim + 2 * config.num_heads
+
+
+def split_cell_inputs(cell_inputs: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, ...]:
+    """A `cell_inputs` buffer [..., Dqk + Dv + 2 NH] -> views k [..., Dqk], v [..., Dv], i, f [..., NH]."""
+    return cell_inputs.split([config.qk_dim, config.v_dim, config.num_heads, config.num_heads], dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -97,8 +106,10 @@ class mLSTMLayer(nn.Module):
         self.multihead_norm = MultiHeadLayerNorm(NH, config.v_head_dim, config.norm_eps, bias)
         self.out_proj = nn.Linear(Dv, D, bias=bias)
 
-    def project(self, x: torch.Tensor):
-        """x [B, S, D] -> q, k [B, S, Dqk]; v, o [B, S, Dv]; i, f [B, S, NH] soft-capped, float32."""
+    def project(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """x [B, S, D] -> q, k [B, S, Dqk]; v, o [B, S, Dv]; i, f [B, S, NH] soft-capped, float32.
+        Padding (mask [B, S] False) is made invisible to the cell: i = -inf writes nothing and
+        f = +inf (lf = 0) forgets nothing (spec §2)."""
         c = self.config
         if hasattr(self, "qkv_opreact"):
             q, k, v, o = self.qkv_opreact(x).split([c.qk_dim, c.qk_dim, c.v_dim, c.v_dim], dim=-1)
@@ -106,39 +117,49 @@ class mLSTMLayer(nn.Module):
         else:
             q, k, v, o = self.q(x), self.k(x), self.v(x), self.ogate_preact(x)
             i, f = self.igate_preact(x).float(), self.fgate_preact(x).float()
-        return q, k, v, o, soft_cap(i, c.gate_soft_cap), soft_cap(f, c.gate_soft_cap)
-
-    def forward(self, x, state=None, *, reset=None, mask=None, inplace=False):
-        """x [B, S, D] -> y [B, S, D] and the layer's new state; `inplace` writes it into `state`."""
-        c = self.config
-        B, S, _ = x.shape
-        q, k, v, o, i, f = self.project(x)
-        if mask is not None:  # padding writes nothing (i = -inf) and forgets nothing (lf = 0)
+        i, f = soft_cap(i, c.gate_soft_cap), soft_cap(f, c.gate_soft_cap)
+        if mask is not None:
             i = i.masked_fill(~mask[..., None], float("-inf"))
             f = f.masked_fill(~mask[..., None], float("inf"))
-        if S == 1 and state is not None and reset is None and not torch.is_grad_enabled():
-            # Decoding: the fused single-token step. [B, 1, NH*DH] -> [B, NH, DH]
-            h, state = mlstm_step(
-                q.view(B, c.num_heads, -1), k.view(B, c.num_heads, -1), v.view(B, c.num_heads, -1),
-                i.view(B, c.num_heads), f.view(B, c.num_heads), state,
-                backend=c.mlstm_backend, eps=c.eps, inplace=inplace,
-            )
-            h = h.view(B, 1, c.num_heads, -1)  # [B, S=1, NH, DV]
-        else:
-            # [B, S, NH*DH] -> [B, NH, S, DH]
-            q, k, v = (t.view(B, S, c.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-            h, new_state = mlstm(
-                q, k, v, i.transpose(1, 2), f.transpose(1, 2), state,
-                backend=c.mlstm_backend, chunk_size=c.chunk_size, reset=reset, eps=c.eps,
-            )
-            if inplace and state is not None:
-                for old, new in zip(state, new_state):
-                    old.copy_(new)
-            else:
-                state = new_state
-            h = h.transpose(1, 2)  # [B, S, NH, DV]
-        h = self.multihead_norm(h)  # [B, S, Dv]
-        return self.out_proj(torch.sigmoid(o) * h), state
+        return q, k, v, o, i, f
+
+    def record(self, cell_inputs, k, v, i, f) -> None:
+        if cell_inputs is not None:
+            for dst, src in zip(split_cell_inputs(cell_inputs, self.config), (k, v, i, f)):
+                dst.copy_(src)
+
+    def output(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Cell output h [B, S, NH, DV] and output gate pre-activation o [B, S, Dv] -> y [B, S, D]."""
+        return self.out_proj(torch.sigmoid(o) * self.multihead_norm(h))
+
+    def forward(self, x, state=None, *, reset=None, mask=None, cell_inputs=None):
+        """x [B, S, D] -> y [B, S, D] and the layer's state after the last position (chunkwise
+        kernel; `state` is not modified). cell_inputs [B, S, Dqk+Dv+2NH]: receives k, v, i, f."""
+        c = self.config
+        B, S, _ = x.shape
+        q, k, v, o, i, f = self.project(x, mask)
+        self.record(cell_inputs, k, v, i, f)
+        # [B, S, NH*DH] -> [B, NH, S, DH]
+        q, k, v = (t.view(B, S, c.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        h, state = mlstm(
+            q, k, v, i.transpose(1, 2), f.transpose(1, 2), state,
+            backend=c.mlstm_backend, chunk_size=c.chunk_size, reset=reset, eps=c.eps,
+        )
+        return self.output(h.transpose(1, 2), o), state  # h [B, NH, S, DV] -> [B, S, NH, DV]
+
+    def step(self, x, state, active=None, cell_inputs=None):
+        """One token x [B, 1, D] -> y [B, 1, D] through the fused step kernel, which writes the new
+        state into `state`. Rows where active [B] is False leave it untouched."""
+        c = self.config
+        B = x.shape[0]
+        q, k, v, o, i, f = self.project(x, None if active is None else active[:, None])
+        self.record(cell_inputs, k, v, i, f)
+        # [B, 1, NH*DH] -> [B, NH, DH]
+        h = mlstm_step_(
+            q.view(B, c.num_heads, -1), k.view(B, c.num_heads, -1), v.view(B, c.num_heads, -1),
+            i.view(B, c.num_heads), f.view(B, c.num_heads), state, backend=c.mlstm_backend, eps=c.eps,
+        )
+        return self.output(h.view(B, 1, c.num_heads, -1), o)  # [B, NH, DV] -> [B, 1, NH, DV]
 
 
 class Block(nn.Module):
@@ -149,10 +170,14 @@ class Block(nn.Module):
         self.norm_ffn = RMSNorm(config.embedding_dim, config.norm_eps, config.use_bias)
         self.ffn = FeedForward(config)
 
-    def forward(self, x, state=None, *, reset=None, mask=None, inplace=False):
-        y, state = self.mlstm_layer(self.norm_mlstm(x), state, reset=reset, mask=mask, inplace=inplace)
+    def forward(self, x, state=None, *, reset=None, mask=None, cell_inputs=None):
+        y, state = self.mlstm_layer(self.norm_mlstm(x), state, reset=reset, mask=mask, cell_inputs=cell_inputs)
         x = x + y
         return x + self.ffn(self.norm_ffn(x)), state
+
+    def step(self, x, state, active=None, cell_inputs=None):
+        x = x + self.mlstm_layer.step(self.norm_mlstm(x), state, active, cell_inputs)
+        return x + self.ffn(self.norm_ffn(x))
 
 
 class Backbone(nn.Module):
@@ -164,7 +189,8 @@ class Backbone(nn.Module):
 
 
 class XLSTM(nn.Module):
-    """xLSTM language model. `model(input_ids, state) -> (logits, state)`; see `forward`."""
+    """xLSTM language model. `model(input_ids, state) -> (logits, state)` over a sequence (see
+    `forward`); `model.step(token, state) -> logits` decodes one token in place (see `step`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -219,8 +245,9 @@ class XLSTM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
-    def check_input_ids(self, input_ids: torch.Tensor) -> None:
-        """A clear error for ids of the wrong type, shape or range (one host sync)."""
+    def check_inputs(self, input_ids, state=None, reset=None, mask=None, cell_inputs=None) -> None:
+        """A clear error for ids of the wrong type, shape or range (one host sync), or a state,
+        reset, mask or cell_inputs buffer that does not fit them."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.LongTensor [B, S], got {type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -232,6 +259,17 @@ class XLSTM(nn.Module):
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"input_ids contains token id {bad} outside [0, vocab_size={self.config.vocab_size})")
+        B, S = input_ids.shape
+        for name, t in (("reset", reset), ("mask", mask)):
+            if t is not None and (t.dtype != torch.bool or tuple(t.shape) != (B, S)):
+                raise ValueError(f"{name} must be a bool tensor of shape [B, S] = [{B}, {S}], got {t.dtype} {list(t.shape)}")
+        if state is not None:
+            if not isinstance(state, State) or len(state) != self.config.num_blocks or state.batch_size != B:
+                raise ValueError(f"state must be a State with {self.config.num_blocks} layers and batch size {B}")
+        if cell_inputs is not None:
+            want = (self.config.num_blocks, B, S, cell_inputs_width(self.config))
+            if tuple(cell_inputs.shape) != want:
+                raise ValueError(f"cell_inputs must be a cell_inputs_buffer({B}, {S}) of shape {list(want)}, got {list(cell_inputs.shape)}")
 
     def forward(
         self,
@@ -240,43 +278,60 @@ class XLSTM(nn.Module):
         *,
         reset: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        inplace: bool = False,
+        cell_inputs: torch.Tensor | None = None,
         last_logits_only: bool = False,
         return_hidden: bool = False,
     ) -> tuple[torch.Tensor, State]:
         """input_ids [B, S] (any S >= 1) -> logits [B, S, V] (soft-capped) and the state after the
-        last position.
+        last position, through the chunkwise kernel.
 
-        state: where to start from (None = empty). It is never modified unless `inplace=True`, in
-            which case the new values are copied into its tensors (decoding with a preallocated
-            state); gradients flow through a state passed in (truncated BPTT).
+        state: where to start from (None = empty); never modified, and gradients flow through it
+            (truncated BPTT).
         reset: bool [B, S], True where a new document starts: the state is zeroed right before it.
         mask: bool [B, S], False at padding positions, which leave the state untouched.
+        cell_inputs: a `cell_inputs_buffer(B, S)`; receives what every layer's cell saw.
         last_logits_only: compute logits for the last position only ([B, 1, V]), as in prefill.
         return_hidden: return the final hidden states [B, S, D] (after the output norm) in place of
             the logits; `logits(hidden)` maps them, so a loss can compute the logits piece by piece.
         """
-        self.check_input_ids(input_ids)
-        B, S = input_ids.shape
-        for name, t in (("reset", reset), ("mask", mask)):
-            if t is not None and (t.dtype != torch.bool or tuple(t.shape) != (B, S)):
-                raise ValueError(f"{name} must be a bool tensor of shape [B, S] = [{B}, {S}], got {t.dtype} {list(t.shape)}")
-        if state is not None:
-            if not isinstance(state, State) or len(state) != self.config.num_blocks or state.batch_size != B:
-                raise ValueError(f"state must be a State with {self.config.num_blocks} layers and batch size {B}")
-        return self.run(input_ids, state, reset=reset, mask=mask, inplace=inplace, last_logits_only=last_logits_only,
-                        return_hidden=return_hidden)
-
-    def run(self, input_ids, state=None, *, reset=None, mask=None, inplace=False, last_logits_only=False, return_hidden=False):
-        """`forward` without validating its arguments: no host synchronization, so a decoding step
-        can be captured in a CUDA graph. The caller guarantees ids in range and matching shapes."""
+        self.check_inputs(input_ids, state, reset, mask, cell_inputs)
         x = self.backbone.embeddings(input_ids)
         layers = []
         for n, block in enumerate(self.backbone.blocks):
-            x, layer_state = block(x, None if state is None else state[n], reset=reset, mask=mask, inplace=inplace)
+            x, layer_state = block(
+                x, None if state is None else state[n], reset=reset, mask=mask,
+                cell_inputs=None if cell_inputs is None else cell_inputs[n],
+            )
             layers.append(layer_state)
         x = self.backbone.out_norm(x[:, -1:] if last_logits_only else x)
-        return x if return_hidden else self.logits(x), state if inplace and state is not None else State(layers)
+        return x if return_hidden else self.logits(x), State(layers)
+
+    def step(
+        self,
+        token: torch.Tensor,
+        state: State,
+        active: torch.Tensor | None = None,
+        cell_inputs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decoding step: token [B] -> logits [B, V], writing the new state into `state`
+        (contiguous float32 tensors, e.g. `State.zeros`). Rows where active [B] is False leave the
+        state untouched. cell_inputs: a `cell_inputs_buffer(B, 1)`, filled as in `forward`.
+
+        Nothing is validated (no host synchronization), so the step can be captured in a CUDA graph
+        or compiled; the caller guarantees ids in range and matching shapes."""
+        x = self.backbone.embeddings(token[:, None])  # [B, 1, D]
+        for n, block in enumerate(self.backbone.blocks):
+            x = block.step(x, state[n], active, None if cell_inputs is None else cell_inputs[n])
+        return self.logits(self.backbone.out_norm(x))[:, 0]
+
+    def cell_inputs_buffer(self, batch_size: int, seq_len: int = 1) -> torch.Tensor:
+        """A buffer for the `cell_inputs` argument of `forward` and `step`: float32
+        [num_blocks, B, S, Dqk + Dv + 2 NH], which they fill with every layer's k, v, i, f as its
+        cell saw them (gates soft-capped, padding masked); `split_cell_inputs` takes it apart.
+        With them a saved state can be re-advanced over some of the positions with the cell alone
+        (`kernels.mlstm_advance`), as speculative decoding's rollback does."""
+        c = self.config
+        return torch.zeros(c.num_blocks, batch_size, seq_len, cell_inputs_width(c), device=self.lm_head.weight.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., D] (after the output norm) -> soft-capped logits [..., V]."""

@@ -14,25 +14,21 @@ One block, per row, with `last` the newest committed token (not yet in either st
    distribution (same temperature / top-k / top-p transform on p and q). Greedy: accept dj iff it
    is the target's argmax; the output is that of plain greedy decoding.
 
-Rollback (constant memory: two states per model plus one block of cell inputs, whatever the number
-of generated tokens; per-token states are never kept). Before a block each model's state is copied
-into a spare buffer (one state-sized copy each). After acceptance, row b keeps the first
-n_b = a_b + 1 positions of [last, d1..dK] (fewer at EOS or at max_new_tokens); the token after them
-becomes the new `last`:
-- Target: when every running row keeps all K+1 positions, the verification pass's state is the new
-  state (no extra work). Otherwise the saved pre-block state is re-advanced over the kept positions
-  with the mLSTM cells alone: the verification pass records each layer's cell inputs (k, v, i, f,
-  which keep their fused projection output alive: ~24 KiB per position and layer at the 7B shape in
-  bf16, 6 MiB per row at K = 7 against 128 MiB of state), and positions >= n_b are masked as
-  padding (spec §2: i = -inf writes nothing, lf = 0 forgets nothing), so each row advances over
-  exactly its accepted prefix. Cost: the closed-form chunk-state update over K+1 positions per
-  layer (no projections, feed-forward, output head or cell outputs h): about the state traffic of
-  one decoding step's cell update, plus the state copy.
-- Draft: its K steps already covered [last, d1..d_{K-1}]; rows that keep K+1 positions get one more
-  (masked) step over dK. Rows that keep fewer are re-advanced from the saved state the same way,
-  with the cells alone over the inputs its steps recorded. Under a CUDA graph or a compiled step (no
-  Python runs in them, so nothing records) that is one masked chunkwise pass of the draft over the
-  K+1 ids.
+Rollback (constant memory: one spare state for the draft plus one block of cell inputs per model,
+whatever the number of generated tokens; per-token states are never kept). Both models hand out what
+their cells saw through `cell_inputs` buffers (k, v, i, f of every layer and position: ~24 KiB per
+position and layer at the 7B shape, 6 MiB per row at K = 7 against 128 MiB of state). After
+acceptance, row b keeps the first n_b = a_b + 1 positions of [last, d1..dK] (fewer at EOS or at
+max_new_tokens); the token after them becomes the new `last`:
+- Target: the verification pass leaves the state it started from untouched. When every running row
+  keeps all K+1 positions, the pass's final state is the new state; otherwise the old state is
+  re-advanced over the kept positions with the mLSTM cells alone (`kernels.mlstm_advance`), positions
+  >= n_b masked as padding (spec §2: i = -inf writes nothing, lf = 0 forgets nothing), so each row
+  advances over exactly its accepted prefix. Cost: the closed-form chunk-state update over K+1
+  positions per layer (no projections, feed-forward, output head or cell outputs h).
+- Draft: its K steps (eager, CUDA graph or compiled alike: each fills the runner's buffer) already
+  covered [last, d1..d_{K-1}]; rows that keep K+1 positions get one more (masked) step over dK. Rows
+  that keep fewer are re-advanced the same way from the state saved before the block.
 The alternative, snapshots of per-step states, costs K+1 state copies per block and K+1 state-sized
 buffers (for the 7B, 128 MiB per row each: 1 GiB per row at K = 7).
 
@@ -43,9 +39,10 @@ the returned states cover the prompt and every generated token, as with plain de
 
 import torch
 
-from .generate import _prefill, _step_runner, decode_step, sample_from, sampling_probs
+from .decode import prefill, step_runner
 from .kernels import mlstm_advance
-from .model import XLSTM
+from .model import XLSTM, split_cell_inputs
+from .sampling import sample_from, sampling_probs
 from .state import State
 
 
@@ -84,15 +81,15 @@ def speculative_decode(
     # `last`, fed by the first block.
     if ids.shape[1] > 1:
         head = None if mask is None else mask[:, :-1]
-        _prefill(model, ids[:, :-1], head, state, prefill_chunk_size)
-        _prefill(draft, ids[:, :-1], head, draft_state, prefill_chunk_size)
+        prefill(model, ids[:, :-1], head, state, prefill_chunk_size)
+        prefill(draft, ids[:, :-1], head, draft_state, prefill_chunk_size)
     last = ids[:, -1].clone()
-    saved, draft_saved = state.clone(), draft_state.clone()  # the spare buffers for rollback
-    cells = _CellInputs(model)
-    fast = max_new_tokens > 0 and (use_graph or compile)
-    draft_step = _step_runner(draft, draft_state, use_graph=use_graph, compile=compile) if fast else None
-    # A captured or compiled step runs no Python, so nothing can record the draft's cell inputs there.
-    draft_cells = _CellInputs(draft) if draft_step is None else None
+    draft_saved = draft_state.clone()  # the spare buffer for the draft's rollback
+    cells = model.cell_inputs_buffer(B, K + 1)  # the verification pass's cell inputs
+    draft_cells = draft.cell_inputs_buffer(B, K)  # the draft steps' cell inputs, one position per step
+    step_cells = draft.cell_inputs_buffer(B)  # what the draft's step runner fills each step
+    draft_step = (step_runner(draft, draft_state, cuda_graph=use_graph, compile=compile, cell_inputs=step_cells)
+                  if max_new_tokens > 0 else None)
 
     # Room for one whole block past max_new_tokens, so writes never collide; cut at the end.
     tokens = torch.full((B, max_new_tokens + K + 1), pad, dtype=torch.long, device=device)
@@ -107,20 +104,15 @@ def speculative_decode(
             break
         k = min(K, budget - 1)  # drafting beyond the last token that can be kept is wasted work
         # Finished rows are masked; a captured step always takes the mask (its buffer persists).
-        active = running if draft_step is not None or not bool(running.all()) else None
+        active = running if use_graph or not bool(running.all()) else None
 
         # 1. Draft: k steps from its state over [last, d1 .. d_{k-1}] propose d1 .. dk.
         draft_saved.copy_(draft_state)
-        if draft_cells is not None:
-            draft_cells.clear()
         drafted, q = [], []
         token = last
-        for _ in range(k):
-            if draft_step is not None:
-                logits = draft_step(token, active)
-            else:
-                with draft_cells:
-                    logits = decode_step(draft, token, draft_state, active)
+        for j in range(k):
+            logits = draft_step(token, active)
+            draft_cells[:, :, j : j + 1].copy_(step_cells)
             if greedy:
                 token = logits.argmax(dim=-1)
             else:
@@ -129,12 +121,10 @@ def speculative_decode(
             drafted.append(token)
         x = torch.stack([last, *drafted], dim=1)  # [B, k + 1]
 
-        # 2. Target: one chunkwise pass over the k + 1 positions (step kernel when k = 0).
-        saved.copy_(state)
+        # 2. Target: one chunkwise pass over the k + 1 positions; `state` stays the pre-block state.
         rows = None if active is None else active[:, None].expand(B, k + 1)
-        cells.clear()
-        with cells:  # records each layer's cell inputs for the rollback
-            logits, _ = model.run(x, state, mask=rows, inplace=True)  # [B, k + 1, V]
+        block_cells = cells[:, :, : k + 1]
+        logits, verified = model(x, state, mask=rows, cell_inputs=block_cells)  # [B, k + 1, V]
 
         # 3. Acceptance: a accepted draft tokens per row, then the correction / bonus token.
         if greedy:
@@ -169,13 +159,19 @@ def speculative_decode(
         last = torch.where(keep > 0, new.gather(1, (keep - 1).clamp(min=0)[:, None])[:, 0], last)
 
         # 4. Rollback: each model's state must cover its row's first `keep` positions of x.
-        if not bool(((keep == k + 1) | ~running).all()):
-            cells.readvance(saved, state, keep)
-        _rollback_draft(draft, draft_state, draft_saved, draft_cells, draft_step, x, keep, running)
+        if bool(((keep == k + 1) | ~running).all()):
+            state.copy_(verified)
+        else:
+            readvance(model.config, block_cells, state, keep, out=state)
+        if not bool(((keep >= k) | ~running).all()):  # the draft's steps went past a rejection
+            readvance(draft.config, draft_cells[:, :, :k], draft_saved, keep.clamp(max=k), out=draft_state)
+        extra = running & (keep > k)  # rows that keep all k + 1 positions: one more step adds dk
+        if bool(extra.any()):
+            draft_step(x[:, -1], extra)
 
     # Feed every row's pending last token, so the states cover everything that was generated.
-    decode_step(model, last, state)
-    decode_step(draft, last, draft_state)
+    model.step(last, state)
+    draft.step(last, draft_state)
     stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
     # The probability that a draft token is accepted given that the ones before it were (the alpha of
     # the speculative decoding papers); accepted / drafted falls with K even at a fixed alpha.
@@ -212,64 +208,16 @@ def _accept(p: torch.Tensor, q: torch.Tensor | None, drafted: torch.Tensor, gene
     return accepted, sample_from(residual, generator)
 
 
-class _CellInputs:
-    """Within `with cells:`, records the cell inputs (k, v, i, f) that every mLSTM layer of `model`
-    computes, by wrapping each layer's `project`; records of successive passes (e.g. decoding steps)
-    accumulate until `clear()`. `readvance` then moves a saved state over the first `keep` recorded
-    positions with the mLSTM cells alone: no projections, feed-forward or output head, only
-    O(positions * DK * DV) per head and layer."""
-
-    def __init__(self, model: XLSTM):
-        self.config = model.config
-        self.layers = [block.mlstm_layer for block in model.backbone.blocks]
-        self.clear()
-
-    def clear(self) -> None:
-        self.inputs: list[list[tuple]] = [[] for _ in self.layers]
-
-    def __enter__(self):
-        for n, layer in enumerate(self.layers):
-            def project(x, n=n, original=layer.project):
-                out = original(x)
-                self.inputs[n].append(out[1:3] + out[4:])  # k, v, i, f (q and the output gate are not needed)
-                return out
-            layer.project = project  # an instance attribute shadows the method
-        return self
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            del layer.project
-
-    def readvance(self, saved: State, state: State, keep: torch.Tensor) -> None:
-        """state <- saved advanced, per row b, over the first keep[b] recorded positions."""
-        NH = self.config.num_heads
-        for n, records in enumerate(self.inputs):
-            k, v, i, f = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0] for parts in zip(*records))
-            B, S, _ = k.shape
-            dropped = (torch.arange(S, device=k.device) >= keep[:, None])[:, None]  # [B, 1, S]
-            # [B, S, NH*DH] -> [B, NH, S, DH]; dropped positions are padding (spec §2: i = -inf, lf = 0)
-            k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (k, v))
-            i = i.transpose(1, 2).masked_fill(dropped, float("-inf"))
-            f = f.transpose(1, 2).masked_fill(dropped, float("inf"))
-            mlstm_advance(k, v, i, f, saved[n], out=state[n])
-
-
-def _rollback_draft(draft, state, saved, cells, step, x, keep, running) -> None:
-    """Makes the draft's `state` cover, per row, the first `keep` positions of x = [last, d1..dk] on
-    top of `saved`; its k steps covered the first k positions of every running row."""
-    k = x.shape[1] - 1
-    if bool(((keep >= k) | ~running).all()):
-        pass  # the steps advanced exactly the kept positions, up to dk
-    elif cells is not None:
-        cells.readvance(saved, state, keep.clamp(max=k))
-    else:  # no recorded inputs (CUDA graph, compiled step): one masked chunkwise pass of the draft over x
-        rows = torch.arange(k + 1, device=x.device) < keep[:, None]
-        draft.run(x, saved, mask=rows, inplace=True, last_logits_only=True)
-        state.copy_(saved)
-        return
-    extra = running & (keep > k)  # rows that keep all k+1 positions: one more step adds dk
-    if bool(extra.any()):
-        if step is not None:
-            step(x[:, -1], extra)
-        else:
-            decode_step(draft, x[:, -1], state, extra)
+def readvance(config, cell_inputs: torch.Tensor, start: State, keep: torch.Tensor, *, out: State) -> None:
+    """out <- `start` advanced, per row b, over the first keep[b] positions whose cell inputs
+    [num_blocks, B, S, W] a pass or steps from `start` recorded (`out` may be `start`): the mLSTM
+    cells alone, O(positions * DK * DV) per head and layer."""
+    NH = config.num_heads
+    _, B, S, _ = cell_inputs.shape
+    dropped = (torch.arange(S, device=cell_inputs.device) >= keep[:, None])[:, None]  # [B, 1, S]
+    for n, (k, v, i, f) in enumerate(zip(*split_cell_inputs(cell_inputs, config))):
+        # [B, S, NH*DH] -> [B, NH, S, DH]; dropped positions are padding (spec §2: i = -inf, lf = 0)
+        k, v = (t.unflatten(-1, (NH, -1)).transpose(1, 2) for t in (k, v))
+        i = i.transpose(1, 2).masked_fill(dropped, float("-inf"))
+        f = f.transpose(1, 2).masked_fill(dropped, float("inf"))
+        mlstm_advance(k, v, i, f, start[n], out=out[n])

@@ -1,0 +1,169 @@
+"""Decoding primitives: prompts in a batch, the decoding state, prefill, and the step runners.
+
+    ids, mask = batch_prompts(prompts, config, device)
+    state = decoding_state(None, config, B, device)
+    logits = prefill(model, ids, mask, state, chunk=8192)          # [B, V]; `state` now holds the prompt
+    step = step_runner(model, state, cuda_graph=False, compile=False)
+    logits = step(token, active)                                  # one token, `state` updated in place
+
+A step runner is `model.step` bound to one state (and optionally one `cell_inputs` buffer it fills
+every step): eager, captured in a CUDA graph, or compiled by inductor for CPU.
+"""
+
+import types
+import weakref
+
+import torch
+
+from .model import XLSTM
+from .state import State
+
+
+def batch_prompts(input_ids, config, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts ([B, S], [S] or a list of 1-D sequences of any lengths) -> ids [B, S] on `device` and
+    mask [B, S] (False at left padding; None without any). An empty prompt becomes the BOS token."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B, S], [S] or a list of 1-D sequences, got shape {list(input_ids.shape)}")
+        rows = list(input_ids) if input_ids.shape[1] == 0 else None
+    else:
+        rows = list(input_ids)
+    if rows is not None:
+        if not rows:
+            raise ValueError("input_ids is an empty list; pass at least one prompt (an empty prompt is fine)")
+        rows = [torch.as_tensor(r).reshape(-1) for r in rows]
+        # An empty prompt has no last position to predict from: start a document with BOS.
+        rows = [r if r.numel() else torch.tensor([config.bos_token_id]) for r in rows]
+        for r in rows:
+            _check_integer(r)
+        S = max(r.numel() for r in rows)
+        input_ids = torch.full((len(rows), S), config.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), S, dtype=torch.bool)
+        for b, r in enumerate(rows):  # left padding: every row's last prompt token is at S - 1
+            input_ids[b, S - r.numel():] = r
+            mask[b, S - r.numel():] = True
+        mask = None if bool(mask.all()) else mask.to(device)
+    else:
+        mask = None
+    _check_integer(input_ids)
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= config.vocab_size:
+        raise ValueError(f"input_ids contains token id {lo if lo < 0 else hi} outside the vocabulary [0, {config.vocab_size})")
+    return input_ids.to(device=device, dtype=torch.long), mask
+
+
+def _check_integer(ids: torch.Tensor) -> None:
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
+
+
+def decoding_state(state: State | None, config, B: int, device) -> State:
+    """The state decoding writes into in place (contiguous float32, as the fused step kernel
+    needs): the empty one, or a copy of the given one, which is never modified."""
+    if state is not None and (not isinstance(state, State) or state.batch_size != B or len(state) != config.num_blocks):
+        raise ValueError(f"state must be a State with {config.num_blocks} layers and batch size {B} (one row per prompt)")
+    if state is None:
+        return State.zeros(config, B, device=device)
+    fresh = dict(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return State([tuple(t.to(**fresh) for t in layer) for layer in state])
+
+
+def prefill(model: XLSTM, ids: torch.Tensor, mask: torch.Tensor | None, state: State, chunk: int) -> torch.Tensor:
+    """Runs the prompt into `state` (in place), piece by piece; returns the last position's logits [B, V]."""
+    # Pieces on kernel-chunk boundaries give the same chunking as one pass over the whole prompt.
+    L = model.config.chunk_size
+    chunk = max(L, chunk // L * L)
+    for start in range(0, ids.shape[1], chunk):
+        piece = slice(start, start + chunk)
+        logits, new = model(ids[:, piece], state, mask=None if mask is None else mask[:, piece], last_logits_only=True)
+        state.copy_(new)
+    return logits[:, -1]
+
+
+def step_runner(model: XLSTM, state: State, *, cuda_graph: bool, compile: bool, cell_inputs: torch.Tensor | None = None):
+    """`model.step` on `state` as `step(token, active=None) -> logits`: captured, compiled or eager.
+    With `cell_inputs` (a `model.cell_inputs_buffer(B)`), every step fills it."""
+    if cuda_graph:
+        return CUDAGraphStep(model, state, cell_inputs)
+    if compile:
+        return CompiledStep(model, state, cell_inputs)
+
+    def eager_step(token: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        return model.step(token, state, active, cell_inputs)
+
+    return eager_step
+
+
+class CompiledStep:
+    """`model.step` on `state` compiled by inductor for CPU: the weights frozen into the compiled
+    code and the norms, gates and cell fused into a few loops. Up to `GEMM_TEMPLATE_MAX_BATCH` rows
+    the matrix products are inductor's C++ GEMM templates (max-autotune, CPP backend), which stream
+    the weights far faster than MKL's matrix-vector products (slow on AMD CPUs); above it, where the
+    products are compute-bound, MKL's packed GEMMs are faster and are kept.
+
+    Frozen weights are constants of the compiled code, so a compilation serves one model and one
+    version of its weights: each model gets its own copies of `XLSTM.step`'s code object (dynamo
+    keeps compiled graphs per code object) and a fingerprint of its parameters; an in-place weight
+    update (an optimizer step, load_state_dict) compiles anew. That makes the guards on the model's
+    modules redundant, and they are skipped: they cost more than the step at batch 1.
+    """
+
+    GEMM_TEMPLATE_MAX_BATCH = 16
+    _compiled: "weakref.WeakKeyDictionary[XLSTM, tuple[tuple, dict[bool, object]]]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None):
+        self.model, self.state, self.cell_inputs = model, state, cell_inputs
+        fingerprint = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        entry = self._compiled.get(model)
+        if entry is None or entry[0] != fingerprint:
+            entry = self._compiled[model] = fingerprint, {}
+        templates = state.batch_size <= self.GEMM_TEMPLATE_MAX_BATCH
+        if templates not in entry[1]:
+            entry[1][templates] = self._compile(type(model).step, templates)
+        self.fn = entry[1][templates]
+
+    @staticmethod
+    def _compile(step, gemm_templates: bool):
+        code = step.__code__.replace()  # a new code object: a fresh dynamo cache
+        fn = types.FunctionType(code, step.__globals__, step.__name__, step.__defaults__)
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if gemm_templates:
+            options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+        return torch.compile(fn, dynamic=False, options=options)
+
+    def __call__(self, token: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        # Freezing is read when dynamo hands the graph over, which torch.compile's options do not reach.
+        with torch._inductor.config.patch(freezing=True):
+            return self.fn(self.model, token, self.state, active, self.cell_inputs)
+
+
+class CUDAGraphStep:
+    """`model.step` captured once in a CUDA graph over static buffers and replayed per token: one
+    launch instead of hundreds of small kernels, which dominate batch-1 decoding time. It always
+    runs with the `active` mask (all True unless given), whose buffer persists between calls."""
+
+    def __init__(self, model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None):
+        B, device = state.batch_size, state.device
+        self.token = torch.zeros(B, dtype=torch.long, device=device)
+        self.active = torch.ones(B, dtype=torch.bool, device=device)
+        # Warm-up and capture run the step on the real state buffers; restore them afterwards.
+        saved = state.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture requires
+            for _ in range(2):
+                model.step(self.token, state, self.active, cell_inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.step(self.token, state, self.active, cell_inputs)
+        state.copy_(saved)
+
+    def __call__(self, token: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        self.token.copy_(token)
+        if active is not None:
+            self.active.copy_(active)
+        self.graph.replay()
+        return self.logits  # overwritten by the next replay: sample from it before that
