@@ -32,8 +32,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build(preset: str, device: str, dtype: torch.dtype, official: bool, seed: int = 0):
-    """Our model in the fused layout and, if asked, the official xLSTMLarge sharing its weights."""
-    config = ModelConfig.from_preset(preset).replace(weight_mode="fused")
+    """Our model and, if asked, the official xLSTMLarge (in its fused layout, ours) sharing its weights."""
+    config = ModelConfig.from_preset(preset)
     torch.manual_seed(seed)
     with torch.device("meta"):
         ours = XLSTM(config)
@@ -245,7 +245,7 @@ def main() -> None:
     vocab = ours.config.vocab_size
     c = ours.config
     model_shape = dict(embedding_dim=c.embedding_dim, num_blocks=c.num_blocks, num_heads=c.num_heads,
-                       vocab_size=vocab, params=ours.num_params(), weight_mode=c.weight_mode)
+                       vocab_size=vocab, params=ours.num_params())
     agree = None
     if theirs is not None:  # the same weights must give the same greedy tokens
         ids = prompt(2, 24, vocab, args.device)

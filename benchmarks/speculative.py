@@ -55,7 +55,7 @@ def timed(fn, device, repeats: int) -> tuple[float, object]:
 def random_model(config: ModelConfig, device, dtype, seed: int) -> XLSTM:
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = XLSTM(config.replace(weight_mode="fused"))
+        model = XLSTM(config)
     model = model.to_empty(device=device)
     model.init_weights()
     return model.to(dtype).eval()
@@ -176,8 +176,8 @@ def main() -> None:
     if trained:
         from tokenizers import Tokenizer
 
-        target = from_pretrained(args.target, device=device, dtype=dtype, weight_mode="fused")
-        draft = from_pretrained(args.draft, device=device, dtype=dtype, weight_mode="fused")
+        target = from_pretrained(args.target, device=device, dtype=dtype)
+        draft = from_pretrained(args.draft, device=device, dtype=dtype)
         tokenizer = Tokenizer.from_file(str(Path(args.target) / "tokenizer.json"))
         prompts = code_prompts(tokenizer, args.prompts, args.prompt_len)
         pair = dict(weights="trained", target=args.target, draft=args.draft)

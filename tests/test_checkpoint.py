@@ -7,9 +7,11 @@ import textwrap
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from xlstm7b import XLSTM, CheckpointError, ModelConfig, from_pretrained
+from xlstm7b import XLSTM, CheckpointError, ModelConfig, from_pretrained, save_pretrained
+from xlstm7b.checkpoint import fuse, unfuse
 
 CONFIG = dict(embedding_dim=128, num_blocks=2, num_heads=2, vocab_size=300, chunk_size=16)
 
@@ -39,7 +41,7 @@ def same_logits(a, b, x):
 
 
 def test_round_trip_single_file(model, x, tmp_path):
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "xlstm" and cfg["hidden_size"] == 128 and cfg["num_hidden_layers"] == 2
@@ -50,26 +52,39 @@ def test_round_trip_single_file(model, x, tmp_path):
 
 
 def test_round_trip_sharded_with_index(model, x, tmp_path):
-    model.save_pretrained(tmp_path, max_shard_size=200_000)
+    save_pretrained(model, tmp_path, max_shard_size=200_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and all((tmp_path / s).is_file() for s in shards)
     assert same_logits(model, from_pretrained(tmp_path), x)
-    model.save_pretrained(tmp_path)  # a later unsharded save into the same folder replaces the shards
+    save_pretrained(model, tmp_path)  # a later unsharded save into the same folder replaces the shards
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
-def test_fused_model_saves_released_layout_and_loads_either_way(model, x, tmp_path):
-    fused = model.with_weight_mode("fused")
-    fused.save_pretrained(tmp_path)
+def test_saves_the_released_single_layout(model, tmp_path):
+    save_pretrained(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["weight_mode"] == "single"
-    assert from_pretrained(tmp_path).config.weight_mode == "single"
-    as_fused = from_pretrained(tmp_path, weight_mode="fused")
-    assert as_fused.config.weight_mode == "fused" and same_logits(as_fused, model, x)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    per_block = {n.split(".", 3)[3] for n in names if n.startswith("backbone.blocks.0.")}
+    projections = ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact")
+    assert per_block == {
+        "norm_mlstm.weight", "norm_ffn.weight", "mlstm_layer.multihead_norm.weight", "mlstm_layer.out_proj.weight",
+        "ffn.proj_down.weight", "ffn.proj_up_gate.weight", "ffn.proj_up.weight",
+        *(f"mlstm_layer.{p}.weight" for p in projections), "mlstm_layer.igate_preact.bias", "mlstm_layer.fgate_preact.bias",
+    }
+
+
+def test_fuse_and_unfuse_are_inverse(model):
+    fused = model.state_dict()
+    single = unfuse(fused, model.config)
+    assert "backbone.blocks.1.mlstm_layer.q.weight" in single and not any("qkv_opreact" in k for k in single)
+    back = fuse(dict(single), model.config)
+    assert set(back) == set(fused) and all(torch.equal(back[k], fused[k]) for k in fused)
 
 
 def test_dtype_and_device_arguments(model, x, tmp_path):
-    model.save_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path, dtype=torch.bfloat16)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert from_pretrained(tmp_path).lm_head.weight.dtype == torch.bfloat16
     loaded = from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
@@ -81,7 +96,7 @@ def test_dtype_and_device_arguments(model, x, tmp_path):
 def test_released_hf_folder_with_aliases_and_extra_keys(model, x, tmp_path):
     """A folder as released: query/key/value spelling, legacy config keys, a list of EOS ids."""
     sd = {k.replace(".mlstm_layer.q.", ".mlstm_layer.query.").replace(".mlstm_layer.k.", ".mlstm_layer.key.")
-          .replace(".mlstm_layer.v.", ".mlstm_layer.value."): v.contiguous() for k, v in model.state_dict().items()}
+          .replace(".mlstm_layer.v.", ".mlstm_layer.value."): v.contiguous() for k, v in unfuse(model.state_dict(), model.config).items()}
     names = sorted(sd)
     half = len(names) // 2
     save_file({k: sd[k] for k in names[:half]}, tmp_path / "model-00001-of-00002.safetensors")
@@ -97,19 +112,22 @@ def test_released_hf_folder_with_aliases_and_extra_keys(model, x, tmp_path):
     assert loaded.config.eos_token_id == 0 and same_logits(loaded, model, x)
 
 
+@pytest.mark.parametrize("weight_mode", ["single", "fused"])
 @pytest.mark.parametrize("files", [["model.safetensors"], ["model_0.safetensors", "model_1.safetensors"]])
-def test_xlstm_package_layout(model, x, tmp_path, files):
-    """config.yaml + model.safetensors or model_0, model_1, ... with `embedding.weight`."""
+def test_xlstm_package_layout(model, x, tmp_path, files, weight_mode):
+    """config.yaml + model.safetensors or model_0, model_1, ... with `embedding.weight`, in either of
+    the package's weight layouts."""
     import yaml
 
-    sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v.contiguous() for k, v in model.state_dict().items()}
+    sd = model.state_dict() if weight_mode == "fused" else unfuse(model.state_dict(), model.config)
+    sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v.contiguous() for k, v in sd.items()}
     names = sorted(sd)
     parts = [names] if len(files) == 1 else [names[::2], names[1::2]]
     for file, part in zip(files, parts):
         save_file({k: sd[k] for k in part}, tmp_path / file)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({
         "embedding_dim": 128, "num_heads": 2, "num_blocks": 2, "vocab_size": 300, "chunk_size": 16,
-        "chunkwise_kernel": "chunkwise--triton_limit_chunk", "weight_mode": "single", "return_last_states": False,
+        "chunkwise_kernel": "chunkwise--triton_limit_chunk", "weight_mode": weight_mode, "return_last_states": False,
     }))
     assert same_logits(from_pretrained(tmp_path), model, x)
 
@@ -117,7 +135,7 @@ def test_xlstm_package_layout(model, x, tmp_path, files):
 def test_transformers_loads_what_we_save(model, x, tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("xlstm")
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     theirs = transformers.xLSTMForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert rel(theirs(x).logits, model(x)[0]) < 1e-5
@@ -128,7 +146,7 @@ def test_load_holds_one_copy_of_the_weights(tmp_path):
     """Peak resident memory of a load stays well under two copies of the weights."""
     torch.manual_seed(0)
     big = XLSTM(ModelConfig(embedding_dim=512, num_blocks=8, num_heads=4, vocab_size=50304))
-    big.save_pretrained(tmp_path, max_shard_size=40 * 2**20)
+    save_pretrained(big, tmp_path, max_shard_size=40 * 2**20)
     weight_bytes = sum(p.numel() * 4 for p in big.parameters())
     del big
     # VmHWM, not ru_maxrss (which a child inherits from its parent).
@@ -147,7 +165,7 @@ def test_load_holds_one_copy_of_the_weights(tmp_path):
 
 
 def test_errors_name_the_file_and_key(model, tmp_path):
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     weights = tmp_path / "model.safetensors"
     sd = dict(model.state_dict())
 
@@ -168,7 +186,7 @@ def test_errors_name_the_file_and_key(model, tmp_path):
     with pytest.raises(CheckpointError, match=r"model.safetensors: key lm_head.weight has shape \[301, 128\], the config expects \[300, 128\]"):
         from_pretrained(tmp_path)
 
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors: truncated: key"):
@@ -180,7 +198,7 @@ def test_errors_for_missing_files(model, tmp_path):
         from_pretrained(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no config.json"):
         from_pretrained(tmp_path)
-    model.save_pretrained(tmp_path, max_shard_size=200_000)
+    save_pretrained(model, tmp_path, max_shard_size=200_000)
     next(tmp_path.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="listed in model.safetensors.index.json but missing"):
         from_pretrained(tmp_path)

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate
+from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate, save_pretrained
 from xlstm7b.cli import generate_main
 from xlstm7b.decode import CompiledStep
 from xlstm7b.sampling import sample
@@ -292,7 +292,7 @@ def test_text_streamer_multibyte_and_stop(tokenizer):
 def checkpoint(tmp_path_factory, tokenizer):
     config = ModelConfig.from_preset("debug").replace(vocab_size=tokenizer.get_vocab_size())
     path = tmp_path_factory.mktemp("ckpt")
-    random_model(config, seed=1).save_pretrained(path)
+    save_pretrained(random_model(config, seed=1), path)
     tokenizer.save(str(path / "tokenizer.json"))
     return path
 
@@ -302,7 +302,7 @@ def test_cli_streams_the_greedy_continuation(checkpoint, tokenizer, capsys):
 
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "12"]) == 0
     streamed = capsys.readouterr()
-    model = from_pretrained(checkpoint, weight_mode="fused")
+    model = from_pretrained(checkpoint)
     ids = [0] + tokenizer.encode("hello").ids
     out = generate(model, [ids], max_new_tokens=12, eos_token_id=model.config.eos_token_id)
     assert streamed.out == tokenizer.decode(out.tokens[0, : int(out.lengths[0])].tolist()) + "\n"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from xlstm7b import XLSTM, ModelConfig, State, preset_names, preset_path
+from xlstm7b.checkpoint import unfuse
 from xlstm7b.kernels import mlstm_advance
 from xlstm7b.model import split_cell_inputs
 
@@ -75,22 +76,23 @@ def test_init_statistics():
     model = XLSTM(config)
     small, wang = math.sqrt(2 / (5 * 256)), 2 / (4 * math.sqrt(256))
     layer, ffn = model.backbone.blocks[0].mlstm_layer, model.backbone.blocks[0].ffn
-    for w in (layer.q.weight, layer.k.weight, layer.v.weight, ffn.proj_up.weight, ffn.proj_up_gate.weight, model.lm_head.weight):
+    q, k, v, o = layer.qkv_opreact.weight.split([128, 128, 256, 256])
+    gate, z = ffn.proj_up_gate_z.weight.chunk(2)
+    for w in (q, k, v, z, gate, model.lm_head.weight):
         assert w.std().item() == pytest.approx(small, rel=0.05) and abs(w.mean().item()) < 0.1 * small
     assert model.backbone.embeddings.weight.std().item() == pytest.approx(small, rel=0.05)
     for w in (layer.out_proj.weight, ffn.proj_down.weight):
         assert w.std().item() == pytest.approx(wang, rel=0.05)
-    for w in (layer.ogate_preact.weight, layer.igate_preact.weight, layer.fgate_preact.weight):
+    for w in (o, layer.ifgate_preact.weight):
         assert torch.count_nonzero(w) == 0
-    assert torch.equal(layer.igate_preact.bias, torch.full((4,), -10.0))
-    assert torch.allclose(layer.fgate_preact.bias, torch.linspace(3, 6, 4))
+    assert torch.equal(layer.ifgate_preact.bias[:4], torch.full((4,), -10.0))
+    assert torch.allclose(layer.ifgate_preact.bias[4:], torch.linspace(3, 6, 4))
     assert torch.equal(layer.multihead_norm.weight, torch.ones(256))
     assert torch.equal(model.backbone.blocks[1].norm_ffn.weight, torch.ones(256))
 
 
-@pytest.mark.parametrize("weight_mode", ["single", "fused"])
-def test_meta_build_then_init_matches_direct_build(weight_mode):
-    config = ModelConfig(**SMALL, weight_mode=weight_mode)
+def test_meta_build_then_init_matches_direct_build():
+    config = ModelConfig(**SMALL)
     direct = XLSTM(config)
     torch.manual_seed(3)
     direct.init_weights()  # init_weights alone decides the values: same seed, same weights
@@ -101,28 +103,6 @@ def test_meta_build_then_init_matches_direct_build(weight_mode):
     model.init_weights()
     for (name, a), b in zip(direct.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
-
-
-def test_fused_init_has_release_gate_values():
-    model = XLSTM(ModelConfig(**SMALL, weight_mode="fused"))
-    layer = model.backbone.blocks[0].mlstm_layer
-    assert torch.equal(layer.ifgate_preact.bias[:2], torch.full((2,), -10.0))
-    assert torch.allclose(layer.ifgate_preact.bias[2:], torch.linspace(3, 6, 2))
-    assert torch.count_nonzero(layer.qkv_opreact.weight[-64:]) == 0  # output gate rows
-
-
-def test_single_and_fused_layouts_give_identical_logits_both_ways():
-    model = small_model()
-    x = ids()
-    logits, state = model(x)
-    fused = model.with_weight_mode("fused")
-    assert fused.config.weight_mode == "fused"
-    logits_f, state_f = fused(x)
-    torch.testing.assert_close(logits_f, logits, rtol=1e-5, atol=1e-5)
-    back = fused.with_weight_mode("single")
-    for (k, a), (k2, b) in zip(model.state_dict().items(), back.state_dict().items()):
-        assert k == k2 and torch.equal(a, b)
-    assert torch.equal(back(x)[0], logits)
 
 
 def test_teacher_forced_steps_equal_full_forward():
@@ -318,10 +298,9 @@ def test_bad_state_reset_and_mask():
         (dict(embedding_dim=0), "embedding_dim must be a positive integer"),
         (dict(num_blocks=-1), "num_blocks must be a positive integer"),
         (dict(qk_dim_factor=0.0), "qk_dim_factor must be a positive number"),
-        (dict(weight_mode="packed"), "weight_mode must be 'single' or 'fused'"),
         (dict(eos_token_id=97), r"eos_token_id=97 must lie in \[0, vocab_size=97\)"),
     ],
-    ids=["heads", "dim", "blocks", "factor", "weight-mode", "eos"],
+    ids=["heads", "dim", "blocks", "factor", "eos"],
 )
 def test_invalid_config_names_field_and_fix(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -351,7 +330,8 @@ def test_logits_match_official_xlstm_large():
             chunkwise_kernel="chunkwise--native_autograd", sequence_kernel="native_sequence__native",
             step_kernel="native", mode=mode, return_last_states=True, chunk_size=16,
         ))
-        sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v for k, v in model.state_dict().items()}
+        released = unfuse(model.state_dict(), c)  # their default single layout
+        sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v for k, v in released.items()}
         theirs.load_state_dict(sd, strict=True)
         x = ids(S=48)
         with torch.no_grad():

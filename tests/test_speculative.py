@@ -78,15 +78,6 @@ def test_compiled_steps(target, drafts):
         assert_states_close(spec.draft_state.select([b]), d)
 
 
-def test_fused_weight_layout(target, drafts):
-    fused, draft = target.with_weight_mode("fused"), drafts["noisy"].with_weight_mode("fused")
-    prompts = [prompt(12, 11), prompt(3, 12)]
-    plain = generate(fused, prompts, max_new_tokens=15)
-    spec = generate(fused, prompts, max_new_tokens=15, draft=draft, speculate_k=3)
-    assert torch.equal(spec.tokens, plain.tokens) and 0 < spec.stats["acceptance_rate"] < 1
-    assert_states_close(spec.state, plain.state)
-
-
 def test_ragged_batch_eos_and_continuation(target, drafts):
     draft = drafts["noisy"]
     prompts = [prompt(5, 5), prompt(1, 6), prompt(31, 7), []]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from xlstm7b import XLSTM, generate
+from xlstm7b import XLSTM, generate, save_pretrained
 
 from . import checkpointing
 from .config import JobConfig
@@ -121,7 +121,7 @@ def export(run_dir: Path, model, plain: XLSTM, tokenizer_path: Path, d: Dist, sa
         with torch.device("meta"):
             out = XLSTM(plain.config)
         out.load_state_dict(sd, assign=True)
-        out.save_pretrained(run_dir / "model")
+        save_pretrained(out, run_dir / "model")
         shutil.copyfile(tokenizer_path, run_dir / "model" / "tokenizer.json")
         if sample_tokens:
             text = sample_text(out.eval(), load_tokenizer(tokenizer_path), "def ", sample_tokens)

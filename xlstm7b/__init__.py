@@ -1,9 +1,9 @@
 """xLSTM 7B in PyTorch + Triton: the exact released model, fast kernels, training and inference."""
 
-from .checkpoint import CheckpointError, from_pretrained
+from .checkpoint import CheckpointError, from_pretrained, save_pretrained
 from .config import ModelConfig, preset_names, preset_path
 from .generate import generate
-from .model import XLSTM, convert_weight_layout
+from .model import XLSTM
 from .state import State
 
 __all__ = [
@@ -11,10 +11,10 @@ __all__ = [
     "ModelConfig",
     "State",
     "XLSTM",
-    "convert_weight_layout",
     "from_pretrained",
     "generate",
     "preset_names",
     "preset_path",
+    "save_pretrained",
 ]
 __version__ = "0.1.0"

@@ -5,10 +5,14 @@ Reads two layouts:
   model.safetensors.index.json; parameter names `backbone.embeddings.weight`, `backbone.blocks.N...`.
 - the xlstm package: config.yaml + model.safetensors (or model_0.safetensors, model_1, ...), with
   `embedding.weight` for the embedding.
-Writes the Hugging Face layout, which both `from_pretrained` and transformers' xLSTMForCausalLM load.
+Both store the projections one by one (`q`, `k`, `v`, `ogate_preact`, `igate_preact`, `fgate_preact`,
+`proj_up_gate`, `proj_up`: the released single layout); the xlstm package may also write its fused
+layout, which is the model's. Loading converts single to fused, saving fused to single, so every
+file written is in the released layout, which both `from_pretrained` and transformers'
+xLSTMForCausalLM load.
 
 Loading builds the model on the meta device and assigns each tensor as it is read, so the weights
-exist once (a fused layout conversion adds one projection at a time).
+exist once (the layout conversion adds one projection at a time).
 """
 
 import json
@@ -22,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .model import XLSTM, convert_weight_layout
+from .model import XLSTM
 
 INDEX = "model.safetensors.index.json"
 
@@ -34,6 +38,14 @@ NAME_ALIASES = (
     (re.compile(r"\.mlstm_layer\.query\."), ".mlstm_layer.q."),
     (re.compile(r"\.mlstm_layer\.key\."), ".mlstm_layer.k."),
     (re.compile(r"\.mlstm_layer\.value\."), ".mlstm_layer.v."),
+)
+
+
+# The model's fused projections and the released single ones they concatenate (rows, in order).
+FUSED_GROUPS = (
+    ("mlstm_layer.qkv_opreact", ("mlstm_layer.q", "mlstm_layer.k", "mlstm_layer.v", "mlstm_layer.ogate_preact")),
+    ("mlstm_layer.ifgate_preact", ("mlstm_layer.igate_preact", "mlstm_layer.fgate_preact")),
+    ("ffn.proj_up_gate_z", ("ffn.proj_up_gate", "ffn.proj_up")),
 )
 
 
@@ -187,8 +199,37 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def layout_of(names) -> str:
-    return "fused" if any(".qkv_opreact." in n for n in names) else "single"
+def fuse(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The released single layout -> the model's fused one, in place: the single entries are
+    replaced by their concatenation one group at a time, so peak memory grows by one projection at
+    most. Keys already fused are kept. Returns `state_dict`."""
+    out = state_dict
+    for n in range(config.num_blocks):
+        for fused, singles in FUSED_GROUPS:
+            for kind in ("weight", "bias"):
+                keys = [f"backbone.blocks.{n}.{s}.{kind}" for s in singles]
+                if all(k in out for k in keys):
+                    out[f"backbone.blocks.{n}.{fused}.{kind}"] = torch.cat([out.pop(k) for k in keys], dim=0)
+    return out
+
+
+def unfuse(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's fused layout -> the released single one (each projection a copy of its rows)."""
+    c = config
+    sizes = {
+        "mlstm_layer.qkv_opreact": [c.qk_dim, c.qk_dim, c.v_dim, c.v_dim],
+        "mlstm_layer.ifgate_preact": [c.num_heads, c.num_heads],
+        "ffn.proj_up_gate_z": [c.ffn_dim, c.ffn_dim],
+    }
+    out = dict(state_dict)
+    for n in range(c.num_blocks):
+        for fused, singles in FUSED_GROUPS:
+            for kind in ("weight", "bias"):
+                key = f"backbone.blocks.{n}.{fused}.{kind}"
+                if key in out:
+                    for s, part in zip(singles, out.pop(key).split(sizes[fused], dim=0)):
+                        out[f"backbone.blocks.{n}.{s}.{kind}"] = part.clone()
+    return out
 
 
 def from_pretrained(
@@ -196,13 +237,11 @@ def from_pretrained(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-    weight_mode: str | None = None,
 ) -> XLSTM:
     """Loads a checkpoint folder (Hugging Face or xlstm package layout) into an XLSTM in eval mode.
 
     device: where the weights go (default CPU); each tensor is moved as it is read.
     dtype: the parameter dtype (default: as stored, bf16 for the released 7B).
-    weight_mode: 'single' or 'fused' (default: the stored layout).
     """
     path = Path(path)
     if not path.is_dir():
@@ -215,26 +254,22 @@ def from_pretrained(
             name = canonical_name(raw_name)
             tensors[name] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
             source[name] = file
-    stored = layout_of(tensors)
-    config = config.replace(weight_mode=stored)
     with torch.device("meta"):
         model = XLSTM(config)
-    check_tensors(model, tensors, source, path)
-    if weight_mode not in (None, stored):
-        tensors = convert_weight_layout(tensors, config, weight_mode)
-        config = config.replace(weight_mode=weight_mode)
-        with torch.device("meta"):
-            model = XLSTM(config)
-    model.load_state_dict(tensors, assign=True)
+    expected = model.state_dict()
+    if not any(".qkv_opreact." in name for name in tensors):  # the released single layout
+        expected = unfuse(expected, config)
+    check_tensors(config, expected, tensors, source, path)
+    model.load_state_dict(fuse(tensors, config), assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
     return model.eval()
 
 
-def check_tensors(model: XLSTM, tensors: dict, source: dict, path: Path) -> None:
+def check_tensors(config: ModelConfig, expected: dict, tensors: dict, source: dict, path: Path) -> None:
     """Every expected key present with its shape, and no unknown key; errors name the file."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
+    expected = {k: v.shape for k, v in expected.items()}
+    if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         tensors.pop("lm_head.weight", None)
     unexpected = [k for k in tensors if k not in expected]
@@ -254,9 +289,7 @@ def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: in
     and renamed, so an interrupted save never leaves a half-written file under a final name."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    sd = model.state_dict()
-    if model.config.weight_mode == "fused":
-        sd = convert_weight_layout(sd, model.config, "single")
+    sd = unfuse(model.state_dict(), model.config)
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     sd = {k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous() for k, v in sd.items()}

@@ -97,11 +97,11 @@ def generate_main(argv: list[str]) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        model = from_pretrained(args.checkpoint, device=device, dtype=dtype, weight_mode="fused")
+        model = from_pretrained(args.checkpoint, device=device, dtype=dtype)
         config = model.config
         draft = None
         if args.draft is not None:
-            draft = from_pretrained(args.draft, device=device, dtype=dtype, weight_mode="fused")
+            draft = from_pretrained(args.draft, device=device, dtype=dtype)
             draft_tok = Path(args.draft) / "tokenizer.json"  # the vocab sizes are checked by generate()
             if draft_tok.is_file() and draft_tok.read_bytes() != tok_path.read_bytes():
                 print(f"xlstm7b generate: warning: {draft_tok} differs from {tok_path}; the output is still the "

@@ -10,9 +10,7 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
-
-WeightMode = Literal["single", "fused"]
+from typing import Any
 
 
 @dataclass
@@ -45,9 +43,6 @@ class ModelConfig:
     """RMSNorm after the last block, before the lm_head."""
     tie_word_embeddings: bool = False
     """Share the embedding and the lm_head (the 7B keeps them separate)."""
-    weight_mode: WeightMode = "single"
-    """'single': separate q/k/v/o, i/f and FFN gate/up projections (the released layout);
-    'fused': one [q|k|v|o], one [i|f] and one [gate|z] projection (fewer, larger matmuls)."""
     chunk_size: int = 64
     """Chunk length of the chunkwise mLSTM kernel; any sequence length works with any value."""
     eps: float = 1e-6
@@ -95,8 +90,6 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
-        if self.weight_mode not in ("single", "fused"):
-            raise ValueError(f"ModelConfig.weight_mode must be 'single' or 'fused', got {self.weight_mode!r}")
         if self.mlstm_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"ModelConfig.mlstm_backend must be 'auto', 'torch' or 'triton', got {self.mlstm_backend!r}")
         for name, dim in (("qk_dim", self.qk_dim), ("v_dim", self.v_dim)):
@@ -112,9 +105,6 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "ModelConfig":

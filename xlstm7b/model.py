@@ -1,9 +1,10 @@
 """The xLSTM 7B architecture (spec §1) in one file, bottom-up: norms, feed-forward, mLSTM layer,
 block, backbone, language model.
 
-Module names mirror the released Hugging Face checkpoint, so `state_dict()` keys are the released
-parameter names (`backbone.blocks.0.mlstm_layer.q.weight`, ...). The fused weight layout uses the
-xlstm package's names (`qkv_opreact`, `ifgate_preact`, `proj_up_gate_z`).
+Module names mirror the released Hugging Face checkpoint (`backbone.blocks.0.mlstm_layer...`). The
+weights are in one layout, the xlstm package's fused one: [q|k|v|o] in `qkv_opreact`, [i|f] in
+`ifgate_preact`, [gate|z] in `proj_up_gate_z` (fewer, larger matmuls); checkpoint.py converts the
+released single layout (q, k, v, ogate_preact, ...) on load and writes it on save.
 """
 
 import math
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, WeightMode
+from .config import ModelConfig
 from .kernels import mlstm, mlstm_step_
 from .state import State
 
@@ -64,24 +65,17 @@ class MultiHeadLayerNorm(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """(silu(x W_gate) * (x W_up)) W_down; 'fused' computes [gate | z] in one matmul."""
+    """(silu(x W_gate) * (x W_z)) W_down, with [gate | z] computed in one matmul."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         D, F_, bias = config.embedding_dim, config.ffn_dim, config.use_bias
         self.ffn_dim = F_
-        if config.weight_mode == "single":
-            self.proj_up_gate = nn.Linear(D, F_, bias=bias)
-            self.proj_up = nn.Linear(D, F_, bias=bias)
-        else:
-            self.proj_up_gate_z = nn.Linear(D, 2 * F_, bias=bias)
+        self.proj_up_gate_z = nn.Linear(D, 2 * F_, bias=bias)
         self.proj_down = nn.Linear(F_, D, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "proj_up_gate_z"):
-            gate, z = self.proj_up_gate_z(x).split(self.ffn_dim, dim=-1)
-        else:
-            gate, z = self.proj_up_gate(x), self.proj_up(x)
+        gate, z = self.proj_up_gate_z(x).split(self.ffn_dim, dim=-1)
         return self.proj_down(F.silu(gate) * z)
 
 
@@ -93,16 +87,8 @@ class mLSTMLayer(nn.Module):
         super().__init__()
         self.config = config
         D, Dqk, Dv, NH, bias = config.embedding_dim, config.qk_dim, config.v_dim, config.num_heads, config.use_bias
-        if config.weight_mode == "single":
-            self.q = nn.Linear(D, Dqk, bias=bias)
-            self.k = nn.Linear(D, Dqk, bias=bias)
-            self.v = nn.Linear(D, Dv, bias=bias)
-            self.ogate_preact = nn.Linear(D, Dv, bias=bias)
-            self.igate_preact = nn.Linear(D, NH, bias=True)
-            self.fgate_preact = nn.Linear(D, NH, bias=True)
-        else:
-            self.qkv_opreact = nn.Linear(D, 2 * Dqk + 2 * Dv, bias=bias)
-            self.ifgate_preact = nn.Linear(D, 2 * NH, bias=True)
+        self.qkv_opreact = nn.Linear(D, 2 * Dqk + 2 * Dv, bias=bias)
+        self.ifgate_preact = nn.Linear(D, 2 * NH, bias=True)
         self.multihead_norm = MultiHeadLayerNorm(NH, config.v_head_dim, config.norm_eps, bias)
         self.out_proj = nn.Linear(Dv, D, bias=bias)
 
@@ -111,12 +97,8 @@ class mLSTMLayer(nn.Module):
         Padding (mask [B, S] False) is made invisible to the cell: i = -inf writes nothing and
         f = +inf (lf = 0) forgets nothing (spec §2)."""
         c = self.config
-        if hasattr(self, "qkv_opreact"):
-            q, k, v, o = self.qkv_opreact(x).split([c.qk_dim, c.qk_dim, c.v_dim, c.v_dim], dim=-1)
-            i, f = self.ifgate_preact(x).float().split(c.num_heads, dim=-1)
-        else:
-            q, k, v, o = self.q(x), self.k(x), self.v(x), self.ogate_preact(x)
-            i, f = self.igate_preact(x).float(), self.fgate_preact(x).float()
+        q, k, v, o = self.qkv_opreact(x).split([c.qk_dim, c.qk_dim, c.v_dim, c.v_dim], dim=-1)
+        i, f = self.ifgate_preact(x).float().split(c.num_heads, dim=-1)
         i, f = soft_cap(i, c.gate_soft_cap), soft_cap(f, c.gate_soft_cap)
         if mask is not None:
             i = i.masked_fill(~mask[..., None], float("-inf"))
@@ -222,23 +204,12 @@ class XLSTM(nn.Module):
         f_bias = torch.linspace(3.0, 6.0, c.num_heads)
         for block in self.backbone.blocks:
             layer, ffn = block.mlstm_layer, block.ffn
-            if c.weight_mode == "single":
-                for lin in (layer.q, layer.k, layer.v):
-                    nn.init.normal_(lin.weight, std=small)
-                layer.ogate_preact.weight.zero_()
-                layer.igate_preact.weight.zero_()
-                layer.fgate_preact.weight.zero_()
-                layer.igate_preact.bias.copy_(i_bias)
-                layer.fgate_preact.bias.copy_(f_bias)
-                nn.init.normal_(ffn.proj_up_gate.weight, std=small)
-                nn.init.normal_(ffn.proj_up.weight, std=small)
-            else:
-                w = layer.qkv_opreact.weight  # rows [q | k | v | o]
-                nn.init.normal_(w[: 2 * c.qk_dim + c.v_dim], std=small)
-                w[2 * c.qk_dim + c.v_dim :].zero_()
-                layer.ifgate_preact.weight.zero_()
-                layer.ifgate_preact.bias.copy_(torch.cat([i_bias, f_bias]))
-                nn.init.normal_(ffn.proj_up_gate_z.weight, std=small)
+            w = layer.qkv_opreact.weight  # rows [q | k | v | o]
+            nn.init.normal_(w[: 2 * c.qk_dim + c.v_dim], std=small)
+            w[2 * c.qk_dim + c.v_dim :].zero_()
+            layer.ifgate_preact.weight.zero_()
+            layer.ifgate_preact.bias.copy_(torch.cat([i_bias, f_bias]))
+            nn.init.normal_(ffn.proj_up_gate_z.weight, std=small)
             nn.init.normal_(layer.out_proj.weight, std=wang)
             nn.init.normal_(ffn.proj_down.weight, std=wang)
 
@@ -336,53 +307,3 @@ class XLSTM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., D] (after the output norm) -> soft-capped logits [..., V]."""
         return soft_cap(self.lm_head(hidden), self.config.output_logit_soft_cap)
-
-    def save_pretrained(self, path, *, max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
-        """Writes the released Hugging Face layout (config.json + safetensors shards); see checkpoint.py."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
-
-    def with_weight_mode(self, weight_mode: WeightMode) -> "XLSTM":
-        """This model in the other weight layout (single <-> fused), with identical outputs."""
-        config = self.config.replace(weight_mode=weight_mode)
-        with torch.device("meta"):
-            model = XLSTM(config)
-        sd = convert_weight_layout(self.state_dict(), self.config, weight_mode)
-        model.load_state_dict(sd, assign=True)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.backbone.embeddings.weight
-        return model
-
-
-# Fused layout: (fused module, [single modules in concatenation order]) per block.
-FUSED_GROUPS = (
-    ("mlstm_layer.qkv_opreact", ("mlstm_layer.q", "mlstm_layer.k", "mlstm_layer.v", "mlstm_layer.ogate_preact")),
-    ("mlstm_layer.ifgate_preact", ("mlstm_layer.igate_preact", "mlstm_layer.fgate_preact")),
-    ("ffn.proj_up_gate_z", ("ffn.proj_up_gate", "ffn.proj_up")),
-)
-
-
-def convert_weight_layout(state_dict: dict[str, torch.Tensor], config: ModelConfig, to: WeightMode) -> dict[str, torch.Tensor]:
-    """Converts a state dict between the 'single' and 'fused' layouts. Entries are moved out of
-    `state_dict` as they are converted, so peak memory grows by one projection at most."""
-    if to not in ("single", "fused"):
-        raise ValueError(f"weight layout must be 'single' or 'fused', got {to!r}")
-    c = config
-    sizes = {
-        "mlstm_layer.qkv_opreact": [c.qk_dim, c.qk_dim, c.v_dim, c.v_dim],
-        "mlstm_layer.ifgate_preact": [c.num_heads, c.num_heads],
-        "ffn.proj_up_gate_z": [c.ffn_dim, c.ffn_dim],
-    }
-    out = dict(state_dict)
-    for n in range(c.num_blocks):
-        p = f"backbone.blocks.{n}."
-        for fused, singles in FUSED_GROUPS:
-            for kind in ("weight", "bias"):
-                fused_key, single_keys = f"{p}{fused}.{kind}", [f"{p}{s}.{kind}" for s in singles]
-                if to == "fused" and all(k in out for k in single_keys):
-                    out[fused_key] = torch.cat([out.pop(k) for k in single_keys], dim=0)
-                elif to == "single" and fused_key in out:
-                    for k, part in zip(single_keys, out.pop(fused_key).split(sizes[fused], dim=0)):
-                        out[k] = part.clone()
-    return out
