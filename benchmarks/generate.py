@@ -88,16 +88,16 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def prompt(batch: int, length: int, vocab: int, device) -> torch.Tensor:
-    ids = torch.randint(2, vocab, (batch, length), generator=torch.Generator().manual_seed(length)).to(device)
-    ids[:, 0] = 0  # BOS
+def prompt(batch: int, length: int, config: ModelConfig, device) -> torch.Tensor:
+    ids = torch.randint(2, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length)).to(device)
+    ids[:, 0] = config.bos_token_id
     return ids
 
 
-def bench_speed(models: dict, args, vocab: int, device) -> list[dict]:
+def bench_speed(models: dict, args, config: ModelConfig, device) -> list[dict]:
     rows = []
     for B in args.batches:
-        ids = prompt(B, 16, vocab, device)
+        ids = prompt(B, 16, config, device)
         for impl, model in models.items():
             if impl == "compiled":
                 t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def bench_speed(models: dict, args, vocab: int, device) -> list[dict]:
             rows.append(dict(impl=impl, metric="decode", batch=B, new_tokens=args.decode_tokens, tok_per_s=rate))
             print(f"decode   {impl:<8} batch {B:>3}: {rate:9.1f} tok/s", flush=True)
     for S in args.prompt_lengths:
-        ids = prompt(1, S, vocab, device)
+        ids = prompt(1, S, config, device)
         for impl, model in models.items():
             if impl == "compiled":
                 continue  # the same prefill as "ours"
@@ -135,7 +135,7 @@ def memory_child(impl: str, n: int, args) -> dict:
     device = args.device
     ours, theirs = build(args.preset, device, DTYPES[args.dtype], official=impl == "official")
     model = theirs if impl == "official" else ours
-    ids = prompt(1, 16, ours.config.vocab_size, device)
+    ids = prompt(1, 16, ours.config, device)
     run_fn(impl, model, ids, 2)  # warm-up: kernels compiled, caches filled
     gc.collect()
     if device.startswith("cuda"):
@@ -248,10 +248,10 @@ def main() -> None:
                        vocab_size=vocab, params=ours.num_params())
     agree = None
     if theirs is not None:  # the same weights must give the same greedy tokens
-        ids = prompt(2, 24, vocab, args.device)
+        ids = prompt(2, 24, c, args.device)
         agree = bool(torch.equal(run_fn("ours", ours, ids, 16), run_fn("official", theirs, ids, 16)))
         print(f"same greedy tokens as the official model: {agree}", flush=True)
-    rows = bench_speed(models, args, vocab, args.device)
+    rows = bench_speed(models, args, c, args.device)
     del models, ours, theirs
     gc.collect()
     rows += bench_memory(ours_impls + ([] if args.no_official else ["official"]), args)

@@ -61,8 +61,9 @@ def random_model(config: ModelConfig, device, dtype, seed: int) -> XLSTM:
     return model.to(dtype).eval()
 
 
-def code_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
-    """`n` prompts of `length` tokens from the middle of stdlib modules (the toy models' corpus)."""
+def code_prompts(tokenizer, n: int, length: int, bos: int) -> list[list[int]]:
+    """`n` prompts of `length` tokens from the middle of stdlib modules (the toy models' corpus),
+    each after the `bos` id."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     step = max(1, len(files) // n)
     prompts = []
@@ -70,7 +71,7 @@ def code_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
         ids = tokenizer.encode(f.read_text(errors="replace")).ids
         if len(ids) >= 3 * length:
             mid = len(ids) // 2
-            prompts.append([0] + ids[mid : mid + length - 1])
+            prompts.append([bos] + ids[mid : mid + length - 1])
         if len(prompts) == n:
             break
     return prompts
@@ -179,7 +180,7 @@ def main() -> None:
         target = from_pretrained(args.target, device=device, dtype=dtype)
         draft = from_pretrained(args.draft, device=device, dtype=dtype)
         tokenizer = Tokenizer.from_file(str(Path(args.target) / "tokenizer.json"))
-        prompts = code_prompts(tokenizer, args.prompts, args.prompt_len)
+        prompts = code_prompts(tokenizer, args.prompts, args.prompt_len, target.config.bos_token_id)
         pair = dict(weights="trained", target=args.target, draft=args.draft)
     else:
         tp = args.target_preset or ("7b" if cuda else "toy")

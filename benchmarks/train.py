@@ -25,7 +25,7 @@ from xlstm7b.train.config import load_config
 from xlstm7b.train.data import Corpus
 from xlstm7b.train.metrics import peak_flops, train_flops_per_token
 from xlstm7b.train.optim import build_optimizer
-from xlstm7b.train.parallel import Dist, build_model, compute_dtype
+from xlstm7b.train.parallel import Dist, build_model, mixed_precision_dtype
 from xlstm7b.train.trainer import sequence_loss
 
 RESULTS = Path(__file__).parent / "results"
@@ -38,7 +38,7 @@ def time_training(preset: str, device: torch.device, steps: int, micro_batch: in
     t = job.train
     model, plain, _ = build_model(job.model, t, Dist(device=device), seed=0)
     optimizer = build_optimizer(model, t)
-    dtype = compute_dtype(t, device)
+    dtype = mixed_precision_dtype(t, device)
     B, S = t.micro_batch, t.seq_len
     ids = torch.randint(2, job.model.vocab_size, (B, S + 1), device=device)
     ids[:, :: max(1, S // 4)] = 0  # document starts, as in packed training rows

@@ -10,24 +10,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import perturb, rel_err
 from xlstm7b import XLSTM, CheckpointError, ModelConfig, from_pretrained, save_pretrained
-from xlstm7b.checkpoint import fuse, unfuse
+from xlstm7b.pretrained import fuse, unfuse
 
 CONFIG = dict(embedding_dim=128, num_blocks=2, num_heads=2, vocab_size=300, chunk_size=16)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = XLSTM(ModelConfig(**CONFIG))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m.eval()
+    return perturb(XLSTM(ModelConfig(**CONFIG)), 0.05).eval()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ def x():
 
 def same_logits(a, b, x):
     with torch.no_grad():
-        return rel(a(x)[0], b(x)[0]) < 1e-6
+        return rel_err(a(x)[0], b(x)[0]) < 1e-6
 
 
 def test_round_trip_single_file(model, x, tmp_path):
@@ -90,7 +83,7 @@ def test_dtype_and_device_arguments(model, x, tmp_path):
     loaded = from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
     assert loaded.lm_head.weight.dtype == torch.float32
     with torch.no_grad():
-        assert rel(loaded(x)[0], model(x)[0]) < 2e-2  # bf16 weights
+        assert rel_err(loaded(x)[0], model(x)[0]) < 2e-2  # bf16 weights
 
 
 def test_released_hf_folder_with_aliases_and_extra_keys(model, x, tmp_path):
@@ -138,7 +131,7 @@ def test_transformers_loads_what_we_save(model, x, tmp_path):
     save_pretrained(model, tmp_path)
     theirs = transformers.xLSTMForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        assert rel(theirs(x).logits, model(x)[0]) < 1e-5
+        assert rel_err(theirs(x).logits, model(x)[0]) < 1e-5
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

@@ -1,38 +1,17 @@
 """generate(): greedy == teacher-forced argmax, ragged batch == each row alone, EOS, seeded sampling,
 final state == one forward over the whole text, constant decoding memory, streaming and the CLI."""
 
-import ctypes
 import io
 
 import pytest
 import torch
 
-from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate, save_pretrained
+from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate
+from conftest import assert_states_close, decoding_heap_growth, heap_bytes_in_use, prompt, random_model
 from xlstm7b.cli import generate_main
 from xlstm7b.decode import CompiledStep
 from xlstm7b.sampling import sample
 from xlstm7b.streaming import TextStreamer
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def assert_states_close(a: State, b: State, tol: float = 1e-4) -> None:
-    for la, lb in zip(a, b):
-        for name, x, y in zip("Cnm", la, lb):
-            assert rel_err(x, y) <= tol, f"state {name} differs: rel err {rel_err(x, y):.2e}"
-
-
-def random_model(config: ModelConfig, seed: int = 0) -> XLSTM:
-    """The training init zeroes the gate and output-gate weights; perturb every parameter so the
-    gates vary per token and the stabilizer m moves."""
-    torch.manual_seed(seed)
-    model = XLSTM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,10 +25,6 @@ def model() -> XLSTM:
 def forward_state(model: XLSTM, ids: list[int]) -> tuple[torch.Tensor, State]:
     with torch.no_grad():
         return model(torch.tensor([ids]))
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @pytest.mark.parametrize("n", [1, 7, 40], ids=lambda n: f"prompt{n}")
@@ -212,58 +187,12 @@ def test_streamer_protocol(model):
     assert_states_close(stopped.state.select([0]), forward_state(model, ids[0] + out.tokens[0, :3].tolist())[1])
 
 
-def heap_bytes_in_use() -> int:
-    """Bytes allocated through glibc malloc in all arenas (torch's CPU tensors live there)."""
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "mallinfo2"):
-        pytest.skip("needs glibc >= 2.33 (mallinfo2) to measure heap use")
-    libc.mallinfo2.restype = MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
-def decoding_heap_growth(model, n: int, **kwargs) -> int:
-    """Peak heap growth while generating n tokens, measured at every step from the first one on
-    (after the prefill and the [B, n] output buffer). The probe keeps two ints only, so it
-    allocates nothing itself."""
-    first, peak = None, 0
-
-    def probe(tokens):
-        nonlocal first, peak
-        now = heap_bytes_in_use()
-        first = now if first is None else first
-        peak = max(peak, now)
-
-    generate(model, [[0, 5, 9]], max_new_tokens=n, temperature=1.0, seed=0, streamer=probe, **kwargs)
-    return peak - first
-
-
 def test_decoding_memory_constant_in_generated_tokens():
     # A tiny model (1 block, D 32, V 64) so that 11k decoding steps take a few seconds on CPU.
     model = random_model(ModelConfig(embedding_dim=32, num_blocks=1, num_heads=2, vocab_size=64, chunk_size=16))
     heap_bytes_in_use()  # skips early where it cannot measure
     small, large = decoding_heap_growth(model, 1_000), decoding_heap_growth(model, 10_000)
     assert large <= small + 64 * 1024, f"decoding memory grows with tokens: {small} B after 1k, {large} B after 10k"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<|padding|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, hello there", "a stop sign"] * 20
-    tok.train_from_iterator(corpus, trainer)
-    return tok
 
 
 def stream_text(tokenizer, text: str, stop=()) -> tuple[str, bool]:
@@ -288,46 +217,37 @@ def test_text_streamer_multibyte_and_stop(tokenizer):
     assert stream_text(tokenizer, "日本 over", stop=["本 o", "lazy"]) == ("日", True)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    config = ModelConfig.from_preset("debug").replace(vocab_size=tokenizer.get_vocab_size())
-    path = tmp_path_factory.mktemp("ckpt")
-    save_pretrained(random_model(config, seed=1), path)
-    tokenizer.save(str(path / "tokenizer.json"))
-    return path
-
-
-def test_cli_streams_the_greedy_continuation(checkpoint, tokenizer, capsys):
+def test_cli_streams_the_greedy_continuation(checkpoint_dir, tokenizer, capsys):
     from xlstm7b.cli import main
 
-    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "12"]) == 0
+    assert main(["generate", "--checkpoint", str(checkpoint_dir), "--prompt", "hello", "--max-new-tokens", "12"]) == 0
     streamed = capsys.readouterr()
-    model = from_pretrained(checkpoint)
+    model = from_pretrained(checkpoint_dir)
     ids = [0] + tokenizer.encode("hello").ids
     out = generate(model, [ids], max_new_tokens=12, eos_token_id=model.config.eos_token_id)
     assert streamed.out == tokenizer.decode(out.tokens[0, : int(out.lengths[0])].tolist()) + "\n"
     assert "tok/s" in streamed.err
-    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "12", "--compile"]) == 0
+    assert main(["generate", "--checkpoint", str(checkpoint_dir), "--prompt", "hello", "--max-new-tokens", "12", "--compile"]) == 0
     compiled = capsys.readouterr()
     assert compiled.out == streamed.out and "compiling the decode step" in compiled.err
 
-    assert generate_main(["--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5", "--no-stream",
+    assert generate_main(["--checkpoint", str(checkpoint_dir), "--prompt", "", "--max-new-tokens", "5", "--no-stream",
                      "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
     first = capsys.readouterr().out
-    assert generate_main(["--checkpoint", str(checkpoint), "--prompt", "", "--max-new-tokens", "5", "--stream",
+    assert generate_main(["--checkpoint", str(checkpoint_dir), "--prompt", "", "--max-new-tokens", "5", "--stream",
                      "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]) == 0
     assert capsys.readouterr().out == first
 
 
-def test_cli_errors(checkpoint, tmp_path, capsys):
+def test_cli_errors(checkpoint_dir, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()
-    for f in checkpoint.iterdir():
+    for f in checkpoint_dir.iterdir():
         if f.name != "tokenizer.json":
             (bare / f.name).write_bytes(f.read_bytes())
     assert generate_main(["--checkpoint", str(bare), "--prompt", "hi"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
-    assert generate_main(["--checkpoint", str(bare), "--tokenizer", str(checkpoint / "tokenizer.json"), "--prompt", "hi",
+    assert generate_main(["--checkpoint", str(bare), "--tokenizer", str(checkpoint_dir / "tokenizer.json"), "--prompt", "hi",
                      "--max-new-tokens", "-3"]) == 2
     assert "max_new_tokens" in capsys.readouterr().err
 

@@ -3,11 +3,8 @@
 import pytest
 import torch
 
+from conftest import rel_err
 from xlstm7b.kernels import mlstm, mlstm_advance, mlstm_chunkwise, mlstm_parallel, mlstm_recurrent, mlstm_step, mlstm_step_, zero_state
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
 def make_inputs(B=2, NH=2, S=37, DK=8, DV=12, *, dtype=torch.float64, state=False, reset=False, seed=0):
@@ -47,9 +44,9 @@ def test_forms_agree_float64(case, chunk_size):
     h_ref, s_ref = mlstm_parallel(*x, st, reset=rs)
     h_rec, s_rec = mlstm_recurrent(*x, st, reset=rs)
     h_chk, s_chk = mlstm_chunkwise(*x, st, reset=rs, chunk_size=chunk_size)
-    assert rel(h_rec, h_ref) < 1e-10 and rel(h_chk, h_ref) < 1e-10
+    assert rel_err(h_rec, h_ref) < 1e-10 and rel_err(h_chk, h_ref) < 1e-10
     for a, b, c in zip(s_rec, s_chk, s_ref):
-        assert rel(a, c) < 1e-10 and rel(b, c) < 1e-10
+        assert rel_err(a, c) < 1e-10 and rel_err(b, c) < 1e-10
 
 
 @pytest.mark.parametrize("form", ["chunkwise", "recurrent"])
@@ -72,7 +69,7 @@ def test_gradients_match_parallel(form, case):
     ref = torch.autograd.grad(loss(mlstm_parallel), params)
     got = torch.autograd.grad(loss(mlstm_recurrent if form == "recurrent" else chunkwise), params)
     for name, a, b in zip(["q", "k", "v", "i", "f", "C0", "n0"], got, ref):
-        assert rel(a, b) < 1e-10, name
+        assert rel_err(a, b) < 1e-10, name
 
 
 def test_fp32_chunkwise_close_to_float64_oracle():
@@ -80,9 +77,9 @@ def test_fp32_chunkwise_close_to_float64_oracle():
     h_ref, s_ref = mlstm_parallel(*x, st, reset=rs)
     h, s = mlstm_chunkwise(*(t.float() for t in x), tuple(t.float() for t in st), reset=rs, chunk_size=16)
     assert h.dtype == torch.float32 and s[0].dtype == torch.float32
-    assert rel(h, h_ref) < 1e-5
+    assert rel_err(h, h_ref) < 1e-5
     for a, b in zip(s, s_ref):
-        assert rel(a, b) < 1e-5
+        assert rel_err(a, b) < 1e-5
 
 
 @pytest.mark.parametrize("i_val,f_val", [(15.0, 15.0), (15.0, -15.0), (-15.0, -15.0)], ids=["i+15-f+15", "i+15-f-15", "i-15-f-15"])
@@ -91,8 +88,8 @@ def test_gates_at_soft_cap_limits(i_val, f_val):
     i, f = torch.full_like(i, i_val), torch.full_like(f, f_val)
     h_ref, s_ref = mlstm_parallel(q, k, v, i, f, st)
     h, s = mlstm_chunkwise(q, k, v, i, f, st, chunk_size=16)
-    assert torch.isfinite(h).all() and rel(h, h_ref) < 1e-10
-    assert all(rel(a, b) < 1e-10 for a, b in zip(s, s_ref))
+    assert torch.isfinite(h).all() and rel_err(h, h_ref) < 1e-10
+    assert all(rel_err(a, b) < 1e-10 for a, b in zip(s, s_ref))
 
 
 def test_pieces_with_carried_state_equal_one_run():
@@ -103,8 +100,8 @@ def test_pieces_with_carried_state_equal_one_run():
     for a, b in zip(cuts, cuts[1:]):
         h, state = mlstm_chunkwise(*(t[:, :, a:b] for t in x), state, reset=rs[:, a:b], chunk_size=16)
         hs.append(h)
-    assert rel(torch.cat(hs, dim=2), h_all) < 1e-12
-    assert all(rel(a, b) < 1e-12 for a, b in zip(state, s_all))
+    assert rel_err(torch.cat(hs, dim=2), h_all) < 1e-12
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(state, s_all))
 
 
 def test_reset_equals_starting_fresh():
@@ -115,22 +112,24 @@ def test_reset_equals_starting_fresh():
     reset[0, r] = True
     h, s = mlstm_chunkwise(*x, st, reset=reset, chunk_size=16)
     h_suffix, s_suffix = mlstm_parallel(*(t[:, :, r:] for t in x))
-    assert rel(h[:, :, r:], h_suffix) < 1e-12
-    assert all(rel(a, b) < 1e-12 for a, b in zip(s, s_suffix))
+    assert rel_err(h[:, :, r:], h_suffix) < 1e-12
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(s, s_suffix))
 
 
 @pytest.mark.parametrize("form", ["parallel", "recurrent", "chunkwise", "triton"])
 def test_no_gradient_crosses_a_reset(form):
     """Not even rounding: gates before a reset get exactly zero gradient from outputs after it."""
     x, _, _ = make_inputs(B=1, S=30, DK=16, DV=16, dtype=torch.float32 if form == "triton" else torch.float64)
-    leaves = [t.clone().requires_grad_() for t in x]
-    reset = torch.zeros(1, 30, dtype=torch.bool)
+    # The Triton kernels run on the GPU where there is one, else in Triton's interpreter on the CPU.
+    device = "cuda" if form == "triton" and torch.cuda.is_available() else "cpu"
+    leaves = [t.to(device).requires_grad_() for t in x]
+    reset = torch.zeros(1, 30, dtype=torch.bool, device=device)
     reset[0, 12] = True
     fn = {
         "parallel": mlstm_parallel,
         "recurrent": mlstm_recurrent,
         "chunkwise": mlstm_chunkwise,
-        "triton": lambda *a, **kw: mlstm(*a, **kw, backend="triton", chunk_size=16),  # Triton's interpreter on CPU
+        "triton": lambda *a, **kw: mlstm(*a, **kw, backend="triton", chunk_size=16),
     }[form]
     h, _ = fn(*leaves, reset=reset)
     h[:, :, 12:].sum().backward()
@@ -148,8 +147,8 @@ def test_padding_leaves_state_untouched():
     h, s = mlstm_chunkwise(q, k, v, i_p, f_p, st, chunk_size=4)
     keep = ~pad
     h_ref, s_ref = mlstm_parallel(*(t[:, :, keep] for t in x), st)
-    assert rel(h[:, :, keep], h_ref) < 1e-12
-    assert all(rel(a, b) < 1e-12 for a, b in zip(s, s_ref))
+    assert rel_err(h[:, :, keep], h_ref) < 1e-12
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(s, s_ref))
     _, s_only_pad = mlstm_chunkwise(q[:, :, :3], k[:, :, :3], v[:, :, :3], i[:, :, :3] * 0 - float("inf"), f[:, :, :3] * 0 + float("inf"), st)
     assert all(torch.equal(a, b) for a, b in zip(s_only_pad, st))
 
@@ -160,10 +159,10 @@ def test_step_matches_recurrent_and_dispatch_default():
     state = st
     for t in range(5):
         h, state = mlstm_step(*(a[:, :, t] for a in x), state)
-        assert rel(h, h_seq[:, :, t]) < 1e-12
-    assert all(rel(a, b) < 1e-12 for a, b in zip(state, s_seq))
+        assert rel_err(h, h_seq[:, :, t]) < 1e-12
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(state, s_seq))
     h_d, _ = mlstm(*x, st)
-    assert rel(h_d, mlstm_parallel(*x, st)[0]) < 1e-10
+    assert rel_err(h_d, mlstm_parallel(*x, st)[0]) < 1e-10
 
 
 def test_inplace_step_writes_the_same_state_into_the_given_tensors():
@@ -176,8 +175,8 @@ def test_inplace_step_writes_the_same_state_into_the_given_tensors():
         h_ref, ref = mlstm_step(*token, ref)
         h = mlstm_step_(*token, state)
         assert [u.data_ptr() for u in state] == ptrs
-        assert rel(h, h_ref) < 1e-12
-    assert all(rel(a, b) < 1e-12 for a, b in zip(state, ref))
+        assert rel_err(h, h_ref) < 1e-12
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(state, ref))
 
 
 def test_compiled_inplace_step_equals_eager():
@@ -191,9 +190,9 @@ def test_compiled_inplace_step_equals_eager():
         token = [a[:, :, t] for a in x]
         h_ref = mlstm_step_(*token, eager)
         h = step(*token, compiled)
-        assert rel(h, h_ref) < 1e-12
+        assert rel_err(h, h_ref) < 1e-12
     assert [t.data_ptr() for t in compiled] == ptrs
-    assert all(rel(a, b) < 1e-12 for a, b in zip(compiled, eager))
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(compiled, eager))
 
 
 def test_empty_state_convention_is_m_zero():
@@ -234,10 +233,10 @@ def test_advance_gives_the_final_state_without_outputs():
     in place into the state it starts from."""
     (q, k, v, i, f), st, _ = make_inputs(S=9, state=True)
     _, ref = mlstm_parallel(q, k, v, i, f, st)
-    assert all(rel(a, b) < 1e-12 for a, b in zip(mlstm_advance(k, v, i, f, st), ref))
+    assert all(rel_err(a, b) < 1e-12 for a, b in zip(mlstm_advance(k, v, i, f, st), ref))
     skip = torch.zeros(9, dtype=torch.bool)
     skip[5:] = True  # e.g. rejected draft tokens: masked as padding
     _, ref = mlstm_parallel(q[:, :, :5], k[:, :, :5], v[:, :, :5], i[:, :, :5], f[:, :, :5], st)
     live = tuple(t.clone() for t in st)
     out = mlstm_advance(k, v, i.masked_fill(skip, float("-inf")), f.masked_fill(skip, float("inf")), live, out=live)
-    assert out is live and all(rel(a, b) < 1e-12 for a, b in zip(live, ref))
+    assert out is live and all(rel_err(a, b) < 1e-12 for a, b in zip(live, ref))

@@ -7,12 +7,11 @@ import copy
 import pytest
 import torch
 
+from conftest import assert_states_close, decoding_heap_growth, heap_bytes_in_use, perturb, prompt, random_model
 from xlstm7b import XLSTM, ModelConfig, State, generate
 from xlstm7b import speculative
 from xlstm7b.cli import generate_main
 from xlstm7b.sampling import sample_from, sampling_probs
-
-from test_generate import assert_states_close, checkpoint, decoding_heap_growth, heap_bytes_in_use, prompt, random_model, tokenizer  # noqa: F401
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,12 +24,7 @@ def target() -> XLSTM:
 
 def noisy_copy(model: XLSTM, scale: float, seed: int) -> XLSTM:
     """A draft that agrees with the target often but not always: rows accept different counts."""
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return draft
+    return perturb(copy.deepcopy(model), scale, seed)
 
 
 @pytest.fixture(scope="module")
@@ -214,14 +208,14 @@ def test_memory_constant_in_generated_tokens():
     assert large <= small + 64 * 1024, f"speculative decoding memory grows: {small} B after 300, {large} B after 2000"
 
 
-def test_cli_draft_flags(checkpoint, tokenizer, capsys):  # noqa: F811
-    args = ["--checkpoint", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "12", "--no-stream"]
+def test_cli_draft_flags(checkpoint_dir, capsys):
+    args = ["--checkpoint", str(checkpoint_dir), "--prompt", "hello", "--max-new-tokens", "12", "--no-stream"]
     assert generate_main(args) == 0
     plain = capsys.readouterr().out
-    assert generate_main(args + ["--draft", str(checkpoint), "--speculate-k", "3"]) == 0
+    assert generate_main(args + ["--draft", str(checkpoint_dir), "--speculate-k", "3"]) == 0
     out = capsys.readouterr()
     assert out.out == plain and "acceptance" in out.err
-    assert generate_main(args + ["--draft", str(checkpoint), "--speculate-k", "0"]) == 2
+    assert generate_main(args + ["--draft", str(checkpoint_dir), "--speculate-k", "0"]) == 2
     assert "speculate_k" in capsys.readouterr().err
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import xlstm7b
+from conftest import perturb
 from xlstm7b import ModelConfig
 from xlstm7b.train import checkpointing, trainer
 from xlstm7b.train.cli import plan_main, plot_main
@@ -129,10 +130,7 @@ def test_weight_decay_groups():
 def test_loss_in_pieces_equals_loss_at_once():
     """loss_chunk_tokens changes memory, not the numbers: the same per-token losses and gradients, and
     no logits-sized tensor kept for the backward pass."""
-    model = xlstm7b.XLSTM(xlstm7b.ModelConfig.from_preset("debug"))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    model = perturb(xlstm7b.XLSTM(xlstm7b.ModelConfig.from_preset("debug")), 0.1)
     V = model.config.vocab_size
     ids = torch.randint(1, V, (3, 41), generator=torch.Generator().manual_seed(0))
     ids[:, ::13] = 0
@@ -166,11 +164,11 @@ def test_loss_in_pieces_equals_loss_at_once():
 
 def test_shards_manifest_reuse_and_batches(corpus, cache):
     cfg = job(corpus, cache, "unused")
-    folder, tok_path = prepare_data(cfg.data, cfg.model.vocab_size)
+    folder, tok_path, _ = prepare_data(cfg.data, cfg.model)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["dtype"] == "uint16" and manifest["splits"]["val"]["documents"] > 0
     stamp = (folder / "manifest.json").stat().st_mtime_ns
-    assert prepare_data(cfg.data, cfg.model.vocab_size) == (folder, tok_path)  # cached, not rebuilt
+    assert prepare_data(cfg.data, cfg.model)[:2] == (folder, tok_path)  # cached, not rebuilt
     assert (folder / "manifest.json").stat().st_mtime_ns == stamp
 
     data = TokenData(folder, "train", 32, seed=0, vocab_size=cfg.model.vocab_size)
@@ -184,6 +182,11 @@ def test_shards_manifest_reuse_and_batches(corpus, cache):
     # Epochs are permutations of all windows.
     ks = [data.sample_window(k) for k in range(data.num_windows)]
     assert sorted(ks) == list(range(data.num_windows))
+    # Documents are separated by the model's bos_token_id.
+    other = job(corpus, cache, "unused", "--model.bos_token_id=2")
+    folder2, _, _ = prepare_data(other.data, other.model)
+    inputs, _, reset = TokenData(folder2, "train", 32, seed=0, vocab_size=other.model.vocab_size).batch([0])
+    assert folder2 != folder and inputs[0, 0] == 2 and reset[0, 0] and torch.equal(reset, inputs == 2)
 
 
 def test_reset_stops_flow_between_documents():

@@ -47,5 +47,5 @@ def test_two_processes_match_one(tmp_path, corpus, parallel):
     model = xlstm7b.from_pretrained(tmp_path / "two" / "model")
     assert torch.isfinite(model(torch.tensor([[0, 3, 4]]))[0]).all()
     # The sharded checkpoint resumes in one process.
-    resumed = train(1, tmp_path / "two", corpus, f"--train.parallel=none", "--train.steps=4", "--run.export=false")
+    resumed = train(1, tmp_path / "two", corpus, "--train.parallel=none", "--train.steps=4", "--run.export=false")
     assert list(resumed) == [1, 2, 3, 4]

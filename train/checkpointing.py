@@ -5,6 +5,7 @@ RUN_DIR/checkpoints/step_00000100/ holds the DCP shards of model and optimizer, 
 rank has finished, so a crash mid-save leaves the previous checkpoint as the latest complete one.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -18,9 +19,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from .parallel import Dist
 
-# One process saves and loads without a process group (DCP warns that it assumes so).
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
 NAME = re.compile(r"^step_(\d{8})$")
 
 # Config keys a resumed run may change; any other difference is an error.
@@ -32,6 +30,14 @@ RESUMABLE_CHANGES = {
     "data": {"cache_dir", "shard_tokens"},
     "model": {"mlstm_backend"},
 }
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    """One process saves and loads without a process group, which DCP warns that it assumes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -49,7 +55,8 @@ def save(run_dir: Path, step: int, model, optimizer, meta: dict, d: Dist, keep: 
         tmp.mkdir(parents=True)
     d.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
+    with single_process_quiet():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
     d.barrier()
@@ -68,7 +75,8 @@ def load(path: Path, model, optimizer, d: Dist) -> dict:
     """Restores model, optimizer and this rank's RNG from `path`; returns its trainer.json."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path, no_dist=d.world == 1)
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=d.world == 1)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{d.rank}.pt"
     if rng_file.is_file():  # absent when resuming with more processes than saved

@@ -213,8 +213,3 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     job = JobConfig(**{name: _section(cls, data.get(name, {}), source, name) for name, cls in SECTIONS.items()})
     job.validate()
     return job
-
-
-def config_from_dict(data: dict) -> JobConfig:
-    """The inverse of JobConfig.to_dict (reading a run's saved config)."""
-    return JobConfig(**{name: _section(cls, data.get(name, {}), "saved config", name) for name, cls in SECTIONS.items()})

@@ -1,6 +1,7 @@
 """Data: documents -> tokenizer -> on-disk token shards with a manifest -> deterministic batches.
 
-Each document is written as `0 tok tok ...` (id 0 separates documents, as in the 7B recipe) into
+Each document is written as `BOS tok tok ...` (the model's bos_token_id separates documents; id 0
+in the 7B recipe) into
 uint16/uint32 shards under `data.cache_dir/tokens/HASH/`, HASH covering the documents and the
 tokenizer. Shards are built once (by rank 0, in a temporary folder renamed into place) and reused
 across runs and processes.
@@ -23,10 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .tokenizer import check_vocab, load_tokenizer, token_bytes, train_bpe
+from tokenizers import Tokenizer
 
-BOS = 0
+from xlstm7b import ModelConfig
+
+from .config import DataConfig
+from .tokenizer import check_vocab, load_tokenizer, train_bpe
+
 SPLITS = ("train", "val")
 LOCAL_FORMATS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -103,18 +107,16 @@ class Corpus:
                 yield name, text
 
 
-def prepare_tokenizer(corpus: Corpus, tokenizer: str, vocab_size: int, cache: Path, rank: int):
+def prepare_tokenizer(corpus: Corpus, tokenizer: str, vocab_size: int, cache: Path, rank: int) -> Path:
     """The tokenizer file to use: `tokenizer` itself, or a BPE trained on the training split (cached)."""
     if tokenizer != "train":
-        tok = load_tokenizer(tokenizer)
-        check_vocab(tok, vocab_size, tokenizer)
         path = Path(tokenizer).expanduser()
         if path.exists():
             return path if path.is_file() else path / "tokenizer.json"
         path = cache / "tokenizers" / stable_hash(tokenizer) / "tokenizer.json"  # a hub tokenizer, kept locally
         if rank == 0 and not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tok.save(str(path))
+            load_tokenizer(tokenizer).save(str(path))
         return path
     path = cache / "tokenizers" / stable_hash(corpus.fingerprint(), vocab_size) / "tokenizer.json"
     if rank == 0 and not path.is_file():
@@ -128,14 +130,14 @@ def prepare_tokenizer(corpus: Corpus, tokenizer: str, vocab_size: int, cache: Pa
     return path
 
 
-def build_shards(corpus: Corpus, tokenizer_path: Path, out: Path, shard_tokens: int) -> None:
-    """Tokenizes every split into `out`, writing into a temporary folder renamed at the end."""
-    tok = load_tokenizer(tokenizer_path)
+def build_shards(corpus: Corpus, tok: Tokenizer, tokenizer_path: Path, bos: int, out: Path, shard_tokens: int) -> None:
+    """Tokenizes every split into `out`, each document after the `bos` id, writing into a temporary
+    folder renamed at the end."""
     dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    manifest = {"tokenizer": str(tokenizer_path), "dtype": np.dtype(dtype).name, "splits": {}}
+    manifest = {"tokenizer": str(tokenizer_path), "dtype": np.dtype(dtype).name, "bos_token_id": bos, "splits": {}}
     t0 = time.perf_counter()
     for split in SPLITS:
         shards, buf = [], []
@@ -151,7 +153,7 @@ def build_shards(corpus: Corpus, tokenizer_path: Path, out: Path, shard_tokens: 
         texts = [text for _, text in corpus.documents(split)]
         for lo in range(0, len(texts), 256):
             for enc in tok.encode_batch(texts[lo : lo + 256], add_special_tokens=False):
-                buf.append(np.asarray([BOS, *enc.ids], dtype=np.int64))
+                buf.append(np.asarray([bos, *enc.ids], dtype=np.int64))
             if sum(a.size for a in buf) >= shard_tokens:
                 flush()
         docs, n_bytes = len(texts), sum(len(t.encode("utf-8")) for t in texts)
@@ -168,18 +170,23 @@ def build_shards(corpus: Corpus, tokenizer_path: Path, out: Path, shard_tokens: 
           f"in {time.perf_counter() - t0:.0f}s: {out}", flush=True)
 
 
-def prepare_data(cfg: DataConfig, vocab_size: int, rank: int = 0, barrier=lambda: None) -> tuple[Path, Path]:
-    """(token folder with manifest.json, tokenizer.json): built by rank 0 if not cached yet."""
+def prepare_data(cfg: DataConfig, model: ModelConfig, rank: int = 0, barrier=lambda: None) -> tuple[Path, Path, Tokenizer]:
+    """(token folder with manifest.json, tokenizer.json, the tokenizer): built by rank 0 if not
+    cached yet. The tokenizer must fit the model's vocabulary."""
     cache = Path(cfg.cache_dir).expanduser()
     corpus = Corpus(cfg)
-    tokenizer_path = prepare_tokenizer(corpus, cfg.tokenizer, vocab_size, cache, rank)
+    tokenizer_path = prepare_tokenizer(corpus, cfg.tokenizer, model.vocab_size, cache, rank)
     barrier()
-    tok_hash = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest()[:16]
-    out = cache / "tokens" / stable_hash(corpus.fingerprint(), tok_hash)
+    tok = load_tokenizer(tokenizer_path)
+    check_vocab(tok, model.vocab_size, str(tokenizer_path))
+    tok_hash = hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()[:16]
+    # The default document separator (id 0) keeps the hash of shards built before it was a setting.
+    separator = () if model.bos_token_id == 0 else (model.bos_token_id,)
+    out = cache / "tokens" / stable_hash(corpus.fingerprint(), tok_hash, *separator)
     if rank == 0 and not (out / "manifest.json").is_file():
-        build_shards(corpus, Path(tokenizer_path), out, cfg.shard_tokens)
+        build_shards(corpus, tok, tokenizer_path, model.bos_token_id, out, cfg.shard_tokens)
     barrier()
-    return out, Path(tokenizer_path)
+    return out, tokenizer_path, tok
 
 
 class TokenData:
@@ -189,6 +196,7 @@ class TokenData:
         manifest = json.loads((folder / "manifest.json").read_text())
         info = manifest["splits"][split]
         self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.bos = manifest.get("bos_token_id", 0)  # shards written before the manifest recorded it used 0
         self.bytes = info["bytes"]
         self.shards = [np.memmap(folder / s["file"], dtype=manifest["dtype"], mode="r") for s in info["shards"]]
         counts = [max(0, (s.size - 1) // seq_len) for s in self.shards]
@@ -220,7 +228,7 @@ class TokenData:
         """inputs, targets [B, seq_len] (long) and reset [B, seq_len] (True where a document starts)."""
         rows = torch.from_numpy(np.stack([self.window(w) for w in windows]))
         inputs = rows[:, :-1]
-        return inputs, rows[:, 1:], inputs == BOS
+        return inputs, rows[:, 1:], inputs == self.bos
 
     def train_batch(self, step: int, micro: int, grad_accum: int, micro_batch: int, rank: int, world: int):
         """Micro-batch `micro` of rank `rank` at optimizer step `step`: a slice of the step's global batch."""

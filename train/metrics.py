@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from xlstm7b import ModelConfig
+from xlstm7b import XLSTM, ModelConfig
 
 from .data import stable_hash
 
@@ -24,9 +25,11 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 
 def matmul_params(c: ModelConfig) -> int:
-    per_block = 2 * c.embedding_dim * c.qk_dim + 3 * c.embedding_dim * c.v_dim + 2 * c.embedding_dim * c.num_heads
-    per_block += 3 * c.embedding_dim * c.ffn_dim
-    return c.num_blocks * per_block + c.embedding_dim * c.vocab_size
+    """Weights every token is multiplied with: those of every linear layer, the lm_head included (not
+    the embedding, a lookup, nor norms and biases), counted on a meta-device model."""
+    with torch.device("meta"):
+        model = XLSTM(c)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
 def forward_flops_per_token(c: ModelConfig) -> float:

@@ -61,7 +61,7 @@ def resolve_parallel(cfg: TrainConfig, world: int) -> str:
     return "fsdp" if world > 1 or cfg.cpu_offload else "none"
 
 
-def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+def mixed_precision_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, cfg.dtype)
@@ -74,7 +74,7 @@ def model_parts(model: XLSTM) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def init_weights(model: XLSTM, seed: int) -> None:
+def materialize(model: XLSTM, seed: int) -> None:
     """Materializes (`to_empty`) and initializes `model`, sharded or not, one part at a time: each
     part is built in full on the CPU of a meta-device twin, initialized by XLSTM.init_weights under
     its own seed, and copied into the model's (possibly sharded) parameters."""
@@ -123,7 +123,7 @@ def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int) -> tu
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(d.device.type, (d.world,))
-        dtype = compute_dtype(cfg, d.device)
+        dtype = mixed_precision_dtype(cfg, d.device)
         kwargs = dict(
             mesh=mesh,
             mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32),
@@ -134,10 +134,10 @@ def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int) -> tu
         fully_shard(model, **kwargs)
         register_fsdp_forward_method(model, "logits")  # the loss calls the head outside forward()
         model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
-        init_weights(model, seed)
+        materialize(model, seed)
     else:
         model.to_empty(device=d.device)
-        init_weights(model, seed)
+        materialize(model, seed)
         if parallel == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     return wrapped, model, parallel

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from xlstm7b import XLSTM
+
 from .config import JobConfig
 from .parallel import resolve_parallel
 
@@ -85,8 +87,10 @@ def estimate(job: JobConfig, devices: int, device: torch.device, capacity_gb: fl
     c, t = job.model, job.train
     parallel = resolve_parallel(t, devices)
     D, Dqk, Dv, Dff, NH, V = c.embedding_dim, c.qk_dim, c.v_dim, c.ffn_dim, c.num_heads, c.vocab_size
-    block = 2 * D * Dqk + 3 * D * Dv + 2 * NH * (D + 1) + 3 * D * Dff + (2 * D + Dv)
-    P = c.num_blocks * block + V * D * (1 if c.tie_word_embeddings else 2) + D
+    with torch.device("meta"):
+        model = XLSTM(c)
+    P = model.num_params()
+    block = sum(p.numel() for p in model.backbone.blocks[0].parameters())
     e = 2 if (t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")) else 4
     shard = devices if parallel == "fsdp" else 1
     unsharded = 2 * block * e if parallel == "fsdp" else 0

@@ -27,9 +27,9 @@ from .config import JobConfig
 from .data import TokenData, prepare_data
 from .metrics import MetricsLog, peak_flops, peak_memory_gb, train_flops_per_token
 from .optim import build_optimizer, lr_at
-from .parallel import Dist, compute_dtype, init_distributed, build_model
+from .parallel import Dist, mixed_precision_dtype, init_distributed, build_model
 from .plan import estimate
-from .tokenizer import check_vocab, load_tokenizer, token_bytes
+from .tokenizer import token_bytes
 
 
 class TrainingError(RuntimeError):
@@ -112,7 +112,7 @@ def sample_text(model: XLSTM, tok, prompt: str, n: int, temperature: float = 0.8
     return tok.decode(ids[1:] + (new[:-1] if new[-1:] == [c.eos_token_id] else new))
 
 
-def export(run_dir: Path, model, plain: XLSTM, tokenizer_path: Path, d: Dist, sample_tokens: int) -> str | None:
+def export(run_dir: Path, model, plain: XLSTM, tok, tokenizer_path: Path, d: Dist, sample_tokens: int) -> str | None:
     """RUN_DIR/model/: the save_pretrained layout plus tokenizer.json (xlstm7b.from_pretrained,
     transformers); and a sample from the exported model in RUN_DIR/sample.txt."""
     sd = checkpointing.full_model_state(model)
@@ -124,7 +124,7 @@ def export(run_dir: Path, model, plain: XLSTM, tokenizer_path: Path, d: Dist, sa
         save_pretrained(out, run_dir / "model")
         shutil.copyfile(tokenizer_path, run_dir / "model" / "tokenizer.json")
         if sample_tokens:
-            text = sample_text(out.eval(), load_tokenizer(tokenizer_path), "def ", sample_tokens)
+            text = sample_text(out.eval(), tok, "def ", sample_tokens)
             (run_dir / "sample.txt").write_text(text)
     d.barrier()
     return text
@@ -149,9 +149,7 @@ def _train(job: JobConfig, d: Dist) -> int:
     if not plan.fits:
         raise TrainingError(f"this config does not fit in memory:\n{plan.report(job)}")
 
-    folder, tokenizer_path = prepare_data(job.data, job.model.vocab_size, d.rank, d.barrier)
-    tok = load_tokenizer(tokenizer_path)
-    check_vocab(tok, job.model.vocab_size, str(tokenizer_path))
+    folder, tokenizer_path, tok = prepare_data(job.data, job.model, d.rank, d.barrier)
     train_data = TokenData(folder, "train", t.seq_len, r.seed, job.model.vocab_size)
     val_data = TokenData(folder, "val", t.seq_len, r.seed, job.model.vocab_size)
     tbytes = np.zeros(job.model.vocab_size, dtype=np.int64)
@@ -161,7 +159,7 @@ def _train(job: JobConfig, d: Dist) -> int:
 
     model, plain, parallel = build_model(job.model, t, d, r.seed)
     optimizer = build_optimizer(model, t)
-    dtype = compute_dtype(t, d.device)
+    dtype = mixed_precision_dtype(t, d.device)
     autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 and parallel != "fsdp"
                 else contextlib.nullcontext())
 
@@ -247,7 +245,7 @@ def _train(job: JobConfig, d: Dist) -> int:
                                   "Run the same command to resume.")
                     return 128 + signum
         if r.export:
-            text = export(run_dir, model, plain, tokenizer_path, d, r.sample_tokens)
+            text = export(run_dir, model, plain, tok, tokenizer_path, d, r.sample_tokens)
             if log is not None:
                 log.write(f"done: {step} steps; model exported to {run_dir / 'model'}")
                 if text is not None:

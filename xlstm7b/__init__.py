@@ -1,6 +1,6 @@
 """xLSTM 7B in PyTorch + Triton: the exact released model, fast kernels, training and inference."""
 
-from .checkpoint import CheckpointError, from_pretrained, save_pretrained
+from .pretrained import CheckpointError, from_pretrained, save_pretrained
 from .config import ModelConfig, preset_names, preset_path
 from .generate import generate
 from .model import XLSTM

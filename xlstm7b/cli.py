@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from .checkpoint import CheckpointError, from_pretrained
+from .pretrained import CheckpointError, from_pretrained
 from .config import ModelConfig, preset_names, preset_path
 from .generate import generate
 from .model import XLSTM

@@ -3,7 +3,7 @@ block, backbone, language model.
 
 Module names mirror the released Hugging Face checkpoint (`backbone.blocks.0.mlstm_layer...`). The
 weights are in one layout, the xlstm package's fused one: [q|k|v|o] in `qkv_opreact`, [i|f] in
-`ifgate_preact`, [gate|z] in `proj_up_gate_z` (fewer, larger matmuls); checkpoint.py converts the
+`ifgate_preact`, [gate|z] in `proj_up_gate_z` (fewer, larger matmuls); pretrained.py converts the
 released single layout (q, k, v, ogate_preact, ...) on load and writes it on save.
 """
 
