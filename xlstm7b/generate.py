@@ -35,12 +35,12 @@ from collections.abc import Sequence
 
 import torch
 
-from . import streaming
 from .decode import batch_prompts, decoding_state, prefill, step_runner
 from .model import XLSTM
 from .sampling import sample
 from .speculative import speculative_decode
 from .state import State
+from .streaming import end_stream, stream
 
 SYNC_EVERY = 32
 """On GPU, how many tokens pass between checks that every row has finished (each check syncs)."""
@@ -159,10 +159,10 @@ def generate(
             # also feeds the last token, so the state covers everything that was generated.
             logits = step(token, active=active)
             lengths += 1 if active is None else active
-            stop = streaming.stream(streamer, token)
+            stop = stream(streamer, token)
             if stop or (finished is not None and (t + 1) % sync_every == 0 and bool(finished.all())):
                 break
-    streaming.end(streamer)
+    end_stream(streamer)
     return GenerateOutput(tokens, state, lengths)
 
 
@@ -180,11 +180,11 @@ def _generate_speculative(model, draft, ids, mask, state, draft_state, *, specul
     if not isinstance(speculate_k, int) or isinstance(speculate_k, bool) or speculate_k < 1:
         raise ValueError(f"speculate_k must be an integer >= 1, got {speculate_k!r}")
     draft_state = decoding_state(draft_state, draft.config, ids.shape[0], ids.device)
-    stream = None if streamer is None else functools.partial(streaming.stream, streamer)
+    on_tokens = None if streamer is None else functools.partial(stream, streamer)
     with torch.no_grad():
         tokens, lengths, stats = speculative_decode(
-            model, draft, ids, mask, state, draft_state, speculate_k=speculate_k, stream=stream, **kwargs)
-    streaming.end(streamer)
+            model, draft, ids, mask, state, draft_state, speculate_k=speculate_k, stream=on_tokens, **kwargs)
+    end_stream(streamer)
     return GenerateOutput(tokens, state, lengths, draft_state, stats)
 
 

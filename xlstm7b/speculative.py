@@ -103,8 +103,9 @@ def speculative_decode(
         if budget == 0:
             break
         k = min(K, budget - 1)  # drafting beyond the last token that can be kept is wasted work
-        # Finished rows are masked; a captured step always takes the mask (its buffer persists).
-        active = running if use_graph or not bool(running.all()) else None
+        # Finished rows are masked. A captured step always takes the mask (its buffer persists), and
+        # so does a compiled one (a mask appearing mid-generation would compile the step again).
+        active = running if use_graph or compile or not bool(running.all()) else None
 
         # 1. Draft: k steps from its state over [last, d1 .. d_{k-1}] propose d1 .. dk.
         draft_saved.copy_(draft_state)

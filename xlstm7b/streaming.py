@@ -18,7 +18,8 @@ def stream(streamer, token: torch.Tensor) -> bool:
     return bool(put(token.cpu()))
 
 
-def end(streamer) -> None:
+def end_stream(streamer) -> None:
+    """Tells `streamer` (if it has `end()`) that generation is over."""
     if streamer is not None and hasattr(streamer, "end"):
         streamer.end()
 
