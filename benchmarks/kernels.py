@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-from xlstm7b.kernels import mlstm, mlstm_step, zero_state  # noqa: E402
+from xlstm7b.kernels import mlstm, mlstm_step_, zero_state  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -178,7 +178,7 @@ def bench_step(args, device) -> list[dict]:
         q, k = torch.randn(B, NH, DK, device=device), torch.randn(B, NH, DK, device=device)
         v = torch.randn(B, NH, DV, device=device)
         i, f = torch.randn(B, NH, device=device), torch.randn(B, NH, device=device) + 4
-        ms, _ = measure(lambda: mlstm_step(q, k, v, i, f, state, backend=backend, inplace=True), device, args.reps)
+        ms, _ = measure(lambda: mlstm_step_(q, k, v, i, f, state, backend=backend), device, args.reps)
         state_bytes = 4 * B * NH * (DK * DV + DK + 1)
         io_bytes = 4 * B * NH * (2 * DK + 2 * DV + 2)
         moved = 2 * state_bytes + io_bytes

@@ -1,0 +1,268 @@
+"""Forward kernels of the Triton chunkwise mLSTM, their launchers and the helpers the backward
+shares (custom op and public function: chunkwise_triton.py; backward: chunkwise_triton_bwd.py;
+PyTorch twin: chunkwise.py).
+
+Two launches (spec §2, chunkwise form):
+1. `_states_fwd_kernel`: one program per (DK tile, DV tile, batch*head) walks the chunks in order,
+   storing the state each chunk starts from (C, n, m) and adding the chunk's own k v^T product.
+   Sequential over chunks, parallel over heads and state tiles; nothing but the chunk-entry states
+   goes to memory (C in bf16 for bf16 inputs: see state_dtype).
+2. `_output_fwd_kernel`: one program per (chunk, DV tile, batch*head) computes the chunk's outputs
+   from its entry state and its own tokens (causal L x L scores, loop over DK tiles).
+
+The kernels take the gate vectors of chunkwise_triton.chunk_gates:
+  b [B*NH, S_pad]     in-chunk inclusive cumsum of lf (padding: lf = 0),
+  ig [B*NH, S_pad]    input gate (padding: -inf, so padded positions write nothing),
+  virt [B*NH, S_pad]  log weight of the zeroed state after an in-chunk reset (else -inf),
+  cnt [B, S_pad]      number of resets so far in the chunk (token j reaches t only if equal).
+Math, the carried state and the final state are float32 whatever the input dtype; h comes back in
+v's dtype.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK_SIZES = (16, 32, 64, 128)
+"""Chunk lengths the kernels take: tl.dot needs >= 16, and above 128 the [L, L] score tiles of one
+chunk no longer fit a GPU's registers and shared memory (256 needs ~270 KiB of shared memory)."""
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Per-position gate quantities of chunk i_c.
+
+    Returns b, ig, cnt, carry (log weight of the entry state at t, -inf after a reset), virt,
+    a (log weight of token j in the chunk-end state), g (log decay of the entry state over the
+    whole chunk) and virt_last (virt at the chunk's last position).
+    """
+    offs = i_c * L + tl.arange(0, L)
+    last = i_c * L + L - 1
+    bt = tl.load(B_ + i_bh * S_pad + offs)
+    it = tl.load(I_ + i_bh * S_pad + offs)
+    b_last = tl.load(B_ + i_bh * S_pad + last)
+    if HAS_RESET:
+        cnt = tl.load(CNT + i_b * S_pad + offs)
+        cnt_last = tl.load(CNT + i_b * S_pad + last)
+        virt = tl.load(VIRT + i_bh * S_pad + offs)
+        virt_last = tl.load(VIRT + i_bh * S_pad + last)
+        carry = tl.where(cnt == 0, bt, float("-inf"))
+        a = tl.where(cnt == cnt_last, b_last - bt + it, float("-inf"))
+        g = tl.where(cnt_last == 0, b_last, float("-inf"))
+    else:
+        cnt = tl.zeros([L], dtype=tl.int32)
+        virt = tl.full([L], float("-inf"), tl.float32)
+        virt_last = float("-inf")
+        carry = bt
+        a = b_last - bt + it
+        g = b_last
+    return bt, it, cnt, carry, virt, a, g, virt_last
+
+
+@triton.jit
+def _log_d(bt, it, cnt, L: tl.constexpr):
+    """log D_tj = b_t - b_j + ig_j for j <= t in the same document, else -inf. [L, L]"""
+    tt = tl.arange(0, L)
+    reach = (tt[:, None] >= tt[None, :]) & (cnt[:, None] == cnt[None, :])
+    return tl.where(reach, bt[:, None] - bt[None, :] + it[None, :], float("-inf"))
+
+
+@triton.jit
+def _states_fwd_kernel(
+    # pointers
+    K, V, B_, I_, VIRT, CNT, C0, N0, M0, CS, NS, MS, CF,
+    # dims
+    S, S_pad, NC, DK, DV,
+    # strides (q/k/v rows are contiguous in the head dim)
+    s_k_bh, s_k_t, s_v_bh, s_v_t,
+    # meta-parameters
+    NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = i_bh // NH
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mk, mv = offs_k < DK, offs_v < DV
+    mkv = mk[:, None] & mv[None, :]
+    c_off = offs_k[:, None] * DV + offs_v[None, :]
+    C = tl.load(C0 + i_bh * DK * DV + c_off, mask=mkv, other=0.0)
+    n = tl.load(N0 + i_bh * DK + offs_k, mask=mk, other=0.0)
+    m = tl.load(M0 + i_bh)
+    for i_c in range(NC):
+        # the state chunk i_c starts from; n and m are written by one program column only
+        tl.store(CS + (i_bh * NC + i_c) * DK * DV + c_off, C.to(CS.dtype.element_ty), mask=mkv)
+        if i_v == 0:
+            tl.store(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, n, mask=mk)
+            if i_k == 0:
+                tl.store(MS + i_bh * (NC + 1) + i_c, m)
+        _, _, _, _, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+        m_new = tl.maximum(g + m, tl.maximum(tl.max(a, 0), virt_last))
+        decay = tl.exp(g + m - m_new)
+        w = tl.exp(a - m_new)  # [L] weight of each token in the chunk-end state
+        offs_t = i_c * L + tl.arange(0, L)
+        mt = offs_t < S
+        kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        kw = kt * w[:, None]
+        C = decay * C + tl.dot(tl.trans(kw).to(DT), vt.to(DT), input_precision=PREC)
+        n = decay * n + tl.sum(kw, 0)
+        m = m_new
+    tl.store(CF + i_bh * DK * DV + c_off, C, mask=mkv)
+    if i_v == 0:
+        tl.store(NS + (i_bh * (NC + 1) + NC) * DK + offs_k, n, mask=mk)
+        if i_k == 0:
+            tl.store(MS + i_bh * (NC + 1) + NC, m)
+
+
+@triton.jit
+def _output_fwd_kernel(
+    # pointers
+    Q, K, V, B_, I_, VIRT, CNT, CS, NS, MS, H, MT, DEN,
+    # dims
+    S, S_pad, NC, DK, DV, scale, eps,
+    # strides
+    s_k_bh, s_k_t, s_v_bh, s_v_t,
+    # meta-parameters
+    NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b = i_bh // NH
+    offs_t = i_c * L + tl.arange(0, L)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mt, mv = offs_t < S, offs_v < DV
+    bt, it, cnt, carry, virt, _, _, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    log_d = _log_d(bt, it, cnt, L)
+    m_prev = carry + tl.load(MS + i_bh * (NC + 1) + i_c)
+    m_t = tl.maximum(tl.maximum(m_prev, virt), tl.max(log_d, 1))  # the recurrent stabilizer at t
+    decay = tl.exp(m_prev - m_t)  # 0 after a reset
+
+    qk = tl.zeros([L, L], dtype=tl.float32)
+    q_c = tl.zeros([L, BV], dtype=tl.float32)  # q C_entry
+    q_n = tl.zeros([L], dtype=tl.float32)  # q . n_entry
+    state = i_bh * (NC + 1) + i_c
+    for kb in range(tl.cdiv(DK, BK)):
+        offs_k = kb * BK + tl.arange(0, BK)
+        mk = offs_k < DK
+        mtk = mt[:, None] & mk[None, :]
+        qt = tl.load(Q + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
+        kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
+        C = tl.load(CS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        n = tl.load(NS + state * DK + offs_k, mask=mk, other=0.0)
+        qk += tl.dot(qt.to(DT), tl.trans(kt).to(DT), input_precision=PREC)
+        q_c += tl.dot(qt.to(DT), C.to(DT), input_precision=PREC)
+        q_n += tl.sum(qt * n[None, :], 1)
+    vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    A = qk * scale * tl.exp(log_d - m_t[:, None])
+    num = tl.dot(A.to(DT), vt.to(DT), input_precision=PREC) + (decay * scale)[:, None] * q_c
+    den = tl.sum(A, 1) + decay * scale * q_n
+    h = num / (tl.maximum(tl.abs(den), tl.exp(-m_t)) + eps)[:, None]
+    tl.store(H + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], h.to(H.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+    # the backward needs m_t and den (a DV-tile-independent pair): one program column writes them
+    if i_v == 0:
+        tl.store(MT + i_bh * S_pad + offs_t, m_t)
+        tl.store(DEN + i_bh * S_pad + offs_t, den)
+
+
+def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
+    """Meta-parameters of every chunkwise kernel, by kernel: the dtype tl.dot sees (the input's
+    half dtype, or fp32 as three tf32 products; fp32 IEEE in the interpreter, whose bf16 dot is
+    broken; always accumulating in fp32), tile sizes and warps.
+
+    Chosen by compiling for sm_90 and sm_80 (tests/test_kernels_compile.py,
+    benchmarks/kernel_resources.py): no register spills at the 7B and 1.3B head shapes, shared
+    memory within an A100's per-block limit, and 64-row state tiles so that the state products
+    lower to Hopper's wgmma (its M is 64 per warpgroup).
+    """
+    DK, DV = q.shape[-1], v.shape[-1]
+    if interpreting():
+        dt, prec = tl.float32, "ieee"
+    elif q.dtype == torch.float32:
+        dt, prec = tl.float32, "tf32x3"  # tensor cores, three tf32 products: float32 accuracy
+    else:
+        dt, prec = (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16), "tf32"
+    # Operand tiles 64 wide in half precision and 32 in fp32 (split in two for tf32x3, its operands
+    # take four times the space), halved next to large [L, L] score tiles; 8 warps from L 64 (32 in
+    # fp32), where an [L, L] fp32 tile is 16 registers a thread (L 128: 64).
+    half = dt != tl.float32
+    wide = 64 if half else 32
+    t = wide // 2 if L >= 2 * wide else wide
+    BK, BV = min(triton.next_power_of_2(DK), wide), min(triton.next_power_of_2(DV), wide)
+    tk, tv = min(BK, t), min(BV, t)
+    warps = 4 if L < (64 if half else 32) else 8
+    common = dict(L=L, DT=dt, PREC=prec, num_warps=warps)
+    return {
+        # 64-row state tiles in half precision: the state products then lower to wgmma
+        "states": dict(common, BK=BK if half else tk, BV=BV if half else tv),
+        "output": dict(common, BK=tk, BV=tv),
+        "scores": dict(common, RB=min(L, wide), BK=tk, BV=tv),
+        "dqk": dict(common, BK=tk, BV=tv),
+        "dv": dict(common, BK=tk, BV=BV),
+    }
+
+
+def state_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype of the stored chunk-entry states C: bf16 for bf16 inputs (the products that read
+    them take bf16 operands anyway, and the states are most of the kernels' HBM traffic; see
+    benchmarks/kernel_resources.py), float32 otherwise. The recurrence itself and the final state
+    are float32 always."""
+    return torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+
+
+def chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg, dtype: torch.dtype):
+    """Entry states of every chunk, C [B*NH, NC, DK, DV] in `dtype`, and n [B*NH, NC+1, DK],
+    m [B*NH, NC+1] in float32 with the final ones at index NC; the final C [B*NH, DK, DV] in float32.
+    `cfg` is launch_config(...)["states"]."""
+    B, NH, _, DK = k.shape
+    DV = v.shape[-1]
+    S_pad = b.shape[-1]
+    NC = S_pad // cfg["L"]
+    CS = k.new_empty(B * NH, NC, DK, DV, dtype=dtype)
+    NS = k.new_empty(B * NH, NC + 1, DK, dtype=torch.float32)
+    MS = k.new_empty(B * NH, NC + 1, dtype=torch.float32)
+    CF = k.new_empty(B * NH, DK, DV, dtype=torch.float32)
+    grid = (triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]), B * NH)
+    _states_fwd_kernel[grid](
+        k, v, b, ig, virt, cnt, C0, n0, m0, CS, NS, MS, CF,
+        S, S_pad, NC, DK, DV,
+        k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+        HAS_RESET=cnt is not None, NH=NH, **cfg,
+    )
+    return CS, NS, MS, CF
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    b: torch.Tensor, ig: torch.Tensor, virt: torch.Tensor | None, cnt: torch.Tensor | None,
+    C0: torch.Tensor, n0: torch.Tensor, m0: torch.Tensor, chunk: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward op's body: h, the final (C, n, m), and for the backward m_t, den [B*NH, S_pad]
+    and the chunk-entry m [B*NH, NC+1]."""
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    cfg = launch_config(q, v, chunk)
+    CS, NS, MS, CF = chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg["states"], state_dtype(q))
+    S_pad = b.shape[-1]
+    NC = S_pad // chunk
+    h = torch.empty_like(v)
+    mt = q.new_empty(B * NH, S_pad, dtype=torch.float32)
+    den = torch.empty_like(mt)
+    out = cfg["output"]
+    _output_fwd_kernel[(NC, triton.cdiv(DV, out["BV"]), B * NH)](
+        q, k, v, b, ig, virt, cnt, CS, NS, MS, h, mt, den,
+        S, S_pad, NC, DK, DV, DK**-0.5, eps,
+        k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+        HAS_RESET=cnt is not None, NH=NH, **out,
+    )
+    C = CF.view(B, NH, DK, DV)
+    n = NS[:, NC].reshape(B, NH, DK)
+    m = MS[:, NC].reshape(B, NH, 1)
+    return h, C, n.clone(), m.clone(), mt, den, MS
