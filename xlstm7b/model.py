@@ -216,7 +216,7 @@ class XLSTM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
-    def check_inputs(self, input_ids, state=None, reset=None, mask=None, cell_inputs=None) -> None:
+    def validate_inputs(self, input_ids, state=None, reset=None, mask=None, cell_inputs=None) -> None:
         """A clear error for ids of the wrong type, shape or range (one host sync), or a state,
         reset, mask or cell_inputs buffer that does not fit them."""
         if not isinstance(input_ids, torch.Tensor):
@@ -265,7 +265,7 @@ class XLSTM(nn.Module):
         return_hidden: return the final hidden states [B, S, D] (after the output norm) in place of
             the logits; `logits(hidden)` maps them, so a loss can compute the logits piece by piece.
         """
-        self.check_inputs(input_ids, state, reset, mask, cell_inputs)
+        self.validate_inputs(input_ids, state, reset, mask, cell_inputs)
         x = self.backbone.embeddings(input_ids)
         layers = []
         for n, block in enumerate(self.backbone.blocks):
@@ -285,8 +285,9 @@ class XLSTM(nn.Module):
         cell_inputs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One decoding step: token [B] -> logits [B, V], writing the new state into `state`
-        (contiguous float32 tensors, e.g. `State.zeros`). Rows where active [B] is False leave the
-        state untouched. cell_inputs: a `cell_inputs_buffer(B, 1)`, filled as in `forward`.
+        (contiguous float32 tensors, e.g. `State.zeros`; no gradient flows through it). Rows where
+        active [B] is False leave the state untouched. cell_inputs: a `cell_inputs_buffer(B, 1)`,
+        filled as in `forward`.
 
         Nothing is validated (no host synchronization), so the step can be captured in a CUDA graph
         or compiled; the caller guarantees ids in range and matching shapes."""
