@@ -279,6 +279,8 @@ def test_bad_state_reset_and_mask():
         model(ids(), reset=torch.zeros(2, 29))
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
         model(ids(), mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"cell_inputs must be a cell_inputs_buffer\(2, 29\)"):
+        model(ids(), cell_inputs=model.cell_inputs_buffer(2, 28))
 
 
 @pytest.mark.parametrize(
