@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .chunkwise import NEG_INF
-from .chunkwise_triton_fwd import _gate_vectors, chunk_states, launch_config, state_dtype
+from .chunkwise_triton_fwd import _gate_vectors, _row_log_d, chunk_states, launch_config, state_dtype
 
 
 @triton.jit
@@ -127,11 +127,7 @@ def _scores_bwd_kernel(
         qk += tl.dot(qr, tl.trans(kt), input_precision=PREC)
     # log D of these rows, from the same float32 operands as the forward's (so `top` below is exact)
     bt, it, cnt, _, _, _, _, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
-    b_r = tl.load(B_ + i_bh * S_pad + offs_r)
-    reach = rows[:, None] >= cols[None, :]
-    if HAS_RESET:
-        reach = reach & (tl.load(CNT + i_b * S_pad + offs_r)[:, None] == cnt[None, :])
-    log_d = tl.where(reach, b_r[:, None] - bt[None, :] + it[None, :], float("-inf"))
+    log_d, _, _ = _row_log_d(B_, I_, VIRT, CNT, bt, it, cnt, rows, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
     E = tl.exp(log_d - m_r[:, None]) * scale
     A = qk * E
     tile = (i_bh * NC + i_c) * L * L + rows[:, None] * L + cols[None, :]

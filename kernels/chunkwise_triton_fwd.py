@@ -7,8 +7,9 @@ Two launches (spec §2, chunkwise form):
    storing the state each chunk starts from (C, n, m) and adding the chunk's own k v^T product.
    Sequential over chunks, parallel over heads and state tiles; nothing but the chunk-entry states
    goes to memory (C in bf16 for bf16 inputs: see state_dtype).
-2. `_output_fwd_kernel`: one program per (chunk, DV tile, batch*head) computes the chunk's outputs
-   from its entry state and its own tokens (causal L x L scores, loop over DK tiles).
+2. `_output_fwd_kernel`: one program per (chunk and block of its rows, DV tile, batch*head)
+   computes those outputs from the chunk's entry state and its own tokens (causal scores against
+   the chunk's L tokens, loop over DK tiles).
 
 The kernels take the gate vectors of chunkwise_triton.chunk_gates:
   b [B*NH, S_pad]     in-chunk inclusive cumsum of lf (padding: lf = 0),
@@ -67,11 +68,23 @@ def _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L: tl.constexpr, HAS
 
 
 @triton.jit
-def _log_d(bt, it, cnt, L: tl.constexpr):
-    """log D_tj = b_t - b_j + ig_j for j <= t in the same document, else -inf. [L, L]"""
-    tt = tl.arange(0, L)
-    reach = (tt[:, None] >= tt[None, :]) & (cnt[:, None] == cnt[None, :])
-    return tl.where(reach, bt[:, None] - bt[None, :] + it[None, :], float("-inf"))
+def _row_log_d(B_, I_, VIRT, CNT, bt, it, cnt, rows, i_bh, i_b, i_c, S_pad, L: tl.constexpr, HAS_RESET: tl.constexpr):
+    """For the rows `rows` (in-chunk positions t) of chunk i_c, given the chunk's column vectors
+    from _gate_vectors: log D_tj = b_t - b_j + ig_j for j <= t in the same document (else -inf)
+    [len(rows), L], and the rows' carry and virt (see _gate_vectors)."""
+    cols = tl.arange(0, L)
+    offs_r = i_c * L + rows
+    b_r = tl.load(B_ + i_bh * S_pad + offs_r)
+    reach = rows[:, None] >= cols[None, :]
+    if HAS_RESET:
+        cnt_r = tl.load(CNT + i_b * S_pad + offs_r)
+        reach = reach & (cnt_r[:, None] == cnt[None, :])
+        carry_r = tl.where(cnt_r == 0, b_r, float("-inf"))
+        virt_r = tl.load(VIRT + i_bh * S_pad + offs_r)
+    else:
+        carry_r = b_r
+        virt_r = tl.full(b_r.shape, float("-inf"), tl.float32)
+    return tl.where(reach, b_r[:, None] - bt[None, :] + it[None, :], float("-inf")), carry_r, virt_r
 
 
 @triton.jit
@@ -131,45 +144,47 @@ def _output_fwd_kernel(
     # strides
     s_k_bh, s_k_t, s_v_bh, s_v_t,
     # meta-parameters
-    NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NH: tl.constexpr, L: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Outputs of RB rows of chunk i_c (program i_c * L / RB + row block) for one DV tile."""
+    i_c, i_r = tl.program_id(0) // (L // RB), tl.program_id(0) % (L // RB)
+    i_v, i_bh = tl.program_id(1), tl.program_id(2)
     i_b = i_bh // NH
+    rows = i_r * RB + tl.arange(0, RB)
+    offs_r = i_c * L + rows
     offs_t = i_c * L + tl.arange(0, L)
     offs_v = i_v * BV + tl.arange(0, BV)
-    mt, mv = offs_t < S, offs_v < DV
-    bt, it, cnt, carry, virt, _, _, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
-    log_d = _log_d(bt, it, cnt, L)
-    m_prev = carry + tl.load(MS + i_bh * (NC + 1) + i_c)
-    m_t = tl.maximum(tl.maximum(m_prev, virt), tl.max(log_d, 1))  # the recurrent stabilizer at t
-    decay = tl.exp(m_prev - m_t)  # 0 after a reset
-
-    qk = tl.zeros([L, L], dtype=tl.float32)
-    q_c = tl.zeros([L, BV], dtype=tl.float32)  # q C_entry
-    q_n = tl.zeros([L], dtype=tl.float32)  # q . n_entry
-    state = i_bh * (NC + 1) + i_c
+    mr, mt, mv = offs_r < S, offs_t < S, offs_v < DV
+    qk = tl.zeros([RB, L], dtype=tl.float32)
+    q_c = tl.zeros([RB, BV], dtype=tl.float32)  # q C_entry
+    q_n = tl.zeros([RB], dtype=tl.float32)  # q . n_entry
     for kb in range(tl.cdiv(DK, BK)):
         offs_k = kb * BK + tl.arange(0, BK)
         mk = offs_k < DK
-        mtk = mt[:, None] & mk[None, :]
-        qt = tl.load(Q + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
-        kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mtk, other=0.0).to(tl.float32)
+        qr = tl.load(Q + i_bh * s_k_bh + offs_r[:, None] * s_k_t + offs_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+        kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
         C = tl.load(CS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-        n = tl.load(NS + state * DK + offs_k, mask=mk, other=0.0)
-        qk += tl.dot(qt.to(DT), tl.trans(kt).to(DT), input_precision=PREC)
-        q_c += tl.dot(qt.to(DT), C.to(DT), input_precision=PREC)
-        q_n += tl.sum(qt * n[None, :], 1)
-    vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        n = tl.load(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, mask=mk, other=0.0)
+        qk += tl.dot(qr.to(DT), tl.trans(kt.to(DT)), input_precision=PREC)
+        q_c += tl.dot(qr.to(DT), C.to(DT), input_precision=PREC)
+        q_n += tl.sum(qr.to(tl.float32) * n[None, :], 1)
+    # the gates after the products: fewer registers live across the loop
+    bt, it, cnt, _, _, _, _, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    log_d, carry, virt = _row_log_d(B_, I_, VIRT, CNT, bt, it, cnt, rows, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    m_prev = carry + tl.load(MS + i_bh * (NC + 1) + i_c)
+    m_t = tl.maximum(tl.maximum(m_prev, virt), tl.max(log_d, 1))  # the recurrent stabilizer at t
+    decay = tl.exp(m_prev - m_t)  # 0 after a reset
+    vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
     A = qk * scale * tl.exp(log_d - m_t[:, None])
     num = tl.dot(A.to(DT), vt.to(DT), input_precision=PREC) + (decay * scale)[:, None] * q_c
     den = tl.sum(A, 1) + decay * scale * q_n
     h = num / (tl.maximum(tl.abs(den), tl.exp(-m_t)) + eps)[:, None]
-    tl.store(H + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], h.to(H.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+    tl.store(H + i_bh * s_v_bh + offs_r[:, None] * s_v_t + offs_v[None, :], h.to(H.dtype.element_ty), mask=mr[:, None] & mv[None, :])
     # the backward needs m_t and den (a DV-tile-independent pair): one program column writes them
     if i_v == 0:
-        tl.store(MT + i_bh * S_pad + offs_t, m_t)
-        tl.store(DEN + i_bh * S_pad + offs_t, den)
+        tl.store(MT + i_bh * S_pad + offs_r, m_t)
+        tl.store(DEN + i_bh * S_pad + offs_r, den)
 
 
 def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
@@ -201,8 +216,8 @@ def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
     common = dict(L=L, DT=dt, PREC=prec, num_warps=warps)
     return {
         # 64-row state tiles in half precision: the state products then lower to wgmma
-        "states": dict(common, BK=BK if half else tk, BV=BV if half else tv),
-        "output": dict(common, BK=tk, BV=tv),
+        "states": dict(common, BK=BK if half else tk, BV=tv),
+        "output": dict(common, RB=min(L, wide), BK=tk, BV=tv),
         "scores": dict(common, RB=min(L, wide), BK=tk, BV=tv),
         "dqk": dict(common, BK=tk, BV=tv),
         "dv": dict(common, BK=tk, BV=BV),
@@ -256,7 +271,7 @@ def forward(
     mt = q.new_empty(B * NH, S_pad, dtype=torch.float32)
     den = torch.empty_like(mt)
     out = cfg["output"]
-    _output_fwd_kernel[(NC, triton.cdiv(DV, out["BV"]), B * NH)](
+    _output_fwd_kernel[(NC * (chunk // out["RB"]), triton.cdiv(DV, out["BV"]), B * NH)](
         q, k, v, b, ig, virt, cnt, CS, NS, MS, h, mt, den,
         S, S_pad, NC, DK, DV, DK**-0.5, eps,
         k.stride(1), k.stride(2), v.stride(1), v.stride(2),
