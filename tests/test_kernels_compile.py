@@ -1,0 +1,136 @@
+"""Every Triton kernel compiled by the real compiler for the GPUs users run (sm_90: H100/H200,
+sm_80: A100), on this CPU: the interpreter runs the tests, but it accepts code the compiler rejects
+and says nothing about registers or shared memory.
+
+Through the real launchers, so the tiles, warps and dtypes are the ones a GPU gets: the chunkwise
+forward and backward and the decoding step, for every preset's head shape, every chunk size the
+Triton backend takes, with and without resets, bf16, fp16 and fp32 inputs. Fails on any compile
+error, on shared memory above the target's per-block limit (the launch would fail), and at the 7B
+and 1.3B head shapes on register spills. Each distinct binary is compiled once, in two processes.
+
+sm_80 compiles the 1.3B and 7B head shapes (whose tiles the 125m, 350m and toy presets share): the
+smaller presets' tiles are no larger in any dimension, at the same chunk and warps, so their shared
+memory is no larger either, and their compile errors would show on sm_90 already.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+from xlstm7b.config import ModelConfig, preset_names  # noqa: E402
+from xlstm7b.kernels import aot  # noqa: E402
+from xlstm7b.kernels.chunkwise_triton_fwd import CHUNK_SIZES  # noqa: E402
+
+ARCHS = (90, 80)
+HEAD_SHAPES = sorted({(c.qk_head_dim, c.v_head_dim) for c in map(ModelConfig.from_preset, preset_names())})
+SPILL_FREE = {(c.qk_head_dim, c.v_head_dim) for c in map(ModelConfig.from_preset, ("7b", "1.3b"))}
+
+def cases(shapes) -> list[aot.Case]:
+    return [aot.Case(DK, DV, L, dtype, reset) for DK, DV in shapes for L in CHUNK_SIZES for dtype in aot.DTYPES for reset in (False, True)]
+
+KERNELS = {
+    "_states_fwd_kernel", "_output_fwd_kernel", "_states_bwd_kernel", "_scores_bwd_kernel",
+    "_dqk_bwd_kernel", "_dv_bwd_kernel", "_step_kernel", "_step_nm_kernel",
+}
+
+
+def spill_free(tags: str) -> bool:
+    """Whether a binary serves a head shape that must not spill (its tags name every case it serves)."""
+    return any(f"DK{DK}-DV{DV}-" in tags for DK, DV in SPILL_FREE)
+
+
+def as_report(d: dict) -> aot.KernelReport:
+    return aot.KernelReport(**{k: d[k] for k in aot.KernelReport.__dataclass_fields__})
+
+
+@pytest.fixture(scope="module")
+def reports() -> list[dict]:
+    return aot.compile_matrix({90: cases(HEAD_SHAPES), 80: cases(sorted(SPILL_FREE))}, jobs=2)
+
+
+def test_matrix_covers_the_presets():
+    assert (256, 512) in HEAD_SHAPES and (128, 256) in HEAD_SHAPES and len(HEAD_SHAPES) >= 3
+    assert SPILL_FREE == {(256, 512), (128, 256)}
+
+
+def test_every_kernel_compiles(reports):
+    errors = [f"{r['kernel']} [{r['tag']}] sm_{r['arch']}: {r['error']}" for r in reports if "error" in r]
+    assert not errors, "\n".join(errors)
+    for arch in ARCHS:
+        assert {r["kernel"] for r in reports if r["arch"] == arch} == KERNELS
+
+
+def test_shared_memory_fits_and_no_spills_at_the_large_shapes(reports):
+    found = [v for r in reports if "error" not in r for v in aot.violations(as_report(r), spill_free(r["tag"]))]
+    assert not found, "\n".join(found)
+
+
+def test_hopper_state_products_use_wgmma(reports):
+    """In half precision the chunk-state products (64-row tiles) lower to wgmma at every chunk size."""
+    for r in reports:
+        if r["arch"] == 90 and r["kernel"] in ("_states_fwd_kernel", "_states_bwd_kernel") and "DK256-DV512" in r["tag"]:
+            if "bf16" in r["tag"] or "fp16" in r["tag"]:
+                assert r["mma"] == "wgmma", r
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks can fail: three deliberately broken kernels through the same compilation.
+# ---------------------------------------------------------------------------------------------
+
+BROKEN = textwrap.dedent('''
+    import json, torch, triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from xlstm7b.kernels import aot
+
+    SCALE = 0.5  # a plain Python float: the interpreter reads it, the compiler refuses it
+
+    @triton.jit
+    def plain_float_global(X, N: tl.constexpr):
+        o = tl.arange(0, N)
+        tl.store(X + o, tl.load(X + o) * SCALE)
+
+    @triton.jit
+    def big_dot(A, B, C, K, M: tl.constexpr, N: tl.constexpr, BK: tl.constexpr):
+        m, n = tl.arange(0, M), tl.arange(0, N)
+        acc = tl.zeros([M, N], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            acc += tl.dot(tl.load(A + m[:, None] * K + k[None, :]), tl.load(B + k[:, None] * N + n[None, :]))
+        tl.store(C + m[:, None] * N + n[None, :], acc)
+
+    target = GPUTarget("cuda", 90, 32)
+    bf16 = dict(device="meta", dtype=torch.bfloat16)
+    with aot.record_launches(target) as launches:
+        plain_float_global[(1,)](torch.empty(64, device="meta"), N=64)
+        # operand tiles of 64 x 512 and 512 x 64, 3 pipeline stages: ~384 KiB of shared memory
+        big_dot[(1,)](torch.empty(64, 4096, **bf16), torch.empty(4096, 64, **bf16), torch.empty(64, 64, device="meta"),
+                      4096, M=64, N=64, BK=512, num_warps=4, num_stages=3)
+        # a 256 x 256 fp32 accumulator is 512 registers a thread at 4 warps
+        big_dot[(1,)](torch.empty(256, 4096, **bf16), torch.empty(4096, 256, **bf16), torch.empty(256, 256, device="meta"),
+                      4096, M=256, N=256, BK=16, num_warps=4, num_stages=2)
+    out = []
+    for launch in launches:
+        try:
+            out.append(aot.violations(aot.compile_launch(launch, target), spill_free=True))
+        except Exception as e:
+            out.append(f"{type(e).__name__}: {e}")
+    print(json.dumps(out))
+''')
+
+
+def test_the_checks_catch_broken_kernels(tmp_path):
+    script = tmp_path / "broken.py"
+    script.write_text(BROKEN)
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    plain, overflow, spills = json.loads(run.stdout.strip().splitlines()[-1])
+    assert isinstance(plain, str) and "SCALE" in plain and "constexpr" in plain, plain
+    assert any("shared memory" in v for v in overflow), overflow
+    assert any("spills" in v for v in spills), spills
