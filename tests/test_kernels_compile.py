@@ -13,11 +13,13 @@ smaller presets' tiles are no larger in any dimension, at the same chunk and war
 memory is no larger either, and their compile errors would show on sm_90 already.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +136,28 @@ def test_the_checks_catch_broken_kernels(tmp_path):
     assert isinstance(plain, str) and "SCALE" in plain and "constexpr" in plain, plain
     assert any("shared memory" in v for v in overflow), overflow
     assert any("spills" in v for v in spills), spills
+
+
+# ---------------------------------------------------------------------------------------------
+# The roofline model of benchmarks/kernel_resources.py against independent counts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cost_model_matches_the_anchors():
+    spec = importlib.util.spec_from_file_location("kernel_resources", Path(__file__).parents[1] / "benchmarks" / "kernel_resources.py")
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    s = kr.Shape()  # 7B head shape, 65,536 tokens, bf16
+    fwd = kr.launches(s, kr.Design("fp32 C", 64))["forward"]
+    # ~0.33 TFLOP of matmul work in the forward (the performance anchors' floor)
+    assert 0.32e12 < sum(f for _, f, _ in fwd) < 0.34e12
+    # q, k, v read and h written: 1.61 GB at least, and the chunk-entry states on top
+    io = 2 * s.T * s.NH * (s.DK + s.DV) * s.e
+    assert sum(b for *_, b in kr.launches(s, kr.Design("fused", 64, fused_forward=True))["forward"]) >= io
+    # storing C in bf16 saves two bytes per element of every chunk-entry state, written once, read once
+    bf16 = kr.launches(s, kr.Design("bf16 C", 64, c_bytes=2))["forward"]
+    saved = sum(b for *_, b in fwd) - sum(b for *_, b in bf16)
+    assert saved == 2 * (s.T // 64) * s.NH * s.DK * s.DV * 2
+    model = kr.roofline(s, kr.Design("bf16 C", 64, c_bytes=2))
+    assert all(r["bound"] == "memory" for r in model["forward"])  # the states dominate: memory-bound
+    assert model["forward+backward_ms"] > model["forward_ms"] > sum(b for *_, b in bf16) / kr.PEAK_BYTES * 1e3 - 1e-9
