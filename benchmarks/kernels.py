@@ -10,7 +10,8 @@ kernel (mlstm_kernels, "chunkwise--triton_xl_chunk"), flash-linear-attention's c
 and causal flash attention through torch SDPA (32 heads x 128, same token count).
 Step kernel: latency at batch 1, 8, 64 with the 7B per-layer state, and the HBM bandwidth it reaches
 (state bytes read + written per step / time).
-Results go to benchmarks/results/kernels-<date>.json and .png.
+Results go to benchmarks/results/kernels-<date>.json and .png (--out: another folder). Interrupted
+(Ctrl-C, or `timeout --signal=INT` in benchmarks/gpu.sh), it still writes the rows measured so far.
 """
 
 import argparse
@@ -128,14 +129,15 @@ def provider_sdpa(device: str):
     return make
 
 
-def bench_chunkwise(args, device, dtype) -> list[dict]:
-    providers = {"xlstm7b-torch": lambda: provider_ours("torch", args.chunk_size)}
-    if not args.dry_run:
-        providers = {"xlstm7b-triton": lambda: provider_ours("triton", args.chunk_size), **providers}
+def bench_chunkwise(args, device, dtype, rows: list[dict]) -> None:
+    """Appends one row per provider and shape to rows (kept by the caller if interrupted)."""
+    providers = {}
+    if not args.dry_run:  # the peers before our PyTorch form: the run may be cut short
+        providers["xlstm7b-triton"] = lambda: provider_ours("triton", args.chunk_size)
         providers["tfla-exp-chunk128"] = lambda: provider_tfla(128)
         providers["fla-simple-gla"] = provider_fla
         providers["sdpa-flash-32x128"] = lambda: provider_sdpa(device)
-    rows = []
+    providers["xlstm7b-torch"] = lambda: provider_ours("torch", args.chunk_size)
     for name, make_provider in providers.items():
         try:
             make = make_provider()
@@ -166,13 +168,11 @@ def bench_chunkwise(args, device, dtype) -> list[dict]:
                     torch.cuda.empty_cache() if device == "cuda" else None
                 print(json.dumps(row))
                 rows.append(row)
-    return rows
 
 
-def bench_step(args, device) -> list[dict]:
+def bench_step(args, device, rows: list[dict]) -> None:
     NH, DK, DV = args.step_shape
     backend = "torch" if args.dry_run else "triton"
-    rows = []
     for B in args.step_batches:
         state = zero_state(B, NH, DK, DV, device=device)
         q, k = torch.randn(B, NH, DK, device=device), torch.randn(B, NH, DK, device=device)
@@ -185,7 +185,6 @@ def bench_step(args, device) -> list[dict]:
         row = dict(kernel="step", provider=f"xlstm7b-{backend}", B=B, NH=NH, DK=DK, DV=DV, ms=ms, bytes=moved, gb_per_s=moved / ms / 1e6)
         print(json.dumps(row))
         rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +237,14 @@ def plot(rows: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def head_shape(text: str) -> tuple[int, int, int]:
+    try:
+        NH, DK, DV = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NH,DK,DV (three integers), got {text!r}") from None
+    return NH, DK, DV
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU through the torch backend (checks the script)")
@@ -246,9 +253,10 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=64, help="chunk size of our kernels")
     p.add_argument("--step-batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--reps", type=int, default=100, help="measurement time per point in ms (do_bench rep)")
+    p.add_argument("--heads", type=head_shape, nargs="+", default=[(8, 256, 512), (16, 128, 256)],
+                   metavar="NH,DK,DV", help="head shapes of the chunkwise rows (default 8,256,512 16,128,256)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = p.parse_args(argv)
-    args.heads = [(8, 256, 512), (16, 128, 256)]
     args.step_shape = (8, 256, 512)
     if args.dry_run:
         args.tokens, args.seq_lens, args.chunk_size = 128, [32, 64], 16
@@ -264,8 +272,15 @@ def main(argv=None) -> dict:
         device, dtype = "cuda", torch.bfloat16
     else:
         raise SystemExit("no CUDA device: run with --dry-run to check the script on CPU")
-    rows = bench_chunkwise(args, device, dtype) + bench_step(args, device)
-    report = dict(environment=environment(device), tokens=args.tokens, chunk_size=args.chunk_size, rows=rows)
+    rows, interrupted = [], False
+    try:
+        bench_chunkwise(args, device, dtype, rows)
+        bench_step(args, device, rows)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted: writing the {len(rows)} rows measured so far")
+    report = dict(environment=environment(device), tokens=args.tokens, chunk_size=args.chunk_size,
+                  interrupted=interrupted, rows=rows)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "kernels-dry-run" if args.dry_run else f"kernels-{datetime.date.today().isoformat()}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
