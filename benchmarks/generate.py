@@ -224,6 +224,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: on a shared 2-core machine, "
                    "a second OpenMP thread waiting for a busy core stalls every small op for milliseconds)")
     p.add_argument("--no-official", action="store_true", help="measure xlstm7b only")
+    p.add_argument("--no-compiled", action="store_true", help="on CPU, skip the compiled decode step "
+                   "(its compilation takes half a minute: e.g. for a quick check of the script)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     p.add_argument("--memory-child", nargs=2, metavar=("IMPL", "TOKENS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
@@ -240,7 +243,7 @@ def main() -> None:
         return
 
     ours, theirs = build(args.preset, args.device, DTYPES[args.dtype], official=not args.no_official)
-    ours_impls = ["ours"] + ([] if cuda else ["compiled"])
+    ours_impls = ["ours"] + ([] if cuda or args.no_compiled else ["compiled"])
     models = {impl: ours for impl in ours_impls} | ({} if theirs is None else {"official": theirs})
     vocab = ours.config.vocab_size
     c = ours.config
@@ -256,21 +259,19 @@ def main() -> None:
     gc.collect()
     rows += bench_memory(ours_impls + ([] if args.no_official else ["official"]), args)
 
-    import xlstm
-
     result = dict(
         device=args.device,
         device_name=torch.cuda.get_device_name() if cuda else cpu_name(),
         driver=torch.version.cuda if cuda else None,
         torch=torch.__version__,
         triton=_version("triton"),
-        xlstm=getattr(xlstm, "__version__", None) or _version("xlstm"),
+        xlstm=None if args.no_official else _version("xlstm"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         preset=args.preset, model=model_shape, dtype=args.dtype, threads=args.threads, repeats=args.repeats,
         same_greedy_tokens=agree, rows=rows,
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"generate_{'cuda' if cuda else 'cpu'}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"generate_{'cuda' if cuda else 'cpu'}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     plot(result, out.with_suffix(".png"))
