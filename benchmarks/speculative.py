@@ -15,7 +15,7 @@ Two kinds of rows:
   at per-token acceptance a = 0.5..0.9: tokens per block E = (1 - a^(K+1)) / (1 - a) over block time
   K * draft_step + verify(K+1) + P(some rejection) * readvance(K+1) + 2 state copies, against E
   target steps. This is what random weights can tell (e.g. for the 7B shape on a GPU).
-Writes benchmarks/results/speculative_<device>.json.
+Writes benchmarks/results/speculative_<device>.json (--out: another folder).
 """
 
 import argparse
@@ -166,6 +166,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
     p.add_argument("--cost-model-only", action="store_true", help="skip the generate() runs (e.g. for random weights)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -208,8 +209,8 @@ def main() -> None:
         best=best and {key: best[key] for key in ("K", "temperature", "speedup", "acceptance", "token_acceptance")},
         rows=rows,
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"speculative_{'cuda' if cuda else 'cpu'}{'' if trained else '_random_' + pair['target']}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"speculative_{'cuda' if cuda else 'cpu'}{'' if trained else '_random_' + pair['target']}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
