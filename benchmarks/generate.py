@@ -106,8 +106,15 @@ def bench_speed(models: dict, args, config: ModelConfig, device) -> list[dict]:
                 compile_s = first - best_time(lambda: run_fn(impl, model, ids, 1), args.repeats)
                 rows.append(dict(impl=impl, metric="compile", batch=B, seconds=compile_s))
                 print(f"compile  {impl:<8} batch {B:>3}: {compile_s:9.1f} s (once per model, batch size and weights)", flush=True)
-            t1 = best_time(lambda: run_fn(impl, model, ids, 1), args.repeats)
-            tn = best_time(lambda: run_fn(impl, model, ids, args.decode_tokens), args.repeats)
+            try:
+                t1 = best_time(lambda: run_fn(impl, model, ids, 1), args.repeats)
+                tn = best_time(lambda: run_fn(impl, model, ids, args.decode_tokens), args.repeats)
+            except torch.OutOfMemoryError:  # the recurrent state grows with the batch: keep the other rows
+                print(f"decode   {impl:<8} batch {B:>3}: out of memory", flush=True)
+                rows.append(dict(impl=impl, metric="decode", batch=B, error="out of memory"))
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
             rate = B * (args.decode_tokens - 1) / (tn - t1)
             rows.append(dict(impl=impl, metric="decode", batch=B, new_tokens=args.decode_tokens, tok_per_s=rate))
             print(f"decode   {impl:<8} batch {B:>3}: {rate:9.1f} tok/s", flush=True)
