@@ -1,32 +1,111 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, most important first: the bf16/fp16/fp32 GPU tests, then the kernel,
-# generation, training and speculative-decoding benchmarks (JSON + PNG in benchmarks/results/).
-# Each step has its own time limit, so one that hangs or runs long does not starve the rest.
+# The whole GPU run in at most 8 minutes (issue 11): stages in priority order, each with its own
+# time budget (a stage that runs out is cut and the next starts), each writing JSON into OUTPUT_DIR,
+# and a one-screen summary printed last (benchmarks/gpu_summary.py).
 #
-#   bash benchmarks/gpu.sh [LOG_DIR]      # logs: LOG_DIR/<step>.log (default: benchmarks/results/logs)
+#   bash benchmarks/gpu.sh OUTPUT_DIR             # on a CUDA machine
+#   bash benchmarks/gpu.sh --dry-run OUTPUT_DIR   # the same stages with tiny shapes on the CPU
 #
-# Needs a CUDA GPU, the project installed, and for the side-by-side rows the peers:
-# pip install --no-deps xlstm mlstm-kernels (and flash-linear-attention where it installs).
+# OUTPUT_DIR (new or empty) gets gpu.log (everything printed), tests.json, kernels-<date>.json + .png,
+# generate_cuda.json + .png, train.json and speculative_cuda_random_7b.json: 8 files at most.
+# Peers: wheels that benchmarks/gpu_wheels.sh put in .whl/ are installed offline into a temporary
+# folder on PYTHONPATH; without them the peer rows are skipped with a message.
+# The project is installed (pip install --no-deps --no-build-isolation -e .) if it does not import.
+# PYTHON picks the interpreter (default python3); GPU_RUN_SECONDS the total budget (default 450).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-logs=${1:-benchmarks/results/logs}
-mkdir -p "$logs"
-export PYTHONUNBUFFERED=1
-python=${PYTHON:-python3}
 
-step() {  # step NAME SECONDS COMMAND...
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name (limit ${limit}s): $*"
-    local t0=$SECONDS
-    timeout --signal=INT --kill-after=30 "$limit" "$@" 2>&1 | tee "$logs/$name.log"
-    echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"
+dry_run=0
+if [[ ${1:-} == --dry-run ]]; then
+    dry_run=1
+    shift
+fi
+if [[ $# -ne 1 || $1 == -* ]]; then
+    echo "usage: bash benchmarks/gpu.sh [--dry-run] OUTPUT_DIR" >&2
+    exit 2
+fi
+out=$1
+if [[ -e $out && -n $(ls -A "$out" 2>/dev/null) ]]; then
+    echo "OUTPUT_DIR $out is not empty: give a new folder, so that no old results are mixed in" >&2
+    exit 2
+fi
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+python=${PYTHON:-python3}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+exec > >(tee "$out/gpu.log") 2>&1
+export PYTHONUNBUFFERED=1
+deadline=$((SECONDS + ${GPU_RUN_SECONDS:-450}))
+
+# ---- setup: peers from .whl/, the project itself -------------------------------------------
+shopt -s nullglob
+wheels=(.whl/*.whl)
+if ((${#wheels[@]})); then
+    echo "== installing ${#wheels[@]} wheels from .whl/ (offline) into $work/site"
+    if "$python" -m pip install --quiet --no-index --no-deps --target "$work/site" "${wheels[@]}"; then
+        export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "   the wheels did not install: the peer rows will be skipped"
+    fi
+else
+    echo "== no .whl/ folder (benchmarks/gpu_wheels.sh makes it): the peer rows will be skipped"
+fi
+if ! "$python" -c "import xlstm7b.kernels" 2>/dev/null; then
+    echo "== installing the project: pip install --no-deps --no-build-isolation -e ."
+    "$python" -m pip install --quiet --no-deps --no-build-isolation -e . || { echo "the project does not install"; exit 1; }
+fi
+if ((dry_run)); then
+    device=cpu
+else
+    "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use --dry-run on a CPU')" || exit 1
+    device=cuda
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+fi
+official=()
+"$python" -c "import xlstm.xlstm_large.model" 2>/dev/null || {
+    echo "== the official xlstm package does not import: generate measures xlstm7b only"
+    official=(--no-official)
 }
 
-$python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to run here')" || exit 1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$logs/device.txt"
-step tests 600 $python -m pytest -q -m gpu tests
-step kernels 900 $python benchmarks/kernels.py
-step generate 900 $python benchmarks/generate.py --device cuda
-step train 900 $python benchmarks/train.py
-step speculative 600 $python benchmarks/speculative.py --device cuda --cost-model-only
+stage() {  # stage NAME BUDGET_SECONDS COMMAND...: runs it cut at min(budget, time left)
+    local name=$1 budget=$2
+    shift 2
+    local limit=$((deadline - SECONDS < budget ? deadline - SECONDS : budget))
+    if ((limit < 10)); then
+        echo "== $name: skipped, ${limit} s left"
+        printf '%s\t%s\t%s\t%s\n' "$name" "$budget" 0 skipped >>"$work/stages.tsv"
+        return
+    fi
+    echo "== $name (${limit} s): $*"
+    local t0=$SECONDS
+    # SIGINT first: the kernel benchmark writes the rows it has; KILL if it does not stop.
+    timeout --signal=INT --kill-after=15 "$limit" "$@"
+    local status=$?
+    echo "== $name: exit $status after $((SECONDS - t0)) s"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$budget" "$((SECONDS - t0))" "$status" >>"$work/stages.tsv"
+}
+
+# ---- stages, most important first ----------------------------------------------------------
+if ((dry_run)); then
+    stage tests 60 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
+    "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
+    stage kernels 60 "$python" benchmarks/kernels.py --dry-run --out "$out"
+    stage generate 60 "$python" benchmarks/generate.py --device cpu --batches 1 --decode-tokens 4 \
+        --prompt-lengths 16 --memory-tokens 8 --repeats 1 --no-compiled "${official[@]}" --out "$out"
+    stage train 60 "$python" benchmarks/train.py --presets toy --steps 1 --micro-batch 1 --seq-len 64 --output "$out/train.json"
+    stage speculative 60 "$python" benchmarks/speculative.py --device cpu --cost-model-only --ks 2 --out "$out"
+else
+    stage tests 120 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
+    "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
+    # the 7B head shape at 65,536 tokens; the step kernel at batch 1 and 256
+    stage kernels 110 "$python" benchmarks/kernels.py --seq-lens 8192 65536 --heads 8,256,512 \
+        --step-batches 1 256 --reps 50 --out "$out"
+    # 7B shape, random bf16 weights shared with the official model; memory in fresh processes
+    stage generate 150 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 128 \
+        --prompt-lengths 8192 --memory-tokens 1000 --repeats 2 "${official[@]}" --out "$out"
+    stage train 50 "$python" benchmarks/train.py --presets 1.3b --steps 5 --output "$out/train.json"
+    stage speculative 40 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 8 --out "$out"
+fi
+
+"$python" benchmarks/gpu_summary.py report "$out" "$work/stages.tsv"

@@ -1,0 +1,269 @@
+"""The GPU run's bookkeeping for benchmarks/gpu.sh: the tests' JSON, and the one-screen summary.
+
+    python benchmarks/gpu_summary.py junit JUNIT_XML OUT_JSON      # pytest's JUnit XML -> tests.json
+    python benchmarks/gpu_summary.py report OUTPUT_DIR STAGES_TSV  # summary table, printed last
+
+`report` stamps every JSON file in OUTPUT_DIR with the same `gpu_run` block (device, driver, torch,
+triton, python, date: the benchmarks each record a different subset), checks the limits on what a
+run may bring back (at most 8 files of at most 16 MiB), and prints the stages, the measurements side
+by side with the peers, and which of issue 11's targets were met, missed or not measured.
+STAGES_TSV has one line per stage: name, budget (s), seconds used, exit status (or "skipped").
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+MAX_FILES, MAX_BYTES = 8, 16 * 2**20
+TIMEOUT_EXITS = (124, 137)  # `timeout` cut the stage at its budget (137: killed after the grace time)
+TARGETS = {  # issue 11's targets: name -> (threshold, unit); ratios are measured in the same run
+    "kernel forward >= 2x TFLA": (2.0, "x"),
+    "kernel forward+backward >= 2x TFLA": (2.0, "x"),
+    "kernel forward >= 1.3x chunk_simple_gla": (1.3, "x"),
+    "kernel forward+backward >= 1.3x chunk_simple_gla": (1.3, "x"),
+    "decode batch 1 >= 200 tok/s": (200, " tok/s"),
+    "decode batch 1 >= 1.3x official": (1.3, "x"),
+    "decode batch 256 >= 2x official": (2.0, "x"),
+    "prefill, longest prompt, >= 1.15x official": (1.15, "x"),
+    "1.3B training MFU >= 50 %": (50, " %"),
+}
+
+
+def environment() -> dict:
+    import torch
+
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               torch=torch.__version__, python=platform.python_version(), triton=None, driver=None)
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        try:
+            done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=20)
+            env["driver"] = done.stdout.strip().splitlines()[0] if done.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
+    else:
+        env["device"] = f"cpu ({platform.machine()})"
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# junit: pytest's XML report as JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def junit_to_json(xml_path: Path, out: Path) -> dict:
+    counts = dict(passed=0, failed=0, errors=0, skipped=0)
+    failures = []
+    for case in ET.parse(xml_path).getroot().iter("testcase"):
+        test = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
+        if outcome is None:
+            counts["passed"] += 1
+        elif outcome.tag == "skipped":
+            counts["skipped"] += 1
+        else:
+            counts["failed" if outcome.tag == "failure" else "errors"] += 1
+            failures.append(dict(test=test, kind=outcome.tag, message=(outcome.get("message") or "")[:500]))
+    result = dict(gpu_run=environment(), **counts, failures=failures)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def load(out_dir: Path, pattern: str) -> dict | None:
+    """The newest JSON file in out_dir matching pattern, or None."""
+    files = sorted(out_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def stamp(out_dir: Path, env: dict) -> None:
+    for path in sorted(out_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "gpu_run" not in data:
+            path.write_text(json.dumps({"gpu_run": env, **data}, indent=1) + "\n")
+
+
+def limit_problems(out_dir: Path) -> list[str]:
+    files = [p for p in out_dir.rglob("*") if p.is_file()]
+    found = [f"{len(files)} files in {out_dir} (at most {MAX_FILES} come back)"] if len(files) > MAX_FILES else []
+    found += [f"{p.name}: {p.stat().st_size / 2**20:.1f} MiB (at most 16 MiB)" for p in files if p.stat().st_size > MAX_BYTES]
+    return found
+
+
+def stage_lines(stages_tsv: Path) -> list[str]:
+    lines = [f"{'stage':<12} {'budget s':>8} {'used s':>7}  result"]
+    for line in stages_tsv.read_text().splitlines():
+        name, budget, used, status = line.split("\t")
+        if status == "skipped":
+            result = "skipped: no time left"
+        elif int(status) == 0:
+            result = "ok"
+        elif int(status) in TIMEOUT_EXITS:
+            result = "cut at its budget (partial or no JSON)"
+        else:
+            result = f"failed, exit {status} (see gpu.log)"
+        lines.append(f"{name:<12} {budget:>8} {used:>7}  {result}")
+    return lines
+
+
+def fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def kernel_lines(rep: dict, targets: dict) -> list[str]:
+    rows = [r for r in rep["rows"] if r["kernel"] == "chunkwise"]
+    lines = []
+    if rows:
+        NH, DK, DV = rows[0]["NH"], rows[0]["DK"], rows[0]["DV"]
+        rows = [r for r in rows if (r["NH"], r["DK"], r["DV"]) == (NH, DK, DV)]
+        lines.append(f"chunkwise, NH {NH} DK {DK} DV {DV}, {rows[0]['dtype']}, B*S = {rep['tokens']:,}: "
+                     "ms (forward / forward+backward), peak MiB")
+        by = {(r["provider"], r["S"]): r for r in rows}
+        seq_lens = sorted({r["S"] for r in rows})
+        lines.append(f"  {'provider':<20}" + "".join(f"{'S ' + str(S):>28}" for S in seq_lens))
+        for name in dict.fromkeys(r["provider"] for r in rows):
+            cells = []
+            for S in seq_lens:
+                r = by.get((name, S), {})
+                cell = "error" if "error" in r else f"{fmt(r.get('fwd_ms'))} / {fmt(r.get('fwdbwd_ms'))}, {fmt(r.get('fwdbwd_peak_mib'), '.0f')}"
+                cells.append(f"{cell:>28}")
+            lines.append(f"  {name:<20}" + "".join(cells))
+        lines.append(roofline_line(rep, NH, DK, DV))
+        for peer, key in (("tfla-exp-chunk128", "2x TFLA"), ("fla-simple-gla", "1.3x chunk_simple_gla")):
+            for phase, label in (("fwd_ms", "forward"), ("fwdbwd_ms", "forward+backward")):
+                got = [ratio(by.get((peer, S), {}).get(phase), by.get(("xlstm7b-triton", S), {}).get(phase)) for S in seq_lens]
+                targets[f"kernel {label} >= {key}"] = None if None in got else min(got)  # every length
+    for r in rep["rows"]:
+        if r["kernel"] == "step":
+            lines.append(f"step kernel ({r['provider']}) batch {r['B']}: {r['ms'] * 1e3:.1f} us, {r['gb_per_s']:.0f} GB/s")
+    if rep.get("interrupted"):
+        lines.append("(interrupted: the rows above are those measured before the cut)")
+    return lines
+
+
+def roofline_line(rep: dict, NH: int, DK: int, DV: int) -> str:
+    """Our kernels' roofline time at the shape measured (benchmarks/kernel_resources.py's model)."""
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import kernel_resources as kr
+    except ImportError as e:
+        return f"  roofline: not available ({e})"
+    model = kr.roofline(kr.Shape(T=rep["tokens"], NH=NH, DK=DK, DV=DV), kr.Design("as run", rep["chunk_size"], c_bytes=2))
+    return (f"  roofline of ours, chunk {rep['chunk_size']} (H100 SXM): {model['forward_ms']:.2f} / "
+            f"{model['forward+backward_ms']:.2f} ms; TFLA published: {kr.TFLA_MS['forward']} / {kr.TFLA_MS['forward+backward']} ms")
+
+
+def generate_lines(rep: dict, targets: dict) -> list[str]:
+    rows = rep["rows"]
+
+    def get(impl, metric, key, value, field="tok_per_s"):
+        return next((r.get(field) for r in rows if r["impl"] == impl and r["metric"] == metric and r.get(key) == value), None)
+
+    lines = [f"generate, {rep['preset']} preset, {rep['dtype']}, greedy tokens equal the official's: {rep['same_greedy_tokens']}"]
+    for B in sorted({r["batch"] for r in rows if r["metric"] == "decode"}):
+        ours, theirs = get("ours", "decode", "batch", B), get("official", "decode", "batch", B)
+        lines.append(f"  decode batch {B:>3}: ours {fmt(ours, '.1f')} tok/s, official {fmt(theirs, '.1f')} ({fmt(ratio(ours, theirs))}x)")
+    for S in sorted({r["prompt_tokens"] for r in rows if r["metric"] == "prefill"}):
+        ours, theirs = get("ours", "prefill", "prompt_tokens", S), get("official", "prefill", "prompt_tokens", S)
+        ttft = get("ours", "prefill", "prompt_tokens", S, "ttft_s")
+        lines.append(f"  prefill {S:>6}: ours {fmt(ours, ',.0f')} tok/s (TTFT {fmt(ttft and ttft * 1e3, '.0f')} ms), "
+                     f"official {fmt(theirs, ',.0f')} ({fmt(ratio(ours, theirs))}x)")
+    for n in sorted({r["new_tokens"] for r in rows if r["metric"] == "memory"}):
+        ours, theirs = get("ours", "memory", "new_tokens", n, "peak_mib"), get("official", "memory", "new_tokens", n, "peak_mib")
+        lines.append(f"  peak memory generating {n} tokens: ours {fmt(ours, ',.0f')} MiB, official {fmt(theirs, ',.0f')} MiB")
+    decode = {B: (get("ours", "decode", "batch", B), get("official", "decode", "batch", B)) for B in (1, 256)}
+    targets["decode batch 1 >= 200 tok/s"] = decode[1][0]
+    targets["decode batch 1 >= 1.3x official"] = ratio(*decode[1])
+    targets["decode batch 256 >= 2x official"] = ratio(*decode[256])
+    prompts = [r["prompt_tokens"] for r in rows if r["metric"] == "prefill"]
+    if prompts:
+        S = max(prompts)
+        targets["prefill, longest prompt, >= 1.15x official"] = ratio(get("ours", "prefill", "prompt_tokens", S), get("official", "prefill", "prompt_tokens", S))
+    return lines
+
+
+def train_lines(rep: dict, targets: dict) -> list[str]:
+    lines = []
+    for r in rep["throughput"]:
+        mfu = None if r["mfu"] is None else r["mfu"] * 100
+        lines.append(f"train {r['preset']}, {r['dtype']}, {r['micro_batch']} x {r['seq_len']} tokens per step: "
+                     f"{r['tokens_per_s']:,.0f} tokens/s, MFU {fmt(mfu, '.1f')} %, peak {fmt(r['peak_memory_gb'], '.1f')} GiB")
+        if r["preset"] == "1.3b":
+            targets["1.3B training MFU >= 50 %"] = mfu
+    return lines
+
+
+def speculative_lines(rep: dict) -> list[str]:
+    rows = [r for r in rep["rows"] if r["kind"] == "cost_model"]
+    cells = ", ".join(f"K {r['K']}: {r['predicted_speedup']['0.7']:.2f}x / {r['predicted_speedup']['0.9']:.2f}x" for r in rows)
+    return [f"speculative cost model, {rep['target']} + {rep['draft']} draft, speedup at acceptance 0.7 / 0.9: {cells}"]
+
+
+def report(out_dir: Path, stages_tsv: Path) -> None:
+    env = environment()
+    stamp(out_dir, env)
+    lines = [f"== GPU run: {env['device']}, driver {env['driver']}, torch {env['torch']}, triton {env['triton']}, {env['date']}"]
+    lines += stage_lines(stages_tsv)
+    tests = load(out_dir, "tests.json")
+    if tests:
+        lines.append(f"tests: {tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, {tests['skipped']} skipped")
+        lines += [f"  FAILED {f['test']}: {f['message'][:100]}" for f in tests["failures"][:5]]
+    targets: dict[str, float | None] = {}  # target name -> the value measured
+    for pattern, summarize in (("kernels*.json", kernel_lines), ("generate_*.json", generate_lines), ("train.json", train_lines)):
+        rep = load(out_dir, pattern)
+        lines += summarize(rep, targets) if rep else [f"({pattern}: no results)"]
+    rep = load(out_dir, "speculative_*.json")
+    lines += speculative_lines(rep) if rep else ["(speculative: no results)"]
+    lines.append("targets:")
+    for name, (need, unit) in TARGETS.items():
+        got = targets.get(name)
+        verdict = "not measured" if got is None else ("met" if got >= need else "missed")
+        lines.append(f"  {name:<48} {verdict:<13} {'' if got is None else format(got, '.2f') + unit}")
+    lines += [f"LIMIT: {p}" for p in limit_problems(out_dir)]
+    unknown = set(targets) - set(TARGETS)
+    assert not unknown, f"targets without a threshold: {unknown}"
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    j = sub.add_parser("junit", help="pytest's JUnit XML -> JSON")
+    j.add_argument("xml", type=Path)
+    j.add_argument("out", type=Path)
+    r = sub.add_parser("report", help="stamp the JSON files and print the summary")
+    r.add_argument("out_dir", type=Path)
+    r.add_argument("stages", type=Path)
+    args = p.parse_args(argv)
+    if args.command == "junit":
+        if not args.xml.exists():
+            sys.exit(f"no pytest report at {args.xml}: the tests did not get as far as writing it")
+        junit_to_json(args.xml, args.out)
+    else:
+        if not args.out_dir.is_dir():
+            sys.exit(f"{args.out_dir} is not a folder")
+        report(args.out_dir, args.stages)
+
+
+if __name__ == "__main__":
+    main()
