@@ -1,0 +1,110 @@
+"""The GPU run (benchmarks/gpu.sh) rehearsed on the CPU, so that the rare GPU minutes are not spent
+on a typo or a missing import; and the project importing without the packages the GPU machine lacks."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_SH = ROOT / "benchmarks" / "gpu.sh"
+STAGES = ["tests", "kernels", "generate", "train", "speculative"]
+
+
+def run_gpu_sh(*args, timeout=300):
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("TRITON_INTERPRET", None)  # the stages decide for themselves, as on the GPU machine
+    return subprocess.run(["bash", str(GPU_SH), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_dry_run(tmp_path):
+    """Every stage runs its benchmark's tiny-shape mode, writes its JSON, and the summary prints last."""
+    out = tmp_path / "out"
+    done = run_gpu_sh("--dry-run", out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    names = {p.name for p in out.iterdir()}
+    expected = {"gpu.log", "tests.json", "kernels-dry-run.json", "generate_cpu.json", "train.json", "speculative_cpu_random_toy.json"}
+    assert expected <= names, sorted(names)
+    assert len(names) <= 8
+    for name in expected - {"gpu.log"}:
+        stamp = json.loads((out / name).read_text())["gpu_run"]
+        assert {"device", "driver", "torch", "triton", "date"} <= stamp.keys(), name
+    assert json.loads((out / "tests.json").read_text())["failed"] == 0
+    summary = done.stdout[done.stdout.index("== GPU run:"):]
+    for stage in STAGES:
+        assert any(line.split()[:1] == [stage] and line.endswith(" ok") for line in summary.splitlines()), (stage, summary)
+    assert summary.rstrip().splitlines()[-1].lstrip().startswith("1.3B training MFU")  # the table is printed last
+    assert "LIMIT" not in summary
+    assert (out / "gpu.log").read_text().rstrip().endswith(summary.rstrip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "usage"),
+    (["--dry-run"], "usage"),
+    (["--bogus", "x"], "usage"),
+    (["--dry-run", "NONEMPTY"], "not empty"),
+], ids=["no-dir", "dry-run-no-dir", "unknown-flag", "non-empty-dir"])
+def test_bad_arguments(tmp_path, args, message):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "old.json").write_text("{}")
+    done = run_gpu_sh(*[full if a == "NONEMPTY" else a for a in args], timeout=30)
+    assert done.returncode == 2 and message in done.stderr
+
+
+def summary_module():
+    spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / "benchmarks" / "gpu_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_junit_to_json(tmp_path):
+    xml = tmp_path / "junit.xml"
+    xml.write_text("""<?xml version="1.0"?><testsuites><testsuite>
+        <testcase classname="tests.test_a" name="test_ok"/>
+        <testcase classname="tests.test_a" name="test_bf16[S4096]"><failure message="rel err 0.3 &gt; 1e-2">trace</failure></testcase>
+        <testcase classname="tests.test_b" name="test_load"><error message="ImportError: x">trace</error></testcase>
+        <testcase classname="tests.test_b" name="test_gpu"><skipped message="needs a CUDA device"/></testcase>
+    </testsuite></testsuites>""")
+    result = summary_module().junit_to_json(xml, tmp_path / "tests.json")
+    assert (result["passed"], result["failed"], result["errors"], result["skipped"]) == (1, 1, 1, 1)
+    assert [f["test"] for f in result["failures"]] == ["tests.test_a::test_bf16[S4096]", "tests.test_b::test_load"]
+    assert json.loads((tmp_path / "tests.json").read_text())["failures"][0]["message"] == "rel err 0.3 > 1e-2"
+
+
+def test_stage_status(tmp_path):
+    stages = tmp_path / "stages.tsv"
+    stages.write_text("tests\t120\t80\t0\nkernels\t110\t125\t124\ngenerate\t150\t20\t1\ntrain\t50\t0\tskipped\n")
+    lines = summary_module().stage_lines(stages)
+    assert [line.split(None, 3)[3] for line in lines[1:]] == [
+        "ok", "cut at its budget (partial or no JSON)", "failed, exit 1 (see gpu.log)", "skipped: no time left"]
+
+
+# The GPU machine has neither datasets nor wandb: the model, generation, the kernels and the
+# training modules must import and run without them (they are imported only where a command needs
+# them). A None entry in sys.modules makes `import datasets` raise ImportError.
+WITHOUT_DATASETS_WANDB = """
+import sys
+sys.modules["datasets"] = None
+sys.modules["wandb"] = None
+import torch
+import xlstm7b, xlstm7b.cli, xlstm7b.speculative
+import xlstm7b.kernels
+import xlstm7b.train.cli, xlstm7b.train.data, xlstm7b.train.metrics, xlstm7b.train.trainer, xlstm7b.train.parallel
+from xlstm7b import XLSTM, ModelConfig, generate
+config = ModelConfig(embedding_dim=32, num_heads=2, num_blocks=2, vocab_size=64)
+model = XLSTM(config).eval()
+ids = torch.randint(2, 64, (1, 5))
+assert generate(model, ids, max_new_tokens=3).tokens.shape[-1] == 3
+print("ok")
+"""
+
+
+def test_runs_without_datasets_and_wandb():
+    done = subprocess.run([sys.executable, "-c", WITHOUT_DATASETS_WANDB], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
