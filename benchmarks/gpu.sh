@@ -103,7 +103,7 @@ else
         --step-batches 1 256 --reps 50 --out "$out"
     # 7B shape, random bf16 weights shared with the official model; memory in fresh processes
     stage generate 150 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 128 \
-        --prompt-lengths 8192 --memory-tokens 1000 --repeats 2 "${official[@]}" --out "$out"
+        --prompt-lengths 8192 --memory-tokens 256 --repeats 2 "${official[@]}" --out "$out"
     stage train 50 "$python" benchmarks/train.py --presets 1.3b --steps 5 --output "$out/train.json"
     stage speculative 40 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 8 --out "$out"
 fi
