@@ -11,6 +11,7 @@
 # Peers: wheels that benchmarks/gpu_wheels.sh put in .whl/ are installed offline into a temporary
 # folder on PYTHONPATH; without them the peer rows are skipped with a message.
 # The project is installed (pip install --no-deps --no-build-isolation -e .) if it does not import.
+# Exit status 0 when every stage finished, 1 otherwise (after the summary all the same).
 # PYTHON picks the interpreter (default python3); GPU_RUN_SECONDS the total budget (default 450).
 set -uo pipefail
 
@@ -37,6 +38,7 @@ trap 'rm -rf "$work"' EXIT
 exec > >(tee "$out/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
 deadline=$((SECONDS + ${GPU_RUN_SECONDS:-450}))
+incomplete=0  # the exit status: 1 if a stage failed, was cut or skipped (the summary says which)
 
 # ---- setup: peers from .whl/, the project itself -------------------------------------------
 shopt -s nullglob
@@ -75,6 +77,7 @@ stage() {  # stage NAME BUDGET_SECONDS COMMAND...: runs it cut at min(budget, ti
     if ((limit < 10)); then
         echo "== $name: skipped, ${limit} s left"
         printf '%s\t%s\t%s\t%s\n' "$name" "$budget" 0 skipped >>"$work/stages.tsv"
+        incomplete=1
         return
     fi
     echo "== $name (${limit} s): $*"
@@ -82,6 +85,7 @@ stage() {  # stage NAME BUDGET_SECONDS COMMAND...: runs it cut at min(budget, ti
     # SIGINT first: the kernel benchmark writes the rows it has; KILL if it does not stop.
     timeout --signal=INT --kill-after=15 "$limit" "$@"
     local status=$?
+    ((status == 0)) || incomplete=1
     echo "== $name: exit $status after $((SECONDS - t0)) s"
     printf '%s\t%s\t%s\t%s\n' "$name" "$budget" "$((SECONDS - t0))" "$status" >>"$work/stages.tsv"
 }
@@ -109,3 +113,4 @@ else
 fi
 
 "$python" benchmarks/gpu_summary.py report "$out" "$work/stages.tsv"
+exit $incomplete
