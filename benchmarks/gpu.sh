@@ -97,7 +97,7 @@ if ((dry_run)); then
     stage kernels 60 "$python" benchmarks/kernels.py --dry-run --out "$out"
     stage generate 60 "$python" benchmarks/generate.py --device cpu --batches 1 --decode-tokens 4 \
         --prompt-lengths 16 --memory-tokens 8 --repeats 1 --no-compiled "${official[@]}" --out "$out"
-    stage train 60 "$python" benchmarks/train.py --presets toy --steps 1 --micro-batch 1 --seq-len 64 --output "$out/train.json"
+    stage train 60 "$python" benchmarks/train.py --presets debug --steps 1 --micro-batch 1 --seq-len 64 --output "$out/train.json"
     stage speculative 60 "$python" benchmarks/speculative.py --device cpu --cost-model-only --ks 2 --out "$out"
 else
     stage tests 120 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
