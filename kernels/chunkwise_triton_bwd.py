@@ -5,11 +5,12 @@ The forward keeps only h, the per-position stabilizer m_t and denominator den, a
 m; the chunk-entry states C, n are recomputed (one cheap sequential pass) instead of stored.
 Then:
 1. `_states_bwd_kernel` walks the chunks backwards carrying dC, dn: the gradient of the state at
-   every chunk boundary, and dC0, dn0 at the start. It also carries the scalar gradient of the
-   chunk-boundary stabilizer m (see below).
-2. `_scores_bwd_kernel` (per chunk and block of rows) computes the chunk's weighted scores A_tj and the gradient dS_tj
-   of the raw products q_t . k_j once, stored as [L, L] tiles in the dot dtype (small next to q, k,
-   v: L / (2 DK + 2 DV) of their bytes), plus the row and column sums of d log D for the gates.
+   every chunk boundary (dC stored like the chunk states: see state_dtype), and dC0, dn0 at the
+   start. It also carries the scalar gradient of the chunk-boundary stabilizer m (see below).
+2. `_scores_bwd_kernel` (per chunk and block of rows) computes the chunk's weighted scores A_tj and
+   the gradient dS_tj of the raw products q_t . k_j once, stored as [L, L] tiles in the dot dtype
+   (small next to q, k, v: L / (2 DK + 2 DV) of their bytes), plus the row and column sums of
+   d log D for the gates.
    Computing them here rather than in every DK and DV tile program keeps those programs' registers
    to one [L, L] tile (they spilled at the 7B head shape otherwise) and does the L x L work once.
 3. `_dqk_bwd_kernel` (per chunk and DK tile) and `_dv_bwd_kernel` (per chunk and DV tile) give
@@ -36,7 +37,7 @@ from .chunkwise_triton_fwd import _gate_vectors, _row_log_d, chunk_states, launc
 @triton.jit
 def _states_bwd_kernel(
     # pointers
-    Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, R, BETA, DCS, DNS, DMK,
+    Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, R, BETA, DC_END, DCS, DC0, DNS, DMK,
     # dims
     S, S_pad, NC, DK, DV, scale,
     # strides
@@ -45,8 +46,10 @@ def _states_bwd_kernel(
     NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """DCS[:, c + 1] = gradient of the state at the end of chunk c (DCS[:, NC] comes in filled with
-    the final state's gradient), DCS[:, 0] = dC0; likewise DNS and the stabilizer's DMK."""
+    """From the final state's gradient DC_END (float32): DCS[:, c] = gradient of C at the end of
+    chunk c (in the chunk states' dtype) and DC0 = the initial state's (float32). Likewise, in
+    float32 and with the final one at index NC, DNS[:, c] for the end of chunk c - 1 and the
+    stabilizer's DMK."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bh // NH
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -54,12 +57,12 @@ def _states_bwd_kernel(
     mk, mv = offs_k < DK, offs_v < DV
     mkv = mk[:, None] & mv[None, :]
     c_off = offs_k[:, None] * DV + offs_v[None, :]
-    dC = tl.load(DCS + (i_bh * (NC + 1) + NC) * DK * DV + c_off, mask=mkv, other=0.0)
+    dC = tl.load(DC_END + i_bh * DK * DV + c_off, mask=mkv, other=0.0)
     dn = tl.load(DNS + (i_bh * (NC + 1) + NC) * DK + offs_k, mask=mk, other=0.0)
     dmk = tl.load(DMK + i_bh * (NC + 1) + NC)
     for j in range(NC):
         i_c = NC - 1 - j
-        tl.store(DCS + (i_bh * (NC + 1) + i_c + 1) * DK * DV + c_off, dC, mask=mkv)
+        tl.store(DCS + (i_bh * NC + i_c) * DK * DV + c_off, dC.to(DCS.dtype.element_ty), mask=mkv)
         if i_v == 0:
             tl.store(DNS + (i_bh * (NC + 1) + i_c + 1) * DK + offs_k, dn, mask=mk)
             if i_k == 0:
@@ -79,7 +82,7 @@ def _states_bwd_kernel(
         dC = decay * dC + tl.dot(tl.trans(qt * qd[:, None]).to(DT), dnum.to(DT), input_precision=PREC)
         dn = decay * dn + tl.sum(qt * (qd * dden)[:, None], 0)
         dmk = tl.load(R + i_bh * NC + i_c) + tl.load(BETA + i_bh * NC + i_c) * dmk
-    tl.store(DCS + i_bh * (NC + 1) * DK * DV + c_off, dC, mask=mkv)
+    tl.store(DC0 + i_bh * DK * DV + c_off, dC, mask=mkv)
     if i_v == 0:
         tl.store(DNS + i_bh * (NC + 1) * DK + offs_k, dn, mask=mk)
         if i_k == 0:
@@ -188,7 +191,7 @@ def _dqk_bwd_kernel(
         vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mtv, other=0.0).to(DT)
         dnum = tl.load(DH + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mtv, other=0.0).to(tl.float32) * rden[:, None]
         C = tl.load(CS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0).to(tl.float32)
-        dCe = tl.load(DCS + (st_in + 1) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0)
+        dCe = tl.load(DCS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0).to(tl.float32)
         dq_s += tl.dot(dnum.to(DT), tl.trans(C).to(DT), input_precision=PREC)
         dk_s += tl.dot(vt, tl.trans(dCe).to(DT), input_precision=PREC)
         dg_acc += tl.sum(dCe * C, 1)
@@ -239,7 +242,7 @@ def _dv_bwd_kernel(
         offs_k = kb * BK + tl.arange(0, BK)
         mk = offs_k < DK
         kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        dCe = tl.load(DCS + st_end * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        dCe = tl.load(DCS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         dv_s += tl.dot(kt.to(DT), dCe.to(DT), input_precision=PREC)
     A = tl.load(AS + (i_bh * NC + i_c) * L * L + tt[:, None] * L + tt[None, :]).to(DT)
     rden = tl.load(RDEN + i_bh * S_pad + offs_t)
@@ -287,15 +290,15 @@ def backward(
     g = carry.view(BH, NC, L)[..., -1]
     beta = (g + m_beg == m_end).float()  # the chunk-end m came from the carried state
 
-    DCS = CS.new_empty(BH, NC + 1, DK, DV, dtype=torch.float32)
+    DCS = torch.empty_like(CS)  # the gradient of the state at each chunk's end, stored like the states
+    dC0 = torch.empty_like(C0)
     DNS = torch.empty_like(NS)
     DMK = torch.empty_like(MS)
-    DCS[:, NC] = dC.flatten(0, 1)
     DNS[:, NC] = dn.flatten(0, 1)
     DMK[:, NC] = (dm.flatten() - (dC * C).sum((-1, -2)).flatten() - (dn * n).sum(-1).flatten())
     st = cfg["states"]
     _states_bwd_kernel[(triton.cdiv(DK, st["BK"]), triton.cdiv(DV, st["BV"]), BH)](
-        q, dh, b, ig, virt, cnt, mt, rden, dden, MS, r, beta, DCS, DNS, DMK,
+        q, dh, b, ig, virt, cnt, mt, rden, dden, MS, r, beta, dC, DCS, dC0, DNS, DMK,
         S, S_pad, NC, DK, DV, DK**-0.5, *strides, **meta, **st,
     )
 
@@ -344,9 +347,8 @@ def backward(
         dvirt = (dmt * by_virt).view(BH, NC, L)
         dvirt[..., -1] += dmk_end * (1 - beta) * (n_top[..., 0] == 0)  # the zeroed state won the max
         dvirt = dvirt.flatten(1)
-    dC0 = DCS[:, 0].view_as(C0)
     dn0 = DNS[:, 0].view_as(n0)
     dm0 = (DMK[:, 0] + (dC0 * C0).reshape(BH, -1).sum(-1) + (dn0 * n0).reshape(BH, -1).sum(-1)).view_as(m0)
-    return dq, dk, dv, db.flatten(1), dig, dvirt if dvirt is not None else torch.zeros_like(b), dC0.clone(), dn0.clone(), dm0
+    return dq, dk, dv, db.flatten(1), dig, dvirt if dvirt is not None else torch.zeros_like(b), dC0, dn0.clone(), dm0
 
 

@@ -219,16 +219,16 @@ def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
         "states": dict(common, BK=BK if half else tk, BV=tv),
         "output": dict(common, RB=min(L, wide), BK=tk, BV=tv),
         "scores": dict(common, RB=min(L, wide), BK=tk, BV=tv),
-        "dqk": dict(common, BK=tk, BV=tv),
+        "dqk": dict(common, BK=tk if L < 64 else min(tk, 32), BV=tv),
         "dv": dict(common, BK=tk, BV=BV),
     }
 
 
 def state_dtype(q: torch.Tensor) -> torch.dtype:
-    """The dtype of the stored chunk-entry states C: bf16 for bf16 inputs (the products that read
-    them take bf16 operands anyway, and the states are most of the kernels' HBM traffic; see
-    benchmarks/kernel_resources.py), float32 otherwise. The recurrence itself and the final state
-    are float32 always."""
+    """The dtype of the stored chunk-boundary states C and (in the backward) their gradients dC:
+    bf16 for bf16 inputs (the products that read them take bf16 operands anyway, and they are most
+    of the kernels' HBM traffic; see benchmarks/kernel_resources.py), float32 otherwise. The
+    recurrences themselves, the final state and the initial state's gradient are float32 always."""
     return torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
 
 

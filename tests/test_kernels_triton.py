@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import rel_err  # noqa: E402
+
 from xlstm7b.kernels import mlstm, mlstm_parallel, mlstm_step, mlstm_step_, mlstm_step_torch, resolve_backend  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import state_dtype  # noqa: E402
@@ -19,12 +21,6 @@ from xlstm7b.kernels.step_triton import mlstm_step_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-2, 1e-2)}  # values, grads
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a - b‖ / ‖b‖ in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(B, NH, S, DK, DV, *, dtype=torch.float32, init=False, reset=False, gates="random", seed=0):
@@ -70,10 +66,10 @@ def check_against_oracle(xs, reset, chunk, dtype=torch.float32, state_grads=True
     tol_v, tol_g = tol or TOL[dtype]
     for name, a, b in zip(("h", "C", "n", "m"), outs, ref_outs):
         assert torch.isfinite(a).all(), name
-        assert rel(a, b) <= tol_v, f"{name}: rel err {rel(a, b):.2e}"
+        assert rel_err(a, b) <= tol_v, f"{name}: rel err {rel_err(a, b):.2e}"
     for name, a, b in zip(("dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"), grads, ref_grads):
         assert torch.isfinite(a).all(), name
-        assert rel(a, b) <= tol_g, f"{name}: rel err {rel(a, b):.2e}"
+        assert rel_err(a, b) <= tol_g, f"{name}: rel err {rel_err(a, b):.2e}"
 
 
 # B, NH, S, DK, DV, chunk, initial state, reset mask, gates
@@ -112,16 +108,17 @@ def test_chunkwise_fp16_forward():
     h, (C, n, m) = mlstm_chunkwise_triton(*xs[:5], tuple(xs[5:]), reset=rs, chunk_size=16)
     h_ref, (C_ref, n_ref, m_ref) = mlstm_parallel(*[x.double() for x in xs[:5]], tuple(x.double() for x in xs[5:]), reset=rs)
     assert h.dtype == torch.float16 and C.dtype == torch.float32
-    assert rel(h, h_ref) < 1e-2 and rel(C, C_ref) < 1e-3 and rel(m, m_ref) < 1e-5
+    assert rel_err(h, h_ref) < 1e-2 and rel_err(C, C_ref) < 1e-3 and rel_err(m, m_ref) < 1e-5
 
 
 @pytest.mark.parametrize("chunk", [16, 128])
 def test_chunkwise_bf16_inputs_keep_bf16_chunk_states(chunk):
-    """bf16 inputs store their chunk-entry states in bf16 (half the kernels' HBM traffic); values,
-    final states and every gradient still match the oracle (in the interpreter the products run in
-    fp32, so this checks the states' storage, not bf16 tensor-core math). Gradients get 3e-2: the
-    bf16 h enters all of them through h . dh (1e-2 in df with float32 states too), and the initial
-    stabilizer's gradient dm0, a sum of cancelling eps-sized terms, moves most (2.4e-2 measured)."""
+    """bf16 inputs store their chunk states and the states' gradients in bf16 (half the kernels'
+    HBM traffic); values, final states and every gradient still match the oracle (in the
+    interpreter the products run in fp32, so this checks the storage, not bf16 tensor-core math).
+    Gradients get 3e-2: the bf16 h enters all of them through h . dh (1e-2 in df with float32
+    states too), and the initial stabilizer's gradient dm0, a sum of cancelling eps-sized terms,
+    moves most (2.4e-2 measured)."""
     xs, rs = make_inputs(1, 2, 150, 16, 32, dtype=torch.bfloat16, init=True, reset=True)
     assert state_dtype(xs[0]) == torch.bfloat16
     check_against_oracle(xs, rs, chunk, torch.bfloat16, tol=(1e-2, 3e-2))
@@ -135,9 +132,9 @@ def test_padding_leaves_state_untouched():
     padded += [torch.cat([xs[3], torch.full_like(xs[3][..., :7], float("-inf"))], -1)]
     padded += [torch.cat([xs[4], torch.full_like(xs[4][..., :7], float("inf"))], -1)]
     h_p, state_p = mlstm_chunkwise_triton(*padded, tuple(xs[5:]), chunk_size=16)
-    assert rel(h_p[:, :, :20], h) < 1e-6
+    assert rel_err(h_p[:, :, :20], h) < 1e-6
     for a, b in zip(state_p, state):
-        assert rel(a, b) < 1e-6
+        assert rel_err(a, b) < 1e-6
 
 
 def test_dispatch():
@@ -147,7 +144,7 @@ def test_dispatch():
     xs, rs = make_inputs(1, 1, 19, 16, 16, init=True, reset=True)
     h_t, s_t = mlstm(*xs[:5], tuple(xs[5:]), reset=rs, backend="triton", chunk_size=16)
     h_c, s_c = mlstm(*xs[:5], tuple(xs[5:]), reset=rs, backend="torch", chunk_size=16)
-    assert rel(h_t, h_c) < 1e-5 and rel(s_t[0], s_c[0]) < 1e-5
+    assert rel_err(h_t, h_c) < 1e-5 and rel_err(s_t[0], s_c[0]) < 1e-5
     for bad in (48, 256):  # not a power of two; score tiles that do not fit a GPU
         with pytest.raises(ValueError, match="chunk_size in"):
             mlstm(*xs[:5], backend="triton", chunk_size=bad)
@@ -172,7 +169,7 @@ def test_compile_traces_the_op():
     comp_x = [x.clone().requires_grad_() for x in xs]
     torch.compile(fn, backend="aot_eager", fullgraph=True)(*comp_x).backward()
     for a, b in zip(comp_x, eager_x):
-        assert rel(a.grad, b.grad) < 1e-6
+        assert rel_err(a.grad, b.grad) < 1e-6
 
 
 def test_opcheck():
@@ -207,9 +204,9 @@ def test_step_matches_torch_in_place(case):
         h, new = mlstm_step_triton(q, k, v, i, f, live, h_out=h_out)
         assert h is h_out and all(a is b for a, b in zip(new, live))
         assert [t.data_ptr() for t in live] == ptrs
-        assert rel(h, h_ref) < 1e-5
+        assert rel_err(h, h_ref) < 1e-5
         for a, b in zip(live, state):
-            assert rel(a, b) < 1e-5
+            assert rel_err(a, b) < 1e-5
 
 
 def test_step_dispatch_keeps_state_unless_in_place():
@@ -221,9 +218,9 @@ def test_step_dispatch_keeps_state_unless_in_place():
     h_t, s_t = mlstm_step(q, k, v, i, f, state, backend="triton")
     h_c, s_c = mlstm_step(q, k, v, i, f, state, backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(state, before))
-    assert rel(h_t, h_c) < 1e-5 and all(rel(a, b) < 1e-5 for a, b in zip(s_t, s_c))
+    assert rel_err(h_t, h_c) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(s_t, s_c))
     h_i = mlstm_step_(q, k, v, i, f, state, backend="triton")
-    assert rel(h_i, h_c) < 1e-5 and all(rel(a, b) < 1e-5 for a, b in zip(state, s_c))
+    assert rel_err(h_i, h_c) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(state, s_c))
 
 
 def test_benchmark_dry_run(tmp_path):
@@ -283,4 +280,4 @@ def test_step_cuda_graph():
         graph.replay()
         h_ref, ref = mlstm_step_torch(q, k, v, i, f, ref)
     torch.cuda.synchronize()
-    assert rel(h, h_ref) < 1e-4 and rel(state[0], ref[0]) < 1e-4
+    assert rel_err(h, h_ref) < 1e-4 and rel_err(state[0], ref[0]) < 1e-4
