@@ -109,11 +109,10 @@ def roofline(s: Shape, d: Design) -> dict:
 
 
 DESIGNS = [
-    Design("chunk 64, fp32 C (before bf16 chunk states)", 64),
-    Design("as built, chunk 64: bf16 C, fp32 dC", 64, c_bytes=2),
-    Design("as built, chunk 128: bf16 C, fp32 dC", 128, c_bytes=2),
-    Design("chunk 128, bf16 C and dC", 128, c_bytes=2, dc_bytes=2),
-    Design("chunk 128, bf16 C and dC, fused forward", 128, c_bytes=2, dc_bytes=2, fused_forward=True),
+    Design("chunk 64, fp32 chunk states (before bf16 ones)", 64),
+    Design("as built, chunk 64: bf16 chunk states and gradients", 64, c_bytes=2, dc_bytes=2),
+    Design("as built, chunk 128", 128, c_bytes=2, dc_bytes=2),
+    Design("chunk 128, fused forward (not built)", 128, c_bytes=2, dc_bytes=2, fused_forward=True),
 ]
 
 
