@@ -25,6 +25,7 @@ of Triton 3.6-3.9 (`create_function_from_signature`, `_pack_args`).
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -280,18 +281,16 @@ def compile_matrix(plan: dict[int, list[Case]], jobs: int = 2) -> list[dict]:
     and returns one dict per launch: KernelReport's fields, or kernel/tag/arch/error."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     spec = json.dumps({str(arch): [dataclasses.asdict(c) for c in cases] for arch, cases in plan.items()})
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "xlstm7b.kernels.aot", "--part", f"{p}/{jobs}"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-        for p in range(jobs)
-    ]
-    reports = []
-    for proc in procs:
-        out, err = proc.communicate(spec)
+
+    def run(part: int) -> list[dict]:
+        cmd = [sys.executable, "-m", "xlstm7b.kernels.aot", "--part", f"{part}/{jobs}"]
+        proc = subprocess.run(cmd, input=spec, capture_output=True, env=env, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"kernels.aot worker failed ({proc.returncode}):\n{err[-4000:]}")
-        reports += json.loads(out)
-    return reports
+            raise RuntimeError(f"kernels.aot worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(proc.stdout)
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # the workers run at the same time
+        return [r for part in pool.map(run, range(jobs)) for r in part]
 
 
 def main(argv: list[str] | None = None) -> None:
