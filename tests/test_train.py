@@ -78,11 +78,11 @@ def test_overrides_and_types():
     (["--train.stepz=3"], "unknown key(s) ['train.stepz']; valid [train] keys"),
     (["--trian.steps=3"], "unknown section 'trian'"),
     (["--model.dim=3"], "unknown key(s) ['model.dim']; valid [model] keys"),
-    (["--train.steps=abc"], "train.steps must be int"),
+    (["--train.steps=abc"], "train.steps must be a positive integer, got 'abc'"),
     (["--train.schedule=linear"], "train.schedule must be one of"),
     (["train.steps=3"], "must look like --section.key=value"),
     (["--train.seq_len=100"], "multiple of train.seq_len"),
-    (["--train.loss_chunk_tokens=-1"], "train.loss_chunk_tokens must be >= 0"),
+    (["--train.loss_chunk_tokens=-1"], "train.loss_chunk_tokens must be an integer >= 0 (0 = all at once), got -1"),
 ])
 def test_config_errors(args, message):
     with pytest.raises(ValueError, match=None) as e:

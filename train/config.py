@@ -4,6 +4,8 @@
 
 A preset's `[model]` section is a ModelConfig; `[data]`, `[train]` and `[run]` are below. Unknown
 sections or keys are errors that name the key and the valid ones, in the file and on the command line.
+Every section is checked by the one validator, `xlstm7b.config.check_fields`: types from the field
+annotations, ranges from each class's `bounds` table, all at load, before any expensive work.
 """
 
 import dataclasses
@@ -11,9 +13,9 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from xlstm7b.config import ModelConfig, preset_path
+from xlstm7b.config import NON_EMPTY, NON_NEGATIVE, POSITIVE, Bound, ModelConfig, check_fields, preset_path
 
 
 @dataclass
@@ -37,6 +39,15 @@ class DataConfig:
     """Where tokenizers and token shards are cached, keyed by a hash of the files and the tokenizer."""
     shard_tokens: int = 1 << 26
     """Tokens per on-disk shard."""
+
+    section: ClassVar[str] = "data"
+    bounds: ClassVar[dict] = {
+        "source": NON_EMPTY, "text_field": NON_EMPTY, "hub_split": NON_EMPTY, "tokenizer": NON_EMPTY, "cache_dir": NON_EMPTY,
+        "max_documents": Bound(0, off="0 = all"), "val_fraction": Bound(0, 1, hi_open=True), "shard_tokens": POSITIVE,
+    }
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
@@ -89,6 +100,18 @@ class TrainConfig:
     threads: int = 0
     """CPU threads per process for torch (0 = all cores divided by local processes)."""
 
+    section: ClassVar[str] = "train"
+    bounds: ClassVar[dict] = {
+        **dict.fromkeys(("steps", "seq_len", "global_batch_tokens", "micro_batch", "lr", "eps"), POSITIVE),
+        "min_lr_ratio": Bound(0, 1), "warmup_steps": NON_NEGATIVE, "cooldown_steps": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE, "beta1": Bound(0, 1, hi_open=True), "beta2": Bound(0, 1, hi_open=True),
+        "grad_clip": Bound(0, off="0 = off"), "loss_chunk_tokens": Bound(0, off="0 = all at once"),
+        "threads": Bound(0, off="0 = all cores"),
+    }
+
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass
 class RunConfig:
@@ -119,6 +142,16 @@ class RunConfig:
     gpu_memory_gb: float = 0.0
     """Memory per GPU for the up-front fit check (0 = ask the device)."""
 
+    section: ClassVar[str] = "run"
+    bounds: ClassVar[dict] = {
+        "dir": NON_EMPTY, "seed": Bound(0, 2**32, hi_open=True), "log_every": POSITIVE, "eval_every": Bound(0, off="0 = at the end only"),
+        "eval_tokens": POSITIVE, "ckpt_every": POSITIVE, "keep_checkpoints": POSITIVE, "sample_tokens": Bound(0, off="0 = off"),
+        "gpu_memory_gb": Bound(0, off="0 = ask the device"),
+    }
+
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass
 class JobConfig:
@@ -131,17 +164,8 @@ class JobConfig:
         return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in dataclasses.fields(self)}
 
     def validate(self) -> None:
-        t, r = self.train, self.run
-        for name in ("steps", "seq_len", "micro_batch", "global_batch_tokens"):
-            if getattr(t, name) <= 0:
-                raise ValueError(f"train.{name} must be positive, got {getattr(t, name)}")
-        for name in ("log_every", "ckpt_every", "keep_checkpoints"):
-            if getattr(r, name) <= 0:
-                raise ValueError(f"run.{name} must be positive, got {getattr(r, name)}")
-        if t.loss_chunk_tokens < 0:
-            raise ValueError(f"train.loss_chunk_tokens must be >= 0 (0 = all tokens at once), got {t.loss_chunk_tokens}")
-        if not 0 <= self.data.val_fraction < 1:
-            raise ValueError(f"data.val_fraction must lie in [0, 1), got {self.data.val_fraction}")
+        """What no single section can check: relations between fields (each section checks its own)."""
+        t = self.train
         if t.global_batch_tokens % t.seq_len:
             raise ValueError(f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of train.seq_len={t.seq_len}")
 
@@ -160,25 +184,17 @@ class JobConfig:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "run": RunConfig}
 
 
-def _section(cls, values: dict, source: str, name: str):
+def _section(cls, values: Any, source: str, name: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: [{name}] must be a table of keys, got {values!r}")
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid [{name}] keys: {names}")
-    if cls is ModelConfig:
-        return ModelConfig.from_dict(values, source=source)
-    obj = cls(**values)
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        expected = hints[key]
-        if typing.get_origin(expected) is Literal:
-            if value not in typing.get_args(expected):
-                raise ValueError(f"{source}: {name}.{key} must be one of {list(typing.get_args(expected))}, got {value!r}")
-        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
-            setattr(obj, key, float(value))
-        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ValueError(f"{source}: {name}.{key} must be {expected.__name__}, got {value!r}")
-    return obj
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def parse_value(text: str) -> Any:
@@ -191,25 +207,40 @@ def parse_value(text: str) -> Any:
 
 def apply_overrides(data: dict, overrides: list[str]) -> None:
     for arg in overrides:
-        key, sep, value = arg.removeprefix("--").partition("=")
+        key, sep, text = arg.removeprefix("--").partition("=")
         section, dot, name = key.partition(".")
         if not arg.startswith("--") or not sep or not dot:
             raise ValueError(f"override {arg!r} must look like --section.key=value (e.g. --train.steps=100)")
         if section not in SECTIONS:
             raise ValueError(f"override {arg!r}: unknown section {section!r}; valid sections: {list(SECTIONS)}")
-        data.setdefault(section, {})[name.replace("-", "_")] = parse_value(value)
+        name, value = name.replace("-", "_"), parse_value(text)
+        field_type = typing.get_type_hints(SECTIONS[section]).get(name)
+        if field_type is str and not isinstance(value, str):  # --run.dir=2024 names a folder, not a number
+            value = text
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"override {arg!r}: [{section}] in the config file is not a table of keys")
+        table[name] = value
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     """A preset name ('toy') or TOML path, plus `--section.key=value` overrides."""
     path = preset_path(str(path))
-    with open(path, "rb") as fh:
-        data = tomllib.load(fh)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as e:
+        raise ValueError(f"cannot read the config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML: {e}") from None
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
     apply_overrides(data, list(overrides))
     source = f"{path} (with overrides)" if overrides else str(path)
     job = JobConfig(**{name: _section(cls, data.get(name, {}), source, name) for name, cls in SECTIONS.items()})
-    job.validate()
+    try:
+        job.validate()
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     return job

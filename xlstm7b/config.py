@@ -2,15 +2,88 @@
 
 Presets live in `configs/NAME.toml` (installed as the package `xlstm7b.configs`); their `[model]`
 section is a ModelConfig. Unknown keys are errors, so a typo never silently falls back to a default.
+
+`check_fields` is the one validator of every config section (this one and the trainer's): strict
+types from the dataclass annotations (a bool is `true`/`false`, never the string "False" or 0; an
+int is never a bool; a float is finite) and the ranges of the section's `bounds` table.
 """
 
 import dataclasses
 import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An allowed interval of a number field; `off` names a value that switches the feature off."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    off: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def describe(self, kind: type) -> str:
+        noun = "an integer" if kind is int else "a number"
+        if (self.lo, self.hi) == (0, math.inf) and self.lo_open or kind is int and (self.lo, self.hi) == (1, math.inf):
+            text = f"a positive {'integer' if kind is int else 'number'}"
+        elif self.hi == math.inf:
+            text = f"{noun} {'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            text = f"{noun} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return f"{text} ({self.off})" if self.off else text
+
+
+POSITIVE = Bound(0, lo_open=True)
+"""> 0: sizes, counts (for ints the same as >= 1), learning rates, epsilons."""
+NON_NEGATIVE = Bound(0)
+NON_EMPTY = "non-empty"
+"""The bound of a string field that must not be empty."""
+
+
+def check_fields(config) -> None:
+    """Checks every field of a config dataclass against its annotation and its class's `bounds`
+    ({field: Bound or NON_EMPTY}), in place: an int given for a float field becomes a float. The
+    error names `section.key` (the class's `section`), the value and what is allowed."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, kind, where = getattr(config, f.name), hints[f.name], f"{config.section}.{f.name}"
+        options = typing.get_args(kind)
+        if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in options:
+            if value is None:
+                continue
+            kind = next(k for k in options if k is not type(None))
+        if typing.get_origin(kind) is Literal:
+            if value not in typing.get_args(kind) or isinstance(value, bool):
+                raise ValueError(f"{where} must be one of {list(typing.get_args(kind))}, got {value!r}")
+            continue
+        if kind is bool and not isinstance(value, bool):
+            hint = " (TOML booleans are lowercase)" if str(value).lower() in ("true", "false") else ""
+            raise ValueError(f"{where} must be true or false{hint}, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        bound = config.bounds.get(f.name)
+        if kind is str and bound == NON_EMPTY and not value.strip():
+            raise ValueError(f"{where} must be a non-empty string, got {value!r}")
+        if kind in (int, float):
+            number = isinstance(value, int) if kind is int else isinstance(value, (int, float)) and math.isfinite(value)
+            if not number or isinstance(value, bool) or (bound is not None and value not in bound):
+                expected = bound.describe(kind) if bound is not None else ("an integer" if kind is int else "a finite number")
+                infinite = isinstance(value, float) and not math.isfinite(value)
+                raise ValueError(f"{where} must be {expected}, got {value!r}{', which is not finite' if infinite else ''}")
+            if kind is float:
+                object.__setattr__(config, f.name, float(value))
 
 
 @dataclass
@@ -47,7 +120,7 @@ class ModelConfig:
     """Chunk length of the chunkwise mLSTM kernel; any sequence length works with any value."""
     eps: float = 1e-6
     """Epsilon of the mLSTM normalizer, added in stabilized units (spec §2)."""
-    mlstm_backend: str = "auto"
+    mlstm_backend: Literal["auto", "torch", "triton"] = "auto"
     """mLSTM kernel: 'auto' (Triton on CUDA, PyTorch elsewhere), 'torch' or 'triton'."""
     bos_token_id: int = 0
     """Token that starts every prompt and separates documents."""
@@ -55,6 +128,14 @@ class ModelConfig:
     """Token used to pad finished or shorter rows."""
     eos_token_id: int = 0
     """Token that ends generation (id 0, <|endoftext|>, in the 7B's tokenizer)."""
+
+    section: ClassVar[str] = "model"
+    bounds: ClassVar[dict] = {
+        **dict.fromkeys(("embedding_dim", "num_blocks", "num_heads", "vocab_size", "ffn_round_up_to_multiple_of", "chunk_size",
+                         "qk_dim_factor", "v_dim_factor", "ffn_proj_factor", "gate_soft_cap", "output_logit_soft_cap",
+                         "norm_eps", "eps"), POSITIVE),
+        **dict.fromkeys(("bos_token_id", "pad_token_id", "eos_token_id"), NON_NEGATIVE),
+    }
 
     def __post_init__(self):
         self.validate()
@@ -82,26 +163,17 @@ class ModelConfig:
         return int(math.ceil(self.embedding_dim * self.ffn_proj_factor / m) * m)
 
     def validate(self) -> None:
-        for name in ("embedding_dim", "num_blocks", "num_heads", "vocab_size", "ffn_round_up_to_multiple_of", "chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("qk_dim_factor", "v_dim_factor", "ffn_proj_factor", "gate_soft_cap", "output_logit_soft_cap", "norm_eps", "eps"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
-        if self.mlstm_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"ModelConfig.mlstm_backend must be 'auto', 'torch' or 'triton', got {self.mlstm_backend!r}")
+        check_fields(self)
         for name, dim in (("qk_dim", self.qk_dim), ("v_dim", self.v_dim)):
             if dim == 0 or dim % self.num_heads:
                 raise ValueError(
-                    f"ModelConfig.num_heads={self.num_heads} must divide {name} = int(embedding_dim * "
+                    f"model.num_heads={self.num_heads} must divide {name} = int(embedding_dim * "
                     f"{name}_factor) = {dim}; change num_heads, embedding_dim or {name}_factor"
                 )
         for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
-                raise ValueError(f"ModelConfig.{name}={value} must lie in [0, vocab_size={self.vocab_size})")
+                raise ValueError(f"model.{name}={value} must lie in [0, vocab_size={self.vocab_size})")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -136,8 +208,13 @@ def preset_names() -> list[str]:
 
 def preset_path(name: str) -> Path:
     """Path of the preset `name` (e.g. 'toy', '7b'), or of `name` itself if it is a TOML file."""
-    if name.endswith(".toml") and Path(name).is_file():
-        return Path(name)
+    if name.endswith(".toml") or "/" in name:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ValueError(f"config file {name} does not exist; pass an existing .toml file or a preset name ({', '.join(preset_names())})")
+        if not path.is_file():
+            raise ValueError(f"config {name} is a folder, not a TOML file; pass a .toml file or a preset name ({', '.join(preset_names())})")
+        return path
     path = resources.files("xlstm7b.configs") / f"{name}.toml"
     if not path.is_file():
         raise ValueError(f"unknown preset {name!r}; choose one of {preset_names()} or pass a path to a .toml file")
