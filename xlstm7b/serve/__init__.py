@@ -1,0 +1,8 @@
+"""Serving: a continuous-batching engine over recurrent state slots (engine.py), its prefix state
+cache (prefix_cache.py), and an OpenAI-compatible HTTP API in front of it (api.py, `xlstm7b serve`).
+The engine needs only torch; the API needs the `serve` extra (FastAPI, uvicorn, prometheus-client)."""
+
+from .engine import Engine, EngineConfig, EngineStopped, Event, Overloaded, Request, SamplingParams
+from .prefix_cache import PrefixCache
+
+__all__ = ["Engine", "EngineConfig", "EngineStopped", "Event", "Overloaded", "PrefixCache", "Request", "SamplingParams"]
