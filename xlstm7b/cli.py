@@ -26,9 +26,12 @@ SUBCOMMANDS = {
     "plan": "parameter count and per-GPU memory of a training config; whether it fits",
     "plot": "plot loss, bits-per-byte and throughput of a run directory to a PNG",
     "generate": "generate text from a checkpoint folder, streamed as it is produced",
+    "serve": "serve a checkpoint folder over an OpenAI-compatible HTTP API (continuous batching)",
 }
 TRAIN_CLI = "xlstm7b.train.cli"
 """The training half's front-end: `main(command, argv)` runs train, tokenizer, plan and plot."""
+SERVE_CLI = "xlstm7b.serve.cli"
+"""The server's front-end, `main(argv)`: imported only by `xlstm7b serve`, so no other command loads FastAPI."""
 
 
 def info_main(argv: list[str]) -> int:
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return info_main(rest)
     if name == "generate":
         return generate_main(rest)
+    if name == "serve":
+        return importlib.import_module(SERVE_CLI).main(rest)
     return importlib.import_module(TRAIN_CLI).main(name, rest) or 0
 
 

@@ -1,0 +1,53 @@
+"""Chat messages -> prompt text: the tokenizer's own chat template when the checkpoint has one
+(`chat_template` in its tokenizer_config.json, a Jinja template as in Hugging Face tokenizers),
+else a plain template for base models:
+
+    System: You are terse.
+
+    User: Hello!
+
+    Assistant: Hi.
+
+    User: And now?
+
+    Assistant:
+
+Generation stops where the model starts the user's next turn (the stop string "\\nUser:").
+"""
+
+import json
+from pathlib import Path
+
+import jinja2.sandbox
+
+PLAIN_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+PLAIN_STOP = ("\nUser:",)
+
+
+class ChatTemplate:
+    def __init__(self, template: str | None = None, bos_token: str = "", eos_token: str = ""):
+        self.source, self.bos_token, self.eos_token = template, bos_token, eos_token
+        self.template = None
+        if template is not None:
+            self.template = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+    @classmethod
+    def from_checkpoint(cls, folder) -> "ChatTemplate":
+        """The template in `folder`/tokenizer_config.json, or the plain one."""
+        path = Path(folder) / "tokenizer_config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        tokens = {k: v if isinstance(v, str) else (v or {}).get("content", "") for k, v in config.items() if k in ("bos_token", "eos_token")}
+        return cls(config.get("chat_template"), tokens.get("bos_token", ""), tokens.get("eos_token", ""))
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        """Stop strings the template implies (the plain template's next user turn)."""
+        return () if self.template is not None else PLAIN_STOP
+
+    def render(self, messages: list[dict]) -> str:
+        """[{"role", "content"}] -> the prompt text, ending where the assistant's reply begins."""
+        if self.template is not None:
+            return self.template.render(messages=messages, add_generation_prompt=True,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        turns = [f"{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages]
+        return "\n\n".join([*turns, "Assistant:"])

@@ -1,0 +1,98 @@
+"""`xlstm7b serve`: loads a checkpoint folder and serves it over the OpenAI-style HTTP API (api.py)
+with uvicorn. SIGTERM or Ctrl-C: new requests are refused at once, the running ones finish (for at
+most --shutdown-timeout seconds), then the server exits."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from ..pretrained import CheckpointError, from_pretrained
+from .engine import STATE_DTYPES, Engine, EngineConfig
+
+try:
+    import uvicorn
+
+    from .api import build_app
+    from .chat import ChatTemplate
+except ImportError as e:  # the `serve` extra is not installed; main() says so
+    MISSING = e.name
+else:
+    MISSING = None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="xlstm7b serve", description="Serve a checkpoint over an OpenAI-compatible HTTP API.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + safetensors [+ tokenizer.json])")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint folder's; without one, prompts must be token ids)")
+    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--max-batch", type=int, default=64, help="state slots: requests prefilled or decoded at once")
+    p.add_argument("--max-queue", type=int, default=1024, help="requests that may wait for a slot; more get 503 overloaded")
+    p.add_argument("--max-prompt-tokens", type=int, default=32768, help="longest prompt accepted")
+    p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens a request prefills per scheduler iteration (also the prefix cache's granularity)")
+    p.add_argument("--prefill-tokens", type=int, default=4096, help="padded prompt tokens one prefill pass may run")
+    p.add_argument("--prefix-cache-mb", type=float, default=1024, help="memory for cached prefix states (0: no prefix cache)")
+    p.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="float32",
+                   help="dtype of the state slots (bfloat16 halves their memory; CPU only for now)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights: auto is bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--compile", action="store_true", help="CPU: compile the decode step (once per batch bucket, at start)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    if MISSING is not None:
+        print(f"xlstm7b serve needs the serve extra ({MISSING} is not installed): pip install 'xlstm7b[serve]'", file=sys.stderr)
+        return 2
+    args = parse_args(argv)
+    folder = Path(args.checkpoint)
+    tok_path = Path(args.tokenizer) if args.tokenizer else folder / "tokenizer.json"
+    if args.tokenizer and not tok_path.is_file():
+        print(f"xlstm7b serve: tokenizer file {tok_path} not found", file=sys.stderr)
+        return 2
+    tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.is_file() else None
+    if tokenizer is None:
+        print(f"xlstm7b serve: warning: no tokenizer ({tok_path} not found): only token-id prompts to /v1/completions work",
+              file=sys.stderr)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = EngineConfig(
+        max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_tokens, prefill_chunk=args.prefill_chunk, prefill_tokens=args.prefill_tokens,
+        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), state_dtype=STATE_DTYPES[args.state_dtype], compile=args.compile,
+    )
+    try:
+        model = from_pretrained(folder, device=device, dtype=dtype)
+        engine = Engine(model, config, tokenizer)
+    except (CheckpointError, ValueError) as e:
+        print(f"xlstm7b serve: {e}", file=sys.stderr)
+        return 2
+    name = args.model_name or folder.resolve().name
+    if args.compile:
+        print(f"compiling the decode step for batch buckets {engine.buckets} ...", file=sys.stderr, flush=True)
+    engine.start()
+    app = build_app(engine, model_name=name, chat_template=ChatTemplate.from_checkpoint(folder), api_key=args.api_key)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # refuse new requests from the signal on, not once connections drained
+            app.state.shutting_down = True
+            super().handle_exit(sig, frame)
+
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}, {config.max_batch} state slots of "
+          f"{engine.pool.nbytes / config.max_batch / 2**20:.2f} MiB, {args.state_dtype})", file=sys.stderr, flush=True)
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                   timeout_graceful_shutdown=args.shutdown_timeout))
+    try:
+        server.run()
+    finally:
+        engine.stop(timeout=0)
+    return 0
