@@ -180,9 +180,20 @@ class XLSTM(nn.Module):
         self.config = config
         self.backbone = Backbone(config)
         self.lm_head = nn.Linear(config.embedding_dim, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.backbone.embeddings.weight
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """With `tie_word_embeddings`, makes the lm_head's weight the embedding's Parameter object."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    def _apply(self, fn, recurse=True):
+        # `to_empty()` (materialising from the meta device) and moves between device types give
+        # every module a new Parameter of its own, which would untie a tied lm_head.
+        super()._apply(fn, recurse)
+        self.tie_weights()
+        return self
 
     @torch.no_grad()
     def init_weights(self) -> None:

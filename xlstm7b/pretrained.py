@@ -29,6 +29,7 @@ from .config import ModelConfig
 from .model import XLSTM
 
 INDEX = "model.safetensors.index.json"
+EMBEDDING = "backbone.embeddings.weight"
 
 # Released config.json / config.yaml key -> ModelConfig field, for keys whose names differ.
 CONFIG_ALIASES = {"hidden_size": "embedding_dim", "num_hidden_layers": "num_blocks"}
@@ -260,9 +261,10 @@ def from_pretrained(
     if not any(".qkv_opreact." in name for name in tensors):  # the released single layout
         expected = unfuse(expected, config)
     check_tensors(config, expected, tensors, source, path)
-    model.load_state_dict(fuse(tensors, config), assign=True)
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.backbone.embeddings.weight
+        tensors["lm_head.weight"] = tensors[EMBEDDING]
+    model.load_state_dict(fuse(tensors, config), assign=True)
+    model.tie_weights()
     return model.eval()
 
 
@@ -271,7 +273,12 @@ def check_tensors(config: ModelConfig, expected: dict, tensors: dict, source: di
     expected = {k: v.shape for k, v in expected.items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-        tensors.pop("lm_head.weight", None)
+        head, embedding = tensors.pop("lm_head.weight", None), tensors.get(EMBEDDING)
+        # transformers' xLSTMForCausalLM never ties: it writes (and needs) lm_head.weight.
+        if head is not None and embedding is not None and not torch.equal(head, embedding):
+            raise CheckpointError(
+                f"{source['lm_head.weight']}: lm_head.weight differs from {EMBEDDING} although {path / 'config.json'} "
+                "sets tie_word_embeddings = true; set it to false to load the two as separate weights")
     unexpected = [k for k in tensors if k not in expected]
     if unexpected:
         raise CheckpointError(f"{source[unexpected[0]]}: unexpected key(s) {unexpected[:5]} for this config")
@@ -291,7 +298,11 @@ def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: in
     path.mkdir(parents=True, exist_ok=True)
     sd = unfuse(model.state_dict(), model.config)
     if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
+        if model.lm_head.weight is not model.backbone.embeddings.weight and not torch.equal(sd["lm_head.weight"], sd[EMBEDDING]):
+            raise ValueError("save_pretrained: the model's config ties the embeddings, but its lm_head.weight is a different "
+                             "tensor; call model.tie_weights() (the lm_head becomes the embedding) or untie the config")
+        # Written as a copy, as transformers' xLSTMForCausalLM (which never ties) needs the key.
+        sd["lm_head.weight"] = sd[EMBEDDING].clone()
     sd = {k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous() for k, v in sd.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
