@@ -104,7 +104,7 @@ def mlstm_chunkwise(
         raise ValueError(f"mlstm: chunk_size must be a positive integer, got {chunk_size}")
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
-    dt = compute_dtype(q)
+    dt, out_dtype = compute_dtype(q), v.dtype
     L = min(chunk_size, S)
     NC = -(-S // L)
     pad = NC * L - S
@@ -145,4 +145,4 @@ def mlstm_chunkwise(
     den = scores.sum(dim=-1) + decay * (qs @ n_in[..., None]).squeeze(-1)
     h = num / (torch.maximum(den.abs(), torch.exp(-m_t))[..., None] + eps)
     h = h.reshape(B, NH, NC * L, DV)[:, :, :S]
-    return h.to(v.dtype), (C, n, m)
+    return h.to(out_dtype), (C, n, m)

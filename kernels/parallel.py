@@ -37,7 +37,7 @@ def mlstm_parallel(
     check_inputs(q, k, v, i, f, state, reset)
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
-    dt = compute_dtype(q)
+    dt, out_dtype = compute_dtype(q), v.dtype
     q, k, v, i = (t.to(dt) for t in (q, k, v, i))
     lf = F.logsigmoid(f.to(dt))
     C0, n0, m0 = (t.to(dt) for t in state) if state is not None else zero_state(B, NH, DK, DV, device=q.device, dtype=dt)
@@ -70,4 +70,4 @@ def mlstm_parallel(
     w_last = d[..., -1, :]  # [B, NH, S]
     C = (k * w_last[..., None]).transpose(-1, -2) @ v + carry[..., -1, None, None] * C0
     n = (k * w_last[..., None]).sum(dim=-2) + carry[..., -1, None] * n0
-    return h.to(v.dtype), (C, n, m[..., -1:])
+    return h.to(out_dtype), (C, n, m[..., -1:])
