@@ -378,18 +378,24 @@ class Engine:
             for t, x in zip(mine, theirs):
                 t.index_copy_(0, rows, x.to(t.dtype))
         self.counts["prefilled_tokens"] += sum(lengths)
-        first = self._sample(logits[:, 0], batch)
+        done = []
         for b, (request, n) in enumerate(zip(batch, lengths)):
             request.cursor += n
-            if request.cursor < len(request.prompt):
-                # The state at a piece boundary: what a later prompt with this prefix starts from.
-                length, key = request.keys[request.cursor // self.piece - 1] if request.keys else (0, None)
-                if length == request.cursor and key not in self.cache:
-                    self.cache.insert(key, new.select([b]).to(dtype=self.config.state_dtype))
+            if request.cursor == len(request.prompt):
+                done.append(b)
                 continue
-            self._prefilling.remove(request)
-            self._decoding[request.slot] = request
-            self._emit(request, first[b])
+            # The state at a piece boundary: what a later prompt with this prefix starts from.
+            length, key = request.keys[request.cursor // self.piece - 1] if request.keys else (0, None)
+            if length == request.cursor and key not in self.cache:
+                self.cache.insert(key, new.select([b]).to(dtype=self.config.state_dtype))
+        if not done:
+            return
+        # Only the requests whose prompt ended here sample (and draw from their generators).
+        first = self._sample(logits[done, 0], [batch[b] for b in done])
+        for b, token in zip(done, first):
+            self._prefilling.remove(batch[b])
+            self._decoding[batch[b].slot] = batch[b]
+            self._emit(batch[b], token)
 
     def _decode_step(self) -> None:
         """One batched step over the decoding rows (those of the smallest bucket covering them)."""

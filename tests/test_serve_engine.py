@@ -1,0 +1,158 @@
+"""The serving engine without HTTP: continuous batching == generate() alone, the prefix state cache
+(hit == cold, eviction, its memory bound), cancellation, the bounded queue, a bfloat16 state."""
+
+import threading
+
+import pytest
+import torch
+
+from conftest import assert_states_close, prompt, random_model
+from xlstm7b import ModelConfig, State, generate
+from xlstm7b.serve import Engine, EngineConfig, EngineStopped, Overloaded, PrefixCache, SamplingParams
+from xlstm7b.serve.prefix_cache import prefix_keys
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(ModelConfig.from_preset("debug"))  # V 512, chunk 16, EOS 0
+
+
+def alone(model, ids, params: SamplingParams) -> list[int]:
+    """What generate() gives for this prompt alone, cut after the EOS."""
+    out = generate(model, [ids], max_new_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                   seed=params.seed, eos_token_id=model.config.eos_token_id)
+    return out.tokens[0, :int(out.lengths[0])].tolist()
+
+
+def test_batched_requests_equal_generate_alone(model):
+    """More requests than slots, prompts over several prefill pieces, greedy and seeded sampling."""
+    engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk=32, prefill_tokens=96)).start()
+    prompts = [prompt(n, seed=n) for n in (1, 3, 31, 32, 33, 100, 250, 7, 64)]
+    params = [SamplingParams(max_tokens=4 + i, temperature=0.0 if i % 2 else 1.0, top_p=0.9 if i % 2 == 0 else None,
+                             seed=None if i % 2 else i) for i in range(len(prompts))]
+    requests = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
+    for r in requests:
+        assert r.done.wait(30)
+    engine.stop()
+    for p, sp, r in zip(prompts, params, requests):
+        expected = alone(model, p, sp)
+        assert r.output_ids == expected, f"prompt of {len(p)} tokens"
+        assert r.finish_reason == ("stop" if expected[-1] == 0 else "length")
+    stats = engine.stats()
+    assert stats["generated_tokens"] == sum(len(r.output_ids) for r in requests)
+    assert stats["prefilled_tokens"] == sum(map(len, prompts))  # distinct prompts: no cache hits
+    assert stats["decoding"] == stats["prefilling"] == stats["waiting"] == 0
+
+
+def test_prefix_cache_hit_equals_cold_prefill(model):
+    prefix = prompt(100, seed=1)
+    first, second = prefix + prompt(9, seed=2), prefix + prompt(20, seed=3)
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=5)
+    cached = Engine(model, EngineConfig(max_batch=2, prefill_chunk=16)).start()
+    cold = Engine(model, EngineConfig(max_batch=2, prefill_chunk=16, prefix_cache_bytes=0)).start()
+    cached.generate(first, params)
+    hit = cached.generate(second, params)
+    assert hit.cached_tokens == 96  # the longest piece boundary of the shared prefix
+    assert hit.output_ids == cold.generate(second, params).output_ids == alone(model, second, params)
+    stats = cached.stats()["prefix_cache"]
+    assert (stats["lookups"], stats["hits"], stats["saved_tokens"]) == (2, 1, 96)
+    assert stats["hit_rate"] == 0.5
+    # the stored states are those of a forward pass over the prefixes
+    with torch.no_grad():
+        _, state = model(torch.tensor([prefix[:96]]))
+    key = dict(prefix_keys(prefix, cached.piece, 97))[96]
+    assert_states_close(cached.cache.entries[key], state, 1e-5)
+    cached.stop()
+    cold.stop()
+
+
+def test_prefix_cache_evicts_recomputes_and_stays_within_its_bound(model):
+    one = State.zeros(model.config, 1).nbytes
+    engine = Engine(model, EngineConfig(max_batch=1, prefill_chunk=16, prefix_cache_bytes=3 * one)).start()
+    params = SamplingParams(max_tokens=5)
+    prompts = [prompt(40, seed=10 + i) for i in range(4)]  # two boundaries each (16, 32)
+    first = engine.generate(prompts[0], params).output_ids
+    for p in prompts[1:]:
+        engine.generate(p, params)
+        assert engine.cache.nbytes <= engine.cache.max_bytes and len(engine.cache) == 3
+    assert engine.cache.evictions == 5
+    again = engine.generate(prompts[0], params)  # evicted long ago: a miss, prefilled again
+    assert again.cached_tokens == 0 and again.output_ids == first
+    third = engine.generate(prompts[0], params)  # and cached again
+    assert third.cached_tokens == 32 and third.output_ids == first
+    engine.stop()
+
+
+def test_prefix_cache_lru_order_and_oversized_states():
+    state = State.zeros(ModelConfig.from_preset("debug"), 1)
+    cache = PrefixCache(2 * state.nbytes)
+    cache.insert(b"a", state.clone())
+    cache.insert(b"b", state.clone())
+    assert cache.lookup([(16, b"a")])[0] == 16  # "a" is now the most recently used
+    cache.insert(b"c", state.clone())
+    assert list(cache.entries) == [b"a", b"c"]
+    cache.insert(b"d", State.zeros(ModelConfig.from_preset("debug"), 3))  # larger than the whole cache
+    assert b"d" not in cache and cache.nbytes == 2 * state.nbytes
+    with pytest.raises(ValueError, match="max_bytes"):
+        PrefixCache(-1)
+
+
+def test_cancel_frees_the_slot_at_once(model):
+    engine = Engine(model, EngineConfig(max_batch=1, max_new_tokens=100_000)).start()
+    events, started = [], threading.Event()
+    long = engine.submit([5, 6], SamplingParams(max_tokens=100_000, ignore_eos=True), lambda e: (events.append(e), started.set()))
+    assert started.wait(5)
+    queued = engine.submit([7], SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.cancel(long)
+    assert long.done.wait(5) and long.finish_reason == "cancelled" and events[-1].finish_reason == "cancelled"
+    assert queued.done.wait(5) and len(queued.output_ids) == 3  # it got the slot
+    assert engine.stats()["finished"]["cancelled"] == 1
+    engine.stop()
+
+
+def test_bounded_queue_and_stop(model):
+    engine = Engine(model, EngineConfig(max_batch=1, max_queue=2))  # not started: everything waits
+    waiting = [engine.submit([5], SamplingParams()) for _ in range(2)]
+    with pytest.raises(Overloaded, match="overloaded"):
+        engine.submit([5], SamplingParams())
+    engine.start()
+    engine.stop(timeout=10)  # the waiting requests are served before the engine stops
+    assert all(r.finish_reason in ("stop", "length") for r in waiting)
+    with pytest.raises(EngineStopped, match="shutting down"):
+        engine.submit([5], SamplingParams())
+
+
+@pytest.mark.parametrize("params, match", [
+    (SamplingParams(max_tokens=0), "max_tokens"),
+    (SamplingParams(max_tokens=10**6), "max_tokens"),
+    (SamplingParams(temperature=-1.0), "temperature"),
+    (SamplingParams(top_p=0.0), "top_p"),
+    (SamplingParams(top_k=0), "top_k"),
+    (SamplingParams(stop=("x",)), "tokenizer"),
+    (SamplingParams(stop_token_ids=(512,)), "stop_token_ids"),
+], ids=["max_tokens0", "max_tokens_huge", "temperature", "top_p", "top_k", "stop_no_tokenizer", "stop_id"])
+def test_bad_parameters_and_prompts(model, params, match):
+    engine = Engine(model, EngineConfig(max_batch=1, max_prompt_tokens=10))
+    with pytest.raises(ValueError, match=match):
+        engine.submit([5], params)
+
+
+@pytest.mark.parametrize("ids, match", [([], "empty"), ([5] * 11, "limit"), ([5, 512], "vocabulary"), ("ab", "token ids")],
+                         ids=["empty", "too_long", "outside_vocab", "text"])
+def test_bad_prompts(model, ids, match):
+    engine = Engine(model, EngineConfig(max_batch=1, max_prompt_tokens=10))
+    with pytest.raises(ValueError, match=match):
+        engine.submit(ids, SamplingParams())
+
+
+def test_bfloat16_state(model):
+    engine = Engine(model, EngineConfig(max_batch=2, state_dtype=torch.bfloat16)).start()
+    assert engine.pool.dtype == torch.bfloat16
+    assert engine.stats()["slot_bytes"] * 2 == State.zeros(model.config, 1).nbytes
+    ids, params = prompt(50, seed=4), SamplingParams(max_tokens=8, ignore_eos=True)
+    out = engine.generate(ids, params)
+    engine.stop()
+    assert len(out.output_ids) == 8
+    assert out.output_ids[0] == alone(model, ids, params)[0]  # the prompt itself is prefilled in float32
