@@ -6,12 +6,16 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from .config import SECTIONS, load_config
+from xlstm7b import CheckpointError, from_pretrained
+
+from .config import SECTIONS, DataConfig, load_config
 from .data import Corpus
+from .evaluate import evaluate_documents, machine, report, source_documents, token_bytes_tensor, tokenized_documents, write_outputs
 from .plan import device_capacity_gb, estimate
 from .plot import plot
-from .tokenizer import train_bpe
+from .tokenizer import load_tokenizer, train_bpe
 from .trainer import TrainingError, train
 
 
@@ -87,7 +91,68 @@ def plot_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main, "tokenizer": tokenizer_main, "plan": plan_main, "plot": plot_main}
+def eval_main(argv: list[str]) -> int:
+    """`xlstm7b eval`: bits-per-byte, loss, perplexity and loss by position of a saved model."""
+    d = DataConfig()
+    p = argparse.ArgumentParser(
+        prog="xlstm7b eval", description="bits-per-byte, loss and perplexity of a saved model on a data source, "
+        "overall and by token position; every document scored whole, with constant memory")
+    p.add_argument("--checkpoint", required=True, help="model folder (any layout from_pretrained reads)")
+    p.add_argument("--data", required=True, metavar="SOURCE", help="'stdlib', a local file/folder/glob or a hub dataset, as data.source")
+    p.add_argument("--split", choices=["val", "train", "all"], default="val",
+                   help="which documents: the trainer's validation or training split (by --val-fraction), or all")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="as data.val_fraction (the training run's value)")
+    p.add_argument("--text-field", default=d.text_field, help="as data.text_field")
+    p.add_argument("--hub-config", default=d.hub_config, help="as data.hub_config")
+    p.add_argument("--hub-split", default=d.hub_split, help="as data.hub_split")
+    p.add_argument("--max-documents", type=int, default=0, help="read at most this many documents of the source (0 = all)")
+    p.add_argument("--tokenizer", help="tokenizer.json or hub name (default: the one in the checkpoint folder)")
+    p.add_argument("--batch-size", type=int, default=8, help="documents scored side by side")
+    p.add_argument("--piece-tokens", type=int, default=2048, help="positions per forward; the state carries across pieces")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--out", type=Path, help="write the result as JSON here, and the loss-by-position plot beside it (.png)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar on stderr")
+    args = p.parse_args(argv)
+    if not 0 <= args.val_fraction < 1 or args.max_documents < 0 or args.batch_size < 1 or args.piece_tokens < 1:
+        p.error("--val-fraction must lie in [0, 1); --max-documents >= 0; --batch-size and --piece-tokens >= 1")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    data = DataConfig(source=args.data, text_field=args.text_field, hub_config=args.hub_config, hub_split=args.hub_split,
+                      max_documents=args.max_documents, val_fraction=args.val_fraction)
+    bar = None
+    try:
+        model = from_pretrained(args.checkpoint, device=device, dtype=dtype)
+        tok_source = args.tokenizer or Path(args.checkpoint) / "tokenizer.json"
+        if not args.tokenizer and not Path(tok_source).is_file():
+            raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json; pass --tokenizer PATH")
+        tok = load_tokenizer(tok_source)
+        tbytes = token_bytes_tensor(tok, model.config.vocab_size, device)
+        docs = tokenized_documents(source_documents(data, args.split), tok, model.config.bos_token_id)
+        if args.progress:
+            bar = tqdm(unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr, desc="eval")
+
+            def progress(tokens, bpb):
+                bar.update(tokens - bar.n)
+                bar.set_postfix(bpb=f"{bpb:.4f}", refresh=False)
+        result = evaluate_documents(model, docs, tbytes, batch_size=args.batch_size, piece_tokens=args.piece_tokens,
+                                    progress=progress if bar else None)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"xlstm7b eval: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+    result = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "val_fraction": args.val_fraction,
+              "dtype": str(dtype).removeprefix("torch."), "batch_size": args.batch_size, "piece_tokens": args.piece_tokens,
+              **result, "machine": machine(device)}
+    print(report(result))
+    if args.out:
+        print("wrote " + ", ".join(map(str, write_outputs(result, args.out))))
+    return 0
+
+
+COMMANDS = {"train": train_main, "tokenizer": tokenizer_main, "plan": plan_main, "plot": plot_main, "eval": eval_main}
 
 
 def main(command: str, argv: list[str]) -> int:

@@ -39,3 +39,25 @@ def plot(run_dir: Path, out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_by_position(result: dict, out: Path) -> Path:
+    """Bits-per-byte by token position (an `xlstm7b eval` result) as a bar chart: whether a model
+    gets better with more context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["by_position"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(range(len(rows)), [r["bpb"] for r in rows], color="tab:blue")
+    ax.set_xticks(range(len(rows)), [f"{r['bucket']}\n{r['tokens']:,} tok" for r in rows])
+    ax.set_xlabel("token position in the document")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"{result.get('checkpoint', '')} on {result.get('data', '')}: {result['bpb']:.3f} bits/byte overall", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -68,14 +68,21 @@ def sequence_loss(model, head, inputs, targets, reset, autocast, chunk_tokens: i
     """
     with autocast:
         hidden, _ = model(inputs, reset=reset, return_hidden=True)
-        hidden, flat = hidden.flatten(0, 1), targets.flatten()
-        if not chunk_tokens:
-            return token_nats(head, hidden, flat).view(targets.shape)
-        recompute = torch.is_grad_enabled()
-        pieces = [
-            checkpoint(token_nats, head, h, t, use_reentrant=False) if recompute else token_nats(head, h, t)
-            for h, t in zip(hidden.split(chunk_tokens), flat.split(chunk_tokens))
-        ]
+        return hidden_nats(head, hidden, targets, chunk_tokens)
+
+
+def hidden_nats(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
+    """Per-token cross-entropy [...] in float32 of final hidden states [..., D] against targets [...],
+    the logits computed `chunk_tokens` tokens at a time (0 = all at once), as in `sequence_loss`."""
+    flat = targets.flatten()
+    hidden = hidden.flatten(0, -2)
+    if not chunk_tokens:
+        return token_nats(head, hidden, flat).view(targets.shape)
+    recompute = torch.is_grad_enabled()
+    pieces = [
+        checkpoint(token_nats, head, h, t, use_reentrant=False) if recompute else token_nats(head, h, t)
+        for h, t in zip(hidden.split(chunk_tokens), flat.split(chunk_tokens))
+    ]
     return torch.cat(pieces).view(targets.shape)
 
 

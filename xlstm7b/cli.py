@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "tokenizer": "train a byte-level BPE tokenizer on a config's corpus",
     "plan": "parameter count and per-GPU memory of a training config; whether it fits",
     "plot": "plot loss, bits-per-byte and throughput of a run directory to a PNG",
+    "eval": "bits-per-byte, loss and perplexity of a checkpoint on a data source, overall and by token position",
     "generate": "generate text from a checkpoint folder, streamed as it is produced",
     "serve": "serve a checkpoint folder over an OpenAI-compatible HTTP API (continuous batching)",
 }
