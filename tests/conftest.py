@@ -7,6 +7,8 @@ import the kernels.
 
 import ctypes
 import os
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +148,20 @@ def checkpoint_dir(tmp_path_factory, tokenizer):
     save_pretrained(random_model(config, seed=1), path)
     tokenizer.save(str(path / "tokenizer.json"))
     return path
+
+
+# --- training: a corpus and a token cache shared by the training test modules ---------------------
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small code corpus: 40 standard-library modules."""
+    root = tmp_path_factory.mktemp("corpus")
+    src = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
+    for f in src:
+        (root / f.name).write_text(f.read_text(encoding="utf-8", errors="replace")[:20000])
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")

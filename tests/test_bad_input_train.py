@@ -2,6 +2,8 @@
 clear message naming the input and what is allowed, a non-zero exit, never a traceback. The commands
 run in-process through `xlstm7b.cli.main`; every case here fails before any data or model is built."""
 
+import os
+
 import pytest
 
 from xlstm7b.cli import main
@@ -127,3 +129,23 @@ def test_bad_config_file(capsys, tmp_path, text, path, message):
         (tmp_path / "c.toml").write_text(text)
     code, out = run(capsys, "train", path)
     assert code == 2 and message in out, out
+
+
+# --- the run directory -----------------------------------------------------------------------------
+
+RUN_DIR_CASES = [
+    ("run-dir-is-a-file", "{tmp}/f", "run.dir {tmp}/f cannot be used: it is a file"),
+    ("run-dir-under-a-file", "{tmp}/f/run", "run.dir {tmp}/f/run cannot be used: Not a directory"),
+    ("run-dir-unwritable", "{tmp}/ro/run", "run.dir {tmp}/ro/run cannot be used: Permission denied"),
+]
+
+
+@pytest.mark.parametrize("run_dir, message", [c[1:] for c in RUN_DIR_CASES], ids=[c[0] for c in RUN_DIR_CASES])
+def test_bad_run_dir(capsys, tmp_path, run_dir, message):
+    if os.geteuid() == 0 and "/ro/" in run_dir:
+        pytest.skip("root writes into read-only folders")
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "ro").mkdir(mode=0o500)
+    # A data source that fails at once, should the run directory be accepted.
+    code, out = run(capsys, "train", "debug", f"--run.dir={run_dir.format(tmp=tmp_path)}", f"--data.source={tmp_path}/none.txt")
+    assert code == 1 and message.format(tmp=tmp_path) in out and "pass a writable folder with --run.dir" in out, out

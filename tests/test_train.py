@@ -26,23 +26,6 @@ from xlstm7b.train.plan import estimate
 from xlstm7b.train.tokenizer import train_bpe
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """A small code corpus: 40 standard-library modules."""
-    import sysconfig
-
-    root = tmp_path_factory.mktemp("corpus")
-    src = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
-    for f in src:
-        (root / f.name).write_text(f.read_text(encoding="utf-8", errors="replace")[:20000])
-    return root
-
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 def overrides(corpus: Path, cache: Path, run_dir: Path, *extra: str) -> list[str]:
     return [f"--data.source={corpus}", f"--data.cache_dir={cache}", f"--run.dir={run_dir}", "--data.val_fraction=0.1",
             "--run.progress=false", "--run.export=false", "--train.seq_len=32", "--train.global_batch_tokens=256",

@@ -25,6 +25,7 @@ from xlstm7b import XLSTM, generate, save_pretrained
 from . import checkpointing
 from .config import JobConfig
 from .data import TokenData, prepare_data
+from .lock import RunDirBusy, RunLock
 from .metrics import MetricsLog, peak_flops, peak_memory_gb, train_flops_per_token
 from .optim import build_optimizer, lr_at
 from .parallel import Dist, mixed_precision_dtype, init_distributed, build_model
@@ -137,24 +138,45 @@ def export(run_dir: Path, model, plain: XLSTM, tok, tokenizer_path: Path, d: Dis
     return text
 
 
+@contextlib.contextmanager
+def locked_run_dir(run_dir: Path, d: Dist):
+    """Rank 0 creates the run directory and holds its lock for the whole run; every rank stops if it cannot."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if d.is_main:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(RunLock(run_dir))
+            except RunDirBusy as e:
+                error = str(e)
+            except OSError as e:
+                reason = "it is a file" if run_dir.is_file() else f"{e.strerror} ({e.filename})"
+                error = f"run.dir {run_dir} cannot be used: {reason}; pass a writable folder with --run.dir"
+        if d.all_reduce(torch.tensor(int(error is not None), device=d.device)).item():
+            raise TrainingError(error or f"rank 0 could not take the run directory {run_dir}; its message says why")
+        yield
+
+
 def train(job: JobConfig) -> int:
     d = init_distributed()
     try:
-        return _train(job, d)
+        # The cheap checks come before the run directory is created.
+        grad_accum = job.grad_accum(d.world)
+        plan = estimate(job, d.world, d.device)
+        if not plan.fits:
+            raise TrainingError(f"this config does not fit in memory:\n{plan.report(job)}")
+        with locked_run_dir(Path(job.run.dir).expanduser(), d):
+            return _train(job, d, grad_accum)
     finally:
         if d.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _train(job: JobConfig, d: Dist) -> int:
+def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
     t, r = job.train, job.run
     set_threads(t.threads)
     torch.manual_seed(r.seed)
     run_dir = Path(r.dir).expanduser()
-    grad_accum = job.grad_accum(d.world)
-    plan = estimate(job, d.world, d.device)
-    if not plan.fits:
-        raise TrainingError(f"this config does not fit in memory:\n{plan.report(job)}")
 
     folder, tokenizer_path, tok = prepare_data(job.data, job.model, d.rank, d.barrier)
     train_data = TokenData(folder, "train", t.seq_len, r.seed, job.model.vocab_size)
@@ -179,7 +201,6 @@ def _train(job: JobConfig, d: Dist) -> int:
         meta = checkpointing.load(found[-1], model, optimizer, d)
         step, tokens_seen = meta["step"], meta["tokens_seen"]
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config, indent=2))
         info = (f"{plain.num_params():,} parameters, parallel={parallel} x{d.world}, {grad_accum} micro-batch(es) of "
                 f"{t.micro_batch} x {t.seq_len} per process per step, {train_data.num_windows * t.seq_len:,} training tokens")

@@ -1,0 +1,62 @@
+"""The run directory's lock: one training job per run.dir at a time.
+
+Rank 0 holds an exclusive `flock` on RUN_DIR/train.lock for the whole run; the other ranks of a
+torchrun job share it through rank 0. The operating system drops the lock when its process dies, so
+the lock of a killed run is stale by construction and the next run takes it over. The file holds
+the holder's pid, host, start time and command, for the message the next job prints. It is never
+deleted: a job that unlinked it could leave two jobs holding locks on two different files.
+"""
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+
+class RunDirBusy(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+def describe_holder(text: str) -> str:
+    """The holder of a lock, from the lock file's record."""
+    try:
+        holder = json.loads(text)
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"]))
+        return f"process {holder['pid']} on {holder['host']} (started {started}: {holder['command']})"
+    except (ValueError, KeyError, TypeError):  # written by a job that died before recording itself
+        return "another process"
+
+
+class RunLock:
+    """`with RunLock(run_dir):` holds the lock or raises RunDirBusy naming the holder."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "train.lock"
+        self.fh = None
+
+    def __enter__(self) -> "RunLock":
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = describe_holder(fh.read())
+            fh.close()
+            raise RunDirBusy(
+                f"run directory {self.path.parent} is in use by {holder}; wait for that run to finish or stop it, "
+                "or train into another --run.dir") from None
+        fh.seek(0)
+        fh.truncate()
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": " ".join(sys.argv)}
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.truncate(0)
+        self.fh.close()  # closing releases the flock
+        self.fh = None
