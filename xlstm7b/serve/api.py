@@ -13,6 +13,7 @@ the server is shutting down, 500 when the engine fails. Beyond OpenAI's fields (
 """
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -162,7 +163,8 @@ class EngineCollector:
 
 
 def build_app(engine: Engine, *, model_name: str, chat_template: ChatTemplate | None = None, api_key: str | None = None) -> FastAPI:
-    """The API over a started `engine` (which needs a tokenizer for text prompts and chat)."""
+    """The API over a started `engine` (which needs a tokenizer for text prompts and chat); the
+    engine is stopped when the app shuts down."""
     tokenizer, config = engine.tokenizer, engine.model.config
     chat_template = chat_template or ChatTemplate()
     registry = CollectorRegistry()
@@ -170,7 +172,13 @@ def build_app(engine: Engine, *, model_name: str, chat_template: ChatTemplate | 
     ttft = Histogram("xlstm7b_time_to_first_token_seconds", "seconds from request to first token",
                      buckets=LATENCY_BUCKETS, registry=registry)
     latency = Histogram("xlstm7b_request_seconds", "seconds from request to its last token", buckets=LATENCY_BUCKETS, registry=registry)
-    app = FastAPI(title="xlstm7b", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn has let the running requests finish (or cut them at its graceful timeout)
+        await asyncio.to_thread(engine.stop, 0)
+
+    app = FastAPI(title="xlstm7b", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.shutting_down = False
 
     @app.exception_handler(APIError)

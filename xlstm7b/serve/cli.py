@@ -91,8 +91,5 @@ def main(argv: list[str]) -> int:
           f"{engine.pool.nbytes / config.max_batch / 2**20:.2f} MiB, {args.state_dtype})", file=sys.stderr, flush=True)
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                    timeout_graceful_shutdown=args.shutdown_timeout))
-    try:
-        server.run()
-    finally:
-        engine.stop(timeout=0)
+    server.run()  # the app stops the engine when it shuts down
     return 0

@@ -1,0 +1,318 @@
+"""`xlstm7b serve` over HTTP, with the real `openai` client against a real uvicorn server on
+127.0.0.1: greedy and seeded results == generate() alone under 64 concurrent requests, streamed and
+not; chat, stop strings, usage and metrics; bad requests and API keys; memory flat under load; and
+through the CLI in its own process: a disconnect frees the slot, a full queue is overloaded, SIGTERM
+lets the running request finish and refuses new ones."""
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from conftest import heap_bytes_in_use, random_model
+from xlstm7b import ModelConfig, State, generate
+from xlstm7b.serve import Engine, EngineConfig
+from xlstm7b.serve.api import build_app
+from xlstm7b.serve.chat import ChatTemplate
+import xlstm7b.serve.cli as serve_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KEY = "test-key"
+MODEL = "toy"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    """An in-process server over a random debug-shape model (the test tokenizer's vocabulary, EOS 0), 16 slots."""
+    config = ModelConfig.from_preset("debug").replace(vocab_size=tokenizer.get_vocab_size())
+    model = random_model(config, seed=1)
+    one = State.zeros(config, 1).nbytes
+    engine = Engine(model, EngineConfig(max_batch=16, max_prompt_tokens=2048, max_new_tokens=64, prefill_chunk=64,
+                                        prefill_tokens=1024, prefix_cache_bytes=8 * one), tokenizer).start()
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(build_app(engine, model_name=MODEL, api_key=KEY), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{port}"
+    yield type("Server", (), dict(url=url, model=model, engine=engine, tokenizer=tokenizer,
+                                  client=lambda api_key=KEY: openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)))
+    uv.should_exit = True
+    thread.join()
+    engine.stop()
+
+
+def alone(model, ids, max_tokens, **sampling) -> list[int]:
+    out = generate(model, [ids], max_new_tokens=max_tokens, eos_token_id=model.config.eos_token_id, **sampling)
+    return out.tokens[0, :int(out.lengths[0])].tolist()
+
+
+async def complete(client, ids, max_tokens, stream, **kw) -> tuple[list[int], str, str, dict | None]:
+    """token ids, text, finish reason and usage of one completion (a stream is checked on the way)."""
+    extra = {"return_token_ids": True}
+    if not stream:
+        r = await client.completions.create(model=MODEL, prompt=ids, max_tokens=max_tokens, extra_body=extra, **kw)
+        return r.choices[0].token_ids, r.choices[0].text, r.choices[0].finish_reason, r.usage.model_dump()
+    chunks = [c async for c in await client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True}, extra_body=extra, **kw)]
+    *body, last = chunks
+    reasons = [c.choices[0].finish_reason for c in body]
+    assert reasons[-1] is not None and reasons.count(None) == len(reasons) - 1, "one finish reason, in the last choice chunk"
+    assert last.choices == []
+    return [t for c in body for t in c.choices[0].token_ids], "".join(c.choices[0].text for c in body), reasons[-1], last.usage.model_dump()
+
+
+def test_64_concurrent_greedy_requests_equal_generate_alone(server):
+    rng = random.Random(0)
+    lengths = [1, 2000, 2, 1999, 64, 65, 128, 129, 777, 1500] + [rng.randint(1, 300) for _ in range(54)]
+    V = server.model.config.vocab_size
+    prompts = [[rng.randrange(2, V) for _ in range(n)] for n in lengths]
+    max_tokens = [rng.randint(1, 10) for _ in lengths]
+
+    async def run():
+        client = server.client()
+        return await asyncio.gather(*(complete(client, p, n, stream=i % 2 == 1, temperature=0)
+                                      for i, (p, n) in enumerate(zip(prompts, max_tokens))))
+
+    results = asyncio.run(run())
+    for i, (p, n, (ids, text, reason, usage)) in enumerate(zip(prompts, max_tokens, results)):
+        expected = alone(server.model, p, n)
+        assert ids == expected, f"request {i}: prompt of {len(p)} tokens, {'streamed' if i % 2 else 'not streamed'}"
+        assert reason == ("stop" if expected[-1] == 0 else "length")
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(p), len(ids))
+    assert server.engine.stats()["decoding"] == 0
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(server):
+    ids, sampling = list(range(5, 90)), dict(temperature=1.0, top_p=0.9, seed=1234)
+
+    async def run():
+        client = server.client()
+        single = await complete(client, ids, 20, stream=False, **sampling)
+        others = [complete(client, [7 + k] * (k + 1), 20, stream=k % 2 == 0, temperature=1.0) for k in range(8)]
+        crowded = await asyncio.gather(complete(client, ids, 20, stream=True, **sampling), *others)
+        return single, crowded[0]
+
+    single, crowded = asyncio.run(run())
+    assert single[0] == crowded[0] == alone(server.model, ids, 20, temperature=1.0, top_p=0.9, seed=1234)
+
+
+def test_chat_text_stop_strings_and_usage(server):
+    async def run():
+        client = server.client()
+        chat = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
+            max_tokens=12, temperature=0)
+        chunks = [c async for c in await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello there"}], max_tokens=12, temperature=0, stream=True)]
+        full = await client.completions.create(model=MODEL, prompt="the quick brown", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+        return chat, chunks, full
+
+    chat, chunks, full = asyncio.run(run())
+    text = ChatTemplate().render([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}])
+    assert text == "System: be brief\n\nUser: hello there\n\nAssistant:"
+    assert chat.usage.prompt_tokens == 1 + len(server.tokenizer.encode(text).ids)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 12
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    full_text = full.choices[0].text
+    stop = next(full_text[i:i + 2] for i in range(3, len(full_text) - 2) if "\ufffd" not in full_text[i:i + 2])
+
+    async def stopped():
+        return await server.client().completions.create(model=MODEL, prompt="the quick brown", max_tokens=30, temperature=0,
+                                                       stop=[stop], extra_body={"ignore_eos": True})
+
+    cut = asyncio.run(stopped()).choices[0]
+    assert (cut.text, cut.finish_reason) == (full_text[:full_text.index(stop)], "stop")
+
+
+def post(server, path, body, key=KEY):
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url + path, content=content, headers=headers | {"Content-Type": "application/json"}, timeout=30)
+
+
+GOOD = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2}
+BAD = {  # id: (endpoint, body, status, words in the message)
+    "malformed_json": ("/v1/completions", b'{"model": "toy", "prompt": ', 400, "not valid JSON"),
+    "max_tokens_str": ("/v1/completions", GOOD | {"max_tokens": "2"}, 400, "max_tokens"),
+    "max_tokens_neg": ("/v1/completions", GOOD | {"max_tokens": -1}, 400, "max_tokens"),
+    "max_tokens_huge": ("/v1/completions", GOOD | {"max_tokens": 10**9}, 400, "max_tokens must be an integer in [1, 64]"),
+    "temperature_neg": ("/v1/completions", GOOD | {"temperature": -0.1}, 400, "temperature"),
+    "top_p_0": ("/v1/completions", GOOD | {"top_p": 0}, 400, "top_p must lie in (0, 1]"),
+    "top_p_big": ("/v1/completions", GOOD | {"top_p": 1.5}, 400, "top_p"),
+    "prompt_too_long": ("/v1/completions", GOOD | {"prompt": [5] * 2049}, 400, "limit of 2048"),
+    "empty_text": ("/v1/completions", GOOD | {"prompt": ""}, 400, "empty"),
+    "empty_ids": ("/v1/completions", GOOD | {"prompt": []}, 400, "empty"),
+    "id_outside_vocab": ("/v1/completions", GOOD | {"prompt": [5, 10_000]}, 400, "outside the vocabulary"),
+    "negative_id": ("/v1/completions", GOOD | {"prompt": [-3]}, 400, "outside the vocabulary"),
+    "two_prompts": ("/v1/completions", GOOD | {"prompt": ["a", "b"]}, 400, "one prompt"),
+    "n_2": ("/v1/completions", GOOD | {"n": 2}, 400, "n=2"),
+    "stop_type": ("/v1/completions", GOOD | {"stop": 5}, 400, "stop"),
+    "unknown_model": ("/v1/completions", GOOD | {"model": "gpt-4"}, 404, "does not exist"),
+    "no_messages": ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    "bad_role": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, case):
+    path, body, status, words = BAD[case]
+    r = post(server, path, body)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error"
+    assert post(server, "/v1/completions", GOOD).status_code == 200
+
+
+def test_api_key(server):
+    for key in (None, "wrong"):
+        r = post(server, "/v1/completions", GOOD, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+
+    async def models(api_key):
+        return await server.client(api_key).models.list()
+
+    with pytest.raises(openai.AuthenticationError):
+        asyncio.run(models("wrong"))
+    models = asyncio.run(models(KEY))
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # no key needed
+
+
+def test_metrics(server):
+    post(server, "/v1/completions", GOOD | {"prompt": list(range(2, 140))})
+    post(server, "/v1/completions", GOOD | {"prompt": list(range(2, 150))})  # a prefix cache hit (128 tokens)
+    text = httpx.get(server.url + "/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    for name in ("xlstm7b_queue_length", "xlstm7b_active_slots", "xlstm7b_generation_tokens_per_second",
+                 "xlstm7b_prefix_cache_hit_rate", 'xlstm7b_requests_finished_total{reason="length"}'):
+        assert name in values, name
+    assert values["xlstm7b_slots"] == 16
+    assert values["xlstm7b_time_to_first_token_seconds_count"] >= 2
+    assert values["xlstm7b_prefix_cache_hits_total"] >= 1 and values["xlstm7b_prefix_cache_saved_tokens_total"] >= 128
+
+
+def test_memory_flat_under_load(server):
+    rng = random.Random(1)
+
+    async def wave():
+        client = server.client()
+        await asyncio.gather(*(complete(client, [rng.randrange(2, 300) for _ in range(rng.randint(1, 200))], 8,
+                                        stream=k % 2 == 0, temperature=1.0) for k in range(16)))
+
+    heap = []
+    for _ in range(6):
+        asyncio.run(wave())
+        heap.append(heap_bytes_in_use())
+    assert len(server.engine.cache) <= 8
+    growth = max(heap[2:]) - heap[1]
+    assert growth < 4 * 2**20, f"heap grew by {growth / 2**20:.1f} MiB over 4 waves of 16 requests: {heap}"
+
+
+# --- the CLI, in its own process ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_server(checkpoint_dir):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xlstm7b", "serve", "--checkpoint", str(checkpoint_dir), "--port", str(port), "--model-name", MODEL,
+         "--max-batch", "1", "--max-queue", "1", "--max-tokens", "100000", "--shutdown-timeout", "20"],
+        env=os.environ | {"OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the server did not start within 120 s"
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    yield type("CLIServer", (), dict(url=url, proc=proc))
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def metric(url, name) -> float:
+    line = next(li for li in httpx.get(url + "/metrics").text.splitlines() if li.startswith(name + " "))
+    return float(line.split(" ")[1])
+
+
+def wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def long_stream(url, max_tokens):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0}
+    return httpx.stream("POST", url + "/v1/completions", json=body, timeout=60)
+
+
+def test_cli_disconnect_frees_the_slot_and_a_full_queue_is_overloaded(cli_server):
+    url = cli_server.url
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    with long_stream(url, 100_000) as stream:  # holds the one slot for minutes unless freed
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: ")
+        queued = {}
+        waiter = threading.Thread(target=lambda: queued.update(r=client.completions.create(model=MODEL, prompt="a", max_tokens=3)))
+        waiter.start()
+        wait_for(lambda: metric(url, "xlstm7b_queue_length") == 1)
+        with pytest.raises(openai.APIStatusError) as full:
+            client.completions.create(model=MODEL, prompt="b", max_tokens=3)
+        assert full.value.status_code == 503 and "overloaded" in full.value.message
+    # the client went away: its slot goes to the queued request, which finishes at once
+    waiter.join(timeout=20)
+    assert queued["r"].usage.completion_tokens == 3
+    wait_for(lambda: metric(url, "xlstm7b_active_slots") == 0)
+    assert 'reason="cancelled"} 1.0' in httpx.get(url + "/metrics").text
+
+
+def test_cli_sigterm_finishes_the_running_request_and_refuses_new_ones(cli_server):
+    url, proc = cli_server.url, cli_server.proc
+    with long_stream(url, 400) as stream:
+        lines = stream.iter_lines()
+        assert next(lines).startswith("data: ")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        try:
+            refused = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2}, timeout=10).status_code
+        except httpx.TransportError:
+            refused = "connection refused"
+        assert refused in (503, "connection refused")
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn ends by re-raising the signal it caught
+
+
+def test_cli_without_the_serve_extra(monkeypatch, capsys):
+    monkeypatch.setattr(serve_cli, "MISSING", "fastapi")
+    assert serve_cli.main(["--checkpoint", "x"]) == 2
+    assert "pip install 'xlstm7b[serve]'" in capsys.readouterr().err
+
+
+def test_other_commands_do_not_import_the_server():
+    code = "import sys, xlstm7b.cli; assert 'fastapi' not in sys.modules and 'xlstm7b.serve' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
