@@ -1,0 +1,235 @@
+"""Serving throughput and latency of the continuous-batching engine (xlstm7b.serve) against the same
+requests run one by one through `generate`, and the effect of a bfloat16 state on bits-per-byte.
+
+    python benchmarks/serve.py --checkpoint runs/toy/model          # CPU: concurrency 1, 8, 64, 256
+    python benchmarks/serve.py --device cuda --preset 7b --concurrency 64 256 512
+    python benchmarks/serve.py --state-bpb --checkpoint runs/toy/model   # float32 vs bfloat16 state
+
+Throughput: a closed loop of C clients (C = the concurrency), each sending its next request when the
+previous one finished, over a fixed mix of prompt and output lengths (every request runs to its
+max_tokens: EOS ignored); the engine has C state slots. Output tok/s = generated tokens / wall time;
+time to first token (TTFT) is from submission, queueing included, p50 and p99 over the requests.
+The baseline runs the first `--baseline-requests` requests of the same mix one after another through
+`generate` (TTFT: the time to its first token). The engine is measured in-process (no HTTP), so the
+figures are the scheduler's and the model's. Writes benchmarks/results/serve_<device>.json + PNG.
+
+--state-bpb: teacher-forced decoding of validation text through `model.step` (the serving decode
+path), with the state in float32, in bfloat16, and with C and n in bfloat16 but m in float32; reports
+bits-per-byte of each (and of one chunkwise forward pass, the reference). Writes serve_state_bpb.json.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate, preset_path
+from xlstm7b.serve import Engine, EngineConfig, SamplingParams
+from xlstm7b.serve.engine import STATE_DTYPES
+from xlstm7b.train.config import load_config
+from xlstm7b.train.evaluate import source_documents, token_bytes_tensor, tokenized_documents
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT_LENGTHS = (32, 128, 512, 1024)
+OUTPUT_LENGTHS = (32, 64, 128)
+
+
+def workload(n: int, vocab_size: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """n (prompt ids, max_tokens) pairs cycling through every (prompt length, output length) pair."""
+    g = torch.Generator().manual_seed(seed)
+    mix = [(p, o) for p in PROMPT_LENGTHS for o in OUTPUT_LENGTHS]
+    return [(torch.randint(2, vocab_size, (mix[k % len(mix)][0],), generator=g).tolist(), mix[k % len(mix)][1]) for k in range(n)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
+
+
+def bench_engine(model: XLSTM, requests, concurrency: int, args) -> dict:
+    engine = Engine(model, EngineConfig(max_batch=concurrency, max_queue=len(requests), prefix_cache_bytes=0,
+                                        state_dtype=STATE_DTYPES[args.state_dtype], compile=args.compile)).start()
+    engine.generate(requests[0][0][:8], SamplingParams(max_tokens=2))  # first-call allocations out of the timing
+    todo, done, lock = iter(requests), [], threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                item = next(todo, None)
+            if item is None:
+                return
+            ids, n = item
+            done.append(engine.generate(ids, SamplingParams(max_tokens=n, ignore_eos=True)))
+
+    t0 = time.perf_counter()
+    clients = [threading.Thread(target=client) for _ in range(concurrency)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    wall = time.perf_counter() - t0
+    engine.stop()
+    ttfts = [r.ttft for r in done]
+    tokens = sum(len(r.output_ids) for r in done)
+    return dict(impl="engine", concurrency=concurrency, requests=len(done), output_tokens=tokens, wall_s=wall,
+                tok_per_s=tokens / wall, ttft_p50_s=percentile(ttfts, 0.5), ttft_p99_s=percentile(ttfts, 0.99))
+
+
+def bench_one_by_one(model: XLSTM, requests, args) -> dict:
+    ttfts, tokens = [], 0
+    generate(model, [requests[0][0][:8]], max_new_tokens=2, compile=args.compile)  # warm-up (and compilation)
+    t0 = time.perf_counter()
+    for ids, n in requests:
+        start, first = time.perf_counter(), []
+        out = generate(model, [ids], max_new_tokens=n, compile=args.compile,
+                       streamer=lambda t: first.append(time.perf_counter()) if not first else None)
+        ttfts.append(first[0] - start)
+        tokens += int(out.lengths[0])
+    wall = time.perf_counter() - t0
+    return dict(impl="generate, one by one", concurrency=1, requests=len(requests), output_tokens=tokens, wall_s=wall,
+                tok_per_s=tokens / wall, ttft_p50_s=percentile(ttfts, 0.5), ttft_p99_s=percentile(ttfts, 0.99))
+
+
+def state_bpb(model: XLSTM, args) -> dict:
+    """Bits-per-byte of validation text decoded token by token with each state layout."""
+    c = model.config
+    tok = Tokenizer.from_file(str(Path(args.checkpoint) / "tokenizer.json"))
+    data = load_config(preset_path(args.data_preset)).data
+    docs = tokenized_documents(source_documents(data, "val"), tok, c.bos_token_id)
+    B, S = args.bpb_lanes, args.bpb_tokens
+    parts, have = [], 0
+    for d in docs:
+        parts.append(torch.from_numpy(d))
+        have += d.size
+        if have >= B * (S + 1):
+            break
+    stream = torch.cat(parts)
+    if stream.numel() < B * (S + 1):
+        raise SystemExit(f"the validation split has {stream.numel()} tokens; lower --bpb-lanes or --bpb-tokens")
+    ids = stream[: B * (S + 1)].view(B, S + 1)  # B contiguous stretches of the validation stream
+    nbytes = token_bytes_tensor(tok, c.vocab_size, "cpu")[ids[:, 1:]]
+    text = nbytes > 0  # special tokens carry no bytes and are left out, as in the trainer's validation
+
+    def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> float:
+        nats = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        return nats[keep].sum().item() / math.log(2)
+
+    rows = []
+    with torch.no_grad():
+        logits, _ = model(ids[:, :-1])
+        bits = bits_per_byte(logits.flatten(0, 1), ids[:, 1:].flatten(), text.flatten())
+        rows.append(dict(state="chunkwise forward, float32 (reference)", bits_per_byte=bits / nbytes.sum().item()))
+        layouts = {"float32": (torch.float32, torch.float32), "bfloat16": (torch.bfloat16, torch.bfloat16),
+                   "bfloat16 C and n, float32 m": (torch.bfloat16, torch.float32)}
+        for name, (cn, m) in layouts.items():
+            state = State([(C.to(cn), n.to(cn), mm.to(m)) for C, n, mm in State.zeros(c, B)])
+            bits = sum(bits_per_byte(model.step(ids[:, t], state), ids[:, t + 1], text[:, t]) for t in range(S))
+            rows.append(dict(state=f"step decoding, {name}", bits_per_byte=bits / nbytes.sum().item(),
+                             state_bytes_per_sequence=state.nbytes // B))
+            print(f"{rows[-1]['state']:<44} {rows[-1]['bits_per_byte']:.5f} bits/byte", flush=True)
+    return dict(tokens=B * S, bytes=int(nbytes.sum()), lanes=B, tokens_per_lane=S, rows=rows)
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return
+    engine = sorted((r for r in result["rows"] if r["impl"] == "engine"), key=lambda r: r["concurrency"])
+    base = next(r for r in result["rows"] if r["impl"] != "engine")
+    xs = [r["concurrency"] for r in engine]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(xs, [r["tok_per_s"] for r in engine], marker="o", label="xlstm7b serve engine")
+    a.axhline(base["tok_per_s"], color="C1", linestyle="--", label="generate, one by one")
+    a.set(xlabel="concurrent requests", ylabel="output tok/s", xscale="log")
+    b.plot(xs, [r["ttft_p50_s"] for r in engine], marker="o", label="engine p50")
+    b.plot(xs, [r["ttft_p99_s"] for r in engine], marker="o", label="engine p99")
+    b.axhline(base["ttft_p50_s"], color="C2", linestyle="--", label="generate alone, p50")
+    b.set(xlabel="concurrent requests", ylabel="time to first token (s)", xscale="log", yscale="log")
+    for ax in (a, b):
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        ax.legend()
+    fig.suptitle(f"serving, {result['model_name']}, {result['state_dtype']} state, {result['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="checkpoint folder (default: a random model of --preset)")
+    p.add_argument("--preset", default="toy", help="model shape without --checkpoint")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
+    p.add_argument("--requests", type=int, default=0, help="requests per concurrency level (default: max(2 C, 48))")
+    p.add_argument("--baseline-requests", type=int, default=24)
+    p.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="float32")
+    p.add_argument("--compile", action="store_true", help="CPU: the compiled decode step, in both the engine and generate")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument("--load", default="", help="what else ran on the machine meanwhile (recorded in the JSON)")
+    p.add_argument("--state-bpb", action="store_true", help="measure bits-per-byte with a float32 vs a bfloat16 state")
+    p.add_argument("--bpb-lanes", type=int, default=32, help="validation stretches decoded side by side")
+    p.add_argument("--bpb-tokens", type=int, default=512, help="tokens decoded per stretch")
+    p.add_argument("--data-preset", default="toy", help="the preset whose data config gives the validation split")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    if args.checkpoint:
+        model = from_pretrained(args.checkpoint, device=args.device, dtype=dtype).eval()
+        name = Path(args.checkpoint).resolve().name
+    else:
+        torch.manual_seed(0)
+        model = XLSTM(ModelConfig.from_preset(args.preset)).to(device=args.device, dtype=dtype).eval()
+        name = f"random {args.preset}"
+    result = dict(
+        device=args.device, device_name=torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
+        torch=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        model_name=name, params=model.num_params(), threads=args.threads, load=args.load, loadavg=os.getloadavg(),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.state_bpb:
+        if not args.checkpoint:
+            p.error("--state-bpb needs --checkpoint (a trained model, its tokenizer and its data config)")
+        out = args.out / "serve_state_bpb.json"
+        out.write_text(json.dumps(result | state_bpb(model, args), indent=1) + "\n")
+        print(f"wrote {out}")
+        return
+    rows = []
+    baseline = workload(args.baseline_requests, model.config.vocab_size)
+    rows.append(bench_one_by_one(model, baseline, args))
+    print(f"generate one by one: {rows[-1]['tok_per_s']:.1f} tok/s, TTFT p50 {rows[-1]['ttft_p50_s'] * 1000:.0f} ms", flush=True)
+    for c in args.concurrency:
+        rows.append(bench_engine(model, workload(args.requests or max(2 * c, 48), model.config.vocab_size), c, args))
+        r = rows[-1]
+        print(f"engine, {c:>4} concurrent: {r['tok_per_s']:.1f} tok/s ({r['tok_per_s'] / rows[0]['tok_per_s']:.1f}x), "
+              f"TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, p99 {r['ttft_p99_s'] * 1000:.0f} ms", flush=True)
+    result |= dict(state_dtype=args.state_dtype, compile=args.compile, prompt_lengths=PROMPT_LENGTHS,
+                   output_lengths=OUTPUT_LENGTHS, loadavg_after=os.getloadavg(), rows=rows)
+    out = args.out / f"serve_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    plot(result, out.with_suffix(".png"))
+
+
+def cpu_name() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.machine())
+    return f"{model}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    main()
