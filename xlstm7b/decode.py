@@ -82,6 +82,22 @@ def prefill(model: XLSTM, ids: torch.Tensor, mask: torch.Tensor | None, state: S
     return logits[:, -1]
 
 
+def check_finite(nonfinite: torch.Tensor, model: XLSTM, where: str, *, role: str = "model") -> None:
+    """Raises a FloatingPointError naming the likely cause when the bool flag `nonfinite` (a host
+    sync) says that `model` produced NaN or inf logits `where`; the cause is looked for only then."""
+    if not bool(nonfinite):
+        return
+    bad = [name for name, p in model.named_parameters() if not bool(p.isfinite().all())]
+    if bad:
+        cause = (f"its weights hold NaN or inf values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the "
+                 "checkpoint is damaged or its training diverged; load a good checkpoint")
+    elif model.lm_head.weight.dtype == torch.float16:
+        cause = "its activations overflowed float16; run it in bfloat16 or float32 (--dtype)"
+    else:
+        cause = "its weights are finite, so the state passed in or the activations are not; check the state, or run in float32"
+    raise FloatingPointError(f"the {role} produced non-finite logits (NaN or inf) {where}: {cause}")
+
+
 def step_runner(model: XLSTM, state: State, *, cuda_graph: bool, compile: bool, cell_inputs: torch.Tensor | None = None):
     """`model.step` on `state` as `step(token, active=None) -> logits`: captured, compiled or eager.
     With `cell_inputs` (a `model.cell_inputs_buffer(B)`), every step fills it."""

@@ -31,11 +31,13 @@ that committed fewer); a stop request drops the rest of the block.
 """
 
 import functools
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
-from .decode import batch_prompts, decoding_state, prefill, step_runner
+from .decode import batch_prompts, check_finite, decoding_state, prefill, step_runner
 from .model import XLSTM
 from .sampling import sample
 from .speculative import speculative_decode
@@ -118,8 +120,12 @@ def generate(
     draft_state: the draft's State to continue from, with `state` (e.g. a previous `.draft_state`);
         default: the empty state (the output is still exact, the draft only proposes worse).
     """
+    if not isinstance(model, XLSTM):
+        raise TypeError(f"model must be an xlstm7b.XLSTM, got {type(model).__name__}")
+    if streamer is not None and not (hasattr(streamer, "put") or callable(streamer)):
+        raise TypeError(f"streamer must be a callable or have a put(tokens) method, got {type(streamer).__name__}")
     config = model.config
-    _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, prefill_chunk_size, config.vocab_size)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, prefill_chunk_size, config.vocab_size)
     device = model.lm_head.weight.device
     ids, mask = batch_prompts(input_ids, config, device)
     B = ids.shape[0]
@@ -143,10 +149,15 @@ def generate(
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     with torch.no_grad():
         logits = prefill(model, ids, mask, state, prefill_chunk_size)
+        # Non-finite logits anywhere so far (a device flag, read at the syncs): never sampled from
+        # silently, as argmax would turn them into token 0.
+        nonfinite = ~logits.isfinite().all()
+        check_finite(nonfinite, model, "after the prompt")
         # Only rows that can finish need the mask; without EOS every step runs unmasked.
         finished = torch.zeros(B, dtype=torch.bool, device=device) if eos_token_id is not None else None
         step = step_runner(model, state, cuda_graph=use_graph and max_new_tokens > 0, compile=compile)
-        sync_every = 1 if device.type == "cpu" else SYNC_EVERY
+        # A streamer syncs every token anyway: check every token then, before the next one is streamed.
+        sync_every = 1 if device.type == "cpu" or streamer is not None else SYNC_EVERY
         for t in range(max_new_tokens):
             token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             active = None
@@ -158,10 +169,15 @@ def generate(
             # The step is launched before the streamer's sync, so the device works meanwhile; it
             # also feeds the last token, so the state covers everything that was generated.
             logits = step(token, active=active)
+            nonfinite |= ~logits.isfinite().all()
             lengths += 1 if active is None else active
             stop = stream(streamer, token)
-            if stop or (finished is not None and (t + 1) % sync_every == 0 and bool(finished.all())):
+            at_sync = (t + 1) % sync_every == 0
+            if at_sync:
+                check_finite(nonfinite, model, f"by generated token {t + 2}")
+            if stop or (finished is not None and at_sync and bool(finished.all())):
                 break
+        check_finite(nonfinite, model, "by the last generated token")  # the returned state is finite too
     end_stream(streamer)
     return GenerateOutput(tokens, state, lengths)
 
@@ -188,18 +204,25 @@ def _generate_speculative(model, draft, ids, mask, state, draft_state, *, specul
     return GenerateOutput(tokens, state, lengths, draft_state, stats)
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, prefill_chunk_size, vocab_size) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, prefill_chunk_size, vocab_size) -> None:
+    """A ValueError naming the first of `generate`'s arguments that is of the wrong type or out of range."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
+    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
     if temperature == 0 and (top_k is not None or top_p is not None):
         raise ValueError("top_k and top_p apply to sampling; set temperature > 0 (temperature 0 is greedy)")
-    if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
-        raise ValueError(f"eos_token_id={eos_token_id} lies outside the vocabulary [0, {vocab_size})")
-    if not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
+    if eos_token_id is not None and (not _is_int(eos_token_id) or not 0 <= eos_token_id < vocab_size):
+        raise ValueError(f"eos_token_id must be a token id in the vocabulary [0, {vocab_size}) or None, got {eos_token_id!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
+    if not _is_int(prefill_chunk_size) or prefill_chunk_size < 1:
         raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")

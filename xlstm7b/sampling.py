@@ -21,7 +21,11 @@ def sample(
 def sampling_probs(logits: torch.Tensor, *, temperature: float, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """logits [..., V] -> the float32 probabilities [..., V] that `sample` draws from (temperature > 0):
     softmax(logits / temperature) after top-k / top-p filtering, filtered tokens at exactly 0."""
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted so that the largest logit is 0 before scaling: a tiny temperature then sends the others
+    # to -inf (greedy in the limit) rather than every logit to +-inf (NaN probabilities); below
+    # float32's smallest normal number, every temperature gives that limit.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

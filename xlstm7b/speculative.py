@@ -39,7 +39,7 @@ the returned states cover the prompt and every generated token, as with plain de
 
 import torch
 
-from .decode import prefill, step_runner
+from .decode import check_finite, prefill, step_runner
 from .kernels import mlstm_advance
 from .model import XLSTM, split_cell_inputs
 from .sampling import sample_from, sampling_probs
@@ -111,8 +111,10 @@ def speculative_decode(
         draft_saved.copy_(draft_state)
         drafted, q = [], []
         token = last
+        draft_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         for j in range(k):
             logits = draft_step(token, active)
+            draft_nonfinite |= ~logits.isfinite().all()
             draft_cells[:, :, j : j + 1].copy_(step_cells)
             if greedy:
                 token = logits.argmax(dim=-1)
@@ -126,6 +128,10 @@ def speculative_decode(
         rows = None if active is None else active[:, None].expand(B, k + 1)
         block_cells = cells[:, :, : k + 1]
         logits, verified = model(x, state, mask=rows, cell_inputs=block_cells)  # [B, k + 1, V]
+        # Non-finite logits are an error, never tokens: NaN would be accepted or drawn as token 0.
+        where = f"in speculative block {stats['blocks'] + 1}"
+        check_finite(~logits.isfinite().all(), model, where)
+        check_finite(draft_nonfinite, draft, where, role="draft model")
 
         # 3. Acceptance: a accepted draft tokens per row, then the correction / bonus token.
         if greedy:
@@ -171,7 +177,7 @@ def speculative_decode(
             draft_step(x[:, -1], extra)
 
     # Feed every row's pending last token, so the states cover everything that was generated.
-    model.step(last, state)
+    check_finite(~model.step(last, state).isfinite().all(), model, "by the last generated token")
     draft.step(last, draft_state)
     stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
     # The probability that a draft token is accepted given that the ones before it were (the alpha of
