@@ -187,7 +187,7 @@ def test_errors_name_the_file_and_key(model, tmp_path):
 
 
 def test_errors_for_missing_files(model, tmp_path):
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="no such folder"):
         from_pretrained(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no config.json"):
         from_pretrained(tmp_path)

@@ -3,7 +3,10 @@ live here; the training commands are in the training half's one front-end, `xlst
 imported only when one of them runs, so `xlstm7b info` never loads the training stack."""
 
 import argparse
+import contextlib
 import importlib
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,9 +14,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from .pretrained import CheckpointError, from_pretrained
+from .pretrained import CheckpointError, check_device, from_pretrained, read_config
 from .config import ModelConfig, preset_names, preset_path
-from .generate import generate
+from .generate import check_sampling, generate
 from .model import XLSTM
 from .state import State
 from .streaming import TextStreamer
@@ -35,14 +38,63 @@ SERVE_CLI = "xlstm7b.serve.cli"
 """The server's front-end, `main(argv)`: imported only by `xlstm7b serve`, so no other command loads FastAPI."""
 
 
+INFO_MAX_SEQ_LEN = 65536
+"""Longest demo forward pass of `xlstm7b info` (its logits are [1, S, V] float32 in memory)."""
+
+
+def fail(command: str, message: str, code: int = 2) -> int:
+    """Prints `xlstm7b COMMAND: message` to stderr; returns the exit code (2: bad input)."""
+    print(f"xlstm7b {command}: {message}", file=sys.stderr)
+    return code
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit code of argparse's own message (--help: 0, a bad argument: 2)."""
+    try:
+        return p.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+
+
+def number(kind: type, low: float, high: float = math.inf, *, low_open: bool = False, what: str):
+    """An argparse type: a finite `kind` (int or float) in [low, high] (low excluded with low_open)."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return convert
+
+
+NON_NEGATIVE_INT = number(int, 0, what="an integer >= 0")
+POSITIVE_INT = number(int, 1, what="an integer >= 1")
+
+
 def info_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="xlstm7b info", description=SUBCOMMANDS["info"])
     p.add_argument("config", nargs="?", default="toy", help=f"preset name ({', '.join(preset_names())}) or a .toml path")
-    p.add_argument("--seq-len", type=int, default=128, help="length of the demo forward pass (0 to skip it)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--seq-len", type=number(int, 0, INFO_MAX_SEQ_LEN, what=f"an integer in [0, {INFO_MAX_SEQ_LEN}]"),
+                   default=128, help="length of the demo forward pass (0 to skip it)")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    args = parse(p, argv)
+    if isinstance(args, int):
+        return args
+    try:
+        path = preset_path(args.config)
+    except ValueError as e:  # an unknown preset, a missing file or a folder
+        return fail("info", str(e))
+    try:
+        config = ModelConfig.from_toml(path)
+    except OSError as e:
+        return fail("info", f"cannot read {path}: {e.strerror or e}")
+    except ValueError as e:  # malformed TOML or an invalid [model] section
+        return fail("info", str(e) if str(path) in str(e) else f"{path}: {e}")
 
-    config = ModelConfig.from_toml(preset_path(args.config))
     with torch.device("meta"):
         meta_model = XLSTM(config)
     n_params = meta_model.num_params()
@@ -71,66 +123,116 @@ def info_main(argv: list[str]) -> int:
 
 
 def generate_main(argv: list[str]) -> int:
-    """`xlstm7b generate`: loads a checkpoint folder and its tokenizer, streams the continuation."""
+    """`xlstm7b generate`: loads a checkpoint folder and its tokenizer, streams the continuation.
+    Exit codes: 0 done, 1 the model failed (non-finite logits), 2 bad input, 130 interrupted,
+    141 the output was closed (e.g. piped into `head`)."""
     p = argparse.ArgumentParser(prog="xlstm7b generate", description="Generate text from a checkpoint folder.")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + safetensors)")
     p.add_argument("--prompt", required=True, help="prompt text ('' starts from the BOS token alone)")
     p.add_argument("--tokenizer", help="tokenizer.json to use (default: the one in the checkpoint folder)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (the default)")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=128)
+    p.add_argument("--temperature", type=number(float, 0, what="a finite number >= 0"), default=0.0,
+                   help="0 is greedy decoding (the default)")
+    p.add_argument("--top-k", type=POSITIVE_INT)
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True, what="a number in (0, 1]"))
+    p.add_argument("--seed", type=number(int, 0, 2**64 - 1, what="an integer in [0, 2**64)"))
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop at this string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true",
                    help="CPU: compile the decode step (faster decoding, after a compilation of seconds to a minute)")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it is produced")
     p.add_argument("--draft", metavar="DIR", help="a smaller checkpoint with the same tokenizer: speculative decoding")
-    p.add_argument("--speculate-k", type=int, default=4, metavar="K", help="draft tokens per verification (with --draft)")
-    args = p.parse_args(argv)
-
-    tok_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.json"
-    if not tok_path.is_file():
-        hint = "" if args.tokenizer else " (the checkpoint folder has none); pass --tokenizer PATH/tokenizer.json"
-        print(f"xlstm7b generate: tokenizer file {tok_path} not found{hint}", file=sys.stderr)
-        return 2
-    tokenizer = Tokenizer.from_file(str(tok_path))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    p.add_argument("--speculate-k", type=POSITIVE_INT, default=4, metavar="K", help="draft tokens per verification (with --draft)")
+    args = parse(p, argv)
+    if isinstance(args, int):
+        return args
     try:
-        model = from_pretrained(args.checkpoint, device=device, dtype=dtype)
-        config = model.config
-        draft = None
-        if args.draft is not None:
-            draft = from_pretrained(args.draft, device=device, dtype=dtype)
-            draft_tok = Path(args.draft) / "tokenizer.json"  # the vocab sizes are checked by generate()
-            if draft_tok.is_file() and draft_tok.read_bytes() != tok_path.read_bytes():
-                print(f"xlstm7b generate: warning: {draft_tok} differs from {tok_path}; the output is still the "
-                      "target's, but a draft with another tokenizer is rarely accepted", file=sys.stderr)
-        ids = [config.bos_token_id] + tokenizer.encode(args.prompt, add_special_tokens=False).ids
-        streamer = TextStreamer(tokenizer, stop=args.stop, out=sys.stdout if args.stream else None)
-        if args.compile:
-            print("compiling the decode step (the first time for a model and batch size takes up to a minute) ...",
-                  file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        out = generate(
-            model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, seed=args.seed, eos_token_id=None if args.ignore_eos else config.eos_token_id,
-            streamer=streamer, draft=draft, speculate_k=args.speculate_k, compile=args.compile,
-        )
+        return run_generate(args)
     except (CheckpointError, ValueError, TypeError) as e:
-        print(f"xlstm7b generate: {e}", file=sys.stderr)
-        return 2
+        return fail("generate", str(e))
+    except FloatingPointError as e:
+        return fail("generate", str(e), 1)
+    except KeyboardInterrupt:
+        return fail("generate", "interrupted", 130)
+    except BrokenPipeError:
+        # Later writes (and the interpreter's last flush) must not fail again on the closed pipe.
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return fail("generate", "the output was closed (broken pipe); stopped generating", 141)
+
+
+def load_tokenizer(path: Path, default: bool, vocab_size: int) -> Tokenizer:
+    """The tokenizer.json at `path` (`default`: the checkpoint folder's own), checked against the
+    model's vocabulary; a ValueError that names the file and the fix."""
+    fix = "pass --tokenizer PATH/tokenizer.json" if default else "pass the tokenizer.json the model was trained with"
+    where = " in the checkpoint folder" if default else ""
+    if not path.exists():
+        raise ValueError(f"tokenizer file {path} not found{where}; {fix}")
+    if not path.is_file():
+        raise ValueError(f"tokenizer {path} is not a file; {fix}")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for unreadable or malformed files
+        raise ValueError(f"tokenizer file {path} cannot be read as a tokenizer.json ({e}); {fix}") from e
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise ValueError(f"tokenizer {path} has {tokenizer.get_vocab_size()} tokens, more than the model's vocab_size="
+                         f"{vocab_size}; {fix}")
+    return tokenizer
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    # The cheap checks first: device, configs, tokenizer and sampling arguments, then the weights.
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = read_config(checkpoint_folder(args.checkpoint, "--checkpoint"))
+    tok_path = Path(args.tokenizer).expanduser() if args.tokenizer else Path(args.checkpoint) / "tokenizer.json"
+    tokenizer = load_tokenizer(tok_path, args.tokenizer is None, config.vocab_size)
+    if args.draft is not None:
+        draft_config = read_config(checkpoint_folder(args.draft, "--draft"))
+        if draft_config.vocab_size != config.vocab_size:
+            raise ValueError(f"--draft {args.draft} has vocab_size={draft_config.vocab_size}, the model "
+                             f"{config.vocab_size}: a draft must share the model's tokenizer")
+    eos_token_id = None if args.ignore_eos else config.eos_token_id
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos_token_id, args.seed, 1, config.vocab_size)
+
+    model = from_pretrained(args.checkpoint, device=device, dtype=dtype)
+    draft = None
+    if args.draft is not None:
+        draft = from_pretrained(args.draft, device=device, dtype=dtype)
+        draft_tok = Path(args.draft) / "tokenizer.json"
+        if draft_tok.is_file() and draft_tok.read_bytes() != tok_path.read_bytes():
+            print(f"xlstm7b generate: warning: {draft_tok} differs from {tok_path}; the output is still the "
+                  "target's, but a draft with another tokenizer is rarely accepted", file=sys.stderr)
+    ids = [config.bos_token_id] + tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    streamer = TextStreamer(tokenizer, stop=args.stop, out=sys.stdout if args.stream else None)
+    if args.compile:
+        print("compiling the decode step (the first time for a model and batch size takes up to a minute) ...",
+              file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    out = generate(
+        model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, eos_token_id=eos_token_id, streamer=streamer, draft=draft,
+        speculate_k=args.speculate_k, compile=args.compile,
+    )
     dt = time.perf_counter() - t0
     if not args.stream:
-        print(streamer.text)
+        print(streamer.text, flush=True)
     n = int(out.lengths[0])
     spec = "" if out.stats is None else f", draft acceptance {out.stats['acceptance_rate']:.2f} at K={args.speculate_k}"
     print(f"[{len(ids)} prompt + {n} generated tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {device}{spec}]", file=sys.stderr)
     return 0
+
+
+def checkpoint_folder(path: str, option: str) -> Path:
+    """`path` given as `option`, checked to be an existing folder."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ValueError(f"{option} {path}: no such folder; pass a checkpoint folder (config.json + safetensors)")
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path} is a file; pass the checkpoint folder (config.json + safetensors)")
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ exist once (the layout conversion adds one projection at a time).
 """
 
 import json
+import math
 import os
 import re
 import struct
@@ -52,6 +53,35 @@ FUSED_GROUPS = (
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded: the message names the file and the key."""
+
+
+def checkpoint_path(path, caller: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{caller}: path must be a folder path (str or os.PathLike), got {type(path).__name__}")
+    return Path(path).expanduser()
+
+
+def check_device(device) -> torch.device:
+    """`device` (None: the CPU) as a torch.device that exists on this machine, or a ValueError."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from e
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r}: this machine has no CUDA device (or torch was built without "
+                             "CUDA); use 'cpu'")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r}: MPS is not available on this machine; use 'cpu'")
+    elif device.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    return device
 
 
 def config_from_released(raw: dict, *, source: str) -> ModelConfig:
@@ -120,34 +150,49 @@ def read_config(path: Path) -> ModelConfig:
     if (path / "config.json").is_file():
         file = path / "config.json"
         try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
+            raw = json.loads(read_text(file))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "train" in raw:
+            raise CheckpointError(f"{file} is a training run's config, not a model checkpoint; pass the model folder "
+                                  f"the run exports at its end, {path / 'model'}")
     elif (path / "config.yaml").is_file():
         import yaml
 
         file = path / "config.yaml"
         try:
-            raw = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as e:
+            raw = yaml.safe_load(read_text(file))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file}: not valid YAML ({e})") from e
         if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
             raw = raw["model"]
     else:
-        raise CheckpointError(f"{path}: no config.json (Hugging Face layout) or config.yaml (xlstm package layout)")
+        hint = ""
+        if (path / "trainer.json").is_file() or (path / "checkpoints").is_dir():
+            hint = ("; this is a training run or one of its checkpoints: pass the model folder the run exports at its "
+                    "end (RUN_DIR/model)")
+        raise CheckpointError(f"{path}: no config.json (Hugging Face layout) or config.yaml (xlstm package layout){hint}")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: expected a mapping of config keys")
     return config_from_released(raw, source=str(file))
+
+
+def read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from e
 
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, in order."""
     if (path / INDEX).is_file():
         try:
-            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path / INDEX}: not a valid safetensors index ({e})") from e
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
+            weight_map = json.loads(read_text(path / INDEX))["weight_map"]
+            files = [path / name for name in dict.fromkeys(weight_map.values())]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path / INDEX}: not a valid safetensors index, which maps every key to a file "
+                                  f"under \"weight_map\" ({type(e).__name__}: {e})") from e
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     else:
@@ -170,28 +215,50 @@ SAFETENSORS_DTYPES = {
 def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (name, tensor) from a safetensors file, one tensor at a time, with plain reads into
     fresh tensors: unlike a memory map, the file's pages never count as a second resident copy."""
-    size = file.stat().st_size
-    with open(file, "rb") as fh:
+    try:
+        fh = open(file, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from e
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
         try:
             (header_len,) = struct.unpack("<Q", fh.read(8))
             if header_len > size - 8:
                 raise ValueError(f"header length {header_len} exceeds the file size {size}")
             header = json.loads(fh.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
         except (struct.error, ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file}: not a safetensors file, truncated or corrupt ({e})") from e
         header.pop("__metadata__", None)
         start = 8 + header_len
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise CheckpointError(f"{file}: key {name} has an unsupported dtype {info.get('dtype')!r}")
-            begin, end = info["data_offsets"]
+        entries = {name: tensor_entry(file, name, info) for name, info in header.items()}
+        for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
             if start + end > size:
                 raise CheckpointError(f"{file}: truncated: key {name} ends at byte {start + end} of {size}")
             buf = torch.empty(end - begin, dtype=torch.uint8)
             fh.seek(start + begin)
             fh.readinto(memoryview(buf.numpy()))
-            yield name, buf.view(dtype).reshape(info["shape"])
+            yield name, buf.view(dtype).reshape(shape)
+
+
+def tensor_entry(file: Path, name: str, info) -> tuple[torch.dtype, list[int], int, int]:
+    """A safetensors header entry -> (dtype, shape, begin, end), or a CheckpointError naming the key."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{file}: corrupt header: key {name} is not an object with dtype, shape and data_offsets")
+    dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise CheckpointError(f"{file}: key {name} has an unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    ints = lambda x, n=None: (isinstance(x, list) and (n is None or len(x) == n)  # noqa: E731
+                              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x))
+    if not ints(shape) or not ints(offsets, 2) or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{file}: corrupt header: key {name} has shape {shape!r} and data_offsets {offsets!r}")
+    begin, end = offsets
+    if math.prod(shape) * dtype.itemsize != end - begin:
+        raise CheckpointError(f"{file}: corrupt header: key {name} of shape {shape} and dtype {info['dtype']} needs "
+                              f"{math.prod(shape) * dtype.itemsize} bytes, its data_offsets span {end - begin}")
+    return dtype, shape, begin, end
 
 
 def canonical_name(name: str) -> str:
@@ -244,16 +311,21 @@ def from_pretrained(
     device: where the weights go (default CPU); each tensor is moved as it is read.
     dtype: the parameter dtype (default: as stored, bf16 for the released 7B).
     """
-    path = Path(path)
+    path = checkpoint_path(path, "from_pretrained")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such folder; pass the checkpoint folder (config.json + safetensors)")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory; pass the checkpoint folder")
+        raise CheckpointError(f"{path}: not a directory; pass the checkpoint folder that holds it")
+    device = check_device(device)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"from_pretrained: dtype must be a floating point torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
     config = read_config(path)
     tensors: dict[str, torch.Tensor] = {}
     source: dict[str, Path] = {}
     for file in weight_files(path):
         for raw_name, t in read_safetensors(file):
             name = canonical_name(raw_name)
-            tensors[name] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+            tensors[name] = t.to(device=device, dtype=dtype or t.dtype)
             source[name] = file
     with torch.device("meta"):
         model = XLSTM(config)
@@ -294,8 +366,17 @@ def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: in
     """Writes config.json and safetensors in the released single layout; several shards plus an
     index when the weights exceed `max_shard_size` bytes. Files are written under temporary names
     and renamed, so an interrupted save never leaves a half-written file under a final name."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if not isinstance(model, XLSTM):
+        raise TypeError(f"save_pretrained: model must be an xlstm7b.XLSTM, got {type(model).__name__}")
+    path = checkpoint_path(path, "save_pretrained")
+    if not isinstance(max_shard_size, int) or isinstance(max_shard_size, bool) or max_shard_size < 1:
+        raise ValueError(f"save_pretrained: max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"save_pretrained: dtype must be a floating point torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ValueError(f"save_pretrained: {path} cannot be a folder: {e.filename} is a file; pass another path") from e
     sd = unfuse(model.state_dict(), model.config)
     if model.config.tie_word_embeddings:
         if model.lm_head.weight is not model.backbone.embeddings.weight and not torch.equal(sd["lm_head.weight"], sd[EMBEDDING]):
