@@ -7,8 +7,9 @@ How it runs:
   the state (memory bounded for any prompt length), logits only at the last position.
 - Decode: one token per step through the step kernel, writing into the state allocated once before
   the loop, so memory does not grow with the number of generated tokens. No host synchronization
-  per token on GPU (EOS is tracked in tensors; "all rows finished" is checked every
-  `SYNC_EVERY` tokens), and on CUDA the step is captured once in a CUDA graph and replayed.
+  per token on GPU (EOS and non-finite logits are tracked in tensors; "all rows finished" and "all
+  logits finite" are checked every `SYNC_EVERY` tokens), and on CUDA the step is captured once in a
+  CUDA graph and replayed. Non-finite logits raise a FloatingPointError naming the cause.
   On CPU, `compile=True` compiles the step with inductor (weights frozen into the compiled GEMMs,
   the cell fused): faster than eager, most at small batch, after a compilation of seconds.
 - Ragged batches (a list of prompts of different lengths): prompts are left-padded and the padding
@@ -45,7 +46,8 @@ from .state import State
 from .streaming import end_stream, stream
 
 SYNC_EVERY = 32
-"""On GPU, how many tokens pass between checks that every row has finished (each check syncs)."""
+"""On GPU without a streamer, how many tokens pass between checks that every row has finished and
+every logit was finite (each check syncs)."""
 
 
 class GenerateOutput(tuple):

@@ -242,6 +242,11 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, buf.view(dtype).reshape(shape)
 
 
+def counts(x) -> bool:
+    """Whether `x` is a list of integers >= 0 (a shape, or data offsets)."""
+    return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
+
+
 def tensor_entry(file: Path, name: str, info) -> tuple[torch.dtype, list[int], int, int]:
     """A safetensors header entry -> (dtype, shape, begin, end), or a CheckpointError naming the key."""
     if not isinstance(info, dict):
@@ -250,9 +255,7 @@ def tensor_entry(file: Path, name: str, info) -> tuple[torch.dtype, list[int], i
     if dtype is None:
         raise CheckpointError(f"{file}: key {name} has an unsupported dtype {info.get('dtype')!r}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    ints = lambda x, n=None: (isinstance(x, list) and (n is None or len(x) == n)  # noqa: E731
-                              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x))
-    if not ints(shape) or not ints(offsets, 2) or offsets[0] > offsets[1]:
+    if not counts(shape) or not counts(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise CheckpointError(f"{file}: corrupt header: key {name} has shape {shape!r} and data_offsets {offsets!r}")
     begin, end = offsets
     if math.prod(shape) * dtype.itemsize != end - begin:
