@@ -70,7 +70,7 @@ def mlstm_step_torch_(
     B, NH, DK, DV = C.shape
     m_new, decay, write = step_gates(i, f, m)
     Cf = C.view(B * NH, DK, DV)
-    Cf.mul_(decay.view(B * NH, 1, 1)).baddbmm_(k.to(C.dtype).reshape(B * NH, DK, 1), (write * v.to(C.dtype)).reshape(B * NH, 1, DV))
+    Cf.mul_(decay.view(B * NH, 1, 1)).baddbmm_(k.to(C.dtype).reshape(B * NH, DK, 1), (write * v).to(C.dtype).reshape(B * NH, 1, DV))
     n.mul_(decay).add_(write * k.to(n.dtype))
     m.copy_(m_new)
     return step_readout(q, C, n, m, eps)
