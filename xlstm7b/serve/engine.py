@@ -49,6 +49,11 @@ RATE_WINDOW_S = 10.0
 """Generated tokens per second are reported over this trailing window."""
 
 
+def slot_layout(state: State, dtype: torch.dtype) -> State:
+    """`state` as the slots hold it: C and n in `dtype`, m in float32."""
+    return State([(C.to(dtype), n.to(dtype), m.float()) for C, n, m in state])
+
+
 class Overloaded(RuntimeError):
     """The queue of waiting requests is full; the client should retry later."""
 
@@ -75,7 +80,8 @@ class EngineConfig:
     prefix_cache_bytes: int = 1 << 30
     """Bytes of prefix states the cache may hold (0: no prefix cache)."""
     state_dtype: torch.dtype = torch.float32
-    """dtype of the slots' C and n (bfloat16 halves state memory and traffic; CPU only for now)."""
+    """dtype of the slots' C and n (bfloat16 halves state memory and traffic; CPU only for now).
+    The stabilizer m stays float32: it is an exponent, which bfloat16 would round by up to 0.03 near 15."""
     compile: bool = False
     """On CPU, run the decode step compiled by inductor (one compilation per batch bucket)."""
     cuda_graph: bool | None = None
@@ -192,7 +198,7 @@ class Engine:
         mc = model.config
         self.piece = max(mc.chunk_size, self.config.prefill_chunk // mc.chunk_size * mc.chunk_size)
         N = self.config.max_batch
-        self.pool = State.zeros(mc, N, device=self.device, dtype=self.config.state_dtype)
+        self.pool = slot_layout(State.zeros(mc, N, device=self.device), self.config.state_dtype)
         self.cache = PrefixCache(self.config.prefix_cache_bytes)
         self.use_graph = self.device.type == "cuda" if self.config.cuda_graph is None else self.config.cuda_graph
         self.buckets = sorted({min(N, 1 << k) for k in range(N.bit_length() + 1)})
@@ -387,7 +393,7 @@ class Engine:
             # The state at a piece boundary: what a later prompt with this prefix starts from.
             length, key = request.keys[request.cursor // self.piece - 1] if request.keys else (0, None)
             if length == request.cursor and key not in self.cache:
-                self.cache.insert(key, new.select([b]).to(dtype=self.config.state_dtype))
+                self.cache.insert(key, slot_layout(new.select([b]), self.config.state_dtype))
         if not done:
             return
         # Only the requests whose prompt ended here sample (and draw from their generators).
