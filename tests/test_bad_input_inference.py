@@ -103,6 +103,17 @@ def test_generate_checkpoint_and_device_errors(case, checkpoint_dir, tmp_path, c
         assert w in err, err
 
 
+def test_a_wrong_checkpoint_fails_before_its_weights_are_read(checkpoint_dir, tmp_path, monkeypatch):
+    import xlstm7b.pretrained
+
+    ckpt = copy(checkpoint_dir, tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    write(ckpt / "config.json", json.dumps({**config, "num_blocks": 3, "num_hidden_layers": 3}))
+    monkeypatch.setattr(xlstm7b.pretrained, "read_safetensors", lambda file: pytest.fail("read the weights"))
+    with pytest.raises(CheckpointError, match=r"missing key\(s\) \['backbone.blocks.2."):
+        from_pretrained(ckpt)
+
+
 # --- the generate command: numbers and options (argparse and the cheap checks) --------------------
 
 GENERATE_ARGS = {

@@ -212,30 +212,40 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def read_header(file: Path) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
+    """A safetensors file's header, checked against the file's size: (byte where the data starts,
+    name -> (dtype, shape, begin, end)). Reads only the header."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            raw_len = fh.read(8)
+            (header_len,) = struct.unpack("<Q", raw_len) if len(raw_len) == 8 else (None,)
+            raw = fh.read(header_len) if header_len is not None and header_len <= size - 8 else None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from e
+    try:
+        if raw is None:
+            raise ValueError(f"the header length does not fit in the file's {size} bytes")
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not a safetensors file, truncated or corrupt ({e})") from e
+    header.pop("__metadata__", None)
+    start = 8 + header_len
+    entries = {name: tensor_entry(file, name, info) for name, info in header.items()}
+    for name, (_, _, _, end) in entries.items():
+        if start + end > size:
+            raise CheckpointError(f"{file}: truncated: key {name} ends at byte {start + end} of {size}")
+    return start, entries
+
+
 def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (name, tensor) from a safetensors file, one tensor at a time, with plain reads into
     fresh tensors: unlike a memory map, the file's pages never count as a second resident copy."""
-    try:
-        fh = open(file, "rb")
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from e
-    with fh:
-        size = os.fstat(fh.fileno()).st_size
-        try:
-            (header_len,) = struct.unpack("<Q", fh.read(8))
-            if header_len > size - 8:
-                raise ValueError(f"header length {header_len} exceeds the file size {size}")
-            header = json.loads(fh.read(header_len))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{file}: not a safetensors file, truncated or corrupt ({e})") from e
-        header.pop("__metadata__", None)
-        start = 8 + header_len
-        entries = {name: tensor_entry(file, name, info) for name, info in header.items()}
+    start, entries = read_header(file)
+    with open(file, "rb") as fh:
         for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
-            if start + end > size:
-                raise CheckpointError(f"{file}: truncated: key {name} ends at byte {start + end} of {size}")
             buf = torch.empty(end - begin, dtype=torch.uint8)
             fh.seek(start + begin)
             fh.readinto(memoryview(buf.numpy()))
@@ -323,46 +333,49 @@ def from_pretrained(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"from_pretrained: dtype must be a floating point torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
     config = read_config(path)
-    tensors: dict[str, torch.Tensor] = {}
+    files = weight_files(path)
+    # Names and shapes from the headers first: a wrong checkpoint fails before its weights are read.
+    shapes: dict[str, torch.Size] = {}
     source: dict[str, Path] = {}
-    for file in weight_files(path):
-        for raw_name, t in read_safetensors(file):
+    for file in files:
+        for raw_name, (_, shape, _, _) in read_header(file)[1].items():
             name = canonical_name(raw_name)
-            tensors[name] = t.to(device=device, dtype=dtype or t.dtype)
-            source[name] = file
+            shapes[name], source[name] = torch.Size(shape), file
     with torch.device("meta"):
         model = XLSTM(config)
     expected = model.state_dict()
-    if not any(".qkv_opreact." in name for name in tensors):  # the released single layout
+    if not any(".qkv_opreact." in name for name in shapes):  # the released single layout
         expected = unfuse(expected, config)
-    check_tensors(config, expected, tensors, source, path)
+    check_shapes(config, expected, shapes, source, path)
+    tensors = {canonical_name(name): t.to(device=device, dtype=dtype or t.dtype) for file in files for name, t in read_safetensors(file)}
     if config.tie_word_embeddings:
+        head = tensors.pop("lm_head.weight", None)
+        # transformers' xLSTMForCausalLM never ties: it writes (and needs) lm_head.weight.
+        if head is not None and not torch.equal(head, tensors[EMBEDDING]):
+            raise CheckpointError(
+                f"{source['lm_head.weight']}: lm_head.weight differs from {EMBEDDING} although {path / 'config.json'} "
+                "sets tie_word_embeddings = true; set it to false to load the two as separate weights")
         tensors["lm_head.weight"] = tensors[EMBEDDING]
     model.load_state_dict(fuse(tensors, config), assign=True)
     model.tie_weights()
     return model.eval()
 
 
-def check_tensors(config: ModelConfig, expected: dict, tensors: dict, source: dict, path: Path) -> None:
+def check_shapes(config: ModelConfig, expected: dict, shapes: dict, source: dict, path: Path) -> None:
     """Every expected key present with its shape, and no unknown key; errors name the file."""
     expected = {k: v.shape for k, v in expected.items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-        head, embedding = tensors.pop("lm_head.weight", None), tensors.get(EMBEDDING)
-        # transformers' xLSTMForCausalLM never ties: it writes (and needs) lm_head.weight.
-        if head is not None and embedding is not None and not torch.equal(head, embedding):
-            raise CheckpointError(
-                f"{source['lm_head.weight']}: lm_head.weight differs from {EMBEDDING} although {path / 'config.json'} "
-                "sets tie_word_embeddings = true; set it to false to load the two as separate weights")
-    unexpected = [k for k in tensors if k not in expected]
+        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}  # compared with the embedding on load
+    unexpected = [k for k in shapes if k not in expected]
     if unexpected:
         raise CheckpointError(f"{source[unexpected[0]]}: unexpected key(s) {unexpected[:5]} for this config")
-    missing = [k for k in expected if k not in tensors]
+    missing = [k for k in expected if k not in shapes]
     if missing:
         raise CheckpointError(f"{path}: missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for k, shape in expected.items():
-        if tensors[k].shape != shape:
-            raise CheckpointError(f"{source[k]}: key {k} has shape {list(tensors[k].shape)}, the config expects {list(shape)}")
+        if shapes[k] != shape:
+            raise CheckpointError(f"{source[k]}: key {k} has shape {list(shapes[k])}, the config expects {list(shape)}")
 
 
 def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
