@@ -48,7 +48,7 @@ def test_presets_load(preset):
     cfg = load_config(preset)
     assert cfg.train.steps > 0 and cfg.run.dir
     if preset == "7b":
-        assert cfg.model == xlstm7b.ModelConfig.from_preset("7b")
+        assert cfg.model.architecture() == xlstm7b.ModelConfig.from_preset("7b")
 
 
 def test_overrides_and_types():

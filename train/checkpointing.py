@@ -28,7 +28,7 @@ RESUMABLE_CHANGES = {
     "run": {"dir", "sample_tokens", "log_every", "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "export", "wandb_project",
             "wandb_mode", "progress", "gpu_memory_gb"},
     "data": {"cache_dir", "shard_tokens"},
-    "model": {"mlstm_backend"},
+    "model": {"mlstm_backend", "init_from"},
 }
 
 

@@ -17,6 +17,8 @@ from typing import Any, ClassVar, Literal
 
 from xlstm7b.config import NON_EMPTY, NON_NEGATIVE, POSITIVE, Bound, ModelConfig, check_fields, preset_path
 
+from .finetune import resolve_init_from
+
 
 @dataclass
 class DataConfig:
@@ -154,8 +156,23 @@ class RunConfig:
 
 
 @dataclass
+class ModelSection(ModelConfig):
+    """[model] of a training config: the architecture (a ModelConfig) and where its weights start."""
+
+    init_from: str = ""
+    """A saved model folder (any layout from_pretrained reads) to start from instead of random weights:
+    continued pretraining or fine-tuning. Its config sets the architecture ([model] keys left out take
+    its values; a contradicting key is an error) and its tokenizer.json the tokenizer (unless
+    data.tokenizer names another). A resumed run restores its own checkpoint instead ('' = random init)."""
+
+    def architecture(self) -> ModelConfig:
+        """The plain ModelConfig, without init_from."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+@dataclass
 class JobConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -181,7 +198,7 @@ class JobConfig:
         return sequences // per_micro
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "run": RunConfig}
+SECTIONS = {"model": ModelSection, "data": DataConfig, "train": TrainConfig, "run": RunConfig}
 
 
 def _section(cls, values: Any, source: str, name: str):
@@ -238,6 +255,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
         raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
     apply_overrides(data, list(overrides))
     source = f"{path} (with overrides)" if overrides else str(path)
+    resolve_init_from(data, source)
     job = JobConfig(**{name: _section(cls, data.get(name, {}), source, name) for name, cls in SECTIONS.items()})
     try:
         job.validate()

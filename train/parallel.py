@@ -17,6 +17,7 @@ from torch.distributed._composable import checkpoint as recompute_in_backward
 from xlstm7b import XLSTM, ModelConfig
 
 from .config import TrainConfig
+from .finetune import load_weights
 
 
 @dataclass
@@ -107,8 +108,9 @@ def recompute_blocks(model: XLSTM) -> None:
         recompute_in_backward(block)
 
 
-def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int) -> tuple[nn.Module, XLSTM, str]:
-    """(the module to train, the plain XLSTM inside it, the parallelism used)."""
+def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int, init_from: str = "") -> tuple[nn.Module, XLSTM, str]:
+    """(the module to train, the plain XLSTM inside it, the parallelism used). Its weights are
+    initialized from `seed`, or read from the saved model folder `init_from`."""
     parallel = resolve_parallel(cfg, d.world)
     with torch.device("meta"):
         model = XLSTM(config)
@@ -134,10 +136,10 @@ def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int) -> tu
         fully_shard(model, **kwargs)
         register_fsdp_forward_method(model, "logits")  # the loss calls the head outside forward()
         model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
-        materialize(model, seed)
+        load_weights(model, init_from) if init_from else materialize(model, seed)
     else:
         model.to_empty(device=d.device)
-        materialize(model, seed)
+        load_weights(model, init_from) if init_from else materialize(model, seed)
         if parallel == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     return wrapped, model, parallel

@@ -186,7 +186,9 @@ def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
     tbytes[: len(tb)] = tb
     tbytes = torch.from_numpy(tbytes).to(d.device)
 
-    model, plain, parallel = build_model(job.model, t, d, r.seed)
+    # A resumed run restores its own checkpoint: the init_from weights are read at the start only.
+    init_from = "" if checkpointing.checkpoints(run_dir) else job.model.init_from
+    model, plain, parallel = build_model(job.model, t, d, r.seed, init_from)
     optimizer = build_optimizer(model, t)
     dtype = mixed_precision_dtype(t, d.device)
     autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 and parallel != "fsdp"
