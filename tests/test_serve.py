@@ -316,3 +316,12 @@ def test_cli_without_the_serve_extra(monkeypatch, capsys):
 def test_other_commands_do_not_import_the_server():
     code = "import sys, xlstm7b.cli; assert 'fastapi' not in sys.modules and 'xlstm7b.serve' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_cli_errors(tmp_path, checkpoint_dir, capsys):
+    assert serve_cli.main(["--checkpoint", str(tmp_path / "none")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--max-batch", "0"]) == 2
+    assert "max_batch must be a positive integer" in capsys.readouterr().err
+    assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--tokenizer", str(tmp_path / "t.json")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -59,10 +59,6 @@ def main(argv: list[str]) -> int:
     if args.tokenizer and not tok_path.is_file():
         print(f"xlstm7b serve: tokenizer file {tok_path} not found", file=sys.stderr)
         return 2
-    tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.is_file() else None
-    if tokenizer is None:
-        print(f"xlstm7b serve: warning: no tokenizer ({tok_path} not found): only token-id prompts to /v1/completions work",
-              file=sys.stderr)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     config = EngineConfig(
@@ -72,10 +68,14 @@ def main(argv: list[str]) -> int:
     )
     try:
         model = from_pretrained(folder, device=device, dtype=dtype)
+        tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.is_file() else None
         engine = Engine(model, config, tokenizer)
     except (CheckpointError, ValueError) as e:
         print(f"xlstm7b serve: {e}", file=sys.stderr)
         return 2
+    if tokenizer is None:
+        print(f"xlstm7b serve: warning: no tokenizer ({tok_path} not found): only token-id prompts to /v1/completions work",
+              file=sys.stderr)
     name = args.model_name or folder.resolve().name
     if args.compile:
         print(f"compiling the decode step for batch buckets {engine.buckets} ...", file=sys.stderr, flush=True)
