@@ -158,3 +158,11 @@ def test_fsdp_loads_the_same_weights_and_resume_ignores_init_from(saved, config,
     resumed = load_config(config, args(corpus, tmp_path / "two", *extra, "--train.steps=3", "--train.parallel=none"))
     assert trainer.train(resumed) == 0
     assert first_losses(tmp_path / "two")[3] == pytest.approx(one[3], rel=1e-5)
+
+
+def test_finetune_preset_loads(saved, corpus):
+    """configs/finetune/toy-draft-code.toml: [model] is init_from alone; the recipe's LR and warmup."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "toy-draft-code.toml"
+    job = load_config(path, [f"--model.init_from={saved}", f"--data.source={corpus}"])
+    assert job.model.embedding_dim == 48 and job.data.tokenizer == str(saved / "tokenizer.json")
+    assert (job.train.lr, job.train.warmup_steps, job.train.schedule) == (1e-3, 10, "wsd")
