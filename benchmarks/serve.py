@@ -174,8 +174,9 @@ def main() -> None:
     p.add_argument("--preset", default="toy", help="model shape without --checkpoint")
     p.add_argument("--device", default="cpu")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256])
-    p.add_argument("--requests", type=int, default=0, help="requests per concurrency level (default: max(2 C, 48))")
-    p.add_argument("--baseline-requests", type=int, default=24)
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests per concurrency level (default: 2 C, at least 12, rounded up to whole mixes of 12)")
+    p.add_argument("--baseline-requests", type=int, default=12)
     p.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="float32")
     p.add_argument("--compile", action="store_true", help="CPU: the compiled decode step, in both the engine and generate")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
@@ -213,7 +214,9 @@ def main() -> None:
     rows.append(bench_one_by_one(model, baseline, args))
     print(f"generate one by one: {rows[-1]['tok_per_s']:.1f} tok/s, TTFT p50 {rows[-1]['ttft_p50_s'] * 1000:.0f} ms", flush=True)
     for c in args.concurrency:
-        rows.append(bench_engine(model, workload(args.requests or max(2 * c, 48), model.config.vocab_size), c, args))
+        mixes = len(PROMPT_LENGTHS) * len(OUTPUT_LENGTHS)
+        n = args.requests or -(-max(2 * c, mixes) // mixes) * mixes
+        rows.append(bench_engine(model, workload(n, model.config.vocab_size), c, args))
         r = rows[-1]
         print(f"engine, {c:>4} concurrent: {r['tok_per_s']:.1f} tok/s ({r['tok_per_s'] / rows[0]['tok_per_s']:.1f}x), "
               f"TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, p99 {r['ttft_p99_s'] * 1000:.0f} ms", flush=True)
