@@ -25,11 +25,14 @@ from xlstm7b.train.parallel import Dist, build_model
 from xlstm7b.train.plan import estimate
 from xlstm7b.train.tokenizer import train_bpe
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the runs below set torch's threads to 1; restored after the module
+
 
 def overrides(corpus: Path, cache: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A tiny run on one thread (a second one only waits on a busy machine: 5x slower steps)."""
     return [f"--data.source={corpus}", f"--data.cache_dir={cache}", f"--run.dir={run_dir}", "--data.val_fraction=0.1",
             "--run.progress=false", "--run.export=false", "--train.seq_len=32", "--train.global_batch_tokens=256",
-            "--train.micro_batch=4", "--run.eval_tokens=256", "--run.eval_every=0", "--run.log_every=1", *extra]
+            "--train.micro_batch=4", "--run.eval_tokens=256", "--run.eval_every=0", "--run.log_every=1", "--train.threads=1", *extra]
 
 
 def job(corpus, cache, run_dir, *extra):
@@ -306,7 +309,7 @@ def run_cli(args, **kwargs):
 
 def test_sigkill_restarts_from_last_checkpoint(tmp_path, corpus, cache):
     run = tmp_path / "r"
-    args = overrides(corpus, cache, run, "--train.steps=1000", "--run.ckpt_every=3", "--train.threads=1")
+    args = overrides(corpus, cache, run, "--train.steps=1000", "--run.ckpt_every=3")
     proc = run_cli(args)
     deadline = time.time() + 120
     while not any(p.name >= "step_00000006" for p in checkpointing.checkpoints(run)) and time.time() < deadline:
@@ -324,7 +327,7 @@ def test_sigkill_restarts_from_last_checkpoint(tmp_path, corpus, cache):
 
 def test_sigterm_checkpoints_and_stops(tmp_path, corpus, cache):
     run = tmp_path / "r"
-    proc = run_cli(overrides(corpus, cache, run, "--train.steps=1000", "--run.ckpt_every=1000", "--train.threads=1"))
+    proc = run_cli(overrides(corpus, cache, run, "--train.steps=1000", "--run.ckpt_every=1000"))
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").is_file() and time.time() < deadline:
         time.sleep(0.2)

@@ -3,6 +3,9 @@
 RUN_DIR/checkpoints/step_00000100/ holds the DCP shards of model and optimizer, `rng_rank{r}.pt` and
 `trainer.json` (step, tokens seen, config). A save goes to `step_N.tmp` and is renamed when every
 rank has finished, so a crash mid-save leaves the previous checkpoint as the latest complete one.
+A checkpoint damaged later (a truncated shard, a garbled file) is skipped on resume in favour of the
+newest intact one, with a warning naming the file, and renamed to `step_N.damaged`: kept for
+inspection, never counted among the last k (which would prune the intact ones).
 """
 
 import contextlib
@@ -10,11 +13,13 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .parallel import Dist
@@ -27,7 +32,7 @@ RESUMABLE_CHANGES = {
               "compile", "activation_checkpointing", "loss_chunk_tokens", "threads", "parallel", "cpu_offload"},
     "run": {"dir", "sample_tokens", "log_every", "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "export", "wandb_project",
             "wandb_mode", "progress", "gpu_memory_gb"},
-    "data": {"cache_dir", "shard_tokens"},
+    "data": {"cache_dir", "shard_tokens", "accept_changed_corpus"},
     "model": {"mlstm_backend", "init_from"},
 }
 
@@ -80,11 +85,85 @@ def load(path: Path, model, optimizer, d: Dist) -> dict:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{d.rank}.pt"
     if rng_file.is_file():  # absent when resuming with more processes than saved
-        rng = torch.load(rng_file, weights_only=False)
+        rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return json.loads((path / "trainer.json").read_text())
+
+
+def newest_meta(run_dir: Path) -> dict | None:
+    """trainer.json of the newest checkpoint with a readable one: what the run trained on so far."""
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            return json.loads((path / "trainer.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def resume(run_dir: Path, model, optimizer, config: dict, d: Dist) -> tuple[dict | None, list[str]]:
+    """Restores the newest intact checkpoint of `run_dir`: its trainer.json, or None if there is none,
+    and the damaged checkpoints skipped on the way ('path: what is wrong'). A checkpoint saved with
+    an incompatible config is an error (ValueError), not damage. Every rank takes the same decision."""
+    damaged = []
+    for path in reversed(checkpoints(run_dir)):
+        problem = None
+        try:
+            saved = json.loads((path / "trainer.json").read_text())
+            saved_config = saved["config"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"{path / 'trainer.json'} is unreadable ({type(e).__name__}: {e})"
+        else:
+            check_compatible(saved_config, config, path)
+            problem = missing_bytes(path, d.rank)
+            if problem is None:
+                try:
+                    meta = load(path, model, optimizer, d)
+                except (Exception, CheckpointException) as e:  # whatever a damaged file raises in DCP, torch.load or json
+                    problem = describe_error(e)
+        if not d.all_reduce(torch.tensor(int(problem is not None), device=d.device)).item():
+            return meta, damaged
+        damaged.append(f"{path}: {problem or 'damaged on another rank'}")
+        d.barrier()  # every rank has stopped reading it
+        if d.is_main:
+            aside = path.with_name(path.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+            print(f"warning: checkpoint {path} is damaged and skipped: {problem}. Moved to {aside} "
+                  "(delete it once inspected)", file=sys.stderr, flush=True)
+    return None, damaged
+
+
+def missing_bytes(path: Path, rank: int) -> str | None:
+    """What a cheap look finds wrong with a checkpoint's files (the DCP metadata, every shard at least
+    as long as the metadata says, this rank's RNG file), naming the file; None if nothing."""
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # absent or garbled .metadata: whatever the unpickler raises
+        return f"{path / '.metadata'} is unreadable ({describe_error(e)})"
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        have = (path / name).stat().st_size if (path / name).is_file() else None
+        if have is None or have < size:
+            return f"{path / name} is {'missing' if have is None else f'truncated ({have} of {size} bytes)'}"
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        try:
+            torch.load(rng_file, weights_only=True)
+        except Exception as e:
+            return f"{rng_file} is unreadable ({describe_error(e)})"
+    return None
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an error of loading: DCP's CheckpointException wraps each rank's error with its traceback."""
+    if isinstance(e, CheckpointException):
+        e = next(iter(e.failures.values()))[0]
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else 'no message'}"
 
 
 def check_compatible(saved: dict, current: dict, path: Path) -> None:

@@ -41,6 +41,9 @@ class DataConfig:
     """Where tokenizers and token shards are cached, keyed by a hash of the files and the tokenizer."""
     shard_tokens: int = 1 << 26
     """Tokens per on-disk shard."""
+    accept_changed_corpus: bool = False
+    """On resume, continue on a corpus that changed since the run started (files added, removed or
+    modified), tokenized with the run's own tokenizer; without it such a resume is refused."""
 
     section: ClassVar[str] = "data"
     bounds: ClassVar[dict] = {

@@ -3,19 +3,23 @@
 Each document is written as `BOS tok tok ...` (the model's bos_token_id separates documents; id 0
 in the 7B recipe) into
 uint16/uint32 shards under `data.cache_dir/tokens/HASH/`, HASH covering the documents and the
-tokenizer. Shards are built once (by rank 0, in a temporary folder renamed into place) and reused
-across runs and processes.
+tokenizer. Shards are built once (by rank 0, streaming, resumable, in a folder renamed into place
+when complete) and reused across runs and processes; a cache entry whose shards no longer match
+its manifest is rebuilt.
 
 Training samples are windows of seq_len + 1 tokens at stride seq_len. Sample k of the run is window
 perm_e[k mod W] of epoch e = k // W, where perm_e is a permutation seeded by (seed, e): the order
 depends only on the step, so a resumed run or a different number of processes sees the same batches.
 """
 
+import fcntl
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
+import sys
 import sysconfig
 import time
 from collections.abc import Iterator
@@ -32,6 +36,8 @@ from .config import DataConfig
 from .tokenizer import check_vocab, load_tokenizer, train_bpe
 
 SPLITS = ("train", "val")
+ENCODE_BATCH = 256
+"""Documents read and encoded at a time (the tokenizer encodes a batch on all cores)."""
 LOCAL_FORMATS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -130,52 +136,116 @@ def prepare_tokenizer(corpus: Corpus, tokenizer: str, vocab_size: int, cache: Pa
     return path
 
 
-def build_shards(corpus: Corpus, tok: Tokenizer, tokenizer_path: Path, bos: int, out: Path, shard_tokens: int) -> None:
-    """Tokenizes every split into `out`, each document after the `bos` id, writing into a temporary
-    folder renamed at the end."""
-    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    manifest = {"tokenizer": str(tokenizer_path), "dtype": np.dtype(dtype).name, "bos_token_id": bos, "splits": {}}
-    t0 = time.perf_counter()
-    for split in SPLITS:
-        shards, buf = [], []
-
-        def flush():
-            if buf:
-                name = f"{split}_{len(shards):05d}.bin"
-                arr = np.concatenate(buf).astype(dtype)
-                arr.tofile(tmp / name)
-                shards.append({"file": name, "tokens": int(arr.size)})
-                buf.clear()
-
-        texts = [text for _, text in corpus.documents(split)]
-        for lo in range(0, len(texts), 256):
-            for enc in tok.encode_batch(texts[lo : lo + 256], add_special_tokens=False):
-                buf.append(np.asarray([bos, *enc.ids], dtype=np.int64))
-            if sum(a.size for a in buf) >= shard_tokens:
-                flush()
-        docs, n_bytes = len(texts), sum(len(t.encode("utf-8")) for t in texts)
-        flush()
-        manifest["splits"][split] = {"shards": shards, "documents": docs, "bytes": n_bytes,
-                                     "tokens": sum(s["tokens"] for s in shards)}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+def cache_damage(folder: Path) -> str | None:
+    """What is wrong with a built token folder, naming the file: an unreadable manifest, or a shard
+    missing or of another length than the manifest's token count. None if nothing."""
     try:
-        os.rename(tmp, out)
-    except OSError:  # another process finished first: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    tr = manifest["splits"]["train"]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        itemsize = np.dtype(manifest["dtype"]).itemsize
+        shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{folder / 'manifest.json'} is unreadable ({type(e).__name__}: {e})"
+    for shard in shards:
+        path = folder / shard["file"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != shard["tokens"] * itemsize:
+            found = "missing" if size is None else f"{size // itemsize:,} tokens long"
+            return f"{path} is {found}; the manifest says {shard['tokens']:,}"
+    return None
+
+
+def save_json(path: Path, data: dict) -> None:
+    """Written to a temporary file and renamed: a kill leaves the old file or the new one."""
+    path.with_suffix(".tmp").write_text(json.dumps(data, indent=2))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def build_shards(corpus: Corpus, tok: Tokenizer, tokenizer_path: Path, bos: int, out: Path, shard_tokens: int) -> None:
+    """Tokenizes every split into `out`, each document after the `bos` id.
+
+    Streaming: documents are read and encoded ENCODE_BATCH at a time and written out every `shard_tokens`
+    tokens, so memory stays at about one shard whatever the size of the corpus. Resumable: shards go
+    to `out.partial/` with progress.json (documents consumed and shards written per split, replaced
+    atomically after each shard), so a killed build continues from its last shard instead of leaving
+    an orphaned folder; the folder is renamed to `out` when complete. An flock on `out.lock` makes
+    a second process wait for the first one's build instead of repeating it."""
+    dtype = np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32
+    partial = out.with_name(out.name + ".partial")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "manifest.json").is_file():  # built by another process while this one waited
+            return
+        for old in out.parent.glob(out.name + ".tmp*"):  # the per-process folders of earlier versions
+            shutil.rmtree(old, ignore_errors=True)
+        partial.mkdir(exist_ok=True)
+        progress_path = partial / "progress.json"
+        try:
+            progress = json.loads(progress_path.read_text())
+        except (OSError, ValueError):
+            progress = {"dtype": np.dtype(dtype).name, "splits": {}}
+        t0, resumed = time.perf_counter(), bool(progress["splits"])
+        if resumed:
+            print(f"resuming the tokenization in {partial}", flush=True)
+        for split in SPLITS:
+            state = progress["splits"].setdefault(split, {"shards": [], "documents": 0, "bytes": 0, "done": False})
+            if state["done"]:
+                continue
+            written = {shard["file"] for shard in state["shards"]}
+            for f in partial.glob(f"{split}_*.bin"):  # a shard the kill cut short
+                if f.name not in written:
+                    f.unlink()
+            buf, pending_docs, pending_bytes = [], 0, 0
+
+            def flush():
+                nonlocal pending_docs, pending_bytes
+                if buf:
+                    name = f"{split}_{len(state['shards']):05d}.bin"
+                    arr = np.concatenate(buf)
+                    with open(partial / name, "wb") as fh:
+                        arr.tofile(fh)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    state["shards"].append({"file": name, "tokens": int(arr.size)})
+                    buf.clear()
+                state["documents"] += pending_docs
+                state["bytes"] += pending_bytes
+                pending_docs = pending_bytes = 0
+                save_json(progress_path, progress)
+
+            docs = itertools.islice(corpus.documents(split), state["documents"], None)
+            while batch := [text for _, text in itertools.islice(docs, ENCODE_BATCH)]:
+                for enc in tok.encode_batch(batch, add_special_tokens=False):
+                    buf.append(np.asarray([bos, *enc.ids], dtype=dtype))
+                pending_docs += len(batch)
+                pending_bytes += sum(len(t.encode("utf-8")) for t in batch)
+                if sum(a.size for a in buf) >= shard_tokens:
+                    flush()
+            flush()
+            state["done"] = True
+            save_json(progress_path, progress)
+        splits = {split: {"shards": st["shards"], "documents": st["documents"], "bytes": st["bytes"],
+                          "tokens": sum(shard["tokens"] for shard in st["shards"])} for split, st in progress["splits"].items()}
+        manifest = {"tokenizer": str(tokenizer_path), "dtype": progress["dtype"], "bos_token_id": bos, "splits": splits}
+        save_json(partial / "manifest.json", manifest)
+        progress_path.unlink()
+        os.rename(partial, out)
+    tr = splits["train"]
     print(f"tokenized {tr['documents']} training documents into {tr['tokens']:,} tokens "
-          f"in {time.perf_counter() - t0:.0f}s: {out}", flush=True)
+          f"in {time.perf_counter() - t0:.0f}s{' (resumed)' if resumed else ''}: {out}", flush=True)
 
 
-def prepare_data(cfg: DataConfig, model: ModelConfig, rank: int = 0, barrier=lambda: None) -> tuple[Path, Path, Tokenizer]:
+def prepare_data(cfg: DataConfig, model: ModelConfig, rank: int = 0, barrier=lambda: None, *,
+                 run_tokenizer: Path | None = None, run_tokens: str | None = None) -> tuple[Path, Path, Tokenizer]:
     """(token folder with manifest.json, tokenizer.json, the tokenizer): built by rank 0 if not
-    cached yet. The tokenizer must fit the model's vocabulary."""
+    cached yet. The tokenizer must fit the model's vocabulary.
+
+    A resumed run passes its own tokenizer (`run_tokenizer`, used as is: never retrained) and the
+    name of the token folder it trained on (`run_tokens`): a corpus that changed since is refused,
+    before any tokenization, unless `cfg.accept_changed_corpus`."""
     cache = Path(cfg.cache_dir).expanduser()
     corpus = Corpus(cfg)
-    tokenizer_path = prepare_tokenizer(corpus, cfg.tokenizer, model.vocab_size, cache, rank)
+    tokenizer_path = run_tokenizer or prepare_tokenizer(corpus, cfg.tokenizer, model.vocab_size, cache, rank)
     barrier()
     tok = load_tokenizer(tokenizer_path)
     check_vocab(tok, model.vocab_size, str(tokenizer_path))
@@ -183,6 +253,15 @@ def prepare_data(cfg: DataConfig, model: ModelConfig, rank: int = 0, barrier=lam
     # The default document separator (id 0) keeps the hash of shards built before it was a setting.
     separator = () if model.bos_token_id == 0 else (model.bos_token_id,)
     out = cache / "tokens" / stable_hash(corpus.fingerprint(), tok_hash, *separator)
+    if run_tokens is not None and out.name != run_tokens and not cfg.accept_changed_corpus:
+        raise ValueError(
+            f"the corpus of data.source={cfg.source!r} changed since this run started (files added, removed or modified): "
+            f"the run trained on token data {run_tokens}, the corpus now gives {out.name}. Restore the corpus, train into a "
+            f"new --run.dir, or pass --data.accept_changed_corpus=true to continue on the changed corpus with the run's "
+            f"own tokenizer ({tokenizer_path})")
+    if rank == 0 and out.is_dir() and (damage := cache_damage(out)):
+        print(f"warning: the token cache {out} is damaged ({damage}); rebuilding it", file=sys.stderr, flush=True)
+        shutil.rmtree(out)
     if rank == 0 and not (out / "manifest.json").is_file():
         build_shards(corpus, tok, tokenizer_path, model.bos_token_id, out, cfg.shard_tokens)
     barrier()
@@ -193,6 +272,8 @@ class TokenData:
     """Windows over the token shards of one split; `batch(...)` returns inputs, targets and resets."""
 
     def __init__(self, folder: Path, split: str, seq_len: int, seed: int, vocab_size: int):
+        if damage := cache_damage(folder):
+            raise ValueError(f"the token cache {folder} is damaged ({damage}); delete {folder} and rerun to rebuild it")
         manifest = json.loads((folder / "manifest.json").read_text())
         info = manifest["splits"][split]
         self.split, self.seq_len, self.seed = split, seq_len, seed

@@ -10,7 +10,10 @@ Norms, gates and elementwise work are left out (< 1 %). Activation recomputation
 """
 
 import json
+import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,15 +64,58 @@ def peak_memory_gb(device: torch.device) -> float | None:
         return None
 
 
+def log_lines(path: Path) -> Iterator[tuple[str, dict | None]]:
+    """Each line of a metrics.jsonl with its record, streamed; None (and a warning naming the line)
+    for a line that is not a record: the tail of a kill mid-append, an edit."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                print(f"warning: {path} line {n} is not a metrics record, skipped: {line.strip()[:80]!r}", file=sys.stderr)
+                record = None
+            yield line, record
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; malformed lines are skipped with a warning."""
+    return [record for _, record in log_lines(path) if record is not None]
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drops the records past `step` and the malformed lines of a metrics.jsonl. The rest goes to a
+    temporary file renamed over the log, so a kill at any moment leaves the old log or the new one,
+    whole; a log with nothing to drop is not rewritten."""
+    tmp = path.with_name(path.name + ".tmp")
+    changed = False
+    with open(tmp, "w", encoding="utf-8") as out:
+        for line, record in log_lines(path):
+            if record is None or record["step"] > step:
+                changed = True
+                continue
+            changed |= not line.endswith("\n")  # a last line cut before its newline would merge with the next record
+            out.write(line if line.endswith("\n") else line + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    if changed:
+        os.replace(tmp, path)
+    else:
+        tmp.unlink()
+
+
 class MetricsLog:
-    """Rank 0's metrics.jsonl, wandb and progress bar. Records past `resume_step` (from steps run
-    after the last checkpoint of a killed run) are dropped on resume, so the file matches the run."""
+    """Rank 0's metrics.jsonl (appended to, one JSON record per line), wandb and progress bar. Records
+    past `step` (from steps run after the last checkpoint of a killed run) are dropped on resume, so
+    the file matches the run."""
 
     def __init__(self, run_dir: Path, step: int, total: int, config: dict, *, progress: bool, wandb_project: str, wandb_mode: str):
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            truncate_log(self.path, step)
         self.bar = None
         if progress:
             from tqdm import tqdm

@@ -1,14 +1,8 @@
 """`xlstm7b plot RUN_DIR`: loss, bits-per-byte and throughput curves from metrics.jsonl as a PNG."""
 
-import json
 from pathlib import Path
 
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; pass a run directory written by `xlstm7b train`")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from .metrics import read_metrics
 
 
 def plot(run_dir: Path, out: Path) -> Path:
@@ -17,7 +11,10 @@ def plot(run_dir: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass a run directory written by `xlstm7b train`")
+    records = read_metrics(path)
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

@@ -178,7 +178,14 @@ def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
     torch.manual_seed(r.seed)
     run_dir = Path(r.dir).expanduser()
 
-    folder, tokenizer_path, tok = prepare_data(job.data, job.model, d.rank, d.barrier)
+    # A resumed run keeps its tokenizer and checks that its corpus is the one it trained on.
+    run_tokenizer, saved = run_dir / "tokenizer.json", checkpointing.newest_meta(run_dir)
+    folder, tokenizer_path, tok = prepare_data(
+        job.data, job.model, d.rank, d.barrier, run_tokenizer=run_tokenizer if saved and run_tokenizer.is_file() else None,
+        run_tokens=Path(saved["data"]).name if saved and "data" in saved else None)
+    if d.is_main and tokenizer_path != run_tokenizer:
+        shutil.copyfile(tokenizer_path, run_tokenizer.with_suffix(".tmp"))
+        os.replace(run_tokenizer.with_suffix(".tmp"), run_tokenizer)
     train_data = TokenData(folder, "train", t.seq_len, r.seed, job.model.vocab_size)
     val_data = TokenData(folder, "val", t.seq_len, r.seed, job.model.vocab_size)
     tbytes = np.zeros(job.model.vocab_size, dtype=np.int64)
@@ -196,17 +203,18 @@ def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
 
     config = job.to_dict()
     step, tokens_seen = 0, 0
-    found = checkpointing.checkpoints(run_dir)
-    if found:
-        saved = json.loads((found[-1] / "trainer.json").read_text())
-        checkpointing.check_compatible(saved["config"], config, found[-1])
-        meta = checkpointing.load(found[-1], model, optimizer, d)
+    meta, damaged = checkpointing.resume(run_dir, model, optimizer, config, d)
+    if damaged and meta is None:
+        raise TrainingError(
+            "no intact checkpoint to resume from:\n  " + "\n  ".join(damaged) +
+            f"\nRestore them from a backup, or move {run_dir / 'checkpoints'} away to start the run over.")
+    if meta is not None:
         step, tokens_seen = meta["step"], meta["tokens_seen"]
     if d.is_main:
         (run_dir / "config.json").write_text(json.dumps(config, indent=2))
         info = (f"{plain.num_params():,} parameters, parallel={parallel} x{d.world}, {grad_accum} micro-batch(es) of "
                 f"{t.micro_batch} x {t.seq_len} per process per step, {train_data.num_windows * t.seq_len:,} training tokens")
-        print(f"resuming {run_dir} at step {step}: {info}" if found else f"training {run_dir}: {info}", flush=True)
+        print(f"resuming {run_dir} at step {step}: {info}" if meta is not None else f"training {run_dir}: {info}", flush=True)
     log = MetricsLog(run_dir, step, t.steps, config, progress=r.progress, wandb_project=r.wandb_project,
                      wandb_mode=r.wandb_mode) if d.is_main else None
 
