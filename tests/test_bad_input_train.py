@@ -3,6 +3,7 @@ clear message naming the input and what is allowed, a non-zero exit, never a tra
 run in-process through `xlstm7b.cli.main`; every case here fails before any data or model is built."""
 
 import os
+import pwd
 
 import pytest
 
@@ -12,7 +13,10 @@ from xlstm7b.train.config import RunConfig, TrainConfig
 
 
 def run(capsys, *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
     out = capsys.readouterr()
     assert "Traceback" not in out.err + out.out
     return code, out.err + out.out
@@ -115,7 +119,7 @@ FILE_CASES = [
     ("missing-file", None, "nope/missing.toml", "config file nope/missing.toml does not exist"),
     ("folder", None, "{tmp}", "is a folder, not a TOML file"),
     ("malformed-toml", "[train\nsteps = 3\n", "{tmp}/c.toml", "c.toml is not valid TOML"),
-    ("section-not-table", "model = 3\n", "{tmp}/c.toml", "[model] must be a table of keys, got 3"),
+    ("section-not-table", "model = 3\n", "{tmp}/c.toml", "[model] must be a table of keys, got model = 3"),
     ("bad-value-in-file", "[train]\ngrad_clip = -2.0\n", "{tmp}/c.toml", "c.toml: train.grad_clip must be a number >= 0 (0 = off), got -2.0"),
     ("unknown-section", "[optim]\nlr = 1\n", "{tmp}/c.toml", "unknown section(s) ['optim']; valid sections"),
     ("unknown-preset", None, "huge", "unknown preset 'huge'"),
@@ -149,3 +153,73 @@ def test_bad_run_dir(capsys, tmp_path, run_dir, message):
     # A data source that fails at once, should the run directory be accepted.
     code, out = run(capsys, "train", "debug", f"--run.dir={run_dir.format(tmp=tmp_path)}", f"--data.source={tmp_path}/none.txt")
     assert code == 1 and message.format(tmp=tmp_path) in out and "pass a writable folder with --run.dir" in out, out
+
+
+# --- data, cache and home -------------------------------------------------------------------------
+
+DATA_CASES = [
+    ("source-missing", ["--data.source={tmp}/none.txt"], "data.source='{tmp}/none.txt' does not exist"),
+    ("source-without-text-files", ["--data.source={tmp}/empty"], "data.source='{tmp}/empty': no .txt/.md/.py/.json/.jsonl/.parquet files"),
+    ("cache-dir-is-a-file", ["--data.cache_dir={tmp}/f"], "data.cache_dir {tmp}/f cannot be used: it is a file; pass a writable folder"),
+    ("cache-dir-under-a-file", ["--data.cache_dir={tmp}/f/cache"], "data.cache_dir {tmp}/f/cache cannot be used: Not a directory"),
+    ("tokenizer-file-missing", ["--data.tokenizer={tmp}/tok.json", "--data.source={tmp}/corpus"], "tokenizer {tmp}/tok.json not found"),
+    ("vocab-too-small-for-bpe", ["--model.vocab_size=200", "--model.pad_token_id=1"], "model.vocab_size=200 is too small for the byte-level BPE"),
+]
+
+
+@pytest.mark.parametrize("extra, message", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_bad_data_input(capsys, tmp_path, extra, message):
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text")
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    code, out = run(capsys, "train", "debug", f"--run.dir={tmp_path}/run", f"--data.cache_dir={tmp_path}/cache", *extra)
+    assert code in (1, 2) and message.format(tmp=tmp_path) in out, out
+
+
+def test_no_home_folder(capsys, tmp_path, monkeypatch):
+    """The default data.cache_dir is under ~: without HOME (and no passwd entry) the message says what to set."""
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: (_ for _ in ()).throw(KeyError(uid)))
+    code, out = run(capsys, "train", "debug", f"--run.dir={tmp_path}/run")
+    assert code == 1 and "data.cache_dir='~/.cache/xlstm7b' starts with ~, but there is no home folder (HOME is not set)" in out, out
+    assert "set HOME or pass --data.cache_dir=/an/absolute/path" in out
+
+
+# --- tokenizer, plan, plot ---------------------------------------------------------------------------
+
+OTHER_COMMAND_CASES = [
+    ("tokenizer-vocab-too-small", ["tokenizer", "train", "debug", "-o", "{tmp}/t.json", "--vocab-size", "100"], 2,
+     "--vocab-size 100 is too small for a byte-level BPE: at least 258"),
+    ("tokenizer-output-is-a-folder", ["tokenizer", "train", "debug", "-o", "{tmp}"], 2, "--output {tmp} is a folder"),
+    ("tokenizer-output-under-a-file", ["tokenizer", "train", "debug", "-o", "{tmp}/f/t.json", "--data.source={tmp}/corpus"], 1,
+     "cannot use {tmp}/f: File exists"),
+    ("tokenizer-bad-config", ["tokenizer", "train", "debug", "-o", "{tmp}/t.json", "--data.val_fraction=2"], 2,
+     "data.val_fraction must be a number in [0, 1), got 2"),
+    ("tokenizer-source-missing", ["tokenizer", "train", "debug", "-o", "{tmp}/t.json", "--data.source={tmp}/none"], 1,
+     "data.source='{tmp}/none' does not exist"),
+    ("plan-zero-gpus", ["plan", "debug", "--gpus", "0"], 2, "--gpus must be >= 1 (got 0)"),
+    ("plan-negative-memory", ["plan", "debug", "--gpu-memory-gb", "-1"], 2, "--gpu-memory-gb a finite number >= 0"),
+    ("plot-missing-run", ["plot", "{tmp}/nothing"], 1, "{tmp}/nothing/metrics.jsonl not found; pass a run directory"),
+    ("plot-output-is-a-folder", ["plot", "{tmp}/run", "-o", "{tmp}"], 1, "--output {tmp} is a folder"),
+]
+
+
+@pytest.mark.parametrize("argv, code, message", [c[1:] for c in OTHER_COMMAND_CASES], ids=[c[0] for c in OTHER_COMMAND_CASES])
+def test_bad_input_to_other_commands(capsys, tmp_path, argv, code, message):
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    got, out = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert got == code and message.format(tmp=tmp_path) in out, out
+
+
+def test_plot_skips_a_malformed_line(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lo\n{"step": 3, "loss": 4.0}\n')
+    code, out = run(capsys, "plot", str(tmp_path))
+    assert code == 0 and f"{tmp_path}/metrics.jsonl line 2 is not a metrics record, skipped" in out, out
+    assert (tmp_path / "metrics.png").is_file()

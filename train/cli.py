@@ -15,8 +15,13 @@ from .data import Corpus
 from .evaluate import evaluate_documents, machine, report, source_documents, token_bytes_tensor, tokenized_documents, write_outputs
 from .plan import device_capacity_gb, estimate
 from .plot import plot
-from .tokenizer import load_tokenizer, train_bpe
+from .tokenizer import MIN_BPE_VOCAB, load_tokenizer, train_bpe
 from .trainer import TrainingError, train
+
+
+def os_error(e: OSError) -> str:
+    """An error of the file system as one line naming the path and the fix."""
+    return f"cannot use {e.filename}: {e.strerror or e}; check that the path exists and is readable (and writable where output goes)"
 
 
 def train_main(argv: list[str]) -> int:
@@ -34,8 +39,11 @@ def train_main(argv: list[str]) -> int:
         return 2
     try:
         return train(job)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
+    except (TrainingError, ValueError) as e:
         print(f"xlstm7b train: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"xlstm7b train: {os_error(e)}", file=sys.stderr)
         return 1
 
 
@@ -48,12 +56,27 @@ def tokenizer_main(argv: list[str]) -> int:
     t.add_argument("--output", "-o", required=True, help="where to write tokenizer.json")
     t.add_argument("--vocab-size", type=int, default=0, help="default: the config's model.vocab_size")
     args, overrides = t.parse_known_args(argv[1:]) if argv[:1] == ["train"] else (p.parse_args(argv), [])
-    job = load_config(args.config, overrides)
-    corpus = Corpus(job.data)
-    tok = train_bpe((text for _, text in corpus.documents("train")), args.vocab_size or job.model.vocab_size)
+    if args.vocab_size and args.vocab_size < MIN_BPE_VOCAB:
+        t.error(f"--vocab-size {args.vocab_size} is too small for a byte-level BPE: at least {MIN_BPE_VOCAB} (256 bytes + 2 special tokens)")
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out))
+    if out.is_dir():
+        t.error(f"--output {out} is a folder; pass a file path such as {out / 'tokenizer.json'}")
+    try:
+        job = load_config(args.config, overrides)
+    except ValueError as e:
+        print(f"xlstm7b tokenizer: {e}", file=sys.stderr)
+        return 2
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        corpus = Corpus(job.data)
+        tok = train_bpe((text for _, text in corpus.documents("train")), args.vocab_size or job.model.vocab_size)
+        tok.save(str(out))
+    except ValueError as e:
+        print(f"xlstm7b tokenizer: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"xlstm7b tokenizer: {os_error(e)}", file=sys.stderr)
+        return 1
     print(f"wrote {out}: {tok.get_vocab_size()} tokens trained on the training split of {job.data.source!r}")
     return 0
 
@@ -64,6 +87,8 @@ def plan_main(argv: list[str]) -> int:
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (processes) to plan for")
     p.add_argument("--gpu-memory-gb", type=float, default=0, help="memory per GPU (default: this machine's GPU, else 80)")
     args, overrides = p.parse_known_args(argv)
+    if args.gpus < 1 or not 0 <= args.gpu_memory_gb < float("inf"):
+        p.error(f"--gpus must be >= 1 (got {args.gpus}) and --gpu-memory-gb a finite number >= 0, 0 = the device's (got {args.gpu_memory_gb})")
     try:
         job = load_config(args.config, overrides)
     except ValueError as e:
@@ -85,7 +110,13 @@ def plot_main(argv: list[str]) -> int:
     try:
         out = plot(run_dir, Path(args.output) if args.output else run_dir / "metrics.png")
     except ImportError:
-        print("xlstm7b plot needs matplotlib: pip install 'xlstm7b[plot]'")
+        print("xlstm7b plot needs matplotlib: pip install 'xlstm7b[plot]'", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"xlstm7b plot: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"xlstm7b plot: {os_error(e)}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

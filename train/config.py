@@ -9,6 +9,7 @@ annotations, ranges from each class's `bounds` table, all at load, before any ex
 """
 
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, ClassVar, Literal
 from xlstm7b.config import NON_EMPTY, NON_NEGATIVE, POSITIVE, Bound, ModelConfig, check_fields, preset_path
 
 from .finetune import resolve_init_from
+from .tokenizer import MIN_BPE_VOCAB
 
 
 @dataclass
@@ -186,6 +188,9 @@ class JobConfig:
     def validate(self) -> None:
         """What no single section can check: relations between fields (each section checks its own)."""
         t = self.train
+        if self.data.tokenizer == "train" and self.model.vocab_size < MIN_BPE_VOCAB:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} is too small for the byte-level BPE that data.tokenizer='train' "
+                             f"trains: at least {MIN_BPE_VOCAB} (256 bytes + {MIN_BPE_VOCAB - 256} special tokens)")
         if t.global_batch_tokens % t.seq_len:
             raise ValueError(f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of train.seq_len={t.seq_len}")
 
@@ -204,9 +209,7 @@ class JobConfig:
 SECTIONS = {"model": ModelSection, "data": DataConfig, "train": TrainConfig, "run": RunConfig}
 
 
-def _section(cls, values: Any, source: str, name: str):
-    if not isinstance(values, dict):
-        raise ValueError(f"{source}: [{name}] must be a table of keys, got {values!r}")
+def _section(cls, values: dict, source: str, name: str):
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
@@ -215,6 +218,28 @@ def _section(cls, values: Any, source: str, name: str):
         return cls(**values)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def user_path(value: str, key: str) -> Path:
+    """The path `value` of config key `key`, with ~ expanded; without a home folder, an error that says so."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        raise ValueError(f"{key}={value!r} starts with ~, but there is no home folder (HOME is not set); set HOME or "
+                         f"pass --{key}=/an/absolute/path") from None
+
+
+def writable_folder(value: str, key: str) -> Path:
+    """The folder `value` of config key `key`, created if needed; an error naming the key if it cannot be written."""
+    path = user_path(value, key)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        problem = None if os.access(path, os.W_OK | os.X_OK) else "Permission denied"
+    except OSError as e:
+        problem = "it is a file" if path.is_file() else f"{e.strerror} ({e.filename})"
+    if problem:
+        raise ValueError(f"{key} {path} cannot be used: {problem}; pass a writable folder with --{key}")
+    return path
 
 
 def parse_value(text: str) -> Any:
@@ -237,10 +262,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> None:
         field_type = typing.get_type_hints(SECTIONS[section]).get(name)
         if field_type is str and not isinstance(value, str):  # --run.dir=2024 names a folder, not a number
             value = text
-        table = data.setdefault(section, {})
-        if not isinstance(table, dict):
-            raise ValueError(f"override {arg!r}: [{section}] in the config file is not a table of keys")
-        table[name] = value
+        data.setdefault(section, {})[name] = value
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
@@ -256,6 +278,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: [{name}] must be a table of keys, got {name} = {table!r}")
     apply_overrides(data, list(overrides))
     source = f"{path} (with overrides)" if overrides else str(path)
     resolve_init_from(data, source)

@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 
 from xlstm7b import ModelConfig
 
-from .config import DataConfig
+from .config import DataConfig, user_path, writable_folder
 from .tokenizer import check_vocab, load_tokenizer, train_bpe
 
 SPLITS = ("train", "val")
@@ -61,7 +61,7 @@ class Corpus:
             root = Path(sysconfig.get_paths()["stdlib"])
             self.kind, self.root = "files", root
             self.files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
-        elif Path(source).expanduser().exists() or glob.glob(os.path.expanduser(source), recursive=True):
+        elif user_path(source, "data.source").exists() or glob.glob(os.path.expanduser(source), recursive=True):
             path = Path(source).expanduser()
             if path.is_dir():
                 files = path.rglob("*")
@@ -243,7 +243,7 @@ def prepare_data(cfg: DataConfig, model: ModelConfig, rank: int = 0, barrier=lam
     A resumed run passes its own tokenizer (`run_tokenizer`, used as is: never retrained) and the
     name of the token folder it trained on (`run_tokens`): a corpus that changed since is refused,
     before any tokenization, unless `cfg.accept_changed_corpus`."""
-    cache = Path(cfg.cache_dir).expanduser()
+    cache = writable_folder(cfg.cache_dir, "data.cache_dir")
     corpus = Corpus(cfg)
     tokenizer_path = run_tokenizer or prepare_tokenizer(corpus, cfg.tokenizer, model.vocab_size, cache, rank)
     barrier()

@@ -6,15 +6,16 @@ from .metrics import read_metrics
 
 
 def plot(run_dir: Path, out: Path) -> Path:
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} not found; pass a run directory written by `xlstm7b train`")
+    if out.is_dir():
+        raise ValueError(f"--output {out} is a folder; pass a .png file path")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; pass a run directory written by `xlstm7b train`")
-    records = read_metrics(path)
+    records = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

@@ -11,6 +11,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
+"""The smallest byte-level BPE: every byte and the special tokens, no merges."""
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from xlstm7b import XLSTM, generate, save_pretrained
 
 from . import checkpointing
-from .config import JobConfig
+from .config import JobConfig, user_path, writable_folder
 from .data import TokenData, prepare_data
 from .lock import RunDirBusy, RunLock
 from .metrics import MetricsLog, peak_flops, peak_memory_gb, train_flops_per_token
@@ -145,13 +145,9 @@ def locked_run_dir(run_dir: Path, d: Dist):
         error = None
         if d.is_main:
             try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                stack.enter_context(RunLock(run_dir))
-            except RunDirBusy as e:
+                stack.enter_context(RunLock(writable_folder(str(run_dir), "run.dir")))
+            except (RunDirBusy, ValueError) as e:
                 error = str(e)
-            except OSError as e:
-                reason = "it is a file" if run_dir.is_file() else f"{e.strerror} ({e.filename})"
-                error = f"run.dir {run_dir} cannot be used: {reason}; pass a writable folder with --run.dir"
         if d.all_reduce(torch.tensor(int(error is not None), device=d.device)).item():
             raise TrainingError(error or f"rank 0 could not take the run directory {run_dir}; its message says why")
         yield
@@ -165,7 +161,7 @@ def train(job: JobConfig) -> int:
         plan = estimate(job, d.world, d.device)
         if not plan.fits:
             raise TrainingError(f"this config does not fit in memory:\n{plan.report(job)}")
-        with locked_run_dir(Path(job.run.dir).expanduser(), d):
+        with locked_run_dir(user_path(job.run.dir, "run.dir"), d):
             return _train(job, d, grad_accum)
     finally:
         if d.world > 1 and torch.distributed.is_initialized():
