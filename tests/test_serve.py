@@ -288,6 +288,12 @@ def test_cli_disconnect_frees_the_slot_and_a_full_queue_is_overloaded(cli_server
     assert queued["r"].usage.completion_tokens == 3
     wait_for(lambda: metric(url, "xlstm7b_active_slots") == 0)
     assert 'reason="cancelled"} 1.0' in httpx.get(url + "/metrics").text
+    # a client that gives up on a non-streamed request frees the slot too
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 100_000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, timeout=1.0)
+    wait_for(lambda: metric(url, "xlstm7b_active_slots") == 0)
+    assert 'reason="cancelled"} 2.0' in httpx.get(url + "/metrics").text
 
 
 def test_cli_sigterm_finishes_the_running_request_and_refuses_new_ones(cli_server):

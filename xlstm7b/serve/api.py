@@ -300,13 +300,20 @@ def build_app(engine: Engine, *, model_name: str, chat_template: ChatTemplate | 
 
         if body.stream:
             return StreamingResponse(stream(head, next_event, handle, usage, body, chat), media_type="text/event-stream")
+        getter, checked = None, time.monotonic()
         try:
-            while True:
-                try:
-                    if (await asyncio.wait_for(next_event(), timeout=1.0)).finish_reason is not None:
+            while True:  # up to the final event, checking every second that the client is still there
+                getter = getter or asyncio.ensure_future(next_event())
+                done, _ = await asyncio.wait({getter}, timeout=1.0)
+                if done:
+                    if getter.result().finish_reason is not None:
                         break
-                except TimeoutError:
+                    getter = None
+                if time.monotonic() - checked >= 1.0:
+                    checked = time.monotonic()
                     if await request.is_disconnected():  # nobody waits for the answer: free the slot
+                        if getter is not None:
+                            getter.cancel()
                         engine.cancel(handle)
                         return Response(status_code=499)
         finally:
