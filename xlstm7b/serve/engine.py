@@ -191,6 +191,10 @@ class Request:
 
 
 class Engine:
+    """Continuous batching over `config.max_batch` state slots (the module docstring says how).
+    `tokenizer` (a `tokenizers.Tokenizer`, optional) turns the tokens into text, for stop strings
+    and `Request.text`; without it, requests deal in token ids only."""
+
     def __init__(self, model: XLSTM, config: EngineConfig | None = None, tokenizer=None):
         self.model, self.config, self.tokenizer = model, config or EngineConfig(), tokenizer
         self.device = model.lm_head.weight.device
