@@ -2,6 +2,7 @@
 damaged checkpoints, a damaged metrics log, a changed corpus, a damaged token cache."""
 
 import json
+import pickle
 import shutil
 import signal
 import time
@@ -100,6 +101,23 @@ def test_no_intact_checkpoint_is_an_error_that_keeps_them(tmp_path, four_steps, 
     assert f"move {run / 'checkpoints'} away to start the run over" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002.damaged", "step_00000004.damaged"]
     assert sorted(losses(run)) == [1, 2, 3, 4]  # the log is untouched
+
+
+class RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_metadata_cannot_run_code(tmp_path, four_steps):
+    ckpt = tmp_path / "step_00000004"
+    shutil.copytree(four_steps[0] / "checkpoints" / "step_00000004", ckpt)
+    (ckpt / ".metadata").write_bytes(pickle.dumps(RunsCode(tmp_path / "ran")))
+    problem = checkpointing.missing_bytes(ckpt, 0)
+    assert "pathlib.Path.touch is not part of a checkpoint's metadata" in problem and ".metadata is unreadable" in problem
+    assert not (tmp_path / "ran").exists()
 
 
 # --- the metrics log --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ inspection, never counted among the last k (which would prune the intact ones).
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -135,11 +136,28 @@ def resume(run_dir: Path, model, optimizer, config: dict, d: Dist) -> tuple[dict
     return None, damaged
 
 
+class MetadataUnpickler(pickle.Unpickler):
+    """Reads DCP's `.metadata`, a pickle, building only the classes a checkpoint's metadata is made
+    of: a crafted file cannot run code. DCP's own reader (plain pickle) runs only after this one has
+    accepted the file, so it meets no other global either."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (module == "torch.distributed.checkpoint.metadata"
+                   or (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                                         ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                                         ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+                   or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        return super().find_class(module, name)
+
+
 def missing_bytes(path: Path, rank: int) -> str | None:
     """What a cheap look finds wrong with a checkpoint's files (the DCP metadata, every shard at least
     as long as the metadata says, this rank's RNG file), naming the file; None if nothing."""
     try:
-        metadata = dcp.FileSystemReader(path).read_metadata()
+        with open(path / ".metadata", "rb") as fh:
+            metadata = MetadataUnpickler(fh).load()
     except Exception as e:  # absent or garbled .metadata: whatever the unpickler raises
         return f"{path / '.metadata'} is unreadable ({describe_error(e)})"
     needed: dict[str, int] = {}
