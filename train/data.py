@@ -95,10 +95,11 @@ class Corpus:
             return
         import datasets
 
+        # Streamed, local files too: rows are read as they are tokenized, never converted to a copy first.
         if self.kind == "hub":
             ds = datasets.load_dataset(c.source, c.hub_config or None, split=c.hub_split, streaming=True)
         else:
-            ds = datasets.load_dataset(self.kind, data_files=[str(f) for f in self.files], split="train")
+            ds = datasets.load_dataset(self.kind, data_files=[str(f) for f in self.files], split="train", streaming=True)
         for n, row in enumerate(ds):
             if c.text_field not in row:
                 raise ValueError(f"data.source={c.source!r} has no column {c.text_field!r}; set data.text_field to one of {list(row)}")
