@@ -331,3 +331,12 @@ def test_cli_errors(tmp_path, checkpoint_dir, capsys):
     assert "max_batch must be a positive integer" in capsys.readouterr().err
     assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--tokenizer", str(tmp_path / "t.json")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_chat_template_from_the_checkpoint(tmp_path):
+    template = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": {"content": "<s>"}}))
+    chat = ChatTemplate.from_checkpoint(tmp_path)
+    assert chat.render([{"role": "user", "content": "hi"}]) == "<s><|user|>hi<|assistant|>" and chat.stop == ()
+    plain = ChatTemplate.from_checkpoint(tmp_path / "none")
+    assert plain.render([{"role": "user", "content": "hi"}]) == "User: hi\n\nAssistant:" and plain.stop == ("\nUser:",)
