@@ -108,6 +108,14 @@ def recompute_blocks(model: XLSTM) -> None:
         recompute_in_backward(block)
 
 
+def initialize(model: XLSTM, seed: int, init_from: str) -> None:
+    """The weights of a materialized (possibly sharded) model: from a saved folder, else drawn from `seed`."""
+    if init_from:
+        load_weights(model, init_from)
+    else:
+        materialize(model, seed)
+
+
 def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int, init_from: str = "") -> tuple[nn.Module, XLSTM, str]:
     """(the module to train, the plain XLSTM inside it, the parallelism used). Its weights are
     initialized from `seed`, or read from the saved model folder `init_from`."""
@@ -136,10 +144,10 @@ def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int, init_
         fully_shard(model, **kwargs)
         register_fsdp_forward_method(model, "logits")  # the loss calls the head outside forward()
         model.to_empty(device="cpu" if cfg.cpu_offload else d.device)
-        load_weights(model, init_from) if init_from else materialize(model, seed)
+        initialize(model, seed, init_from)
     else:
         model.to_empty(device=d.device)
-        load_weights(model, init_from) if init_from else materialize(model, seed)
+        initialize(model, seed, init_from)
         if parallel == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     return wrapped, model, parallel
