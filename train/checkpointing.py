@@ -107,9 +107,11 @@ def resume(run_dir: Path, model, optimizer, config: dict, d: Dist) -> tuple[dict
     """Restores the newest intact checkpoint of `run_dir`: its trainer.json, or None if there is none,
     and the damaged checkpoints skipped on the way ('path: what is wrong'). A checkpoint saved with
     an incompatible config is an error (ValueError), not damage. Every rank takes the same decision."""
+    def on_any_rank(failed: bool) -> bool:  # the ranks agree before DCP's collective load, and after it
+        return bool(d.all_reduce(torch.tensor(int(failed), device=d.device)).item())
+
     damaged = []
     for path in reversed(checkpoints(run_dir)):
-        problem = None
         try:
             saved = json.loads((path / "trainer.json").read_text())
             saved_config = saved["config"]
@@ -118,13 +120,13 @@ def resume(run_dir: Path, model, optimizer, config: dict, d: Dist) -> tuple[dict
         else:
             check_compatible(saved_config, config, path)
             problem = missing_bytes(path, d.rank)
-            if problem is None:
-                try:
-                    meta = load(path, model, optimizer, d)
-                except (Exception, CheckpointException) as e:  # whatever a damaged file raises in DCP, torch.load or json
-                    problem = describe_error(e)
-        if not d.all_reduce(torch.tensor(int(problem is not None), device=d.device)).item():
-            return meta, damaged
+        if not on_any_rank(problem is not None):
+            try:
+                meta = load(path, model, optimizer, d)
+            except (Exception, CheckpointException) as e:  # whatever a damaged file raises in DCP, torch.load or json
+                problem = describe_error(e)
+            if not on_any_rank(problem is not None):
+                return meta, damaged
         damaged.append(f"{path}: {problem or 'damaged on another rank'}")
         d.barrier()  # every rank has stopped reading it
         if d.is_main:
