@@ -113,12 +113,20 @@ def evaluate_documents(
     n_docs = 0
     t0 = time.perf_counter()
     while True:
-        ids = np.full((batch_size, P + 1), c.pad_token_id, dtype=np.int64)
-        pos = np.full((batch_size, P + 1), -1, dtype=np.int64)  # -1: padding after the lane's last document
-        for b, lane in enumerate(lanes):
+        for lane in lanes:
             before = lane.positions.size
             lane.fill(P + 1, docs)
             n_docs += int((lane.positions[before:] == 0).sum())
+        # Lanes the documents ran out for leave the batch, with their rows of the state.
+        keep = [b for b, lane in enumerate(lanes) if lane.tokens.size]
+        if not keep:
+            break
+        if len(keep) < len(lanes):
+            lanes = [lanes[b] for b in keep]
+            state = None if state is None else state.select(keep)
+        ids = np.full((len(lanes), P + 1), c.pad_token_id, dtype=np.int64)
+        pos = np.full((len(lanes), P + 1), -1, dtype=np.int64)  # -1: padding after the lane's last document
+        for b, lane in enumerate(lanes):
             n = min(P + 1, lane.tokens.size)
             ids[b, :n], pos[b, :n] = lane.tokens[:n], lane.positions[:n]
             # The last token stays: it is the input that predicts the next piece's first target
@@ -128,8 +136,6 @@ def evaluate_documents(
         inputs, targets = ids_t[:, :-1], ids_t[:, 1:]
         in_pos, target_pos = pos_t[:, :-1], pos_t[:, 1:]
         mask = in_pos >= 0
-        if not mask.any():
-            break
         scored = mask & (target_pos > 0)  # a target at position 0 is the next document's BOS
         hidden, state = model(inputs, state, reset=in_pos == 0, mask=None if mask.all() else mask, return_hidden=True)
         t = targets[scored]
