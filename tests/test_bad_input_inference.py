@@ -83,6 +83,7 @@ GENERATE_FILES = {
         lambda c, t: (shutil.copytree(c, t / "draft"), write(t / "draft" / "config.json", json.dumps(
             {**json.loads((c / "config.json").read_text()), "vocab_size": 400}))) and ["--draft", str(t / "draft")],
         "vocab_size=400", "share the model's tokenizer"),
+    "max-new-tokens-beyond-memory": (lambda c, t: ["--max-new-tokens", str(10**15)], "does not fit in memory", "fewer tokens"),
     "device-foo": (lambda c, t: ["--device", "foo"], "device 'foo' is not a device name", "'cpu'"),
     "device-meta": (lambda c, t: ["--device", "meta"], "not supported"),
 }
@@ -275,6 +276,9 @@ API = {
     "generate-seed-negative": (lambda e: generate(e.model, [[3]], seed=-1, **ONE), ValueError, "seed"),
     "generate-seed-str": (lambda e: generate(e.model, [[3]], seed="x", **ONE), ValueError, "seed"),
     "generate-eos-out-of-range": (lambda e: generate(e.model, [[3]], eos_token_id=10**6, **ONE), ValueError, "eos_token_id"),
+    "generate-output-beyond-memory": (lambda e: generate(e.model, [[3]], max_new_tokens=10**15), ValueError, "does not fit in memory"),
+    "speculative-output-beyond-memory": (lambda e: generate(e.model, [[3]], max_new_tokens=10**15, draft=e.model), ValueError,
+                                         "does not fit in memory"),
     "generate-streamer-str": (lambda e: generate(e.model, [[3]], streamer="x", **ONE), TypeError, "streamer"),
     "generate-ids-out-of-range": (lambda e: generate(e.model, [[3, 9999]], **ONE), ValueError, "token id 9999"),
     "generate-ids-float": (lambda e: generate(e.model, torch.ones(1, 3), **ONE), TypeError, "integer token ids"),

@@ -82,6 +82,16 @@ def prefill(model: XLSTM, ids: torch.Tensor, mask: torch.Tensor | None, state: S
     return logits[:, -1]
 
 
+def token_buffer(B: int, n: int, pad_token_id: int, device) -> torch.Tensor:
+    """The [B, n] token ids generation writes, filled with the pad id; a ValueError naming
+    max_new_tokens when it does not fit in memory."""
+    try:
+        return torch.full((B, n), pad_token_id, dtype=torch.long, device=device)
+    except RuntimeError as e:  # torch's allocators (CPU and CUDA out of memory alike)
+        raise ValueError(f"max_new_tokens: the output of {B} x {n} token ids ({B * n * 8 / 2**30:,.1f} GiB) does not fit "
+                         "in memory; generate fewer tokens per call and continue from the returned state") from e
+
+
 def check_finite(nonfinite: torch.Tensor, model: XLSTM, where: str, *, role: str = "model") -> None:
     """Raises a FloatingPointError naming the likely cause when the bool flag `nonfinite` (a host
     sync) says that `model` produced NaN or inf logits `where`; the cause is looked for only then."""

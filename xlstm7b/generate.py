@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .decode import batch_prompts, check_finite, decoding_state, prefill, step_runner
+from .decode import batch_prompts, check_finite, decoding_state, prefill, step_runner, token_buffer
 from .model import XLSTM
 from .sampling import sample
 from .speculative import speculative_decode
@@ -147,7 +147,7 @@ def generate(
     if draft_state is not None:
         raise ValueError("draft_state is given without a draft model")
 
-    tokens = torch.full((B, max_new_tokens), config.pad_token_id, dtype=torch.long, device=device)
+    tokens = token_buffer(B, max_new_tokens, config.pad_token_id, device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     with torch.no_grad():
         logits = prefill(model, ids, mask, state, prefill_chunk_size)

@@ -39,7 +39,7 @@ the returned states cover the prompt and every generated token, as with plain de
 
 import torch
 
-from .decode import check_finite, prefill, step_runner
+from .decode import check_finite, prefill, step_runner, token_buffer
 from .kernels import mlstm_advance
 from .model import XLSTM, split_cell_inputs
 from .sampling import sample_from, sampling_probs
@@ -92,7 +92,7 @@ def speculative_decode(
                   if max_new_tokens > 0 else None)
 
     # Room for one whole block past max_new_tokens, so writes never collide; cut at the end.
-    tokens = torch.full((B, max_new_tokens + K + 1), pad, dtype=torch.long, device=device)
+    tokens = token_buffer(B, max_new_tokens + K + 1, pad, device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     stats = {"blocks": 0, "drafted": 0, "accepted": 0, "rejected": 0}
