@@ -2,13 +2,16 @@
 clear message naming the input and what is allowed, a non-zero exit, never a traceback. The commands
 run in-process through `xlstm7b.cli.main`; every case here fails before any data or model is built."""
 
+import io
 import os
 import pwd
+import sys
 
 import pytest
 
 from xlstm7b.cli import main
 from xlstm7b.config import ModelConfig
+from xlstm7b.train import cli
 from xlstm7b.train.config import RunConfig, TrainConfig
 
 
@@ -223,3 +226,25 @@ def test_plot_skips_a_malformed_line(capsys, tmp_path):
     code, out = run(capsys, "plot", str(tmp_path))
     assert code == 0 and f"{tmp_path}/metrics.jsonl line 2 is not a metrics record, skipped" in out, out
     assert (tmp_path / "metrics.png").is_file()
+
+
+# --- interrupts and closed pipes ------------------------------------------------------------------------
+
+def test_interrupt_is_one_line(capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_config", interrupted)
+    code, out = run(capsys, "plan", "debug")
+    assert code == 130 and out == "xlstm7b plan: interrupted\n"
+
+
+def test_closed_output_pipe_exits_quietly(monkeypatch, capsys):
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    code = main(["plan", "debug"])
+    monkeypatch.undo()
+    assert code == 141 and capsys.readouterr().err == ""

@@ -2,6 +2,8 @@
 through `main(command, argv)`."""
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -187,4 +189,14 @@ COMMANDS = {"train": train_main, "tokenizer": tokenizer_main, "plan": plan_main,
 
 
 def main(command: str, argv: list[str]) -> int:
-    return COMMANDS[command](argv)
+    try:
+        code = COMMANDS[command](argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except KeyboardInterrupt:  # training itself turns the first Ctrl-C into a checkpoint and a stop
+        print(f"xlstm7b {command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `xlstm7b plan 7b | head -3`: the reader has what it wanted
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
