@@ -242,6 +242,17 @@ def test_broken_pipe_of_a_real_pipe(checkpoint_dir, capsys, monkeypatch):
     pipe.close()
 
 
+def test_ctrl_c_exits_130_without_a_traceback(checkpoint_dir, capsys, monkeypatch):
+    import xlstm7b.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xlstm7b.cli, "generate", interrupted)
+    code, err = run(capsys, "generate", "--checkpoint", str(checkpoint_dir), "--prompt", "hi")
+    assert code == 130 and err == "xlstm7b generate: interrupted\n"
+
+
 # --- the public functions --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
