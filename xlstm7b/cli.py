@@ -163,7 +163,7 @@ def generate_main(argv: list[str]) -> int:
         return fail("generate", "the output was closed (broken pipe); stopped generating", 141)
 
 
-def load_tokenizer(path: Path, default: bool, vocab_size: int) -> Tokenizer:
+def open_tokenizer(path: Path, default: bool, vocab_size: int) -> Tokenizer:
     """The tokenizer.json at `path` (`default`: the checkpoint folder's own), checked against the
     model's vocabulary; a ValueError that names the file and the fix."""
     fix = "pass --tokenizer PATH/tokenizer.json" if default else "pass the tokenizer.json the model was trained with"
@@ -188,7 +188,7 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     config = read_config(checkpoint_folder(args.checkpoint, "--checkpoint"))
     tok_path = Path(args.tokenizer).expanduser() if args.tokenizer else Path(args.checkpoint) / "tokenizer.json"
-    tokenizer = load_tokenizer(tok_path, args.tokenizer is None, config.vocab_size)
+    tokenizer = open_tokenizer(tok_path, args.tokenizer is None, config.vocab_size)
     if args.draft is not None:
         draft_config = read_config(checkpoint_folder(args.draft, "--draft"))
         if draft_config.vocab_size != config.vocab_size:
