@@ -210,6 +210,11 @@ def test_a_damaged_token_cache_is_detected_and_rebuilt(small_data, monkeypatch, 
     folder, _, _ = data.prepare_data(*small_data)
     good = built(folder)
     assert len([f for f in good if f.startswith("train_")]) >= 2
+    # The windows run through every shard in order, and the manifest knows the largest id.
+    windows, split = data.TokenData(folder, "train", 32, 0, 512), json.loads(good["manifest.json"])["splits"]["train"]
+    expected = [shard[j * 32 : j * 32 + 33] for shard in windows.shards for j in range((shard.size - 1) // 32)]
+    assert len(expected) == windows.num_windows and all((windows.window(w) == e).all() for w, e in enumerate(expected))
+    assert split["max_token_id"] == max(int(shard.max()) for shard in windows.shards)
     truncate(folder / "train_00001.bin")  # would train silently on a part of the data
     tokens = json.loads((folder / "manifest.json").read_text())["splits"]["train"]["shards"][1]["tokens"]
     damage = f"{folder}/train_00001.bin is {tokens // 3:,} tokens long; the manifest says {tokens:,}"

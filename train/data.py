@@ -189,7 +189,7 @@ def build_shards(corpus: Corpus, tok: Tokenizer, tokenizer_path: Path, bos: int,
         if resumed:
             print(f"resuming the tokenization in {partial}", flush=True)
         for split in SPLITS:
-            state = progress["splits"].setdefault(split, {"shards": [], "documents": 0, "bytes": 0, "done": False})
+            state = progress["splits"].setdefault(split, {"shards": [], "documents": 0, "bytes": 0, "max_token_id": 0, "done": False})
             if state["done"]:
                 continue
             written = {shard["file"] for shard in state["shards"]}
@@ -208,6 +208,7 @@ def build_shards(corpus: Corpus, tok: Tokenizer, tokenizer_path: Path, bos: int,
                         fh.flush()
                         os.fsync(fh.fileno())
                     state["shards"].append({"file": name, "tokens": int(arr.size)})
+                    state["max_token_id"] = max(state["max_token_id"], int(arr.max()))
                     buf.clear()
                 state["documents"] += pending_docs
                 state["bytes"] += pending_bytes
@@ -226,7 +227,8 @@ def build_shards(corpus: Corpus, tok: Tokenizer, tokenizer_path: Path, bos: int,
             state["done"] = True
             save_json(progress_path, progress)
         splits = {split: {"shards": st["shards"], "documents": st["documents"], "bytes": st["bytes"],
-                          "tokens": sum(shard["tokens"] for shard in st["shards"])} for split, st in progress["splits"].items()}
+                          "tokens": sum(shard["tokens"] for shard in st["shards"]), "max_token_id": st["max_token_id"]}
+                  for split, st in progress["splits"].items()}
         manifest = {"tokenizer": str(tokenizer_path), "dtype": progress["dtype"], "bos_token_id": bos, "splits": splits}
         save_json(partial / "manifest.json", manifest)
         progress_path.unlink()
@@ -287,15 +289,18 @@ class TokenData:
             raise ValueError(
                 f"the {split} split has {info['tokens']} tokens in {info['documents']} documents: not one sequence of "
                 f"train.seq_len={seq_len} + 1 tokens. Add data, lower train.seq_len or raise data.val_fraction")
-        # window w -> (shard, start)
-        self.starts = np.concatenate([np.stack([np.full(c, i), np.arange(c) * seq_len], 1) for i, c in enumerate(counts) if c])
-        top = max(int(s.max()) for s in self.shards if s.size)
+        # Window w lies in the shard i with ends[i-1] <= w < ends[i]: one number per shard, not per window.
+        self.ends = np.cumsum(counts)
+        # Recorded by the build; shards built before it was are scanned (reads the whole split once).
+        top = info.get("max_token_id")
+        top = max(int(s.max()) for s in self.shards if s.size) if top is None else top
         if top >= vocab_size:
             raise ValueError(f"token id {top} in {folder} exceeds model.vocab_size={vocab_size}; the tokenizer does not fit the model")
         self._perm_epoch, self._perm = -1, None
 
     def window(self, w: int) -> np.ndarray:
-        shard, start = self.starts[w]
+        shard = int(np.searchsorted(self.ends, w, side="right"))
+        start = (w - (int(self.ends[shard - 1]) if shard else 0)) * self.seq_len
         return np.asarray(self.shards[shard][start : start + self.seq_len + 1], dtype=np.int64)
 
     def sample_window(self, k: int) -> int:
