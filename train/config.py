@@ -42,7 +42,8 @@ class DataConfig:
     cache_dir: str = "~/.cache/xlstm7b"
     """Where tokenizers and token shards are cached, keyed by a hash of the files and the tokenizer."""
     shard_tokens: int = 1 << 26
-    """Tokens per on-disk shard."""
+    """Tokens per on-disk shard (about the most tokenization holds in memory; a killed tokenization
+    resumes from its last complete shard)."""
     accept_changed_corpus: bool = False
     """On resume, continue on a corpus that changed since the run started (files added, removed or
     modified), tokenized with the run's own tokenizer; without it such a resume is refused."""
