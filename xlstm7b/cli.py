@@ -93,7 +93,7 @@ def info_main(argv: list[str]) -> int:
     except OSError as e:
         return fail("info", f"cannot read {path}: {e.strerror or e}")
     except ValueError as e:  # malformed TOML or an invalid [model] section
-        return fail("info", str(e) if str(path) in str(e) else f"{path}: {e}")
+        return fail("info", str(e))
 
     with torch.device("meta"):
         meta_model = XLSTM(config)

@@ -192,8 +192,11 @@ class ModelConfig:
         """The [model] section of a TOML file (other sections belong to the trainer)."""
         path = Path(path)
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-        if "model" not in data:
+            try:
+                data = tomllib.load(fh)
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not valid TOML ({e})") from e
+        if not isinstance(data.get("model"), dict):
             raise ValueError(f"{path}: no [model] section")
         return cls.from_dict(data["model"], source=str(path))
 
