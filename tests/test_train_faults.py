@@ -122,13 +122,15 @@ def test_checkpoint_metadata_cannot_run_code(tmp_path, four_steps):
 
 # --- the metrics log --------------------------------------------------------------------------------
 
-def test_malformed_log_lines_are_skipped_with_a_warning_and_the_rest_kept(tmp_path, four_steps, corpus, cache, capsys):
+def test_malformed_log_lines_are_skipped_and_a_killed_save_cleaned_up(tmp_path, four_steps, corpus, cache, capsys):
     run = tmp_path / "r"
     shutil.copytree(four_steps[0], run)
     log = run / "metrics.jsonl"
     lines = log.read_text().splitlines(keepends=True)
     log.write_text(lines[0] + "garbage\n" + "".join(lines[1:]) + '{"step": 5, "lo')  # a kill mid-append
+    (run / "checkpoints" / "step_00000007.tmp").mkdir()  # and mid-save
     assert main(["train", "debug", *overrides(corpus, cache, run, "--train.steps=5", "--run.ckpt_every=2")]) == 0
+    assert not (run / "checkpoints" / "step_00000007.tmp").exists()
     err = capsys.readouterr().err
     assert f"{log} line 2 is not a metrics record, skipped: 'garbage'" in err and f"{log} line 7" in err, err
     assert losses(run) == {**four_steps[1], 5: losses(run)[5]} and sorted(losses(run)) == [1, 2, 3, 4, 5]

@@ -110,6 +110,9 @@ def resume(run_dir: Path, model, optimizer, config: dict, d: Dist) -> tuple[dict
     def on_any_rank(failed: bool) -> bool:  # the ranks agree before DCP's collective load, and after it
         return bool(d.all_reduce(torch.tensor(int(failed), device=d.device)).item())
 
+    if d.is_main:  # saves cut short by a kill: under the run's lock no other process is writing one
+        for stale in (run_dir / "checkpoints").glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
     damaged = []
     for path in reversed(checkpoints(run_dir)):
         try:
