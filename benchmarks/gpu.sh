@@ -7,12 +7,13 @@
 #   bash benchmarks/gpu.sh --dry-run OUTPUT_DIR   # the same stages with tiny shapes on the CPU
 #
 # OUTPUT_DIR (new or empty) gets gpu.log (everything printed), tests.json, kernels-<date>.json + .png,
-# generate_cuda.json + .png, train.json and speculative_cuda_random_7b.json: 8 files at most.
+# generate_cuda.json, train.json, serve_cuda.json and speculative_cuda_random_7b.json: 8 files, the most
+# a GPU run may bring back (so the generate and serve plots stay behind; their JSON has every number).
 # Peers: wheels that benchmarks/gpu_wheels.sh put in .whl/ are installed offline into a temporary
 # folder on PYTHONPATH; without them the peer rows are skipped with a message.
 # The project is installed (pip install --no-deps --no-build-isolation -e .) if it does not import.
 # Exit status 0 when every stage finished, 1 otherwise (after the summary all the same).
-# PYTHON picks the interpreter (default python3); GPU_RUN_SECONDS the total budget (default 450).
+# PYTHON picks the interpreter (default python3); GPU_RUN_SECONDS the total budget (default 470).
 set -uo pipefail
 
 dry_run=0
@@ -37,7 +38,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 exec > >(tee "$out/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
-deadline=$((SECONDS + ${GPU_RUN_SECONDS:-450}))
+deadline=$((SECONDS + ${GPU_RUN_SECONDS:-470}))
 incomplete=0  # the exit status: 1 if a stage failed, was cut or skipped (the summary says which)
 
 # ---- setup: peers from .whl/, the project itself -------------------------------------------
@@ -98,19 +99,26 @@ if ((dry_run)); then
     stage generate 60 "$python" benchmarks/generate.py --device cpu --batches 1 --decode-tokens 4 \
         --prompt-lengths 16 --memory-tokens 8 --repeats 1 --no-compiled "${official[@]}" --out "$out"
     stage train 60 "$python" benchmarks/train.py --presets debug --steps 1 --micro-batch 1 --seq-len 64 --output "$out/train.json"
+    stage serve 60 "$python" benchmarks/serve.py --device cpu --preset debug --concurrency 2 4 --requests 12 \
+        --baseline-requests 2 --out "$work/serve"
     stage speculative 60 "$python" benchmarks/speculative.py --device cpu --cost-model-only --ks 2 --out "$out"
 else
-    stage tests 120 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
+    stage tests 110 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
     "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
     # the 7B head shape at 65,536 tokens; the step kernel at batch 1 and 256
-    stage kernels 110 "$python" benchmarks/kernels.py --seq-lens 8192 65536 --heads 8,256,512 \
+    stage kernels 100 "$python" benchmarks/kernels.py --seq-lens 8192 65536 --heads 8,256,512 \
         --step-batches 1 256 --reps 50 --out "$out"
     # 7B shape, random bf16 weights shared with the official model; memory in fresh processes
-    stage generate 150 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 128 \
+    stage generate 130 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 128 \
         --prompt-lengths 8192 --memory-tokens 256 --repeats 2 "${official[@]}" --out "$out"
-    stage train 50 "$python" benchmarks/train.py --presets 1.3b --steps 5 --output "$out/train.json"
-    stage speculative 40 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 8 --out "$out"
+    stage train 40 "$python" benchmarks/train.py --presets 1.3b --steps 5 --output "$out/train.json"
+    # the engine at the 7B shape, random bf16 weights; the state pool of 512 slots (64 GiB) may not fit an H100
+    stage serve 80 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 256 \
+        --baseline-requests 4 --out "$work/serve"
+    stage speculative 15 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 8 --out "$out"
 fi
+mv "$out"/generate_*.png "$work"/ 2>/dev/null
+cp "$work"/serve/serve_*.json "$out"/ 2>/dev/null
 
 "$python" benchmarks/gpu_summary.py report "$out" "$work/stages.tsv"
 exit $incomplete

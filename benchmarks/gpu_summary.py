@@ -21,7 +21,7 @@ from pathlib import Path
 
 MAX_FILES, MAX_BYTES = 8, 16 * 2**20
 TIMEOUT_EXITS = (124, 137)  # `timeout` cut the stage at its budget (137: killed after the grace time)
-TARGETS = {  # issue 11's targets: name -> (threshold, unit); ratios are measured in the same run
+TARGETS = {  # issues 11 and 13's targets: name -> (threshold, unit); ratios are measured in the same run
     "kernel forward >= 2x TFLA": (2.0, "x"),
     "kernel forward+backward >= 2x TFLA": (2.0, "x"),
     "kernel forward >= 1.3x chunk_simple_gla": (1.3, "x"),
@@ -30,6 +30,8 @@ TARGETS = {  # issue 11's targets: name -> (threshold, unit); ratios are measure
     "decode batch 1 >= 1.3x official": (1.3, "x"),
     "decode batch 256 >= 2x official": (2.0, "x"),
     "prefill, longest prompt, >= 1.15x official": (1.15, "x"),
+    "serve 64 concurrent >= 4x one by one": (4.0, "x"),
+    "serve 512 concurrent >= 15k tok/s": (15000, " tok/s"),
     "1.3B training MFU >= 50 %": (50, " %"),
 }
 
@@ -217,6 +219,22 @@ def train_lines(rep: dict, targets: dict) -> list[str]:
     return lines
 
 
+def serve_lines(rep: dict, targets: dict) -> list[str]:
+    base = next(r for r in rep["rows"] if r["impl"] != "engine")
+    lines = [f"serve engine, {rep['model_name']}, {rep['state_dtype']} state; generate one by one: {base['tok_per_s']:,.0f} tok/s"]
+    for r in sorted((r for r in rep["rows"] if r["impl"] == "engine"), key=lambda r: r["concurrency"]):
+        if "error" in r:
+            lines.append(f"  {r['concurrency']:>4} concurrent: {r['error']}")
+            continue
+        lines.append(f"  {r['concurrency']:>4} concurrent: {r['tok_per_s']:,.0f} tok/s ({ratio(r['tok_per_s'], base['tok_per_s']):.1f}x), "
+                     f"TTFT p50 / p99 {r['ttft_p50_s'] * 1e3:,.0f} / {r['ttft_p99_s'] * 1e3:,.0f} ms")
+        if r["concurrency"] == 64:
+            targets["serve 64 concurrent >= 4x one by one"] = ratio(r["tok_per_s"], base["tok_per_s"])
+        if r["concurrency"] == 512:
+            targets["serve 512 concurrent >= 15k tok/s"] = r["tok_per_s"]
+    return lines
+
+
 def speculative_lines(rep: dict) -> list[str]:
     rows = [r for r in rep["rows"] if r["kind"] == "cost_model"]
     cells = ", ".join(f"K {r['K']}: {r['predicted_speedup']['0.7']:.2f}x / {r['predicted_speedup']['0.9']:.2f}x" for r in rows)
@@ -233,7 +251,8 @@ def report(out_dir: Path, stages_tsv: Path) -> None:
         lines.append(f"tests: {tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, {tests['skipped']} skipped")
         lines += [f"  FAILED {f['test']}: {f['message'][:100]}" for f in tests["failures"][:5]]
     targets: dict[str, float | None] = {}  # target name -> the value measured
-    for pattern, summarize in (("kernels*.json", kernel_lines), ("generate_*.json", generate_lines), ("train.json", train_lines)):
+    for pattern, summarize in (("kernels*.json", kernel_lines), ("generate_*.json", generate_lines), ("train.json", train_lines),
+                               ("serve_*.json", serve_lines)):
         rep = load(out_dir, pattern)
         lines += summarize(rep, targets) if rep else [f"({pattern}: no results)"]
     rep = load(out_dir, "speculative_*.json")

@@ -77,6 +77,9 @@ def bench_engine(model: XLSTM, requests, concurrency: int, args) -> dict:
         c.join()
     wall = time.perf_counter() - t0
     engine.stop()
+    failed = [r.error for r in done if r.finish_reason == "error"]
+    if failed:  # e.g. a prefill pass out of memory: the engine fails the requests, not the run
+        return dict(impl="engine", concurrency=concurrency, error=f"{len(failed)} requests failed: {failed[0]}")
     ttfts = [r.ttft for r in done]
     tokens = sum(len(r.output_ids) for r in done)
     return dict(impl="engine", concurrency=concurrency, requests=len(done), output_tokens=tokens, wall_s=wall,
@@ -147,7 +150,7 @@ def plot(result: dict, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
         return
-    engine = sorted((r for r in result["rows"] if r["impl"] == "engine"), key=lambda r: r["concurrency"])
+    engine = sorted((r for r in result["rows"] if r["impl"] == "engine" and "error" not in r), key=lambda r: r["concurrency"])
     base = next(r for r in result["rows"] if r["impl"] != "engine")
     xs = [r["concurrency"] for r in engine]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -194,7 +197,9 @@ def main() -> None:
         name = Path(args.checkpoint).resolve().name
     else:
         torch.manual_seed(0)
-        model = XLSTM(ModelConfig.from_preset(args.preset)).to(device=args.device, dtype=dtype).eval()
+        with torch.device(args.device):  # initialised where it runs: a 7B model is never built on the host
+            model = XLSTM(ModelConfig.from_preset(args.preset))
+        model = model.to(dtype).eval()
         name = f"random {args.preset}"
     result = dict(
         device=args.device, device_name=torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
@@ -210,20 +215,30 @@ def main() -> None:
         print(f"wrote {out}")
         return
     rows = []
+    result |= dict(state_dtype=args.state_dtype, compile=args.compile, prompt_lengths=PROMPT_LENGTHS,
+                   output_lengths=OUTPUT_LENGTHS, rows=rows)
+    out = args.out / f"serve_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
     baseline = workload(args.baseline_requests, model.config.vocab_size)
     rows.append(bench_one_by_one(model, baseline, args))
     print(f"generate one by one: {rows[-1]['tok_per_s']:.1f} tok/s, TTFT p50 {rows[-1]['ttft_p50_s'] * 1000:.0f} ms", flush=True)
     for c in args.concurrency:
+        out.write_text(json.dumps(result | dict(loadavg_after=os.getloadavg()), indent=1) + "\n")  # what a cut run keeps
         mixes = len(PROMPT_LENGTHS) * len(OUTPUT_LENGTHS)
         n = args.requests or -(-max(2 * c, mixes) // mixes) * mixes
-        rows.append(bench_engine(model, workload(n, model.config.vocab_size), c, args))
+        try:
+            rows.append(bench_engine(model, workload(n, model.config.vocab_size), c, args))
+        except torch.OutOfMemoryError:  # the state pool of this many slots does not fit next to the weights
+            rows.append(dict(impl="engine", concurrency=c, error="out of memory"))
+            print(f"engine, {c:>4} concurrent: out of memory", flush=True)
+            torch.cuda.empty_cache()
+            continue
         r = rows[-1]
+        if "error" in r:
+            print(f"engine, {c:>4} concurrent: {r['error']}", flush=True)
+            continue
         print(f"engine, {c:>4} concurrent: {r['tok_per_s']:.1f} tok/s ({r['tok_per_s'] / rows[0]['tok_per_s']:.1f}x), "
               f"TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, p99 {r['ttft_p99_s'] * 1000:.0f} ms", flush=True)
-    result |= dict(state_dtype=args.state_dtype, compile=args.compile, prompt_lengths=PROMPT_LENGTHS,
-                   output_lengths=OUTPUT_LENGTHS, loadavg_after=os.getloadavg(), rows=rows)
-    out = args.out / f"serve_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps(result | dict(loadavg_after=os.getloadavg()), indent=1) + "\n")
     print(f"wrote {out}")
     plot(result, out.with_suffix(".png"))
 

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SH = ROOT / "benchmarks" / "gpu.sh"
-STAGES = ["tests", "kernels", "generate", "train", "speculative"]
+STAGES = ["tests", "kernels", "generate", "train", "serve", "speculative"]
 
 
 def run_gpu_sh(*args, timeout=300):
@@ -27,7 +27,8 @@ def test_dry_run(tmp_path):
     done = run_gpu_sh("--dry-run", out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
-    expected = {"gpu.log", "tests.json", "kernels-dry-run.json", "generate_cpu.json", "train.json", "speculative_cpu_random_toy.json"}
+    expected = {"gpu.log", "tests.json", "kernels-dry-run.json", "generate_cpu.json", "train.json", "serve_cpu.json",
+                "speculative_cpu_random_toy.json"}
     assert expected <= names, sorted(names)
     assert len(names) <= 8
     for name in expected - {"gpu.log"}:
@@ -93,9 +94,9 @@ import sys
 sys.modules["datasets"] = None
 sys.modules["wandb"] = None
 import torch
-import xlstm7b, xlstm7b.cli, xlstm7b.speculative
+import xlstm7b, xlstm7b.cli, xlstm7b.speculative, xlstm7b.serve
 import xlstm7b.kernels
-import xlstm7b.train.cli, xlstm7b.train.data, xlstm7b.train.metrics, xlstm7b.train.trainer, xlstm7b.train.parallel
+import xlstm7b.train.cli, xlstm7b.train.data, xlstm7b.train.evaluate, xlstm7b.train.metrics, xlstm7b.train.trainer, xlstm7b.train.parallel
 from xlstm7b import XLSTM, ModelConfig, generate
 config = ModelConfig(embedding_dim=32, num_heads=2, num_blocks=2, vocab_size=64)
 model = XLSTM(config).eval()
