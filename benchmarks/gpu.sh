@@ -100,7 +100,7 @@ if ((dry_run)); then
         --prompt-lengths 16 --memory-tokens 8 --repeats 1 --no-compiled "${official[@]}" --out "$out"
     stage train 60 "$python" benchmarks/train.py --presets debug --steps 1 --micro-batch 1 --seq-len 64 --output "$out/train.json"
     stage serve 60 "$python" benchmarks/serve.py --device cpu --preset debug --concurrency 2 4 --requests 12 \
-        --baseline-requests 2 --out "$work/serve"
+        --state-dtype bfloat16 --baseline-requests 2 --out "$work/serve"
     stage speculative 60 "$python" benchmarks/speculative.py --device cpu --cost-model-only --ks 2 --out "$out"
 else
     stage tests 110 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
@@ -112,9 +112,9 @@ else
     stage generate 130 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 128 \
         --prompt-lengths 8192 --memory-tokens 256 --repeats 2 "${official[@]}" --out "$out"
     stage train 40 "$python" benchmarks/train.py --presets 1.3b --steps 5 --output "$out/train.json"
-    # the engine at the 7B shape, random bf16 weights; the state pool of 512 slots (64 GiB) may not fit an H100
+    # the engine at the 7B shape, random bf16 weights; bfloat16 C and n: 512 slots hold 32 GiB, not 64
     stage serve 80 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 256 \
-        --baseline-requests 4 --out "$work/serve"
+        --state-dtype bfloat16 --baseline-requests 4 --out "$work/serve"
     stage speculative 15 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 8 --out "$out"
 fi
 mv "$out"/generate_*.png "$work"/ 2>/dev/null

@@ -257,6 +257,8 @@ def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH:
                      torch.empty_like(h), torch.empty_like(C), torch.empty_like(n), torch.empty_like(m), L, 1e-6)
             step = [t[:, :, 0] for t in (q, k, v, i, f)]
             mlstm_step_triton(*step, (C.clone(), n.clone(), m.clone()))
+            if dt == torch.bfloat16:  # serving's bfloat16 state slots
+                mlstm_step_triton(*step, (C.to(dt), n.to(dt), m.clone()))
         launches += recorded
     return launches
 

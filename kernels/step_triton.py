@@ -8,6 +8,8 @@ batch 1 (the 7B has 8 heads). Each program recomputes its head's small n and m u
 values and owns one [DK, BV] tile of C; a second, tiny launch then writes n and m, so no program
 reads an n or m that another has already overwritten. No host synchronisation and no allocation
 besides h (or none with `h_out`): the step can be captured in a CUDA graph. Forward only.
+C and n may be stored in bfloat16 (half the state traffic, which dominates decoding at large batch);
+the update and readout run in float32 either way, and m, an exponent, stays float32.
 """
 
 import torch
@@ -29,7 +31,7 @@ def _head_update(K, I_, F_, N, M, i_bh, offs_k, mk, s_k, DK):
     m_new = tl.maximum(lf + m, ig)
     decay = tl.exp(lf + m - m_new)
     write = tl.exp(ig - m_new)
-    n = decay * tl.load(N + i_bh * DK + offs_k, mask=mk, other=0.0) + write * k
+    n = decay * tl.load(N + i_bh * DK + offs_k, mask=mk, other=0.0).to(tl.float32) + write * k
     return k, m_new, decay, write, n
 
 
@@ -54,8 +56,8 @@ def _step_kernel(
     rden = 1.0 / (tl.maximum(tl.abs(tl.sum(q * n, 0)), tl.exp(-m_new)) + eps)
     c_ptr = C + i_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
     v = tl.load(V + i_bh * s_v + offs_v, mask=mv, other=0.0).to(tl.float32)
-    c = decay * tl.load(c_ptr, mask=mk[:, None] & mv[None, :], other=0.0) + (write * k)[:, None] * v[None, :]
-    tl.store(c_ptr, c, mask=mk[:, None] & mv[None, :])
+    c = decay * tl.load(c_ptr, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32) + (write * k)[:, None] * v[None, :]
+    tl.store(c_ptr, c.to(C.dtype.element_ty), mask=mk[:, None] & mv[None, :])
     h = tl.sum(q[:, None] * c, 0) * rden
     tl.store(H + i_bh * s_h + offs_v, h.to(H.dtype.element_ty), mask=mv)
 
@@ -67,7 +69,7 @@ def _step_nm_kernel(K, I_, F_, N, M, DK, s_k, BK: tl.constexpr):
     offs_k = tl.arange(0, BK)
     mk = offs_k < DK
     _, m_new, _, _, n = _head_update(K, I_, F_, N, M, i_bh, offs_k, mk, s_k, DK)
-    tl.store(N + i_bh * DK + offs_k, n, mask=mk)
+    tl.store(N + i_bh * DK + offs_k, n.to(N.dtype.element_ty), mask=mk)
     tl.store(M + i_bh, m_new)
 
 
@@ -88,14 +90,17 @@ def mlstm_step_triton(
     eps: float = EPS,
     h_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MLSTMState]:
-    """One token: q, k [B, NH, DK], v [B, NH, DV], i, f [B, NH]. Updates `state` (contiguous float32
-    C, n, m) in place and returns h [B, NH, DV] in v's dtype (written into `h_out` when given)."""
+    """One token: q, k [B, NH, DK], v [B, NH, DV], i, f [B, NH]. Updates `state` (contiguous C, n, m;
+    C and n both float32 or both bfloat16, m float32) in place and returns h [B, NH, DV] in v's dtype
+    (written into `h_out` when given)."""
     C, n, m = state
     B, NH, DK = q.shape
     DV = v.shape[-1]
-    for name, t in zip("Cnm", state):
-        if t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(f"mlstm_step: the triton backend updates the state in place; {name} must be contiguous float32")
+    if not all(t.is_contiguous() for t in state):
+        raise ValueError("mlstm_step: the triton backend updates the state in place; C, n and m must be contiguous")
+    if C.dtype not in (torch.float32, torch.bfloat16) or n.dtype != C.dtype or m.dtype != torch.float32:
+        raise ValueError(f"mlstm_step: the triton backend takes C and n both float32 or both bfloat16 and m float32, "
+                         f"not {C.dtype}, {n.dtype}, {m.dtype}")
     h = torch.empty_like(v) if h_out is None else h_out
     if h.shape != v.shape or not h.is_contiguous():
         raise ValueError(f"mlstm_step: h_out must be a contiguous tensor of shape {tuple(v.shape)}")

@@ -14,7 +14,9 @@ pytest.importorskip("triton")
 
 from conftest import rel_err  # noqa: E402
 
-from xlstm7b.kernels import mlstm, mlstm_parallel, mlstm_step, mlstm_step_, mlstm_step_torch, resolve_backend  # noqa: E402
+from xlstm7b.kernels import (  # noqa: E402
+    mlstm, mlstm_parallel, mlstm_step, mlstm_step_, mlstm_step_torch, mlstm_step_torch_, resolve_backend,
+)
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import state_dtype  # noqa: E402
 from xlstm7b.kernels.step_triton import mlstm_step_triton  # noqa: E402
@@ -207,6 +209,39 @@ def test_step_matches_torch_in_place(case):
         assert rel_err(h, h_ref) < 1e-5
         for a, b in zip(live, state):
             assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("case", STEP_CASES[1:3], ids=lambda c: "B{}-NH{}-DK{}-DV{}".format(*c))
+def test_step_bfloat16_state(case):
+    """C and n stored in bfloat16 (m float32): the kernel updates and reads out in float32 and rounds
+    the state once per step; the in-place PyTorch step rounds the same state but reads out in bfloat16
+    (a coarser h). Both stay within bfloat16 rounding of the float32 step (h: amplified where |n·q| is small)."""
+    B, NH, DK, DV = case
+    g = torch.Generator().manual_seed(1)
+    ref = (torch.randn(B, NH, DK, DV, generator=g), torch.randn(B, NH, DK, generator=g), torch.randn(B, NH, 1, generator=g))
+    ref = tuple(t.to(DEVICE) for t in ref)
+    live = (ref[0].bfloat16(), ref[1].bfloat16(), ref[2].clone())
+    twin = tuple(t.clone() for t in live)
+    for _ in range(3):
+        q, k = (torch.randn(B, NH, DK, generator=g).to(DEVICE) for _ in range(2))
+        v = torch.randn(B, NH, DV, generator=g).to(DEVICE)
+        i, f = (torch.randn(B, NH, generator=g).to(DEVICE) * 5 for _ in range(2))
+        h_ref, ref = mlstm_step_torch(q, k, v, i, f, ref)
+        h, _ = mlstm_step_triton(q, k, v, i, f, live)
+        h_twin = mlstm_step_torch_(q, k, v, i, f, twin)
+        assert [t.dtype for t in live] == [torch.bfloat16, torch.bfloat16, torch.float32]
+        assert h.dtype == torch.float32 and rel_err(h, h_ref) < 3e-2 and rel_err(h_twin, h_ref) < 3e-2
+        for a, b, c in zip(live, twin, ref):
+            assert rel_err(a, c) < 1e-2 and rel_err(a, b) < 1e-2
+
+
+def test_step_rejects_a_state_it_cannot_update():
+    q, k = torch.randn(1, 2, 16, device=DEVICE), torch.randn(1, 2, 16, device=DEVICE)
+    v, i, f = torch.randn(1, 2, 16, device=DEVICE), torch.randn(1, 2, device=DEVICE), torch.randn(1, 2, device=DEVICE)
+    C, n, m = torch.zeros(1, 2, 16, 16, device=DEVICE), torch.zeros(1, 2, 16, device=DEVICE), torch.zeros(1, 2, 1, device=DEVICE)
+    for bad in ((C.half(), n.half(), m), (C.bfloat16(), n, m), (C, n, m.bfloat16()), (C.transpose(-1, -2), n, m)):
+        with pytest.raises(ValueError, match="mlstm_step"):
+            mlstm_step_triton(q, k, v, i, f, bad)
 
 
 def test_step_dispatch_keeps_state_unless_in_place():

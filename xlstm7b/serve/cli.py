@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prefill-tokens", type=int, default=4096, help="padded prompt tokens one prefill pass may run")
     p.add_argument("--prefix-cache-mb", type=float, default=1024, help="memory for cached prefix states (0: no prefix cache)")
     p.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="float32",
-                   help="dtype of the state slots (bfloat16 halves their memory; CPU only for now)")
+                   help="dtype of the state slots' C and n (bfloat16 halves their memory and traffic; m stays float32)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights: auto is bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
