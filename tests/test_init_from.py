@@ -125,12 +125,28 @@ def test_step_zero_is_the_saved_model(saved, config, corpus, tmp_path, layout):
 
     if layout == "ours":  # the whole run: its first logged loss is the saved model's on the first batch
         assert trainer.train(job) == 0
-        train_data = TokenData(data_dir, "train", job.train.seq_len, 0, job.model.vocab_size)
-        grad_accum = job.grad_accum(1)
-        with torch.no_grad():
-            expected = sum(trainer.sequence_loss(model, model.logits, *train_data.train_batch(0, m, grad_accum, 4, 0, 1),
-                                                 contextlib.nullcontext()).mean().item() for m in range(grad_accum)) / grad_accum
-        assert first_losses(tmp_path / "run")[1] == pytest.approx(expected, rel=1e-5)
+        assert first_losses(tmp_path / "run")[1] == pytest.approx(first_batch_loss(model, job, data_dir), rel=1e-5)
+
+
+def first_batch_loss(model: xlstm7b.XLSTM, job, data_dir: Path) -> float:
+    """The model's loss on the run's first batch (what the run logs at step 1, before its update)."""
+    train_data = TokenData(data_dir, "train", job.train.seq_len, 0, job.model.vocab_size)
+    grad_accum = job.grad_accum(1)
+    with torch.no_grad():
+        return sum(trainer.sequence_loss(model, model.logits, *train_data.train_batch(0, m, grad_accum, 4, 0, 1),
+                                         contextlib.nullcontext()).mean().item() for m in range(grad_accum)) / grad_accum
+
+
+@pytest.mark.gpu
+def test_cpu_offload_starts_from_the_saved_model(saved, config, corpus, tmp_path):
+    """One GPU, FSDP2 with the parameters offloaded to the host: the weights are read into the
+    offloaded shards and the first loss is the saved model's (bf16 autocast on the GPU: 1e-2)."""
+    model = xlstm7b.from_pretrained(saved)
+    job = load_config(config, args(corpus, tmp_path / "run", f"--model.init_from={saved}", "--train.steps=1",
+                                   "--train.cpu_offload=true"))
+    data_dir, _, _ = prepare_data(job.data, job.model)
+    assert trainer.train(job) == 0
+    assert first_losses(tmp_path / "run")[1] == pytest.approx(first_batch_loss(model, job, data_dir), rel=1e-2)
 
 
 def test_fsdp_loads_the_same_weights_and_resume_ignores_init_from(saved, config, corpus, tmp_path):

@@ -407,6 +407,15 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, corpus, cache)
     assert list(ac) == [1, 2, 3] and ac == pytest.approx(plain, rel=1e-6)
 
 
+def test_fsdp_in_one_process_gives_the_same_losses(tmp_path, corpus, cache):
+    """FSDP2 without torchrun (what cpu_offload on one GPU runs): a process group of one, the same
+    losses as the plain model, and no group left behind."""
+    assert trainer.train(job(corpus, cache, tmp_path / "plain", "--train.steps=2")) == 0
+    assert trainer.train(job(corpus, cache, tmp_path / "fsdp", "--train.steps=2", "--train.parallel=fsdp")) == 0
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    assert not torch.distributed.is_initialized()
+
+
 def test_activation_checkpointing_recomputes_every_block():
     config = ModelConfig.from_preset("debug")
     for recompute, forwards in ((False, 1), (True, 2)):

@@ -132,6 +132,8 @@ def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int, init_
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 
+        if not dist.is_initialized():  # one process without torchrun (cpu_offload on one GPU): a group of one
+            dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
         mesh = init_device_mesh(d.device.type, (d.world,))
         dtype = mixed_precision_dtype(cfg, d.device)
         kwargs = dict(

@@ -164,7 +164,7 @@ def train(job: JobConfig) -> int:
         with locked_run_dir(user_path(job.run.dir, "run.dir"), d):
             return _train(job, d, grad_accum)
     finally:
-        if d.world > 1 and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():  # torchrun's group, or the group of one of FSDP in one process
             torch.distributed.destroy_process_group()
 
 
