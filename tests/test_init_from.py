@@ -27,16 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    import sysconfig
-
-    root = tmp_path_factory.mktemp("corpus")
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:30]:
-        (root / f"{f.stem}.txt").write_text(f.read_text(encoding="utf-8", errors="replace")[:6000])
-    return root
-
-
-@pytest.fixture(scope="module")
 def saved(tmp_path_factory, tokenizer) -> Path:
     """An exported model (not the debug preset's shape) with its tokenizer."""
     config = xlstm7b.ModelConfig(embedding_dim=48, num_blocks=2, num_heads=2, vocab_size=320, chunk_size=16)

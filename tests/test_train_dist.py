@@ -16,16 +16,6 @@ COMMON = ["--data.val_fraction=0.1", "--run.progress=false", "--train.seq_len=32
           "--train.threads=1", "--train.loss_chunk_tokens=48"]  # the head runs outside forward(), in pieces
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    import sysconfig
-
-    root = tmp_path_factory.mktemp("corpus")
-    for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]:
-        (root / f"{f.stem}.txt").write_text(f.read_text(encoding="utf-8", errors="replace")[:20000])
-    return root
-
-
 def train(nproc: int, run_dir: Path, corpus: Path, *extra: str) -> dict[int, float]:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "-m"] if nproc > 1 else [sys.executable, "-m"]
     args = [*launcher, "xlstm7b", "train", "debug", f"--data.source={corpus}", f"--data.cache_dir={corpus.parent / 'cache'}",
