@@ -331,6 +331,14 @@ def test_cli_errors(tmp_path, checkpoint_dir, capsys):
     assert "max_batch must be a positive integer" in capsys.readouterr().err
     assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--tokenizer", str(tmp_path / "t.json")]) == 2
     assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        serve_cli.main(["--checkpoint", str(checkpoint_dir), "--port", "99999"])
+    assert exit_.value.code == 2 and "port number from 0 to 65535" in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as busy:  # the port is taken: said before the weights load
+        assert serve_cli.main(["--checkpoint", str(tmp_path / "none"), "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
+    assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--host", "no-such-host.invalid"]) == 2
+    assert "cannot listen on no-such-host.invalid" in capsys.readouterr().err
 
 
 def test_chat_template_from_the_checkpoint(tmp_path):

@@ -3,6 +3,7 @@ with uvicorn. SIGTERM or Ctrl-C: new requests are refused at once, the running o
 most --shutdown-timeout seconds), then the server exits."""
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
@@ -23,13 +24,29 @@ else:
     MISSING = None
 
 
+def port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}")
+    return int(text)
+
+
+def address_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (checked before the weights load), or None."""
+    try:
+        with socket.create_server((host, port)):
+            return None
+    except OSError as e:
+        return (f"cannot listen on {host}:{port}: {e.strerror or e}; pass another --port (or stop what uses it) "
+                "or a --host address of this machine")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="xlstm7b serve", description="Serve a checkpoint over an OpenAI-compatible HTTP API.")
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + safetensors [+ tokenizer.json])")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint folder's; without one, prompts must be token ids)")
     p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000, help="TCP port, 0 to 65535 (0: any free one)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--max-batch", type=int, default=64, help="state slots: requests prefilled or decoded at once")
     p.add_argument("--max-queue", type=int, default=1024, help="requests that may wait for a slot; more get 503 overloaded")
@@ -58,6 +75,9 @@ def main(argv: list[str]) -> int:
     tok_path = Path(args.tokenizer) if args.tokenizer else folder / "tokenizer.json"
     if args.tokenizer and not tok_path.is_file():
         print(f"xlstm7b serve: tokenizer file {tok_path} not found", file=sys.stderr)
+        return 2
+    if (problem := address_problem(args.host, args.port)) is not None:
+        print(f"xlstm7b serve: {problem}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
