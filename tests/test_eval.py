@@ -81,14 +81,15 @@ def test_long_document_in_pieces_equals_one_pass(checkpoint_dir, tokenizer):
 def test_eval_command(tmp_path, texts_dir, checkpoint_dir, capsys):
     out = tmp_path / "res" / "eval.json"
     args = ["--checkpoint", str(checkpoint_dir), "--data", str(texts_dir), "--split", "all", "--max-documents", "2",
-            "--batch-size", "2", "--piece-tokens", "64", "--out", str(out), "--no-progress"]
+            "--batch-size", "2", "--piece-tokens", "64", "--out", str(out)]
     assert eval_main(args) == 0
+    captured = capsys.readouterr()
+    assert "eval:" in captured.err and "bits/byte" in captured.out  # the progress bar, the report
     result = json.loads(out.read_text())
     assert result["documents"] == 2 and result["checkpoint"] == str(checkpoint_dir) and result["machine"]["device"] == "cpu"
     assert result["perplexity"] == pytest.approx(np.exp(result["loss"]))
     assert [b["bucket"] for b in result["by_position"]] == ["0-1k", "1k-4k", "4k-16k"]  # the long file: ~4.8k tokens
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "bits/byte" in capsys.readouterr().out
 
     # Bad input: one clear error each.
     no_tok = tmp_path / "no_tok"
@@ -102,3 +103,10 @@ def test_eval_command(tmp_path, texts_dir, checkpoint_dir, capsys):
     (empty / "a.txt").write_text("x = 1\n")
     assert eval_main(["--checkpoint", str(checkpoint_dir), "--data", str(empty), "--split", "val", "--no-progress"]) == 2
     assert "no documents to evaluate" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert eval_main(["--checkpoint", str(checkpoint_dir), "--data", str(texts_dir), "--out", str(blocker / "r.json")]) == 2
+    assert "out " in (err := capsys.readouterr().err) and "cannot be used" in err
+    with pytest.raises(SystemExit):
+        eval_main(["--checkpoint", str(checkpoint_dir), "--data", str(texts_dir), "--out", str(tmp_path)])
+    assert "is a folder" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from xlstm7b import CheckpointError, from_pretrained
 
-from .config import SECTIONS, DataConfig, load_config
+from .config import SECTIONS, DataConfig, load_config, writable_folder
 from .data import Corpus
 from .evaluate import evaluate_documents, machine, report, source_documents, token_bytes_tensor, tokenized_documents, write_outputs
 from .plan import device_capacity_gb, estimate
@@ -151,10 +151,14 @@ def eval_main(argv: list[str]) -> int:
         p.error("--val-fraction must lie in [0, 1); --max-documents >= 0; --batch-size and --piece-tokens >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.out is not None and args.out.is_dir():
+        p.error(f"--out {args.out} is a folder; pass a file path such as {args.out / 'eval.json'}")
     data = DataConfig(source=args.data, text_field=args.text_field, hub_config=args.hub_config, hub_split=args.hub_split,
                       max_documents=args.max_documents, val_fraction=args.val_fraction)
     bar = None
     try:
+        if args.out is not None:  # before the work, not after it
+            writable_folder(str(args.out.parent), "out")
         model = from_pretrained(args.checkpoint, device=device, dtype=dtype)
         tok_source = args.tokenizer or Path(args.checkpoint) / "tokenizer.json"
         if not args.tokenizer and not Path(tok_source).is_file():
@@ -169,7 +173,7 @@ def eval_main(argv: list[str]) -> int:
                 bar.update(tokens - bar.n)
                 bar.set_postfix(bpb=f"{bpb:.4f}", refresh=False)
         result = evaluate_documents(model, docs, tbytes, batch_size=args.batch_size, piece_tokens=args.piece_tokens,
-                                    progress=progress if bar else None)
+                                    progress=progress if bar is not None else None)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"xlstm7b eval: {e}", file=sys.stderr)
         return 2
@@ -181,7 +185,11 @@ def eval_main(argv: list[str]) -> int:
               **result, "machine": machine(device)}
     print(report(result))
     if args.out:
-        print("wrote " + ", ".join(map(str, write_outputs(result, args.out))))
+        try:
+            print("wrote " + ", ".join(map(str, write_outputs(result, args.out))))
+        except OSError as e:
+            print(f"xlstm7b eval: {os_error(e)}", file=sys.stderr)
+            return 1
     return 0
 
 
