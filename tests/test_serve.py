@@ -16,9 +16,11 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
-import uvicorn
+
+openai = pytest.importorskip("openai", reason="needs the test extra (openai)")
+uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra (uvicorn, FastAPI)")
+pytest.importorskip("fastapi", reason="needs the serve extra (uvicorn, FastAPI)")
 
 from conftest import heap_bytes_in_use, random_model
 from xlstm7b import ModelConfig, State, generate
