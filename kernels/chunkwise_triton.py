@@ -15,7 +15,7 @@ import triton
 from . import chunkwise_triton_bwd, chunkwise_triton_fwd
 from .chunkwise import NEG_INF, in_chunk_cumsum
 from .chunkwise_triton_fwd import CHUNK_SIZES, interpreting
-from .common import EPS, MLSTMState, check_inputs, zero_state
+from .common import EPS, TRITON_DTYPES, TRITON_MIN_HEAD_DIM, MLSTMState, check_inputs, zero_state
 
 mlstm_chunkwise_fwd = torch.library.custom_op("xlstm7b::mlstm_chunkwise_fwd", mutates_args=())(chunkwise_triton_fwd.forward)
 mlstm_chunkwise_bwd = torch.library.custom_op("xlstm7b::mlstm_chunkwise_bwd", mutates_args=())(chunkwise_triton_bwd.backward)
@@ -72,12 +72,15 @@ mlstm_chunkwise_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chunk_gates(i: torch.Tensor, f: torch.Tensor, reset: torch.Tensor | None, L: int):
-    """The kernels' gate vectors (see module docstring), padded to a multiple of L. Differentiable."""
+    """The kernels' gate vectors (see module docstring), padded to a multiple of L. Differentiable.
+    The kernels index them as contiguous rows: i and f are often views of a [B, S, NH] projection, and
+    with nothing to pad (S a multiple of L) the pad and reshape below would hand such a view on."""
     B, NH, S = i.shape
     NC = -(-S // L)
     pad = NC * L - S
-    lf = F.pad(F.logsigmoid(f.float()), (0, pad)).view(B, NH, NC, L)
-    ig = F.pad(i.float(), (0, pad), value=NEG_INF).reshape(B * NH, NC * L)
+    i, f = i.float().contiguous(), f.float().contiguous()
+    lf = F.pad(F.logsigmoid(f), (0, pad)).view(B, NH, NC, L)
+    ig = F.pad(i, (0, pad), value=NEG_INF).reshape(B * NH, NC * L)
     r = None if reset is None else F.pad(reset, (0, pad)).view(B, NC, L)
     b, count = in_chunk_cumsum(lf, r)
     if count is None:
@@ -114,12 +117,12 @@ def mlstm_chunkwise_triton(
 ) -> tuple[torch.Tensor, MLSTMState]:
     """The mLSTM over a sequence with the Triton chunkwise kernels; same contract as mlstm_chunkwise."""
     check_inputs(q, k, v, i, f, state, reset)
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in TRITON_DTYPES:
         raise TypeError(f"mlstm: the triton backend takes fp32, fp16 or bf16 inputs, got {q.dtype}")
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
-    if min(DK, DV) < 16:
-        raise ValueError(f"mlstm: the triton backend needs head dims >= 16, got DK {DK}, DV {DV}")
+    if min(DK, DV) < TRITON_MIN_HEAD_DIM:
+        raise ValueError(f"mlstm: the triton backend needs head dims >= {TRITON_MIN_HEAD_DIM}, got DK {DK}, DV {DV}")
     L = triton_chunk_size(chunk_size, S, q.dtype)
     b, ig, virt, cnt = chunk_gates(i, f, reset, L)
     if state is None:

@@ -12,8 +12,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import rel_err  # noqa: E402
+from conftest import random_model, rel_err  # noqa: E402
 
+from xlstm7b import ModelConfig  # noqa: E402
 from xlstm7b.kernels import (  # noqa: E402
     mlstm, mlstm_parallel, mlstm_step, mlstm_step_, mlstm_step_torch, mlstm_step_torch_, resolve_backend,
 )
@@ -62,14 +63,16 @@ def forward_backward(fn, xs, reset, seed=1, state_grads=True, **kw):
     return (h, C, n, m), [x.grad for x in xs]
 
 
-def check_against_oracle(xs, reset, chunk, dtype=torch.float32, state_grads=True, tol=None):
-    outs, grads = forward_backward(mlstm_chunkwise_triton, xs, reset, state_grads=state_grads, chunk_size=chunk)
+def check_against_oracle(xs, reset, chunk, dtype=torch.float32, state_grads=True, tol=None, grads=True):
+    outs, grads_ = forward_backward(mlstm_chunkwise_triton, xs, reset, state_grads=state_grads, chunk_size=chunk)
     ref_outs, ref_grads = forward_backward(mlstm_parallel, [x.double() for x in xs], reset, state_grads=state_grads)
     tol_v, tol_g = tol or TOL[dtype]
     for name, a, b in zip(("h", "C", "n", "m"), outs, ref_outs):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) <= tol_v, f"{name}: rel err {rel_err(a, b):.2e}"
-    for name, a, b in zip(("dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"), grads, ref_grads):
+    if not grads:
+        return
+    for name, a, b in zip(("dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"), grads_, ref_grads):
         assert torch.isfinite(a).all(), name
         assert rel_err(a, b) <= tol_g, f"{name}: rel err {rel_err(a, b):.2e}"
 
@@ -103,6 +106,28 @@ def test_chunkwise_matches_oracle(case):
     # float32 sees ties in the stabilizer's max that float64 resolves, and the final-state m's
     # gradient is split differently between equal maxima: compare gradients of h alone there.
     check_against_oracle(xs, rs, L, state_grads=gates != "limits")
+
+
+def test_views_of_a_projection():
+    """q, k, v, i, f as the model hands them over: [B, NH, S, ...] views of [B, S, NH, ...] projections.
+    At batch 1 with S a multiple of the chunk (nothing to pad, so no copy on the way), the gate vectors
+    once reached the kernels as such views and were read as contiguous rows."""
+    xs, rs = make_inputs(1, 2, 64, 16, 16, init=True)
+    views = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in xs[:5]] + xs[5:]
+    assert not any(x.is_contiguous() for x in views[:5])
+    check_against_oracle(views, rs, 16)
+
+
+@pytest.mark.parametrize("S", [63, 64, 65])
+def test_model_with_the_triton_backend(S):
+    """The model's forward (batch 1, the layout that hid the bug above) is the same with either backend."""
+    config = ModelConfig.from_preset("debug")
+    models = [random_model(config.replace(mlstm_backend=b)).to(DEVICE) for b in ("triton", "torch")]
+    ids = torch.randint(2, config.vocab_size, (1, S), generator=torch.Generator().manual_seed(S)).to(DEVICE)
+    (lt, st), (lc, sc) = (m(ids) for m in models)
+    assert rel_err(lt, lc) < 1e-5
+    for a, b in zip(st[0], sc[0]):
+        assert rel_err(a, b) < 1e-5
 
 
 def test_chunkwise_fp16_forward():
@@ -143,6 +168,10 @@ def test_dispatch():
     device = torch.device(DEVICE)
     assert resolve_backend("auto", device) == ("triton" if DEVICE == "cuda" else "torch")
     assert resolve_backend("triton", device) == "triton"  # on CPU: the interpreter is on in this run
+    cuda, x16 = torch.device("cuda"), torch.empty(1, 1, 1, 16)
+    assert resolve_backend("auto", cuda, x16, x16) == "triton"
+    assert resolve_backend("auto", cuda, torch.empty(1, 1, 1, 12), torch.empty(1, 1, 1, 24)) == "torch"  # a tiny model
+    assert resolve_backend("auto", cuda, x16.double(), x16.double()) == "torch"
     xs, rs = make_inputs(1, 1, 19, 16, 16, init=True, reset=True)
     h_t, s_t = mlstm(*xs[:5], tuple(xs[5:]), reset=rs, backend="triton", chunk_size=16)
     h_c, s_c = mlstm(*xs[:5], tuple(xs[5:]), reset=rs, backend="torch", chunk_size=16)
@@ -285,15 +314,22 @@ GPU_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
 def test_chunkwise_gpu(case, dtype):
+    """On the GPU float32 products run as tf32x3 on the tensor cores, and h at the gate limits was 1.04e-4
+    off on an H200: float32 values get 3e-4 here (1e-4 in the interpreter). At the limits the exact dq
+    and dk reach 1.7e6, past float16's largest value (65,504): float16 checks the values there."""
     B, NH, S, DK, DV, L, init, reset, gates = case
     xs, rs = make_inputs(B, NH, S, DK, DV, dtype=dtype, init=init, reset=reset, gates=gates)
-    check_against_oracle(xs, rs, L, dtype, state_grads=gates != "limits")
+    tol = (3e-4, TOL[dtype][1]) if dtype == torch.float32 else None
+    check_against_oracle(xs, rs, L, dtype, state_grads=gates != "limits", tol=tol,
+                         grads=not (dtype == torch.float16 and gates == "limits"))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("chunk", [64, 128])
-def test_long_sequence_gpu(chunk):
-    xs, rs = make_inputs(1, 8, 16384, 256, 512, dtype=torch.bfloat16, reset=True)
+@pytest.mark.parametrize("S, chunk, gates", [(16384, 64, "random"), (16384, 128, "random"), (65536, 64, "limits")])
+def test_long_sequence_gpu(S, chunk, gates):
+    """No NaN or inf over long sequences at the 7B head shape; at 65,536 tokens with every gate
+    pre-activation at + or - the soft cap (15)."""
+    xs, rs = make_inputs(1, 8, S, 256, 512, dtype=torch.bfloat16, reset=True, gates=gates)
     outs, grads = forward_backward(mlstm_chunkwise_triton, xs, rs, chunk_size=chunk)
     for t in (*outs, *grads[:5]):
         assert torch.isfinite(t).all()
