@@ -14,7 +14,7 @@ import os
 import torch
 
 from .chunkwise import mlstm_advance, mlstm_chunkwise
-from .common import EPS, MLSTMState, check_inputs, zero_state
+from .common import EPS, TRITON_DTYPES, TRITON_MIN_HEAD_DIM, MLSTMState, check_inputs, zero_state
 from .parallel import mlstm_parallel
 from .recurrent import mlstm_recurrent, mlstm_step_torch, mlstm_step_torch_
 
@@ -22,12 +22,16 @@ BACKENDS = ("auto", "torch", "triton")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> the fastest backend available for `device`: triton on CUDA, torch elsewhere."""
+
+def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None = None, v: torch.Tensor | None = None) -> str:
+    """'auto' -> the fastest backend available for `device` (and, given, for inputs like q and v):
+    triton on CUDA where its kernels take them (float32, float16 or bfloat16, head dims >= 16), torch
+    elsewhere; a tiny model on a GPU runs, on the PyTorch forms."""
     if backend not in BACKENDS:
         raise ValueError(f"mlstm: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+        takes = q is None or (q.dtype in TRITON_DTYPES and min(q.shape[-1], v.shape[-1]) >= TRITON_MIN_HEAD_DIM)
+        return "triton" if device.type == "cuda" and HAS_TRITON and takes else "torch"
     if backend == "triton":
         if not HAS_TRITON:
             raise RuntimeError("mlstm: backend='triton' needs the triton package; use backend='torch'")
@@ -60,7 +64,7 @@ def mlstm(
     Padding that must not touch the state: i = -inf and f = +inf at those positions.
     The triton backend takes chunk_size in 16, 32, 64, 128, 256 and head dims >= 16.
     """
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device, q, v) == "triton":
         from .chunkwise_triton import mlstm_chunkwise_triton
 
         return mlstm_chunkwise_triton(q, k, v, i, f, state, reset=reset, chunk_size=chunk_size, eps=eps)
@@ -86,7 +90,7 @@ def mlstm_step(
     if state is None:
         state = zero_state(B, NH, DK, v.shape[-1], device=q.device)
     check_inputs(q[:, :, None], k[:, :, None], v[:, :, None], i[..., None], f[..., None], state)
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device, q, v) == "triton":
         fresh = tuple(t.to(torch.float32, copy=True, memory_format=torch.contiguous_format) for t in state)
         return mlstm_step_(q, k, v, i, f, fresh, backend="triton", eps=eps), fresh
     h, new = mlstm_step_torch(q, k, v, i, f, state, eps=eps)
@@ -108,7 +112,7 @@ def mlstm_step_(
     No allocation besides h, no host synchronization and no gradient through the state, so a
     decoding step can be captured in a CUDA graph or compiled. Shapes are the caller's promise: it
     runs once per token and layer, so it validates nothing."""
-    if resolve_backend(backend, q.device) == "triton":
+    if resolve_backend(backend, q.device, q, v) == "triton":
         from .step_triton import mlstm_step_triton
 
         return mlstm_step_triton(q, k, v, i, f, state, eps=eps)[0]
