@@ -77,7 +77,7 @@ def perturb(model: XLSTM, scale: float, seed: int | None = None) -> XLSTM:
     g = None if seed is None else torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))  # drawn on the CPU: the same on any device
     return model
 
 
