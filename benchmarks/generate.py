@@ -64,6 +64,12 @@ def build(preset: str, device: str, dtype: torch.dtype, official: bool, seed: in
     # Same tensors, no copy: only the embedding's name differs.
     sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v for k, v in ours.state_dict().items()}
     theirs.load_state_dict(sd, strict=True, assign=True)
+    # On the GPU their gate pre-activations in float32, as ours are: in bfloat16 they reach the TFLA
+    # prefill kernel as a bfloat16 vecI, whose compilation aborts in Triton 3.6.0's LLVM (an
+    # SLPVectorizer assertion); their CPU forms take float32 gates only with float32 q and k.
+    for name, module in theirs.named_modules() if on_gpu else ():
+        if name.endswith("ifgate_preact"):
+            module.register_forward_hook(lambda module, args, out: out.float())
     return ours, theirs.eval()
 
 
@@ -94,8 +100,8 @@ def prompt(batch: int, length: int, config: ModelConfig, device) -> torch.Tensor
     return ids
 
 
-def bench_speed(models: dict, args, config: ModelConfig, device) -> list[dict]:
-    rows = []
+def bench_speed(models: dict, args, config: ModelConfig, device, rows: list[dict]) -> None:
+    """Appends the decode and prefill rows to rows (kept by the caller if interrupted)."""
     for B in args.batches:
         ids = prompt(B, 16, config, device)
         for impl, model in models.items():
@@ -132,7 +138,6 @@ def bench_speed(models: dict, args, config: ModelConfig, device) -> list[dict]:
             rows.append(dict(impl=impl, metric="prefill", prompt_tokens=S, ttft_s=ttft, tok_per_s=S / ttft))
             print(f"prefill  {impl:<8} {S:>6} tokens: TTFT {ttft * 1e3:9.1f} ms, {S / ttft:9.0f} tok/s", flush=True)
             gc.collect()
-    return rows
 
 
 def memory_child(impl: str, n: int, args) -> dict:
@@ -261,10 +266,15 @@ def main() -> None:
         ids = prompt(2, 24, c, args.device)
         agree = bool(torch.equal(run_fn("ours", ours, ids, 16), run_fn("official", theirs, ids, 16)))
         print(f"same greedy tokens as the official model: {agree}", flush=True)
-    rows = bench_speed(models, args, c, args.device)
-    del models, ours, theirs
-    gc.collect()
-    rows += bench_memory(ours_impls + ([] if args.no_official else ["official"]), args)
+    rows, interrupted = [], False
+    try:  # interrupted (Ctrl-C, or `timeout --signal=INT` in benchmarks/gpu.sh): the rows so far are written
+        bench_speed(models, args, c, args.device, rows)
+        del models, ours, theirs
+        gc.collect()
+        rows += bench_memory(ours_impls + ([] if args.no_official else ["official"]), args)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted: writing the {len(rows)} rows measured so far", flush=True)
 
     result = dict(
         device=args.device,
@@ -275,7 +285,7 @@ def main() -> None:
         xlstm=None if args.no_official else _version("xlstm"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         preset=args.preset, model=model_shape, dtype=args.dtype, threads=args.threads, repeats=args.repeats,
-        same_greedy_tokens=agree, rows=rows,
+        same_greedy_tokens=agree, interrupted=interrupted, rows=rows,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"generate_{'cuda' if cuda else 'cpu'}.json"

@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu.sh OUTPUT_DIR             # on a CUDA machine
 #   bash benchmarks/gpu.sh --dry-run OUTPUT_DIR   # the same stages with tiny shapes on the CPU
+#   bash benchmarks/gpu.sh --only tests,generate OUTPUT_DIR   # a rerun of some stages
 #
 # OUTPUT_DIR (new or empty) gets gpu.log (everything printed), tests.json, kernels-<date>.json + .png,
 # generate_cuda.json, train.json, serve_cuda.json and speculative_cuda_random_7b.json: 8 files, the most
@@ -16,13 +17,25 @@
 # PYTHON picks the interpreter (default python3); GPU_RUN_SECONDS the total budget (default 470).
 set -uo pipefail
 
+all_stages=(tests kernels generate train serve speculative)
+usage="usage: bash benchmarks/gpu.sh [--dry-run] [--only STAGE,...] OUTPUT_DIR (stages: ${all_stages[*]})"
 dry_run=0
-if [[ ${1:-} == --dry-run ]]; then
-    dry_run=1
-    shift
-fi
+only=
+while [[ ${1:-} == --dry-run || ${1:-} == --only ]]; do
+    if [[ $1 == --dry-run ]]; then
+        dry_run=1
+        shift
+        continue
+    fi
+    only=${2:-}
+    for name in ${only//,/ }; do
+        [[ " ${all_stages[*]} " == *" $name "* ]] || { echo "unknown stage '$name'; $usage" >&2; exit 2; }
+    done
+    [[ -n $only ]] || { echo "$usage" >&2; exit 2; }
+    shift 2
+done
 if [[ $# -ne 1 || $1 == -* ]]; then
-    echo "usage: bash benchmarks/gpu.sh [--dry-run] OUTPUT_DIR" >&2
+    echo "$usage" >&2
     exit 2
 fi
 out=$1
@@ -74,6 +87,7 @@ official=()
 stage() {  # stage NAME BUDGET_SECONDS COMMAND...: runs it cut at min(budget, time left)
     local name=$1 budget=$2
     shift 2
+    [[ -z $only || ",$only," == *",$name,"* ]] || return 0
     local limit=$((deadline - SECONDS < budget ? deadline - SECONDS : budget))
     if ((limit < 10)); then
         echo "== $name: skipped, ${limit} s left"
@@ -94,7 +108,7 @@ stage() {  # stage NAME BUDGET_SECONDS COMMAND...: runs it cut at min(budget, ti
 # ---- stages, most important first ----------------------------------------------------------
 if ((dry_run)); then
     stage tests 60 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
-    "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
+    [[ ! -e $work/junit.xml ]] || "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
     stage kernels 60 "$python" benchmarks/kernels.py --dry-run --out "$out"
     stage generate 60 "$python" benchmarks/generate.py --device cpu --batches 1 --decode-tokens 4 \
         --prompt-lengths 16 --memory-tokens 8 --repeats 1 --no-compiled "${official[@]}" --out "$out"
@@ -104,18 +118,18 @@ if ((dry_run)); then
     stage speculative 60 "$python" benchmarks/speculative.py --device cpu --cost-model-only --ks 2 --out "$out"
 else
     stage tests 110 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
-    "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
+    [[ ! -e $work/junit.xml ]] || "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
     # the 7B head shape at 65,536 tokens; the step kernel at batch 1 and 256
-    stage kernels 100 "$python" benchmarks/kernels.py --seq-lens 8192 65536 --heads 8,256,512 \
-        --step-batches 1 256 --reps 50 --out "$out"
+    stage kernels 100 "$python" benchmarks/kernels.py --seq-lens 65536 --heads 8,256,512 \
+        --providers xlstm7b-triton tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 --out "$out"
     # 7B shape, random bf16 weights shared with the official model; memory in fresh processes
-    stage generate 130 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 128 \
+    stage generate 130 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 64 \
         --prompt-lengths 8192 --memory-tokens 256 --repeats 2 "${official[@]}" --out "$out"
     stage train 40 "$python" benchmarks/train.py --presets 1.3b --steps 5 --output "$out/train.json"
     # the engine at the 7B shape, random bf16 weights; bfloat16 C and n: 512 slots hold 32 GiB, not 64
     stage serve 80 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 256 \
         --state-dtype bfloat16 --baseline-requests 4 --out "$work/serve"
-    stage speculative 15 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 8 --out "$out"
+    stage speculative 30 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 8 --out "$out"
 fi
 mv "$out"/generate_*.png "$work"/ 2>/dev/null
 cp "$work"/serve/serve_*.json "$out"/ 2>/dev/null

@@ -129,6 +129,9 @@ def provider_sdpa(device: str):
     return make
 
 
+PROVIDERS = ("xlstm7b-triton", "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128", "xlstm7b-torch")
+
+
 def bench_chunkwise(args, device, dtype, rows: list[dict]) -> None:
     """Appends one row per provider and shape to rows (kept by the caller if interrupted)."""
     providers = {}
@@ -139,6 +142,8 @@ def bench_chunkwise(args, device, dtype, rows: list[dict]) -> None:
         providers["sdpa-flash-32x128"] = lambda: provider_sdpa(device)
     providers["xlstm7b-torch"] = lambda: provider_ours("torch", args.chunk_size)
     for name, make_provider in providers.items():
+        if args.providers and name not in args.providers:
+            continue
         try:
             make = make_provider()
         except (ImportError, RuntimeError) as e:
@@ -255,6 +260,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=100, help="measurement time per point in ms (do_bench rep)")
     p.add_argument("--heads", type=head_shape, nargs="+", default=[(8, 256, 512), (16, 128, 256)],
                    metavar="NH,DK,DV", help="head shapes of the chunkwise rows (default 8,256,512 16,128,256)")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="chunkwise rows of these only (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = p.parse_args(argv)
     args.step_shape = (8, 256, 512)

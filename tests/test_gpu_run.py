@@ -15,16 +15,27 @@ GPU_SH = ROOT / "benchmarks" / "gpu.sh"
 STAGES = ["tests", "kernels", "generate", "train", "serve", "speculative"]
 
 
-def run_gpu_sh(*args, timeout=300):
+# Packages the GPU machine lacks (the serve and eval extras, the test tools, datasets, wandb): the
+# rehearsal hides them, as a None entry in sys.modules makes `import` of it raise ImportError.
+ABSENT_ON_GPU = ("datasets", "wandb", "fastapi", "uvicorn", "openai", "lm_eval")
+
+
+def run_gpu_sh(*args, timeout=300, hide_in: Path | None = None):
+    """gpu.sh in a subprocess; with hide_in, a sitecustomize.py there hides ABSENT_ON_GPU from it."""
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("TRITON_INTERPRET", None)  # the stages decide for themselves, as on the GPU machine
+    if hide_in is not None:
+        hide_in.mkdir()
+        (hide_in / "sitecustomize.py").write_text("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in ABSENT_ON_GPU))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hide_in), env.get("PYTHONPATH")]))
     return subprocess.run(["bash", str(GPU_SH), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_dry_run(tmp_path):
-    """Every stage runs its benchmark's tiny-shape mode, writes its JSON, and the summary prints last."""
+    """Every stage runs its benchmark's tiny-shape mode, without the packages the GPU machine lacks,
+    writes its JSON, and the summary prints last."""
     out = tmp_path / "out"
-    done = run_gpu_sh("--dry-run", out)
+    done = run_gpu_sh("--dry-run", out, hide_in=tmp_path / "hide")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
     expected = {"gpu.log", "tests.json", "kernels-dry-run.json", "generate_cpu.json", "train.json", "serve_cpu.json",
@@ -48,13 +59,25 @@ def test_dry_run(tmp_path):
     (["--dry-run"], "usage"),
     (["--bogus", "x"], "usage"),
     (["--dry-run", "NONEMPTY"], "not empty"),
-], ids=["no-dir", "dry-run-no-dir", "unknown-flag", "non-empty-dir"])
+    (["--only", "tests,bogus", "x"], "unknown stage 'bogus'"),
+    (["--only"], "usage"),
+], ids=["no-dir", "dry-run-no-dir", "unknown-flag", "non-empty-dir", "unknown-stage", "only-no-stages"])
 def test_bad_arguments(tmp_path, args, message):
     full = tmp_path / "full"
     full.mkdir()
     (full / "old.json").write_text("{}")
     done = run_gpu_sh(*[full if a == "NONEMPTY" else a for a in args], timeout=30)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_only_some_stages(tmp_path):
+    """A rerun of some stages runs those alone, and the summary says nothing of the others."""
+    out = tmp_path / "out"
+    done = run_gpu_sh("--dry-run", "--only", "train", out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {"gpu.log", "train.json"}
+    table = done.stdout[done.stdout.index("== GPU run:"):].split("targets:")[0]
+    assert [line.split()[0] for line in table.splitlines()[2:] if line.split()[-1:] == ["ok"]] == ["train"]
 
 
 def summary_module():
