@@ -63,6 +63,12 @@ def forward_backward(fn, xs, reset, seed=1, state_grads=True, **kw):
     return (h, C, n, m), [x.grad for x in xs]
 
 
+# dn0 and dm0 can be cancelling sums far below the terms they are made of: dn0 only where |n . q|
+# won the normalizer's max, in one column's units of C0's gradient; dm0 the eps-sized rest of
+# dC0 . C0 + dn0 . n0 and the carried stabilizer's terms. In bfloat16 such a near-zero sum is off by
+# bfloat16 rounding of its terms (dn0 2.4e-2 relative to a norm of 1e-4, next to 6.3 for dC0, at the
+# 7B head shape in the interpreter; 6.3e-2 on an H200), so check_against_oracle measures their
+# error against a hundredth of their terms' scale where that is larger than their own norm.
 def check_against_oracle(xs, reset, chunk, dtype=torch.float32, state_grads=True, tol=None, grads=True):
     outs, grads_ = forward_backward(mlstm_chunkwise_triton, xs, reset, state_grads=state_grads, chunk_size=chunk)
     ref_outs, ref_grads = forward_backward(mlstm_parallel, [x.double() for x in xs], reset, state_grads=state_grads)
@@ -72,9 +78,15 @@ def check_against_oracle(xs, reset, chunk, dtype=torch.float32, state_grads=True
         assert rel_err(a, b) <= tol_v, f"{name}: rel err {rel_err(a, b):.2e}"
     if not grads:
         return
+    floors = {}
+    if len(xs) > 5:  # the initial state's gradients
+        dC0, dn0, C0, n0 = ref_grads[5], ref_grads[6], xs[5].double(), xs[6].double()
+        floors["dn0"] = 1e-2 * dC0.norm() / dC0.shape[-1] ** 0.5
+        floors["dm0"] = 1e-2 * ((dC0 * C0).abs().sum((-1, -2)) + (dn0 * n0).abs().sum(-1)).norm()
     for name, a, b in zip(("dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"), grads_, ref_grads):
         assert torch.isfinite(a).all(), name
-        assert rel_err(a, b) <= tol_g, f"{name}: rel err {rel_err(a, b):.2e}"
+        err = ((a.double() - b).norm() / torch.maximum(b.norm(), floors.get(name, b.norm())).clamp_min(1e-300)).item()
+        assert err <= tol_g, f"{name}: rel err {err:.2e}"
 
 
 # B, NH, S, DK, DV, chunk, initial state, reset mask, gates
