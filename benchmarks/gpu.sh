@@ -129,7 +129,7 @@ else
     # the engine at the 7B shape, random bf16 weights; bfloat16 C and n: 512 slots hold 32 GiB, not 64
     stage serve 80 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 256 \
         --state-dtype bfloat16 --baseline-requests 4 --out "$work/serve"
-    stage speculative 30 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 8 --out "$out"
+    stage speculative 30 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 --out "$out"
 fi
 mv "$out"/generate_*.png "$work"/ 2>/dev/null
 cp "$work"/serve/serve_*.json "$out"/ 2>/dev/null
