@@ -10,8 +10,9 @@ kernel (mlstm_kernels, "chunkwise--triton_xl_chunk"), flash-linear-attention's c
 and causal flash attention through torch SDPA (32 heads x 128, same token count).
 Step kernel: latency at batch 1, 8, 64 with the 7B per-layer state, and the HBM bandwidth it reaches
 (state bytes read + written per step / time).
-Results go to benchmarks/results/kernels-<date>.json and .png (--out: another folder). Interrupted
-(Ctrl-C, or `timeout --signal=INT` in benchmarks/gpu.sh), it still writes the rows measured so far.
+Results go to benchmarks/results/kernels-<date>.json and .png (--out: another folder). Ours and the
+step kernel run first, then the peers. The JSON is rewritten after every row, so a run interrupted
+(Ctrl-C, `timeout --signal=INT` in benchmarks/gpu.sh) or killed keeps the rows measured so far.
 """
 
 import argparse
@@ -132,8 +133,8 @@ def provider_sdpa(device: str):
 PROVIDERS = ("xlstm7b-triton", "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128", "xlstm7b-torch")
 
 
-def bench_chunkwise(args, device, dtype, rows: list[dict]) -> None:
-    """Appends one row per provider and shape to rows (kept by the caller if interrupted)."""
+def bench_chunkwise(args, device, dtype, record, names: tuple[str, ...]) -> None:
+    """Records one row per provider (of `names`) and shape."""
     providers = {}
     if not args.dry_run:  # the peers before our PyTorch form: the run may be cut short
         providers["xlstm7b-triton"] = lambda: provider_ours("triton", args.chunk_size)
@@ -142,7 +143,7 @@ def bench_chunkwise(args, device, dtype, rows: list[dict]) -> None:
         providers["sdpa-flash-32x128"] = lambda: provider_sdpa(device)
     providers["xlstm7b-torch"] = lambda: provider_ours("torch", args.chunk_size)
     for name, make_provider in providers.items():
-        if args.providers and name not in args.providers:
+        if name not in names or (args.providers and name not in args.providers):
             continue
         try:
             make = make_provider()
@@ -171,11 +172,10 @@ def bench_chunkwise(args, device, dtype, rows: list[dict]) -> None:
                 except Exception as e:  # a peer failing on one shape must not stop the run
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                     torch.cuda.empty_cache() if device == "cuda" else None
-                print(json.dumps(row))
-                rows.append(row)
+                record(row)
 
 
-def bench_step(args, device, rows: list[dict]) -> None:
+def bench_step(args, device, record) -> None:
     NH, DK, DV = args.step_shape
     backend = "torch" if args.dry_run else "triton"
     for B in args.step_batches:
@@ -187,9 +187,8 @@ def bench_step(args, device, rows: list[dict]) -> None:
         state_bytes = 4 * B * NH * (DK * DV + DK + 1)
         io_bytes = 4 * B * NH * (2 * DK + 2 * DV + 2)
         moved = 2 * state_bytes + io_bytes
-        row = dict(kernel="step", provider=f"xlstm7b-{backend}", B=B, NH=NH, DK=DK, DV=DV, ms=ms, bytes=moved, gb_per_s=moved / ms / 1e6)
-        print(json.dumps(row))
-        rows.append(row)
+        record(dict(kernel="step", provider=f"xlstm7b-{backend}", B=B, NH=NH, DK=DK, DV=DV, ms=ms, bytes=moved,
+                    gb_per_s=moved / ms / 1e6))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,20 +277,33 @@ def main(argv=None) -> dict:
         device, dtype = "cuda", torch.bfloat16
     else:
         raise SystemExit("no CUDA device: run with --dry-run to check the script on CPU")
-    rows, interrupted = [], False
-    try:
-        bench_chunkwise(args, device, dtype, rows)
-        bench_step(args, device, rows)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"interrupted: writing the {len(rows)} rows measured so far")
-    report = dict(environment=environment(device), tokens=args.tokens, chunk_size=args.chunk_size,
-                  interrupted=interrupted, rows=rows)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "kernels-dry-run" if args.dry_run else f"kernels-{datetime.date.today().isoformat()}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out / (stem + '.json')}")
-    plot(rows, args.out / f"{stem}.png")
+    path = args.out / f"{stem}.json"
+    report = dict(environment=environment(device), tokens=args.tokens, chunk_size=args.chunk_size,
+                  interrupted=True, rows=[])
+
+    def write() -> None:  # after every row: a run killed in a peer's row keeps the rows before it
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(path)
+
+    def record(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        report["rows"].append(row)
+        write()
+
+    try:  # ours first, then the step kernel (quick), then the peers (whose compiling and tuning is slow)
+        ours = ("xlstm7b-triton", "xlstm7b-torch") if args.dry_run else ("xlstm7b-triton",)
+        bench_chunkwise(args, device, dtype, record, ours)
+        bench_step(args, device, record)
+        bench_chunkwise(args, device, dtype, record, tuple(p for p in PROVIDERS if p not in ours))
+        report["interrupted"] = False
+    except KeyboardInterrupt:
+        print(f"interrupted: writing the {len(report['rows'])} rows measured so far")
+    write()
+    print(f"wrote {path}")
+    plot(report["rows"], args.out / f"{stem}.png")
     return report
 
 
