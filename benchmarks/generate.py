@@ -6,6 +6,9 @@ xLSTMLarge.generate, on the same weights, in one run.
 
 Measures decode tok/s at several batch sizes, prefill tok/s and time to first token (TTFT) at several
 prompt lengths, and peak memory while generating more and more tokens (constant for a recurrent model).
+Prefill tok/s is one forward pass over the prompt (the prefill proper); TTFT is generate() of one
+token, with whatever else that call does (ours, on CUDA: the decode step's first use). The two
+models' last-position logits on one prompt are compared too (their relative difference).
 On CPU, "compiled" is xlstm7b with generate(..., compile=True) (its prefill is ours, so it has no
 prefill rows); the time its first call spends compiling is reported per batch size.
 Decode rate = B * (N - 1) / (t(N tokens) - t(1 token)), so prefill and the first token are excluded;
@@ -81,6 +84,14 @@ def run_fn(impl: str, model, ids: torch.Tensor, n: int):
         return model.generate(ids, max_length=n)[0]
 
 
+def forward_fn(impl: str, model, ids: torch.Tensor) -> torch.Tensor:
+    """One forward pass over the prompt, the prefill proper; returns the last position's logits."""
+    with torch.no_grad():
+        if impl == "official":
+            return model(ids)[0][:, -1]
+        return model(ids, last_logits_only=True)[0][:, -1]
+
+
 def best_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -130,13 +141,16 @@ def bench_speed(models: dict, args, config: ModelConfig, device, rows: list[dict
             if impl == "compiled":
                 continue  # the same prefill as "ours"
             try:
-                ttft = best_time(lambda: run_fn(impl, model, ids, 1), 1 if S > 8192 else args.repeats)
+                repeats = 1 if S > 8192 else args.repeats
+                ttft = best_time(lambda: run_fn(impl, model, ids, 1), repeats)
+                forward = best_time(lambda: forward_fn(impl, model, ids), repeats)
             except torch.OutOfMemoryError:
                 print(f"prefill  {impl:<8} {S:>6} tokens: out of memory", flush=True)
                 rows.append(dict(impl=impl, metric="prefill", prompt_tokens=S, error="out of memory"))
                 continue
-            rows.append(dict(impl=impl, metric="prefill", prompt_tokens=S, ttft_s=ttft, tok_per_s=S / ttft))
-            print(f"prefill  {impl:<8} {S:>6} tokens: TTFT {ttft * 1e3:9.1f} ms, {S / ttft:9.0f} tok/s", flush=True)
+            rows.append(dict(impl=impl, metric="prefill", prompt_tokens=S, ttft_s=ttft, forward_s=forward, tok_per_s=S / forward))
+            print(f"prefill  {impl:<8} {S:>6} tokens: {S / forward:9.0f} tok/s (forward {forward * 1e3:.1f} ms), "
+                  f"TTFT {ttft * 1e3:9.1f} ms", flush=True)
             gc.collect()
 
 
@@ -261,11 +275,14 @@ def main() -> None:
     c = ours.config
     model_shape = dict(embedding_dim=c.embedding_dim, num_blocks=c.num_blocks, num_heads=c.num_heads,
                        vocab_size=vocab, params=ours.num_params())
-    agree = None
-    if theirs is not None:  # the same weights must give the same greedy tokens
+    agree = logits_diff = None
+    if theirs is not None:  # the same weights must give the same logits and (unless near-tied) greedy tokens
         ids = prompt(2, 24, c, args.device)
         agree = bool(torch.equal(run_fn("ours", ours, ids, 16), run_fn("official", theirs, ids, 16)))
-        print(f"same greedy tokens as the official model: {agree}", flush=True)
+        mine, ref = forward_fn("ours", ours, ids).double(), forward_fn("official", theirs, ids).double()
+        logits_diff = ((mine - ref).norm() / ref.norm()).item()
+        print(f"same greedy tokens as the official model: {agree}; last logits' relative difference {logits_diff:.2e}",
+              flush=True)
     rows, interrupted = [], False
     try:  # interrupted (Ctrl-C, or `timeout --signal=INT` in benchmarks/gpu.sh): the rows so far are written
         bench_speed(models, args, c, args.device, rows)
@@ -285,7 +302,7 @@ def main() -> None:
         xlstm=None if args.no_official else _version("xlstm"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         preset=args.preset, model=model_shape, dtype=args.dtype, threads=args.threads, repeats=args.repeats,
-        same_greedy_tokens=agree, interrupted=interrupted, rows=rows,
+        same_greedy_tokens=agree, logits_rel_diff=logits_diff, interrupted=interrupted, rows=rows,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"generate_{'cuda' if cuda else 'cpu'}.json"

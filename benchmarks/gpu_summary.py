@@ -185,15 +185,18 @@ def generate_lines(rep: dict, targets: dict) -> list[str]:
     def get(impl, metric, key, value, field="tok_per_s"):
         return next((r.get(field) for r in rows if r["impl"] == impl and r["metric"] == metric and r.get(key) == value), None)
 
-    lines = [f"generate, {rep['preset']} preset, {rep['dtype']}, greedy tokens equal the official's: {rep['same_greedy_tokens']}"]
+    diff = rep.get("logits_rel_diff")
+    lines = [f"generate, {rep['preset']} preset, {rep['dtype']}, greedy tokens equal the official's: {rep['same_greedy_tokens']}"
+             + ("" if diff is None else f", last logits {diff:.1e} apart")]
     for B in sorted({r["batch"] for r in rows if r["metric"] == "decode"}):
         ours, theirs = get("ours", "decode", "batch", B), get("official", "decode", "batch", B)
         lines.append(f"  decode batch {B:>3}: ours {fmt(ours, '.1f')} tok/s, official {fmt(theirs, '.1f')} ({fmt(ratio(ours, theirs))}x)")
     for S in sorted({r["prompt_tokens"] for r in rows if r["metric"] == "prefill"}):
         ours, theirs = get("ours", "prefill", "prompt_tokens", S), get("official", "prefill", "prompt_tokens", S)
-        ttft = get("ours", "prefill", "prompt_tokens", S, "ttft_s")
+        ttft, their_ttft = (get(impl, "prefill", "prompt_tokens", S, "ttft_s") for impl in ("ours", "official"))
         lines.append(f"  prefill {S:>6}: ours {fmt(ours, ',.0f')} tok/s (TTFT {fmt(ttft and ttft * 1e3, '.0f')} ms), "
-                     f"official {fmt(theirs, ',.0f')} ({fmt(ratio(ours, theirs))}x)")
+                     f"official {fmt(theirs, ',.0f')} (TTFT {fmt(their_ttft and their_ttft * 1e3, '.0f')} ms): "
+                     f"{fmt(ratio(ours, theirs))}x")
     for n in sorted({r["new_tokens"] for r in rows if r["metric"] == "memory"}):
         ours, theirs = get("ours", "memory", "new_tokens", n, "peak_mib"), get("official", "memory", "new_tokens", n, "peak_mib")
         lines.append(f"  peak memory generating {n} tokens: ours {fmt(ours, ',.0f')} MiB, official {fmt(theirs, ',.0f')} MiB")

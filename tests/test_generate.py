@@ -1,6 +1,7 @@
 """generate(): greedy == teacher-forced argmax, ragged batch == each row alone, EOS, seeded sampling,
 final state == one forward over the whole text, constant decoding memory, streaming and the CLI."""
 
+import importlib
 import io
 
 import pytest
@@ -292,3 +293,16 @@ def test_cuda_graph_decoding_equals_eager(model):
     assert_states_close(graphed.state, eager.state, 1e-5)
     sampled = [generate(cuda_model, prompts, temperature=1.0, top_k=20, seed=5, **kw).tokens for _ in range(2)]
     assert torch.equal(*sampled)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_only_where_it_pays(monkeypatch):
+    """By default a call for fewer than GRAPH_MIN_TOKENS tokens steps eagerly (a capture costs more)."""
+    module = importlib.import_module("xlstm7b.generate")  # the package's `generate` is the function
+    cuda_model = random_model(ModelConfig.from_preset("debug")).cuda()
+    graphed = []
+    real = module.step_runner
+    monkeypatch.setattr(module, "step_runner", lambda *a, cuda_graph, **kw: graphed.append(cuda_graph) or real(*a, cuda_graph=cuda_graph, **kw))
+    for n in (1, module.GRAPH_MIN_TOKENS - 1, module.GRAPH_MIN_TOKENS):
+        generate(cuda_model, [prompt(5, 15)], max_new_tokens=n)
+    assert graphed == [False, False, True]
