@@ -121,7 +121,7 @@ else
     [[ ! -e $work/junit.xml ]] || "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
     # the 7B head shape at 65,536 tokens; the step kernel at batch 1 and 256
     stage kernels 100 "$python" benchmarks/kernels.py --seq-lens 65536 --heads 8,256,512 \
-        --providers xlstm7b-triton tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 --out "$out"
+        --providers xlstm7b-triton xlstm7b-triton-chunk128 tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 --out "$out"
     # 7B shape, random bf16 weights shared with the official model; memory in fresh processes
     stage generate 130 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 64 \
         --prompt-lengths 8192 --memory-tokens 256 --repeats 2 "${official[@]}" --out "$out"

@@ -130,7 +130,8 @@ def provider_sdpa(device: str):
     return make
 
 
-PROVIDERS = ("xlstm7b-triton", "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128", "xlstm7b-torch")
+PROVIDERS = ("xlstm7b-triton", "xlstm7b-triton-chunk128", "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128",
+             "xlstm7b-torch")
 
 
 def bench_chunkwise(args, device, dtype, record, names: tuple[str, ...]) -> None:
@@ -138,6 +139,7 @@ def bench_chunkwise(args, device, dtype, record, names: tuple[str, ...]) -> None
     providers = {}
     if not args.dry_run:  # the peers before our PyTorch form: the run may be cut short
         providers["xlstm7b-triton"] = lambda: provider_ours("triton", args.chunk_size)
+        providers["xlstm7b-triton-chunk128"] = lambda: provider_ours("triton", 128)  # TFLA's chunk
         providers["tfla-exp-chunk128"] = lambda: provider_tfla(128)
         providers["fla-simple-gla"] = provider_fla
         providers["sdpa-flash-32x128"] = lambda: provider_sdpa(device)
@@ -294,7 +296,7 @@ def main(argv=None) -> dict:
         write()
 
     try:  # ours first, then the step kernel (quick), then the peers (whose compiling and tuning is slow)
-        ours = ("xlstm7b-triton", "xlstm7b-torch") if args.dry_run else ("xlstm7b-triton",)
+        ours = ("xlstm7b-triton", "xlstm7b-torch") if args.dry_run else ("xlstm7b-triton", "xlstm7b-triton-chunk128")
         bench_chunkwise(args, device, dtype, record, ours)
         bench_step(args, device, record)
         bench_chunkwise(args, device, dtype, record, tuple(p for p in PROVIDERS if p not in ours))
