@@ -109,7 +109,7 @@ stage() {  # stage NAME BUDGET_SECONDS COMMAND...: runs it cut at min(budget, ti
 if ((dry_run)); then
     stage tests 60 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
     [[ ! -e $work/junit.xml ]] || "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
-    stage kernels 60 "$python" benchmarks/kernels.py --dry-run --out "$out"
+    stage kernels 60 "$python" benchmarks/kernels.py --dry-run --profile --out "$out"
     stage generate 60 "$python" benchmarks/generate.py --device cpu --batches 1 --decode-tokens 4 \
         --prompt-lengths 16 --memory-tokens 8 --repeats 1 --no-compiled "${official[@]}" --out "$out"
     stage train 60 "$python" benchmarks/train.py --presets debug --steps 1 --micro-batch 1 --seq-len 64 --output "$out/train.json"
@@ -121,7 +121,8 @@ else
     [[ ! -e $work/junit.xml ]] || "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
     # the 7B head shape at 65,536 tokens; the step kernel at batch 1 and 256
     stage kernels 100 "$python" benchmarks/kernels.py --seq-lens 65536 --heads 8,256,512 \
-        --providers xlstm7b-triton xlstm7b-triton-chunk128 tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 --out "$out"
+        --providers xlstm7b-triton xlstm7b-triton-chunk128 tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 \
+        --profile --out "$out"
     # 7B shape, random bf16 weights shared with the official model; memory in fresh processes
     stage generate 130 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 64 \
         --prompt-lengths 8192 --memory-tokens 256 --repeats 2 "${official[@]}" --out "$out"

@@ -158,6 +158,9 @@ def kernel_lines(rep: dict, targets: dict) -> list[str]:
     for r in rep["rows"]:
         if r["kernel"] == "step":
             lines.append(f"step kernel ({r['provider']}) batch {r['B']}: {r['ms'] * 1e3:.1f} us, {r['gb_per_s']:.0f} GB/s")
+        if r["kernel"] == "profile":
+            top = ", ".join(f"{k['name']} {k['us'] / 1e3:.2f}" for k in r["kernels"][:4])
+            lines.append(f"profile of ours, {r['phase']}, S {r['S']}: {r['total_us'] / 1e3:.2f} ms in all; {top} ms")
     if rep.get("interrupted"):
         lines.append("(interrupted: the rows above are those measured before the cut)")
     return lines

@@ -9,7 +9,8 @@ for NH 16 (DK 128, DV 256). Peers, each skipped with a message when missing: the
 kernel (mlstm_kernels, "chunkwise--triton_xl_chunk"), flash-linear-attention's chunk_simple_gla,
 and causal flash attention through torch SDPA (32 heads x 128, same token count).
 Step kernel: latency at batch 1, 8, 64 with the 7B per-layer state, and the HBM bandwidth it reaches
-(state bytes read + written per step / time).
+(state bytes read + written per step / time). With --profile: the device time per kernel of our
+forward and forward+backward at the longest S (where the time goes, next to the roofline).
 Results go to benchmarks/results/kernels-<date>.json and .png (--out: another folder). Ours and the
 step kernel run first, then the peers. The JSON is rewritten after every row, so a run interrupted
 (Ctrl-C, `timeout --signal=INT` in benchmarks/gpu.sh) or killed keeps the rows measured so far.
@@ -128,6 +129,37 @@ def provider_sdpa(device: str):
         return run
 
     return make
+
+
+def bench_profile(args, device, dtype, record) -> None:
+    """Where the time of our chunkwise forward and forward+backward goes, at the first head shape and
+    the longest S: the device time per kernel over one call (torch.profiler; on CPU, per aten op)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    NH, DK, DV = args.heads[0]
+    S = max(args.seq_lens)
+    B = max(1, args.tokens // S)
+    make = provider_ours("torch" if args.dry_run else "triton", args.chunk_size)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for phase, grad in (("forward", False), ("forward+backward", True)):
+        out = make(mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad=grad))
+
+        def run():
+            with torch.set_grad_enabled(grad):
+                y = out()
+                if grad:
+                    y.backward(torch.ones_like(y))
+            sync()
+
+        run()  # compiled outside the profile
+        with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
+            run()
+        field = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        kernels = sorted(((a.key, getattr(a, field), a.count) for a in prof.key_averages() if getattr(a, field) > 0),
+                         key=lambda t: -t[1])
+        record(dict(kernel="profile", provider=f"xlstm7b-{'torch' if args.dry_run else 'triton'}", phase=phase,
+                    B=B, S=S, NH=NH, DK=DK, DV=DV, total_us=sum(t for _, t, _ in kernels),
+                    kernels=[dict(name=n[:80], us=t, calls=c) for n, t, c in kernels[:12]]))
 
 
 PROVIDERS = ("xlstm7b-triton", "xlstm7b-triton-chunk128", "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128",
@@ -262,6 +294,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=head_shape, nargs="+", default=[(8, 256, 512), (16, 128, 256)],
                    metavar="NH,DK,DV", help="head shapes of the chunkwise rows (default 8,256,512 16,128,256)")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="chunkwise rows of these only (default: all)")
+    p.add_argument("--profile", action="store_true", help="also the time per kernel of our forward and forward+backward")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = p.parse_args(argv)
     args.step_shape = (8, 256, 512)
@@ -295,10 +328,12 @@ def main(argv=None) -> dict:
         report["rows"].append(row)
         write()
 
-    try:  # ours first, then the step kernel (quick), then the peers (whose compiling and tuning is slow)
+    try:  # ours first, then the step kernel and the profile (quick), then the peers (whose compiling and tuning is slow)
         ours = ("xlstm7b-triton", "xlstm7b-torch") if args.dry_run else ("xlstm7b-triton", "xlstm7b-triton-chunk128")
         bench_chunkwise(args, device, dtype, record, ours)
         bench_step(args, device, record)
+        if args.profile:
+            bench_profile(args, device, dtype, record)
         bench_chunkwise(args, device, dtype, record, tuple(p for p in PROVIDERS if p not in ours))
         report["interrupted"] = False
     except KeyboardInterrupt:

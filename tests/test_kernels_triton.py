@@ -304,9 +304,10 @@ def test_benchmark_dry_run(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "benchmarks" / "kernels.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    report = bench.main(["--dry-run", "--out", str(tmp_path)])
+    report = bench.main(["--dry-run", "--profile", "--out", str(tmp_path)])
     assert (tmp_path / "kernels-dry-run.json").exists()
-    assert {r["kernel"] for r in report["rows"]} == {"chunkwise", "step"}
+    assert {r["kernel"] for r in report["rows"]} == {"chunkwise", "step", "profile"}
+    assert all(r["kernels"] and r["total_us"] > 0 for r in report["rows"] if r["kernel"] == "profile")
     assert all("error" not in r for r in report["rows"])
 
 
