@@ -125,7 +125,7 @@ else
         --profile --out "$out"
     # 7B shape, random bf16 weights shared with the official model; memory in fresh processes
     stage generate 130 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 64 \
-        --prompt-lengths 8192 --memory-tokens 256 --repeats 2 "${official[@]}" --out "$out"
+        --prompt-lengths 8192 --memory-tokens 256 --repeats 2 --no-compiled "${official[@]}" --out "$out"
     stage train 40 "$python" benchmarks/train.py --presets 1.3b --steps 5 --output "$out/train.json"
     # the engine at the 7B shape, random bf16 weights; bfloat16 C and n: 512 slots hold 32 GiB, not 64
     stage serve 80 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 256 \

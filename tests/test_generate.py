@@ -296,6 +296,23 @@ def test_cuda_graph_decoding_equals_eager(model):
 
 
 @pytest.mark.gpu
+def test_compiled_cuda_graph_decoding_equals_eager():
+    """compile=True on CUDA: inductor's step captured in the graph gives the eager step's tokens
+    (ragged prompts, EOS, and a draft's steps too); compile with the graph turned off is refused."""
+    cuda_model = random_model(ModelConfig.from_preset("debug")).cuda()
+    prompts = [prompt(5, 15), prompt(30, 16), []]
+    kw = dict(max_new_tokens=20, eos_token_id=7)
+    compiled = generate(cuda_model, prompts, compile=True, **kw)
+    eager = generate(cuda_model, prompts, cuda_graph=False, **kw)
+    assert torch.equal(compiled.tokens, eager.tokens) and torch.equal(compiled.lengths, eager.lengths)
+    assert_states_close(compiled.state, eager.state, 1e-4)
+    speculative = generate(cuda_model, prompts, compile=True, draft=cuda_model, speculate_k=3, **kw)
+    assert torch.equal(speculative.tokens, eager.tokens)
+    with pytest.raises(ValueError, match="leave cuda_graph on"):
+        generate(cuda_model, prompts, compile=True, cuda_graph=False, **kw)
+
+
+@pytest.mark.gpu
 def test_cuda_graph_only_where_it_pays(monkeypatch):
     """By default a call for fewer than GRAPH_MIN_TOKENS tokens steps eagerly (a capture costs more)."""
     module = importlib.import_module("xlstm7b.generate")  # the package's `generate` is the function

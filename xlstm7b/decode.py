@@ -7,7 +7,8 @@
     logits = step(token, active)                                  # one token, `state` updated in place
 
 A step runner is `model.step` bound to one state (and optionally one `cell_inputs` buffer it fills
-every step): eager, captured in a CUDA graph, or compiled by inductor for CPU.
+every step): eager, captured in a CUDA graph (on CUDA with compile=True: inductor's compilation of the
+step, captured), or compiled by inductor for CPU.
 """
 
 import types
@@ -112,7 +113,9 @@ def step_runner(model: XLSTM, state: State, *, cuda_graph: bool, compile: bool, 
     """`model.step` on `state` as `step(token, active=None) -> logits`: captured, compiled or eager.
     With `cell_inputs` (a `model.cell_inputs_buffer(B)`), every step fills it."""
     if cuda_graph:
-        return CUDAGraphStep(model, state, cell_inputs)
+        return CUDAGraphStep(model, state, cell_inputs, compile=compile)
+    if compile and state.device.type == "cuda":
+        raise ValueError("on CUDA the compiled step is captured in a CUDA graph: pass cuda_graph=True with compile=True")
     if compile:
         return CompiledStep(model, state, cell_inputs)
 
@@ -165,12 +168,29 @@ class CompiledStep:
             return self.fn(self.model, token, self.state, active, self.cell_inputs)
 
 
+_cuda_compiled: "weakref.WeakKeyDictionary[XLSTM, object]" = weakref.WeakKeyDictionary()
+
+
+def cuda_compiled_step(model: XLSTM):
+    """`model.step` compiled by inductor for CUDA, once per model (dynamo keeps its graphs per batch
+    size and dtype). Unlike the CPU compilation the weights are not frozen: they stay inputs, so an
+    in-place update of them is seen. The Triton step kernel is traced as a user-defined kernel."""
+    if model not in _cuda_compiled:
+        _cuda_compiled[model] = torch.compile(model.step, dynamic=False)
+    return _cuda_compiled[model]
+
+
 class CUDAGraphStep:
     """`model.step` captured once in a CUDA graph over static buffers and replayed per token: one
     launch instead of hundreds of small kernels, which dominate batch-1 decoding time. It always
-    runs with the `active` mask (all True unless given), whose buffer persists between calls."""
+    runs with the `active` mask (all True unless given), whose buffer persists between calls.
 
-    def __init__(self, model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None):
+    With compile=True the captured step is inductor's compilation of it (`cuda_compiled_step`): the
+    norms, gate activations, casts and residual adds fused into a few kernels, so the graph replays
+    far fewer of them (the eager step has dozens of small elementwise kernels per block)."""
+
+    def __init__(self, model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None, compile: bool = False):
+        step = cuda_compiled_step(model) if compile else model.step
         B, device = state.batch_size, state.device
         self.token = torch.zeros(B, dtype=torch.long, device=device)
         self.active = torch.ones(B, dtype=torch.bool, device=device)
@@ -179,12 +199,12 @@ class CUDAGraphStep:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture requires
-            for _ in range(2):
-                model.step(self.token, state, self.active, cell_inputs)
+            for _ in range(2):  # with compile, the first compiles
+                step(self.token, state, self.active, cell_inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model.step(self.token, state, self.active, cell_inputs)
+            self.logits = step(self.token, state, self.active, cell_inputs)
         state.copy_(saved)
 
     def __call__(self, token: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:

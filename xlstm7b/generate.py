@@ -12,7 +12,8 @@ How it runs:
   CUDA graph and replayed (from `GRAPH_MIN_TOKENS` new tokens on). Non-finite logits raise a
   FloatingPointError naming the cause.
   On CPU, `compile=True` compiles the step with inductor (weights frozen into the compiled GEMMs,
-  the cell fused): faster than eager, most at small batch, after a compilation of seconds.
+  the cell fused): faster than eager, most at small batch, after a compilation of seconds; on CUDA
+  it fuses the step's small kernels before the graph captures them.
 - Ragged batches (a list of prompts of different lengths): prompts are left-padded and the padding
   is masked (spec §2: i = -inf, lf = 0), so it never touches the state, and rows finished at EOS are
   masked from then on; every row's tokens and final state are those of generating it alone.
@@ -120,9 +121,11 @@ def generate(
     prefill_chunk_size: prompt positions run at once during prefill; bounds prefill memory.
     cuda_graph: capture the decode step in a CUDA graph; default: on CUDA devices, for at least
         GRAPH_MIN_TOKENS new tokens (a capture costs more than a few eager steps).
-    compile: on CPU, compile the decode step (and the draft's) with torch.compile; worth it for long
-        generations (see `decode.CompiledStep`). The first call for a model, batch size and set of
-        weights compiles (seconds to a minute); later calls reuse it.
+    compile: compile the decode step (and the draft's) with torch.compile; worth it for long
+        generations. On CPU: inductor's C++ code with the weights frozen in (`decode.CompiledStep`);
+        the first call for a model, batch size and set of weights compiles (seconds to a minute),
+        later calls reuse it. On CUDA: the step's small kernels fused, captured in the CUDA graph
+        (`decode.CUDAGraphStep`); compiled once per model and batch size.
     draft: a smaller XLSTM with the same vocabulary, on the same device: speculative decoding (the
         draft proposes `speculate_k` tokens per block, the target verifies them in one pass). The
         output follows the target's distribution exactly; greedy output equals plain greedy output.
@@ -141,11 +144,13 @@ def generate(
     B = ids.shape[0]
     state = decoding_state(state, config, B, device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    use_graph = device.type == "cuda" and max_new_tokens >= GRAPH_MIN_TOKENS if cuda_graph is None else cuda_graph
+    use_graph = device.type == "cuda" and (compile or max_new_tokens >= GRAPH_MIN_TOKENS) if cuda_graph is None else cuda_graph
     if use_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {device}")
-    if compile and device.type != "cpu":
-        raise ValueError(f"compile=True compiles the CPU decode step; on {device.type} use cuda_graph=True (the default on CUDA)")
+    if compile and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"compile=True compiles the decode step for CPU or CUDA, not {device.type}")
+    if compile and device.type == "cuda" and cuda_graph is False:
+        raise ValueError("compile=True on CUDA compiles the step that the CUDA graph replays; leave cuda_graph on")
     if draft is not None:
         return _generate_speculative(
             model, draft, ids, mask, state, draft_state, max_new_tokens=max_new_tokens, speculate_k=speculate_k,
@@ -165,7 +170,7 @@ def generate(
         check_finite(nonfinite, model, "after the prompt")
         # Only rows that can finish need the mask; without EOS every step runs unmasked.
         finished = torch.zeros(B, dtype=torch.bool, device=device) if eos_token_id is not None else None
-        step = step_runner(model, state, cuda_graph=use_graph and max_new_tokens > 0, compile=compile)
+        step = step_runner(model, state, cuda_graph=use_graph and max_new_tokens > 0, compile=compile and max_new_tokens > 0)
         # A streamer syncs every token anyway: check every token then, before the next one is streamed.
         sync_every = 1 if device.type == "cpu" or streamer is not None else SYNC_EVERY
         for t in range(max_new_tokens):

@@ -61,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights: auto is bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--compile", action="store_true", help="CPU: compile the decode step (once per batch bucket, at start)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (once per batch bucket, at start; on CUDA captured in the bucket's CUDA graph)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")
     return p.parse_args(argv)
 

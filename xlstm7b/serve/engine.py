@@ -84,7 +84,8 @@ class EngineConfig:
     decode step at large batch; the step still computes in float32).
     The stabilizer m stays float32: it is an exponent, which bfloat16 would round by up to 0.03 near 15."""
     compile: bool = False
-    """On CPU, run the decode step compiled by inductor (one compilation per batch bucket)."""
+    """Run the decode step compiled by inductor (one compilation per batch bucket): on CPU its C++
+    code, on CUDA its fused kernels captured in the bucket's CUDA graph."""
     cuda_graph: bool | None = None
     """On CUDA, replay the decode step from a CUDA graph captured per batch bucket; default: on CUDA."""
 
@@ -97,8 +98,10 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.prefix_cache_bytes must be an integer >= 0, got {self.prefix_cache_bytes!r}")
         if self.state_dtype not in STATE_DTYPES.values():
             raise ValueError(f"EngineConfig.state_dtype must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype}")
-        if self.compile and device.type != "cpu":
-            raise ValueError(f"compile=True compiles the CPU decode step; on {device.type} use cuda_graph (the default on CUDA)")
+        if self.compile and device.type not in ("cpu", "cuda"):
+            raise ValueError(f"compile=True compiles the decode step for CPU or CUDA, not {device.type}")
+        if self.compile and device.type == "cuda" and self.cuda_graph is False:
+            raise ValueError("compile=True on CUDA compiles the step that the CUDA graph replays; leave cuda_graph on")
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {device}")
 
