@@ -125,6 +125,12 @@ def step_runner(model: XLSTM, state: State, *, cuda_graph: bool, compile: bool, 
     return eager_step
 
 
+def own_copy(fn: types.FunctionType) -> types.FunctionType:
+    """fn with a code object of its own: dynamo keeps compiled graphs per code object, so each copy
+    (one per model) has its own cache, and many models never exhaust one cache's recompile limit."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+
+
 class CompiledStep:
     """`model.step` on `state` compiled by inductor for CPU: the weights frozen into the compiled
     code and the norms, gates and cell fused into a few loops. Up to `GEMM_TEMPLATE_MAX_BATCH` rows
@@ -155,12 +161,10 @@ class CompiledStep:
 
     @staticmethod
     def _compile(step, gemm_templates: bool):
-        code = step.__code__.replace()  # a new code object: a fresh dynamo cache
-        fn = types.FunctionType(code, step.__globals__, step.__name__, step.__defaults__)
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if gemm_templates:
             options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
-        return torch.compile(fn, dynamic=False, options=options)
+        return torch.compile(own_copy(step), dynamic=False, options=options)
 
     def __call__(self, token: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         # Freezing is read when dynamo hands the graph over, which torch.compile's options do not reach.
@@ -174,10 +178,12 @@ _cuda_compiled: "weakref.WeakKeyDictionary[XLSTM, object]" = weakref.WeakKeyDict
 def cuda_compiled_step(model: XLSTM):
     """`model.step` compiled by inductor for CUDA, once per model (dynamo keeps its graphs per batch
     size and dtype). Unlike the CPU compilation the weights are not frozen: they stay inputs, so an
-    in-place update of them is seen. The Triton step kernel is traced as a user-defined kernel."""
+    in-place update of them is seen. The Triton step kernel is traced as a user-defined kernel. The
+    cache holds the compiled function, not the model, so a model nobody holds is freed with it."""
     if model not in _cuda_compiled:
-        _cuda_compiled[model] = torch.compile(model.step, dynamic=False)
-    return _cuda_compiled[model]
+        _cuda_compiled[model] = torch.compile(own_copy(type(model).step), dynamic=False)
+    compiled = _cuda_compiled[model]
+    return lambda *args: compiled(model, *args)
 
 
 class CUDAGraphStep:
