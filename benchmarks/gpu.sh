@@ -117,20 +117,20 @@ if ((dry_run)); then
         --state-dtype bfloat16 --baseline-requests 2 --out "$work/serve"
     stage speculative 60 "$python" benchmarks/speculative.py --device cpu --cost-model-only --ks 2 --out "$out"
 else
-    stage tests 110 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
+    stage tests 130 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
     [[ ! -e $work/junit.xml ]] || "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
     # the 7B head shape at 65,536 tokens; the step kernel at batch 1 and 256
     stage kernels 100 "$python" benchmarks/kernels.py --seq-lens 65536 --heads 8,256,512 \
         --providers xlstm7b-triton xlstm7b-triton-chunk128 tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 \
         --profile --out "$out"
     # 7B shape, random bf16 weights shared with the official model; memory in fresh processes
-    stage generate 130 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 64 \
+    stage generate 120 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 64 \
         --prompt-lengths 8192 --memory-tokens 256 --repeats 2 --no-compiled "${official[@]}" --out "$out"
-    stage train 40 "$python" benchmarks/train.py --presets 1.3b --steps 5 --output "$out/train.json"
+    stage train 30 "$python" benchmarks/train.py --presets 1.3b --steps 5 --output "$out/train.json"
     # the engine at the 7B shape, random bf16 weights; bfloat16 C and n: 512 slots hold 32 GiB, not 64
-    stage serve 80 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 256 \
+    stage serve 70 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 \
         --state-dtype bfloat16 --baseline-requests 4 --out "$work/serve"
-    stage speculative 30 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 --out "$out"
+    stage speculative 20 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 --out "$out"
 fi
 mv "$out"/generate_*.png "$work"/ 2>/dev/null
 cp "$work"/serve/serve_*.json "$out"/ 2>/dev/null
