@@ -77,16 +77,18 @@ def build(preset: str, device: str, dtype: torch.dtype, official: bool, seed: in
     return ours, theirs.eval()
 
 
-def run_fn(impl: str, model, ids: torch.Tensor, n: int):
-    """One greedy generation of n tokens per row; returns the tokens."""
+def run_fn(impl: str, model, ids: torch.Tensor, n: int, graph: bool | None = None):
+    """One greedy generation of n tokens per row; returns the tokens. graph: ours with or without the
+    CUDA graph (None: generate's default, which steps eagerly for fewer than GRAPH_MIN_TOKENS tokens)."""
     if impl in ("ours", "compiled"):
-        return generate(model, ids, max_new_tokens=n, compile=impl == "compiled").tokens
+        return generate(model, ids, max_new_tokens=n, compile=impl == "compiled", cuda_graph=graph).tokens
     with torch.no_grad():
         return model.generate(ids, max_length=n)[0]
 
 
 def forward_fn(impl: str, model, ids: torch.Tensor) -> torch.Tensor:
-    """One forward pass over the prompt, the prefill proper; returns the last position's logits."""
+    """One forward pass over the prompt, the prefill proper; returns the last position's logits (the
+    official model computes them at every position: a small cost ours does not have)."""
     with torch.no_grad():
         if impl == "official":
             return model(ids)[0][:, -1]
@@ -124,9 +126,12 @@ def bench_speed(models: dict, args, config: ModelConfig, device, rows: list[dict
                 compile_s = first - best_time(lambda: run_fn(impl, model, ids, 1), args.repeats)
                 rows.append(dict(impl=impl, metric="compile", batch=B, seconds=compile_s))
                 print(f"compile  {impl:<8} batch {B:>3}: {compile_s:9.1f} s (once per model, batch size and weights)", flush=True)
+            # Both calls decode the same way (on CUDA from a graph, captured in each), so the difference is
+            # decoding alone.
+            graph = True if device.startswith("cuda") else None
             try:
-                t1 = best_time(lambda: run_fn(impl, model, ids, 1), args.repeats)
-                tn = best_time(lambda: run_fn(impl, model, ids, args.decode_tokens), args.repeats)
+                t1 = best_time(lambda: run_fn(impl, model, ids, 1, graph), args.repeats)
+                tn = best_time(lambda: run_fn(impl, model, ids, args.decode_tokens, graph), args.repeats)
             except torch.OutOfMemoryError:  # the recurrent state grows with the batch: keep the other rows
                 print(f"decode   {impl:<8} batch {B:>3}: out of memory", flush=True)
                 rows.append(dict(impl=impl, metric="decode", batch=B, error="out of memory"))
