@@ -172,17 +172,21 @@ class CompiledStep:
             return self.fn(self.model, token, self.state, active, self.cell_inputs)
 
 
-_cuda_compiled: "weakref.WeakKeyDictionary[XLSTM, object]" = weakref.WeakKeyDictionary()
+_cuda_compiled: "weakref.WeakKeyDictionary[XLSTM, dict[tuple, object]]" = weakref.WeakKeyDictionary()
 
 
-def cuda_compiled_step(model: XLSTM):
-    """`model.step` compiled by inductor for CUDA, once per model (dynamo keeps its graphs per batch
-    size and dtype). Unlike the CPU compilation the weights are not frozen: they stay inputs, so an
-    in-place update of them is seen. The Triton step kernel is traced as a user-defined kernel. The
-    cache holds the compiled function, not the model, so a model nobody holds is freed with it."""
-    if model not in _cuda_compiled:
-        _cuda_compiled[model] = torch.compile(own_copy(type(model).step), dynamic=False)
-    compiled = _cuda_compiled[model]
+def cuda_compiled_step(model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None):
+    """`model.step` compiled by inductor for CUDA, once per model and kind of call (batch size, state
+    dtype, with or without `cell_inputs`): each kind has its own copy of the function, so a server's
+    many batch buckets never meet dynamo's recompile limit (8 graphs per code object), past which it
+    would run the step uncompiled. Unlike the CPU compilation the weights are not frozen: they stay
+    inputs, so an in-place update of them is seen. The Triton step kernel is traced as a user-defined
+    kernel. The cache holds compiled functions, not the model, so a model nobody holds is freed."""
+    kinds = _cuda_compiled.setdefault(model, {})
+    kind = (state.batch_size, state.dtype, cell_inputs is not None)
+    if kind not in kinds:
+        kinds[kind] = torch.compile(own_copy(type(model).step), dynamic=False)
+    compiled = kinds[kind]
     return lambda *args: compiled(model, *args)
 
 
@@ -196,7 +200,7 @@ class CUDAGraphStep:
     far fewer of them (the eager step has dozens of small elementwise kernels per block)."""
 
     def __init__(self, model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None, compile: bool = False):
-        step = cuda_compiled_step(model) if compile else model.step
+        step = cuda_compiled_step(model, state, cell_inputs) if compile else model.step
         B, device = state.batch_size, state.device
         self.token = torch.zeros(B, dtype=torch.long, device=device)
         self.active = torch.ones(B, dtype=torch.bool, device=device)

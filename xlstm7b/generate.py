@@ -52,10 +52,11 @@ SYNC_EVERY = 32
 every logit was finite (each check syncs)."""
 
 GRAPH_MIN_TOKENS = 8
-"""With cuda_graph=None, the fewest new tokens for which the decode step is captured in a CUDA graph.
-A capture costs two eager warm-up steps and the capture itself; at the 7B shape and batch 1 an eager
-step took 24.5 ms and a replayed one 6.7 ms (H200), so the graph pays after about five steps, and a
-one-token call (time to first token) runs its one step eagerly."""
+"""With cuda_graph=None and without compile, the fewest new tokens for which the decode step is
+captured in a CUDA graph. A capture costs two eager warm-up steps and the capture itself; at the 7B
+shape and batch 1 an eager step took 24.5 ms (50.7 ms in another run) and a replayed one 6.7 ms on an
+H200, so the graph pays after about five steps, and a one-token call (time to first token) runs its
+one step eagerly. compile=True always captures (the compiled step is made for the graph)."""
 
 
 class GenerateOutput(tuple):
@@ -120,12 +121,12 @@ def generate(
     streamer: receives the tokens of every step (protocol in the module docstring).
     prefill_chunk_size: prompt positions run at once during prefill; bounds prefill memory.
     cuda_graph: capture the decode step in a CUDA graph; default: on CUDA devices, for at least
-        GRAPH_MIN_TOKENS new tokens (a capture costs more than a few eager steps).
+        GRAPH_MIN_TOKENS new tokens (a capture costs more than a few eager steps) or with compile.
     compile: compile the decode step (and the draft's) with torch.compile; worth it for long
         generations. On CPU: inductor's C++ code with the weights frozen in (`decode.CompiledStep`);
         the first call for a model, batch size and set of weights compiles (seconds to a minute),
         later calls reuse it. On CUDA: the step's small kernels fused, captured in the CUDA graph
-        (`decode.CUDAGraphStep`); compiled once per model and batch size.
+        (`decode.CUDAGraphStep`); compiled once per model, batch size and state dtype.
     draft: a smaller XLSTM with the same vocabulary, on the same device: speculative decoding (the
         draft proposes `speculate_k` tokens per block, the target verifies them in one pass). The
         output follows the target's distribution exactly; greedy output equals plain greedy output.
