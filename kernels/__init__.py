@@ -22,7 +22,6 @@ BACKENDS = ("auto", "torch", "triton")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-
 def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None = None, v: torch.Tensor | None = None) -> str:
     """'auto' -> the fastest backend available for `device` (and, given, for inputs like q and v):
     triton on CUDA where its kernels take them (float32, float16 or bfloat16, head dims >= 16), torch
@@ -30,6 +29,7 @@ def resolve_backend(backend: str, device: torch.device, q: torch.Tensor | None =
     if backend not in BACKENDS:
         raise ValueError(f"mlstm: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
+        v = q if v is None else v
         takes = q is None or (q.dtype in TRITON_DTYPES and min(q.shape[-1], v.shape[-1]) >= TRITON_MIN_HEAD_DIM)
         return "triton" if device.type == "cuda" and HAS_TRITON and takes else "torch"
     if backend == "triton":

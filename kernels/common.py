@@ -8,11 +8,12 @@ Math runs in float32 (float64 when the inputs are float64); h comes back in the 
 import torch
 
 EPS = 1e-6
+"""Added to the normalizer's denominator in stabilized units (spec §2)."""
+
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Input dtypes the Triton kernels take."""
 TRITON_MIN_HEAD_DIM = 16
 """The smallest head dim the Triton kernels take (tl.dot's smallest tile)."""
-"""Added to the normalizer's denominator in stabilized units (spec §2)."""
 
 MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
