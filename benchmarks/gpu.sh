@@ -14,7 +14,8 @@
 # folder on PYTHONPATH; without them the peer rows are skipped with a message.
 # The project is installed (pip install --no-deps --no-build-isolation -e .) if it does not import.
 # Exit status 0 when every stage finished, 1 otherwise (after the summary all the same).
-# PYTHON picks the interpreter (default python3); GPU_RUN_SECONDS the total budget (default 470).
+# PYTHON picks the interpreter (default python3); GPU_RUN_SECONDS the total budget (default 470: the
+# stages get 450, the setup about 20).
 set -uo pipefail
 
 all_stages=(tests kernels generate train serve speculative)
@@ -28,10 +29,15 @@ while [[ ${1:-} == --dry-run || ${1:-} == --only ]]; do
         continue
     fi
     only=${2:-}
-    for name in ${only//,/ }; do
-        [[ " ${all_stages[*]} " == *" $name "* ]] || { echo "unknown stage '$name'; $usage" >&2; exit 2; }
+    IFS=, read -ra names <<<"$only"
+    ((${#names[@]})) || { echo "$usage" >&2; exit 2; }
+    for name in "${names[@]}"; do
+        known=0
+        for stage_name in "${all_stages[@]}"; do
+            [[ $name == "$stage_name" ]] && known=1
+        done
+        ((known)) || { echo "unknown stage '$name'; $usage" >&2; exit 2; }
     done
-    [[ -n $only ]] || { echo "$usage" >&2; exit 2; }
     shift 2
 done
 if [[ $# -ne 1 || $1 == -* ]]; then
@@ -53,6 +59,7 @@ exec > >(tee "$out/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
 deadline=$((SECONDS + ${GPU_RUN_SECONDS:-470}))
 incomplete=0  # the exit status: 1 if a stage failed, was cut or skipped (the summary says which)
+: >"$work/stages.tsv"
 
 # ---- setup: peers from .whl/, the project itself -------------------------------------------
 shopt -s nullglob
@@ -117,18 +124,18 @@ if ((dry_run)); then
         --state-dtype bfloat16 --baseline-requests 2 --out "$work/serve"
     stage speculative 60 "$python" benchmarks/speculative.py --device cpu --cost-model-only --ks 2 --out "$out"
 else
-    stage tests 130 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
+    stage tests 150 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
     [[ ! -e $work/junit.xml ]] || "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
     # the 7B head shape at 65,536 tokens; the step kernel at batch 1 and 256
     stage kernels 100 "$python" benchmarks/kernels.py --seq-lens 65536 --heads 8,256,512 \
         --providers xlstm7b-triton xlstm7b-triton-chunk128 tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 \
         --profile --out "$out"
     # 7B shape, random bf16 weights shared with the official model; memory in fresh processes
-    stage generate 120 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 64 \
+    stage generate 100 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 64 \
         --prompt-lengths 8192 --memory-tokens 256 --repeats 2 --no-compiled "${official[@]}" --out "$out"
     stage train 30 "$python" benchmarks/train.py --presets 1.3b --steps 5 --output "$out/train.json"
     # the engine at the 7B shape, random bf16 weights; bfloat16 C and n: 512 slots hold 32 GiB, not 64
-    stage serve 70 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 \
+    stage serve 50 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 \
         --state-dtype bfloat16 --baseline-requests 4 --out "$work/serve"
     stage speculative 20 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 --out "$out"
 fi

@@ -151,6 +151,7 @@ def kernel_lines(rep: dict, targets: dict) -> list[str]:
                 cells.append(f"{cell:>28}")
             lines.append(f"  {name:<20}" + "".join(cells))
         lines.append(roofline_line(rep, NH, DK, DV))
+        # ours at the chunk the benchmark was given (the 7B preset's, 64), not at the best one
         for peer, key in (("tfla-exp-chunk128", "2x TFLA"), ("fla-simple-gla", "1.3x chunk_simple_gla")):
             for phase, label in (("fwd_ms", "forward"), ("fwdbwd_ms", "forward+backward")):
                 got = [ratio(by.get((peer, S), {}).get(phase), by.get(("xlstm7b-triton", S), {}).get(phase)) for S in seq_lens]

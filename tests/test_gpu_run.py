@@ -61,7 +61,8 @@ def test_dry_run(tmp_path):
     (["--dry-run", "NONEMPTY"], "not empty"),
     (["--only", "tests,bogus", "x"], "unknown stage 'bogus'"),
     (["--only"], "usage"),
-], ids=["no-dir", "dry-run-no-dir", "unknown-flag", "non-empty-dir", "unknown-stage", "only-no-stages"])
+    (["--only", "tests,,kernels", "x"], "unknown stage ''"),
+], ids=["no-dir", "dry-run-no-dir", "unknown-flag", "non-empty-dir", "unknown-stage", "only-no-stages", "only-empty-name"])
 def test_bad_arguments(tmp_path, args, message):
     full = tmp_path / "full"
     full.mkdir()
@@ -71,7 +72,7 @@ def test_bad_arguments(tmp_path, args, message):
 
 
 def test_only_some_stages(tmp_path):
-    """A rerun of some stages runs those alone, and the summary says nothing of the others."""
+    """A rerun of some stages runs those alone; the summary reports the others as without results."""
     out = tmp_path / "out"
     done = run_gpu_sh("--dry-run", "--only", "train", out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
