@@ -10,8 +10,9 @@ Two kinds of rows:
   (accepted / (accepted + rejections)), tokens committed per block,
   and whether greedy speculative tokens equal plain greedy tokens. Meaningful acceptance needs a
   trained pair (random weights accept ~nothing, so their speedup is < 1 by construction).
-- "cost_model": the parts of a block timed alone (a target step, a draft step, the target's
-  chunkwise pass over K+1 positions, the cells-only re-advance of its state) and the speedup they predict
+- "cost_model": the parts of a block timed alone, each run as generate runs it (a target step and a
+  draft step, replayed from a CUDA graph on CUDA; the target's chunkwise pass over K+1 positions and
+  the cells-only re-advance of its state, eager) and the speedup they predict
   at per-token acceptance a = 0.5..0.9: tokens per block E = (1 - a^(K+1)) / (1 - a) over block time
   K * draft_step + verify(K+1) + P(some rejection) * readvance(K+1) + 2 state copies, against E
   target steps. This is what random weights can tell (e.g. for the 7B shape on a GPU).
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate
+from xlstm7b.decode import step_runner
 from xlstm7b.speculative import readvance
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -128,8 +130,11 @@ def cost_model_rows(target, draft, ks, args, device) -> list[dict]:
     spare, draft_spare = st.clone(), sd.clone()
     rows = []
     with torch.no_grad():
-        t_step = per_call(lambda: target.step(tok, st))
-        d_step = per_call(lambda: draft.step(tok, sd))
+        graph = device.type == "cuda"
+        target_step = step_runner(target, st, cuda_graph=graph, compile=False)
+        draft_step = step_runner(draft, sd, cuda_graph=graph, compile=False)
+        t_step = per_call(lambda: target_step(tok))
+        d_step = per_call(lambda: draft_step(tok))
         t_copy = per_call(lambda: spare.copy_(st)) + per_call(lambda: draft_spare.copy_(sd))
         for k in ks:
             x = torch.full((1, k + 1), 5, device=device)
