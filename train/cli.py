@@ -26,6 +26,16 @@ def os_error(e: OSError) -> str:
     return f"cannot use {e.filename}: {e.strerror or e}; check that the path exists and is readable (and writable where output goes)"
 
 
+def load_job(command: str, config: str, overrides: list[str]):
+    """The job of a preset or TOML config with overrides, or None after printing why it is not one
+    (the caller exits with 2)."""
+    try:
+        return load_config(config, overrides)
+    except ValueError as e:
+        print(f"xlstm7b {command}: {e}", file=sys.stderr)
+        return None
+
+
 def train_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="xlstm7b train",
@@ -34,10 +44,8 @@ def train_main(argv: list[str]) -> int:
                "Several processes: torchrun --nproc-per-node N -m xlstm7b train CONFIG")
     p.add_argument("config", help="preset name (debug, toy, 125m, 350m, 1.3b, 7b) or a .toml path")
     args, overrides = p.parse_known_args(argv)
-    try:
-        job = load_config(args.config, overrides)
-    except ValueError as e:
-        print(f"xlstm7b train: {e}", file=sys.stderr)
+    job = load_job("train", args.config, overrides)
+    if job is None:
         return 2
     try:
         return train(job)
@@ -63,10 +71,8 @@ def tokenizer_main(argv: list[str]) -> int:
     out = Path(args.output)
     if out.is_dir():
         t.error(f"--output {out} is a folder; pass a file path such as {out / 'tokenizer.json'}")
-    try:
-        job = load_config(args.config, overrides)
-    except ValueError as e:
-        print(f"xlstm7b tokenizer: {e}", file=sys.stderr)
+    job = load_job("tokenizer", args.config, overrides)
+    if job is None:
         return 2
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,10 +97,8 @@ def plan_main(argv: list[str]) -> int:
     args, overrides = p.parse_known_args(argv)
     if args.gpus < 1 or not 0 <= args.gpu_memory_gb < float("inf"):
         p.error(f"--gpus must be >= 1 (got {args.gpus}) and --gpu-memory-gb a finite number >= 0, 0 = the device's (got {args.gpu_memory_gb})")
-    try:
-        job = load_config(args.config, overrides)
-    except ValueError as e:
-        print(f"xlstm7b plan: {e}", file=sys.stderr)
+    job = load_job("plan", args.config, overrides)
+    if job is None:
         return 2
     device = torch.device("cuda")
     capacity = args.gpu_memory_gb or job.run.gpu_memory_gb or (device_capacity_gb(device, 0) if torch.cuda.is_available() else 80.0)
