@@ -7,9 +7,11 @@
 #   bash benchmarks/gpu.sh --dry-run OUTPUT_DIR   # the same stages with tiny shapes on the CPU
 #   bash benchmarks/gpu.sh --only tests,generate OUTPUT_DIR   # a rerun of some stages
 #
-# OUTPUT_DIR (new or empty) gets gpu.log (everything printed), tests.json, kernels-<date>.json + .png,
-# generate_cuda.json, train.json, serve_cuda.json and speculative_cuda_random_7b.json: 8 files, the most
-# a GPU run may bring back (so the generate and serve plots stay behind; their JSON has every number).
+# OUTPUT_DIR (new or empty) gets gpu.log (everything printed), tests.json, kernels-<date>.json,
+# generate_cuda.json, train.json, serve_cuda.json, speculative_cuda_random_7b.json and tune-<date>.json:
+# 8 files, the most a GPU run may bring back (so the plots stay behind; the JSON has every number).
+# The last stage, tune, sweeps our kernels' launch settings (benchmarks/kernels.py --tune): the full
+# run leaves it no time; run it with --only.
 # Peers: wheels that benchmarks/gpu_wheels.sh put in .whl/ are installed offline into a temporary
 # folder on PYTHONPATH; without them the peer rows are skipped with a message.
 # The project is installed (pip install --no-deps --no-build-isolation -e .) if it does not import.
@@ -18,7 +20,7 @@
 # stages get 450, the setup about 20).
 set -uo pipefail
 
-all_stages=(tests kernels generate train serve speculative)
+all_stages=(tests kernels generate train serve speculative tune)
 usage="usage: bash benchmarks/gpu.sh [--dry-run] [--only STAGE,...] OUTPUT_DIR (stages: ${all_stages[*]})"
 dry_run=0
 only=
@@ -123,6 +125,7 @@ if ((dry_run)); then
     stage serve 60 "$python" benchmarks/serve.py --device cpu --preset debug --concurrency 2 4 --requests 12 \
         --state-dtype bfloat16 --baseline-requests 2 --out "$work/serve"
     stage speculative 60 "$python" benchmarks/speculative.py --device cpu --cost-model-only --ks 2 --out "$out"
+    stage tune 60 "$python" benchmarks/kernels.py --dry-run --tune --out "$out"
 else
     stage tests 150 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
     [[ ! -e $work/junit.xml ]] || "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
@@ -138,8 +141,10 @@ else
     stage serve 50 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 \
         --state-dtype bfloat16 --baseline-requests 4 --out "$work/serve"
     stage speculative 20 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 --out "$out"
+    # other tiles, warps and stages for our kernels at the 7B head shape, 65,536 tokens, chunk 64 then 128
+    stage tune 90 "$python" benchmarks/kernels.py --tune --seq-lens 65536 --heads 8,256,512 --reps 50 --out "$out"
 fi
-mv "$out"/generate_*.png "$work"/ 2>/dev/null
+mv "$out"/generate_*.png "$out"/kernels-*.png "$work"/ 2>/dev/null
 cp "$work"/serve/serve_*.json "$out"/ 2>/dev/null
 
 "$python" benchmarks/gpu_summary.py report "$out" "$work/stages.tsv"

@@ -248,6 +248,27 @@ def speculative_lines(rep: dict) -> list[str]:
     return [f"speculative cost model, {rep['target']} + {rep['draft']} draft, speedup at acceptance 0.7 / 0.9: {cells}"]
 
 
+def tune_lines(rep: dict) -> list[str]:
+    """Per chunk: the defaults' times, and for each launch its fastest setting where one beat them."""
+    lines = []
+    for base in (r for r in rep["rows"] if r["launch"] == "defaults"):
+        chunk = base["chunk"]
+        lines.append(f"tune, chunk {chunk}, S {base['S']}: defaults {fmt(base['fwd_ms'])} / {fmt(base['fwdbwd_ms'])} ms "
+                     "(forward / forward+backward)")
+        tried = [r for r in rep["rows"] if r["chunk"] == chunk and r["launch"] != "defaults"]
+        for launch in dict.fromkeys(r["launch"] for r in tried):
+            rows = [r for r in tried if r["launch"] == launch and "error" not in r]
+            key = "fwd_vs_default" if launch == "output" else "fwdbwd_vs_default"
+            best = max(rows, key=lambda r: r[key], default=None)
+            errors = sum(1 for r in tried if r["launch"] == launch and "error" in r)
+            verdict = ("no result" if best is None else "the defaults are fastest" if best[key] <= 1.0
+                       else f"best {best['change']}: {best[key]:.3f}x")
+            lines.append(f"  {launch:<7} {len(rows)} tried, {verdict}" + (f" ({errors} failed)" if errors else ""))
+    if rep.get("interrupted"):
+        lines.append("(tune interrupted: the settings above are those measured before the cut)")
+    return lines
+
+
 def report(out_dir: Path, stages_tsv: Path) -> None:
     env = environment()
     stamp(out_dir, env)
@@ -264,6 +285,8 @@ def report(out_dir: Path, stages_tsv: Path) -> None:
         lines += summarize(rep, targets) if rep else [f"({pattern}: no results)"]
     rep = load(out_dir, "speculative_*.json")
     lines += speculative_lines(rep) if rep else ["(speculative: no results)"]
+    rep = load(out_dir, "tune*.json")
+    lines += tune_lines(rep) if rep else ["(tune: no results)"]
     lines.append("targets:")
     for name, (need, unit) in TARGETS.items():
         got = targets.get(name)

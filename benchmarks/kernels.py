@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py                 # on a GPU: everything, writes JSON + PNG
     python benchmarks/kernels.py --dry-run       # tiny shapes on CPU through the torch backend
+    python benchmarks/kernels.py --tune          # on a GPU: our kernels' launch settings, swept
 
 Chunkwise kernels: forward and forward+backward time and peak memory at a fixed token count
 B*S = 65,536 (S from 512 to 65,536) for the xLSTM 7B head shape (NH 8, DK 256, DV 512, bf16) and
@@ -11,6 +12,8 @@ and causal flash attention through torch SDPA (32 heads x 128, same token count)
 Step kernel: latency at batch 1, 8, 64 with the 7B per-layer state, and the HBM bandwidth it reaches
 (state bytes read + written per step / time). With --profile: the device time per kernel of our
 forward and forward+backward at the longest S (where the time goes, next to the roofline).
+With --tune, only a sweep of our kernels' tiles, warps and pipeline stages against launch_config's
+(bench_tune; results in tune-<date>.json; --dry-run runs it in Triton's interpreter).
 Results go to benchmarks/results/kernels-<date>.json and .png (--out: another folder). Ours, the
 official kernel and the step kernel run first, then the other peers. The JSON is rewritten after
 every row, so a run interrupted (Ctrl-C, `timeout --signal=INT` in benchmarks/gpu.sh) or killed
@@ -20,6 +23,7 @@ keeps the rows measured so far.
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -163,6 +167,83 @@ def bench_profile(args, device, dtype, record) -> None:
                     kernels=[dict(name=n[:80], us=t, calls=c) for n, t, c in kernels[:12]]))
 
 
+# Meta-parameters to try against launch_config's, per launch, each a change of its defaults. Every
+# one compiles for sm_90 without spills at the 7B head shape, chunk 64 and 128, bf16 (kernels.aot,
+# Triton 3.7.1); RB 32 with 4 warps lowers to mma.sync, the rest to wgmma.
+TUNE_CANDIDATES = {
+    "states": [dict(num_warps=4), dict(BV=32), dict(BV=32, num_warps=4), dict(BK=128), dict(BV=128),
+               dict(num_stages=2), dict(num_stages=4)],
+    "output": [dict(RB=32, num_warps=4), dict(BV=128), dict(BV=32), dict(BK=32), dict(num_stages=2), dict(num_stages=4)],
+    "dqk": [dict(BK=64), dict(BK=16), dict(BV=32), dict(BV=128), dict(num_warps=4), dict(num_stages=2)],
+    "dv": [dict(BV=32), dict(BV=128), dict(BK=32), dict(num_warps=4), dict(num_stages=2)],
+    "scores": [dict(RB=32, num_warps=4), dict(BK=32), dict(num_stages=2)],
+}
+
+
+def bench_tune(args, device, dtype, record) -> None:
+    """Our chunkwise kernels with other launch settings (TUNE_CANDIDATES, through launch_overrides)
+    at the first head shape and the longest S, for each chunk of --tune-chunks: the forward time for
+    the forward's launches, forward+backward for the backward's ("states" runs in both), next to
+    the defaults measured in the same run, and the largest relative difference of the output from
+    the default's (summation order only)."""
+    from xlstm7b.kernels.chunkwise_triton_fwd import launch_config, launch_overrides
+
+    NH, DK, DV = args.heads[0]
+    S = max(args.seq_lens)
+    B = max(1, args.tokens // S)
+    backend = "triton"
+    fwd_x = mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad=False)
+    bwd_x = mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad=True)
+    for chunk in args.tune_chunks:
+        defaults = launch_config(fwd_x[0], fwd_x[2], chunk)
+
+        def effective(launch: str, change: dict) -> dict:
+            with launch_overrides(**{launch: change}):
+                return launch_config(fwd_x[0], fwd_x[2], chunk)[launch]
+
+        def run(overrides: dict, phases: tuple[str, ...]) -> dict:
+            out = {}
+            with launch_overrides(**overrides):
+                if "fwd" in phases:
+                    with torch.no_grad():
+                        fwd = lambda: mlstm(*fwd_x, backend=backend, chunk_size=chunk)[0]  # noqa: E731
+                        out["fwd_ms"], _ = measure(fwd, device, args.reps)
+                        out["h"] = fwd()
+                if "fwdbwd" in phases:
+                    dout = None
+
+                    def fwd_bwd():
+                        nonlocal dout
+                        for x in bwd_x:
+                            x.grad = None
+                        y = mlstm(*bwd_x, backend=backend, chunk_size=chunk)[0]
+                        dout = torch.ones_like(y) if dout is None else dout
+                        y.backward(dout)
+
+                    out["fwdbwd_ms"], _ = measure(fwd_bwd, device, args.reps)
+                    out["dq"] = bwd_x[0].grad.clone()
+            return out
+
+        base = run({}, ("fwd", "fwdbwd"))
+        record(dict(kernel="tune", launch="defaults", chunk=chunk, B=B, S=S, NH=NH, DK=DK, DV=DV,
+                    settings={k: {p: v for p, v in cfg.items() if p not in ("L", "DT", "PREC")} for k, cfg in defaults.items()},
+                    fwd_ms=base["fwd_ms"], fwdbwd_ms=base["fwdbwd_ms"]))
+        for launch, candidates in TUNE_CANDIDATES.items():
+            phases = {"states": ("fwd", "fwdbwd"), "output": ("fwd",)}.get(launch, ("fwdbwd",))
+            for change in [c for c in candidates if effective(launch, c) != defaults[launch]][: args.tune_per_launch]:
+                row = dict(kernel="tune", launch=launch, chunk=chunk, change=change)
+                try:
+                    got = run({launch: change}, phases)
+                    for phase in phases:
+                        key = f"{phase}_ms"
+                        row[key], row[f"{phase}_vs_default"] = got[key], base[key] / got[key]
+                    ref, new = (base["h"], got["h"]) if "fwd" in phases else (base["dq"], got["dq"])
+                    row["rel_diff"] = ((new.float() - ref.float()).norm() / ref.float().norm()).item()
+                except Exception as e:  # out of shared memory, say: a finding, not the end of the sweep
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                record(row)
+
+
 PROVIDERS = ("xlstm7b-triton", "xlstm7b-triton-chunk128", "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128",
              "xlstm7b-torch")
 
@@ -296,12 +377,18 @@ def parse_args(argv=None):
                    metavar="NH,DK,DV", help="head shapes of the chunkwise rows (default 8,256,512 16,128,256)")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, help="chunkwise rows of these only (default: all)")
     p.add_argument("--profile", action="store_true", help="also the time per kernel of our forward and forward+backward")
+    p.add_argument("--tune", action="store_true",
+                   help="only the sweep of our kernels' launch settings (tiles, warps, stages) against the defaults")
+    p.add_argument("--tune-chunks", type=int, nargs="+", default=[64, 128], help="chunk sizes of the --tune sweep")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     args = p.parse_args(argv)
     args.step_shape = (8, 256, 512)
     if args.dry_run:
         args.tokens, args.seq_lens, args.chunk_size = 128, [32, 64], 16
         args.heads, args.step_shape, args.step_batches, args.reps = [(2, 16, 32)], (2, 16, 32), [1, 2], 25
+        args.tune_chunks, args.tune_per_launch = [16], 1
+    else:
+        args.tune_per_launch = None
     return args
 
 
@@ -313,8 +400,12 @@ def main(argv=None) -> dict:
         device, dtype = "cuda", torch.bfloat16
     else:
         raise SystemExit("no CUDA device: run with --dry-run to check the script on CPU")
+    if args.dry_run and args.tune:
+        # the sweep is of our Triton kernels: on the CPU they run in Triton's interpreter, which must be
+        # on before they are defined (they are imported on first use)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "kernels-dry-run" if args.dry_run else f"kernels-{datetime.date.today().isoformat()}"
+    stem = ("tune" if args.tune else "kernels") + ("-dry-run" if args.dry_run else f"-{datetime.date.today().isoformat()}")
     path = args.out / f"{stem}.json"
     report = dict(environment=environment(device), tokens=args.tokens, chunk_size=args.chunk_size,
                   interrupted=True, rows=[])
@@ -333,17 +424,21 @@ def main(argv=None) -> dict:
     # step kernel and the profile (quick), then the other peers (whose compiling and tuning is slow).
     first = ("xlstm7b-triton", "tfla-exp-chunk128", "xlstm7b-triton-chunk128")
     try:
-        bench_chunkwise(args, device, dtype, record, first)
-        bench_step(args, device, record)
-        if args.profile:
-            bench_profile(args, device, dtype, record)
-        bench_chunkwise(args, device, dtype, record, tuple(p for p in PROVIDERS if p not in first))
+        if args.tune:
+            bench_tune(args, device, dtype, record)
+        else:
+            bench_chunkwise(args, device, dtype, record, first)
+            bench_step(args, device, record)
+            if args.profile:
+                bench_profile(args, device, dtype, record)
+            bench_chunkwise(args, device, dtype, record, tuple(p for p in PROVIDERS if p not in first))
         report["interrupted"] = False
     except KeyboardInterrupt:
         print(f"interrupted: writing the {len(report['rows'])} rows measured so far")
     write()
     print(f"wrote {path}")
-    plot(report["rows"], args.out / f"{stem}.png")
+    if not args.tune:
+        plot(report["rows"], args.out / f"{stem}.png")
     return report
 
 

@@ -20,6 +20,8 @@ Math, the carried state and the final state are float32 whatever the input dtype
 v's dtype.
 """
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -195,7 +197,8 @@ def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
     Chosen by compiling for sm_90 and sm_80 (tests/test_kernels_compile.py,
     benchmarks/kernel_resources.py): no register spills at the 7B and 1.3B head shapes, shared
     memory within an A100's per-block limit, and 64-row state tiles so that the state products
-    lower to Hopper's wgmma (its M is 64 per warpgroup).
+    lower to Hopper's wgmma (its M is 64 per warpgroup). Inside a `launch_overrides` block its
+    settings replace these.
     """
     DK, DV = q.shape[-1], v.shape[-1]
     if interpreting():
@@ -214,7 +217,7 @@ def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
     tk, tv = min(BK, t), min(BV, t)
     warps = 4 if L < (64 if half else 32) else 8
     common = dict(L=L, DT=dt, PREC=prec, num_warps=warps)
-    return {
+    cfg = {
         # 64-row state tiles in half precision: the state products then lower to wgmma
         "states": dict(common, BK=BK if half else tk, BV=tv),
         "output": dict(common, RB=min(L, wide), BK=tk, BV=tv),
@@ -222,6 +225,62 @@ def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
         "dqk": dict(common, BK=tk if L < 64 else min(tk, 32), BV=tv),
         "dv": dict(common, BK=tk, BV=BV),
     }
+    for kernel, params in _OVERRIDES.get().items():
+        cfg[kernel].update(params)
+    for kernel in ("output", "scores"):
+        cfg[kernel]["RB"] = min(cfg[kernel]["RB"], L)
+    return cfg
+
+
+TUNABLE = {
+    "states": ("BK", "BV", "num_warps", "num_stages"),
+    "output": ("RB", "BK", "BV", "num_warps", "num_stages"),
+    "scores": ("RB", "BK", "BV", "num_warps", "num_stages"),
+    "dqk": ("BK", "BV", "num_warps", "num_stages"),
+    "dv": ("BK", "BV", "num_warps", "num_stages"),
+}
+"""The meta-parameters of each launch_config entry that `launch_overrides` may set. "states" is the
+forward's states pass (which the backward reruns to recompute the chunk-entry states) and the
+backward's own states pass; "output" the forward's output pass; "scores", "dqk" and "dv" the
+backward's other passes."""
+
+_OVERRIDES: contextvars.ContextVar[dict[str, dict[str, int]]] = contextvars.ContextVar("launch_overrides", default={})
+
+
+def _allowed(name: str, value) -> bool:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return False
+    if name == "num_warps":
+        return value in (1, 2, 4, 8)
+    if name == "num_stages":
+        return 1 <= value <= 6
+    return value >= 16 and value & (value - 1) == 0  # a tile: tl.dot takes powers of two >= 16
+
+
+@contextlib.contextmanager
+def launch_overrides(**kernels: dict[str, int]):
+    """Within the block the chunkwise kernels launch with these meta-parameters in place of
+    launch_config's, e.g. `with launch_overrides(states=dict(BV=32, num_warps=4)):`, to measure
+    other tiles, warps and pipeline stages (benchmarks/kernels.py --tune). Tiles are powers of two
+    >= 16 (the launches mask DK and DV tails; RB is capped at the chunk), warps 1, 2, 4 or 8, stages
+    1 to 6. Results change by summation order only. Nested blocks add to the outer one's settings."""
+    for kernel, params in kernels.items():
+        if kernel not in TUNABLE:
+            raise ValueError(f"launch_overrides: unknown kernel {kernel!r}; choose from {', '.join(TUNABLE)}")
+        for name, value in params.items():
+            if name not in TUNABLE[kernel]:
+                raise ValueError(f"launch_overrides: {kernel} takes {', '.join(TUNABLE[kernel])}, not {name!r}")
+            if not _allowed(name, value):
+                raise ValueError(f"launch_overrides: {kernel} {name}={value!r} is not allowed (tiles: powers of two "
+                                 ">= 16; num_warps: 1, 2, 4 or 8; num_stages: 1 to 6)")
+    merged = {k: dict(v) for k, v in _OVERRIDES.get().items()}
+    for kernel, params in kernels.items():
+        merged.setdefault(kernel, {}).update(params)
+    token = _OVERRIDES.set(merged)
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
 
 
 def state_dtype(q: torch.Tensor) -> torch.dtype:

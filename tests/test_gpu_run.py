@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SH = ROOT / "benchmarks" / "gpu.sh"
-STAGES = ["tests", "kernels", "generate", "train", "serve", "speculative"]
+STAGES = ["tests", "kernels", "generate", "train", "serve", "speculative", "tune"]
 
 
 # Packages the GPU machine lacks (the serve and eval extras, the test tools, datasets, wandb): the
@@ -39,7 +39,7 @@ def test_dry_run(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
     expected = {"gpu.log", "tests.json", "kernels-dry-run.json", "generate_cpu.json", "train.json", "serve_cpu.json",
-                "speculative_cpu_random_toy.json"}
+                "speculative_cpu_random_toy.json", "tune-dry-run.json"}
     assert expected <= names, sorted(names)
     assert len(names) <= 8
     for name in expected - {"gpu.log"}:
@@ -49,6 +49,7 @@ def test_dry_run(tmp_path):
     summary = done.stdout[done.stdout.index("== GPU run:"):]
     for stage in STAGES:
         assert any(line.split()[:1] == [stage] and line.endswith(" ok") for line in summary.splitlines()), (stage, summary)
+    assert "tune, chunk 16, S 64: defaults" in summary
     assert summary.rstrip().splitlines()[-1].lstrip().startswith("1.3B training MFU")  # the table is printed last
     assert "LIMIT" not in summary
     assert (out / "gpu.log").read_text().rstrip().endswith(summary.rstrip().splitlines()[-1])

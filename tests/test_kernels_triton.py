@@ -19,7 +19,7 @@ from xlstm7b.kernels import (  # noqa: E402
     mlstm, mlstm_parallel, mlstm_step, mlstm_step_, mlstm_step_torch, mlstm_step_torch_, resolve_backend,
 )
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
-from xlstm7b.kernels.chunkwise_triton_fwd import state_dtype  # noqa: E402
+from xlstm7b.kernels.chunkwise_triton_fwd import launch_config, launch_overrides, state_dtype  # noqa: E402
 from xlstm7b.kernels.step_triton import mlstm_step_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,6 +118,43 @@ def test_chunkwise_matches_oracle(case):
     # float32 sees ties in the stabilizer's max that float64 resolves, and the final-state m's
     # gradient is split differently between equal maxima: compare gradients of h alone there.
     check_against_oracle(xs, rs, L, state_grads=gates != "limits")
+
+
+OTHER_TILES = dict(
+    states=dict(BK=16, BV=32, num_warps=2, num_stages=2), output=dict(RB=16, BK=16, BV=16, num_warps=2),
+    scores=dict(RB=16, BK=16, num_stages=1), dqk=dict(BK=16, BV=16), dv=dict(BK=16, BV=16, num_warps=2),
+)
+
+
+def test_launch_overrides_match_the_oracle():
+    """Other tiles than launch_config's (head dims that are not multiples of them: masked tails)
+    give the same values and gradients; the block's settings apply inside it only."""
+    xs, rs = make_inputs(1, 2, 70, 40, 48, init=True, reset=True)
+    default = launch_config(xs[0], xs[2], 32)
+    with launch_overrides(**OTHER_TILES):
+        cfg = launch_config(xs[0], xs[2], 32)
+        for kernel, params in OTHER_TILES.items():
+            assert {k: cfg[kernel][k] for k in params} == params, kernel
+        check_against_oracle(xs, rs, 32)
+        with launch_overrides(output=dict(RB=64)):  # nested: added to the outer block's; RB capped at the chunk
+            inner = launch_config(xs[0], xs[2], 32)
+            assert inner["output"]["RB"] == 32 and inner["states"]["BV"] == 32
+    assert launch_config(xs[0], xs[2], 32) == default
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(fused=dict(BK=16)), "unknown kernel"),
+    (dict(states=dict(RB=16)), "states takes"),
+    (dict(dv=dict(BK=24)), "not allowed"),
+    (dict(dv=dict(BK=8)), "not allowed"),
+    (dict(output=dict(num_warps=3)), "not allowed"),
+    (dict(output=dict(num_stages=0)), "not allowed"),
+    (dict(output=dict(BV=32.0)), "not allowed"),
+])
+def test_launch_overrides_reject_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        with launch_overrides(**kwargs):
+            pass
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)], ids=str)
