@@ -13,7 +13,8 @@ models' last-position logits on one prompt are compared too (their relative diff
 rows; on CUDA it has no memory rows either, whose fresh processes would compile again); the time its
 first call spends compiling is reported per batch size.
 Decode rate = B * (N - 1) / (t(N tokens) - t(1 token)), so prefill and the first token are excluded;
-every time is the best of --repeats runs. Writes benchmarks/results/generate_<device>.json and a PNG
+every time is the best of --repeats runs. With --profile, where the time of a prefill and of a decode
+step goes, kernel by kernel (benchmarks/profiling.py). Writes benchmarks/results/generate_<device>.json and a PNG
 beside it (when matplotlib is installed).
 """
 
@@ -31,6 +32,10 @@ from pathlib import Path
 import torch
 
 from xlstm7b import XLSTM, ModelConfig, generate
+from xlstm7b.decode import decoding_state, step_runner
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profiling import profile_kernels  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -160,6 +165,33 @@ def bench_speed(models: dict, args, config: ModelConfig, device, rows: list[dict
             gc.collect()
 
 
+def bench_profile(models: dict, args, config: ModelConfig, device) -> list[dict]:
+    """Where the time goes (profile_kernels): one forward pass over the longest prompt, per model, and
+    one decode step of ours at batch 1, eager and replayed from its CUDA graph (compiled too, if
+    measured): the same work, so their wall times over the device time show the launch overhead."""
+    rows = []
+    S = max(args.prompt_lengths)
+    ids = prompt(1, S, config, device)
+    for impl, model in models.items():
+        if impl != "compiled":
+            rows.append(dict(impl=impl, metric="profile", what=f"forward, {S} tokens",
+                             **profile_kernels(lambda: forward_fn(impl, model, ids), device)))
+    cuda = device.startswith("cuda")
+    token = torch.ones(1, dtype=torch.long, device=device)
+    for impl in [i for i in models if i != "official"]:
+        for graph in (False, True) if cuda and impl == "ours" else (cuda,):
+            state = decoding_state(None, config, 1, device)
+            with torch.no_grad():
+                step = step_runner(models[impl], state, cuda_graph=graph, compile=impl == "compiled")
+                rows.append(dict(impl=impl, metric="profile", what="decode step, batch 1" + ", CUDA graph" * graph,
+                                 **profile_kernels(lambda: step(token), device)))
+    for r in rows:
+        top = ", ".join(f"{k['name'][:40]} {k['us'] / 1e3:.2f}" for k in r["kernels"][:3])
+        print(f"profile  {r['impl']:<8} {r['what']}: wall {r['wall_us'] / 1e3:.2f} ms, device {r['total_us'] / 1e3:.2f} ms "
+              f"in {r['launches']} launches; {top} ms", flush=True)
+    return rows
+
+
 def memory_child(impl: str, n: int, args) -> dict:
     """In a fresh process: peak memory while generating n tokens, and its excess over the memory in
     use before (the model, and buffers kept from a warm-up run). CUDA: the allocator's peak; CPU: the
@@ -258,6 +290,8 @@ def main() -> None:
     p.add_argument("--no-official", action="store_true", help="measure xlstm7b only")
     p.add_argument("--no-compiled", action="store_true", help="skip the compiled decode step (its compilation "
                    "takes half a minute on CPU, more for the 7B on CUDA: e.g. for a quick check of the script)")
+    p.add_argument("--profile", action="store_true", help="also the device time per kernel of a forward pass over "
+                   "the longest prompt (each model) and of a decode step at batch 1 (ours: eager, graph, compiled)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     p.add_argument("--memory-child", nargs=2, metavar=("IMPL", "TOKENS"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -292,6 +326,8 @@ def main() -> None:
     rows, interrupted = [], False
     try:  # interrupted (Ctrl-C, or `timeout --signal=INT` in benchmarks/gpu.sh): the rows so far are written
         bench_speed(models, args, c, args.device, rows)
+        if args.profile:
+            rows += bench_profile(models, args, c, args.device)
         del models, ours, theirs
         gc.collect()
         rows += bench_memory([i for i in ours_impls if not (cuda and i == "compiled")] + ([] if args.no_official else ["official"]), args)

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # a checkout without install
+from profiling import profile_kernels  # noqa: E402
 from xlstm7b.kernels import mlstm, mlstm_step_, zero_state  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -138,14 +139,11 @@ def provider_sdpa(device: str):
 
 def bench_profile(args, device, dtype, record) -> None:
     """Where the time of our chunkwise forward and forward+backward goes, at the first head shape and
-    the longest S: the device time per kernel over one call (torch.profiler; on CPU, per aten op)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    the longest S (profile_kernels)."""
     NH, DK, DV = args.heads[0]
     S = max(args.seq_lens)
     B = max(1, args.tokens // S)
     make = provider_ours("torch" if args.dry_run else "triton", args.chunk_size)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for phase, grad in (("forward", False), ("forward+backward", True)):
         out = make(mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad=grad))
 
@@ -154,17 +152,9 @@ def bench_profile(args, device, dtype, record) -> None:
                 y = out()
                 if grad:
                     y.backward(torch.ones_like(y))
-            sync()
 
-        run()  # compiled outside the profile
-        with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
-            run()
-        field = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-        kernels = sorted(((a.key, getattr(a, field), a.count) for a in prof.key_averages() if getattr(a, field) > 0),
-                         key=lambda t: -t[1])
         record(dict(kernel="profile", provider=f"xlstm7b-{'torch' if args.dry_run else 'triton'}", phase=phase,
-                    B=B, S=S, NH=NH, DK=DK, DV=DV, total_us=sum(t for _, t, _ in kernels),
-                    kernels=[dict(name=n[:80], us=t, calls=c) for n, t, c in kernels[:12]]))
+                    B=B, S=S, NH=NH, DK=DK, DV=DV, **profile_kernels(run, device)))
 
 
 # Meta-parameters to try against launch_config's, per launch, each a change of its defaults. Every
