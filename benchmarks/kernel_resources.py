@@ -26,7 +26,6 @@ from pathlib import Path
 
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 from xlstm7b.kernels import aot  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import CHUNK_SIZES  # noqa: E402
 

@@ -7,6 +7,7 @@ import the kernels.
 
 import ctypes
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# `python -m pytest` puts the working directory first on sys.path. From the checkout's root, its
+# folder kernels/ (installed as xlstm7b.kernels) would then shadow the PyPI package `kernels`, which
+# transformers imports; the tests run the installed project, so the root comes off the path.
+CHECKOUT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != CHECKOUT]
 
 HAS_CUDA = torch.cuda.is_available()
 
