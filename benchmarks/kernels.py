@@ -16,8 +16,8 @@ With --tune, only a sweep of our kernels' tiles, warps and pipeline stages again
 (bench_tune; results in tune-<date>.json; --dry-run runs it in Triton's interpreter).
 Results go to benchmarks/results/kernels-<date>.json and .png (--out: another folder). Ours, the
 official kernel and the step kernel run first, then the other peers. The JSON is rewritten after
-every row, so a run interrupted (Ctrl-C, `timeout --signal=INT` in benchmarks/gpu.sh) or killed
-keeps the rows measured so far.
+every row and after each row's forward, so a run interrupted (Ctrl-C, `timeout --signal=INT` in
+benchmarks/gpu.sh) or killed keeps what it measured so far.
 """
 
 import argparse
@@ -264,6 +264,7 @@ def bench_chunkwise(args, device, dtype, record, names: tuple[str, ...]) -> None
                     fwd = make(mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad=False))
                     with torch.no_grad():
                         row["fwd_ms"], row["fwd_peak_mib"] = measure(fwd, device, args.reps)
+                    record(row)  # kept if compiling and tuning the backward outlasts the stage
                     x = mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad=True)
                     out = make(x)
                     dout = None
@@ -405,9 +406,10 @@ def main(argv=None) -> dict:
         tmp.write_text(json.dumps(report, indent=1))
         tmp.replace(path)
 
-    def record(row: dict) -> None:
+    def record(row: dict) -> None:  # a row recorded again (completed) is rewritten, not repeated
         print(json.dumps(row), flush=True)
-        report["rows"].append(row)
+        if not any(r is row for r in report["rows"]):
+            report["rows"].append(row)
         write()
 
     # Most important first, if the run is cut: ours and the official kernel, ours at its chunk, the
