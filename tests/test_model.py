@@ -10,7 +10,7 @@ from conftest import perturb, rel_err
 from xlstm7b import XLSTM, ModelConfig, State, preset_names, preset_path
 from xlstm7b.pretrained import unfuse
 from xlstm7b.kernels import mlstm_advance
-from xlstm7b.model import split_cell_inputs
+from xlstm7b.model import MultiHeadLayerNorm, RMSNorm, split_cell_inputs
 
 SMALL = dict(embedding_dim=64, num_blocks=2, num_heads=2, vocab_size=97, chunk_size=8)
 
@@ -91,6 +91,50 @@ def test_meta_build_then_init_matches_direct_build():
     model.init_weights()
     for (name, a), b in zip(direct.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def spec_rms_norm(x, weight, eps):
+    """Spec §1: x * rsqrt(mean(x^2) + eps) in float32, cast back to the input dtype, then scaled."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def spec_head_norm(h, weight, eps):
+    """Spec §1: a mean-centred LayerNorm over each head's features in float32, then the weight."""
+    hf = h.float()
+    hf = hf - hf.mean(-1, keepdim=True)
+    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return hf.to(h.dtype).flatten(-2) * weight
+
+
+# (rtol, atol, gradients' relative error). float32 results differ by summation order only (absolute
+# 1e-7 for the mean-centred values near 0); half-precision ones at most by one rounding step of the
+# cast (a float32 value next to a rounding boundary), never by a second rounding.
+NORM_TOL = {torch.float32: (1e-5, 1e-6, 1e-5), torch.bfloat16: (2**-7, 0, 1e-2), torch.float16: (2**-10, 0, 1e-2)}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_norms_compute_the_spec_formulas(device, dtype):
+    """The norm modules (F.rms_norm, F.layer_norm: one kernel each on CUDA) give the spec's formulas,
+    with their float32 computation and the rounding before the weight, in values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    rms, head = RMSNorm(96, 1e-6), MultiHeadLayerNorm(3, 32, 1e-6)
+    for norm, spec, shape in ((rms, spec_rms_norm, (2, 5, 96)), (head, spec_head_norm, (2, 5, 3, 32))):
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(norm.weight.shape, generator=g))
+        norm.to(device, dtype)
+        x = (torch.randn(shape, generator=g) * 3 + 1).to(device, dtype)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got, want = norm(x1), spec(x2, norm.weight, norm.eps)
+        rtol, atol, grad_tol = NORM_TOL[dtype]
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        if dtype != torch.float32:  # a single rounding (x * r * w at once) differs in about a quarter of them
+            assert (got != want).float().mean() <= 0.01, type(norm).__name__
+        cot = torch.randn(got.shape, generator=g).to(device, dtype)
+        (got * cot).sum().backward()
+        (want * cot).sum().backward()
+        assert rel_err(x1.grad, x2.grad) <= grad_tol, type(norm).__name__
 
 
 def test_teacher_forced_steps_equal_full_forward():
