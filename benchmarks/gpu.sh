@@ -121,7 +121,7 @@ if ((dry_run)); then
     stage kernels 60 "$python" benchmarks/kernels.py --dry-run --profile --out "$out"
     stage generate 60 "$python" benchmarks/generate.py --device cpu --batches 1 --decode-tokens 4 \
         --prompt-lengths 16 --memory-tokens 8 --repeats 1 --no-compiled --profile "${official[@]}" --out "$out"
-    stage train 60 "$python" benchmarks/train.py --presets debug --steps 1 --micro-batch 1 --seq-len 64 --output "$out/train.json"
+    stage train 60 "$python" benchmarks/train.py --presets debug --steps 1 --micro-batch 1 --seq-len 64 --profile --output "$out/train.json"
     stage serve 60 "$python" benchmarks/serve.py --device cpu --preset debug --concurrency 2 4 --requests 12 \
         --state-dtype bfloat16 --baseline-requests 2 --out "$work/serve"
     stage speculative 60 "$python" benchmarks/speculative.py --device cpu --cost-model-only --ks 2 --out "$out"
@@ -137,9 +137,9 @@ else
     # and of a decode step goes; memory in fresh processes
     stage generate 110 "$python" benchmarks/generate.py --device cuda --batches 1 256 --decode-tokens 64 \
         --prompt-lengths 8192 --memory-tokens 256 --repeats 2 --no-compiled --profile "${official[@]}" --out "$out"
-    stage train 30 "$python" benchmarks/train.py --presets 1.3b --steps 5 --output "$out/train.json"
+    stage train 35 "$python" benchmarks/train.py --presets 1.3b --steps 5 --profile --output "$out/train.json"
     # the engine at the 7B shape, random bf16 weights; bfloat16 C and n: 512 slots hold 32 GiB, not 64
-    stage serve 50 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 \
+    stage serve 45 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 \
         --state-dtype bfloat16 --baseline-requests 4 --out "$work/serve"
     stage speculative 20 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 --out "$out"
     # other tiles, warps and stages for our kernels at the 7B head shape, 65,536 tokens, chunk 64 then 128

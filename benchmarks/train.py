@@ -5,7 +5,7 @@
 
 On a GPU each preset trains a few steps in bf16 (one process, micro_batch x seq_len per step, no
 data loading in the timed region) and reports tokens/s and MFU from the FLOP count in
-xlstm7b/train/metrics.py. On a CPU the toy preset is timed the same way in float32. xz -9 is
+xlstm7b/train/metrics.py; with --profile, also the device time per kernel of one step. On a CPU the toy preset is timed the same way in float32. xz -9 is
 Python's lzma at preset 9 | PRESET_EXTREME over the validation split's files, each compressed on
 its own. JSON goes to benchmarks/results/train-<device>.json.
 """
@@ -30,8 +30,12 @@ from xlstm7b.train.trainer import sequence_loss
 
 RESULTS = Path(__file__).parent / "results"
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profiling import profile_kernels  # noqa: E402
 
-def time_training(preset: str, device: torch.device, steps: int, micro_batch: int | None, seq_len: int | None) -> dict:
+
+def time_training(preset: str, device: torch.device, steps: int, micro_batch: int | None, seq_len: int | None,
+                  profile: bool = False) -> dict:
     overrides = [f"--train.micro_batch={micro_batch}"] if micro_batch else []
     overrides += [f"--train.seq_len={seq_len}", f"--train.global_batch_tokens={seq_len}"] if seq_len else []
     job = load_config(preset, overrides)
@@ -63,12 +67,15 @@ def time_training(preset: str, device: torch.device, steps: int, micro_batch: in
     dt = (time.perf_counter() - t0) / steps
     tps = B * S / dt
     peak = peak_flops(device)
-    return {
+    row = {
         "preset": preset, "parameters": plain.num_params(), "dtype": str(dtype).removeprefix("torch."),
         "micro_batch": B, "seq_len": S, "steps": steps, "step_s": dt, "tokens_per_s": tps,
         "flops_per_token": train_flops_per_token(job.model), "mfu": tps * train_flops_per_token(job.model) / peak if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
+    if profile:  # where the step's time goes, after the timed steps (their peak memory is recorded)
+        row["profile"] = profile_kernels(step, str(device), top=16)
+    return row
 
 
 def xz_bpb(preset: str) -> dict:
@@ -111,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 10 on GPU, 3 on CPU)")
     p.add_argument("--micro-batch", type=int, default=0, help="override train.micro_batch")
     p.add_argument("--seq-len", type=int, default=0, help="override train.seq_len")
+    p.add_argument("--profile", action="store_true", help="also the device time per kernel of one training step")
     p.add_argument("--run-dir", type=Path, help="a finished toy run: report its val bpb next to xz -9")
     p.add_argument("--output", type=Path, help="default benchmarks/results/train-<cpu|gpu>.json")
     args = p.parse_args(argv)
@@ -118,9 +126,15 @@ def main(argv=None) -> int:
     presets = args.presets or (["125m", "350m", "1.3b"] if device.type == "cuda" else ["toy"])
     result = {"machine": machine(device), "throughput": []}
     for preset in presets:
-        row = time_training(preset, device, args.steps or (10 if device.type == "cuda" else 3), args.micro_batch or None, args.seq_len or None)
+        row = time_training(preset, device, args.steps or (10 if device.type == "cuda" else 3), args.micro_batch or None,
+                            args.seq_len or None, args.profile)
         mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
         print(f"{preset:>6}: {row['tokens_per_s']:,.0f} tokens/s{mfu}", flush=True)
+        if args.profile:
+            prof = row["profile"]
+            top = ", ".join(f"{k['name'][:40]} {k['us'] / 1e3:.1f}" for k in prof["kernels"][:4])
+            print(f"        profile of a step: wall {prof['wall_us'] / 1e3:.1f} ms, device {prof['total_us'] / 1e3:.1f} ms "
+                  f"in {prof['launches']} launches; {top} ms", flush=True)
         result["throughput"].append(row)
     if args.run_dir:
         result["toy_run"] = run_summary(args.run_dir) | xz_bpb("toy")

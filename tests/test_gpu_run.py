@@ -51,6 +51,7 @@ def test_dry_run(tmp_path):
         assert any(line.split()[:1] == [stage] and line.endswith(" ok") for line in summary.splitlines()), (stage, summary)
     assert "tune, chunk 16, S 64: defaults" in summary
     assert "profile ours, decode step, batch 1: wall" in summary and "profile official, forward, 16 tokens" in summary
+    assert "profile of a step: wall" in summary  # train
     assert summary.rstrip().splitlines()[-1].lstrip().startswith("1.3B training MFU")  # the table is printed last
     assert "LIMIT" not in summary
     assert (out / "gpu.log").read_text().rstrip().endswith(summary.rstrip().splitlines()[-1])
