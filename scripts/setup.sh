@@ -16,8 +16,8 @@ fi
 pip install -q --disable-pip-version-check "${XLSTM7B_TORCH:-torch==2.13.0}"
 # A CUDA build of torch brings the Triton it was built with; a CPU build brings none. Install the
 # one torch 2.13's CUDA build pins, so the kernels are compiled for the GPU (tests/test_kernels_compile.py)
-# by the compiler a GPU user gets.
-if python -c 'import sys, torch; sys.exit(torch.version.cuda is not None)'; then
+# by the compiler a GPU user gets. (-W ignore: torch warns that numpy is not installed yet.)
+if python -W ignore -c 'import sys, torch; sys.exit(torch.version.cuda is not None)'; then
     pip install -q --disable-pip-version-check "${XLSTM7B_TRITON:-triton==3.7.1}"
 fi
 extras=${XLSTM7B_EXTRAS:-}
