@@ -256,21 +256,29 @@ def speculative_lines(rep: dict) -> list[str]:
 
 
 def tune_lines(rep: dict) -> list[str]:
-    """Per chunk: the defaults' times, and for each launch its fastest setting where one beat them."""
+    """The fused forward's times next to the two-pass defaults' at each chunk; per chunk, the defaults'
+    times and for each launch its fastest setting where one beat them."""
+    rows = rep["rows"]
+    base = {r["chunk"]: r for r in rows if r["launch"] == "defaults"}
+    default_fwd = ", ".join(f"chunk {c} {fmt(r['fwd_ms'])}" for c, r in sorted(base.items()))
     lines = []
-    for base in (r for r in rep["rows"] if r["launch"] == "defaults"):
-        chunk = base["chunk"]
-        lines.append(f"tune, chunk {chunk}, S {base['S']}: defaults {fmt(base['fwd_ms'])} / {fmt(base['fwdbwd_ms'])} ms "
+    for r in (r for r in rows if r["launch"] == "fused"):
+        got = "error" if "error" in r else f"{fmt(r['fwd_ms'])} ms (rel diff {r['rel_diff']:.1e})"
+        lines.append(f"tune, fused forward, chunk {r['chunk']} {r['change']}: {got}; two-pass forward ms: {default_fwd}")
+    for chunk, b in base.items():
+        tried = [r for r in rows if r["chunk"] == chunk and r["launch"] not in ("defaults", "fused")]
+        if not tried:
+            continue
+        lines.append(f"tune, chunk {chunk}, S {b['S']}: defaults {fmt(b['fwd_ms'])} / {fmt(b['fwdbwd_ms'])} ms "
                      "(forward / forward+backward)")
-        tried = [r for r in rep["rows"] if r["chunk"] == chunk and r["launch"] != "defaults"]
         for launch in dict.fromkeys(r["launch"] for r in tried):
-            rows = [r for r in tried if r["launch"] == launch and "error" not in r]
+            ok = [r for r in tried if r["launch"] == launch and "error" not in r]
             key = "fwd_vs_default" if launch == "output" else "fwdbwd_vs_default"
-            best = max(rows, key=lambda r: r[key], default=None)
+            best = max(ok, key=lambda r: r[key], default=None)
             errors = sum(1 for r in tried if r["launch"] == launch and "error" in r)
             verdict = ("no result" if best is None else "the defaults are fastest" if best[key] <= 1.0
                        else f"best {best['change']}: {best[key]:.3f}x")
-            lines.append(f"  {launch:<7} {len(rows)} tried, {verdict}" + (f" ({errors} failed)" if errors else ""))
+            lines.append(f"  {launch:<7} {len(ok)} tried, {verdict}" + (f" ({errors} failed)" if errors else ""))
     if rep.get("interrupted"):
         lines.append("(tune interrupted: the settings above are those measured before the cut)")
     return lines

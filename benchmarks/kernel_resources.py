@@ -54,13 +54,16 @@ class Design:
     """What the HBM traffic depends on: the chunk length, the bytes of a stored chunk-entry state
     element C and of its gradient dC (n and m stay fp32 and are negligible), and whether the
     forward's state and output passes are fused (chunk states stay on chip; the backward still
-    recomputes them)."""
+    recomputes them). A fused forward with DV tiles of fused_bv columns (0: all of DV) reads q and
+    k, and computes the [L, L] scores, once per tile, and its state tiles carry n as fused_bv more
+    columns (as _fused_fwd_kernel does)."""
 
     name: str
     L: int
     c_bytes: int = 4
     dc_bytes: int = 4
     fused_forward: bool = False
+    fused_bv: int = 0
 
 
 def launches(s: Shape, d: Design) -> dict[str, list[tuple[str, float, float]]]:
@@ -79,7 +82,10 @@ def launches(s: Shape, d: Design) -> dict[str, list[tuple[str, float, float]]]:
     intra_k, intra_v = 2 * T * NH * L * DK, 2 * T * NH * L * DV  # q k^T (DK) or A v (DV) over the chunk
     chunk_states = ("states", state_flops, qk_bytes + v_bytes + cs + 3 * vec)
     if d.fused_forward:
-        fwd = [("states+output", 2 * state_flops + intra_k + intra_v, 2 * qk_bytes + 2 * v_bytes + 5 * vec)]
+        tiles_dv = DV // d.fused_bv if d.fused_bv else 1  # programs per head, each reading q and k
+        widen = 2 if d.fused_bv else 1  # the n columns beside each tile's state columns
+        fwd = [("states+output", 2 * widen * state_flops + tiles_dv * intra_k + intra_v,
+                tiles_dv * 2 * qk_bytes + 2 * v_bytes + 5 * vec)]
     else:
         fwd = [chunk_states, ("output", state_flops + intra_k + intra_v, 2 * qk_bytes + 2 * v_bytes + cs + 5 * vec)]
     bwd = [
@@ -111,7 +117,9 @@ DESIGNS = [
     Design("chunk 64, fp32 chunk states (before bf16 ones)", 64),
     Design("as built, chunk 64: bf16 chunk states and gradients", 64, c_bytes=2, dc_bytes=2),
     Design("as built, chunk 128", 128, c_bytes=2, dc_bytes=2),
-    Design("chunk 128, fused forward (not built)", 128, c_bytes=2, dc_bytes=2, fused_forward=True),
+    Design("chunk 128, fused forward, q and k read once (not built)", 128, c_bytes=2, dc_bytes=2, fused_forward=True),
+    Design("as built, fused forward (opt-in): chunk 16, 16-wide DV tiles", 16, c_bytes=2, dc_bytes=2, fused_forward=True,
+           fused_bv=16),
 ]
 
 

@@ -44,7 +44,7 @@ from triton.runtime import jit
 
 from .chunkwise_triton import chunk_gates, triton_chunk_size
 from .chunkwise_triton_bwd import backward
-from .chunkwise_triton_fwd import forward, interpreting
+from .chunkwise_triton_fwd import FUSED_MAX_CHUNK, forward, interpreting, launch_overrides
 from .step_triton import mlstm_step_triton
 
 # Per-block and per-SM limits of the targets we compile for (CUDA programming guide, compute
@@ -238,8 +238,9 @@ class Case:
 
 
 def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH: int = 2, S: int = 1031) -> list[Launch]:
-    """Records the launches of the chunkwise forward and backward (through their real launchers, on
-    meta tensors) and of the decoding step for every case. S is ragged on purpose (masked tails)."""
+    """Records the launches of the chunkwise forward (both forms; the one-pass form in half precision
+    up to FUSED_MAX_CHUNK) and backward (through their real launchers, on meta tensors) and of the
+    decoding step for every case. S is ragged on purpose (masked tails)."""
     launches = []
     for case in cases:
         dt = DTYPES[case.dtype]
@@ -252,6 +253,9 @@ def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH:
         b, ig, virt, cnt = chunk_gates(i, f, reset, L)
         C0, n0, m0 = torch.empty(B, NH, case.DK, case.DV, **meta), torch.empty(B, NH, case.DK, **meta), torch.empty(B, NH, 1, **meta)
         with record_launches(target, case.tag) as recorded:
+            if dt != torch.float32 and L <= FUSED_MAX_CHUNK:  # the one-pass forward, where it is built for
+                with launch_overrides(fused=dict(enabled=1)):
+                    forward(q, k, v, b, ig, virt, cnt, C0, n0, m0, L, 1e-6)
             h, C, n, m, mt, den, MS = forward(q, k, v, b, ig, virt, cnt, C0, n0, m0, L, 1e-6)
             backward(q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS,
                      torch.empty_like(h), torch.empty_like(C), torch.empty_like(n), torch.empty_like(m), L, 1e-6)

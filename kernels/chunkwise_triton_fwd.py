@@ -10,6 +10,9 @@ Two launches (spec §2, chunkwise form):
 2. `_output_fwd_kernel`: one program per (chunk and block of its rows, DV tile, batch*head)
    computes those outputs from the chunk's entry state and its own tokens (causal scores against
    the chunk's L tokens, loop over DK tiles).
+Or one (launch_config's "fused" entry, off by default until a GPU has measured it):
+`_fused_fwd_kernel`: one program per (DV tile, batch*head) walks the chunks in order with its
+columns of the state on chip, computing each chunk's outputs and then its state update.
 
 The kernels take the gate vectors of chunkwise_triton.chunk_gates:
   b [B*NH, S_pad]     in-chunk inclusive cumsum of lf (padding: lf = 0),
@@ -31,6 +34,11 @@ import triton.language as tl
 CHUNK_SIZES = (16, 32, 64, 128)
 """Chunk lengths the kernels take: tl.dot needs >= 16, and above 128 the [L, L] score tiles of one
 chunk no longer fit a GPU's registers and shared memory (256 needs ~270 KiB of shared memory)."""
+
+FUSED_MAX_CHUNK = 16
+"""The longest chunk the one-pass forward (_fused_fwd_kernel) is built for: up to it, it compiles
+without spills at the 7B head shape (at 32 it spills a few bytes on sm_90, at 64 about a KiB, and
+at 128 its [L, DK] tiles exceed shared memory)."""
 
 
 def interpreting() -> bool:
@@ -189,6 +197,79 @@ def _output_fwd_kernel(
         tl.store(DEN + i_bh * S_pad + offs_r, den)
 
 
+@triton.jit
+def _fused_fwd_kernel(
+    # pointers
+    Q, K, V, B_, I_, VIRT, CNT, C0, N0, M0, H, MT, DEN, MS, CF, NF,
+    # dims
+    S, S_pad, NC, DK, DV, scale, eps,
+    # strides
+    s_k_bh, s_k_t, s_v_bh, s_v_t,
+    # meta-parameters
+    NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """The states and output passes in one: a program per (DV tile, batch*head) walks the chunks in
+    order with its BV columns of the state (all of DK: BK >= DK) on chip, computing each chunk's
+    outputs from its entry state and then adding the chunk to the state. Nothing but h, the final
+    state and the backward's m_t, den and chunk-entry m goes to memory; the [L, L] scores are
+    computed by every DV tile's program.
+
+    n rides along as two more columns of the state tile X [BK, 2 BV] = [C | n_hi | n_lo | 0]: the
+    chunk's update is one product k^T [w v | w_hi | w_lo | 0] (w_hi + w_lo: the float32 weights w as
+    two DT numbers, so n keeps float32 accuracy over any number of chunks; w scales v's rows, not
+    k's: no [L, DK] float32 tile), and q X gives q C_entry and q n_entry (n in DT, as C) at once.
+    Built for chunks up to FUSED_MAX_CHUNK."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b = i_bh // NH
+    offs_k = tl.arange(0, BK)
+    cols = tl.arange(0, 2 * BV)
+    offs_v = i_v * BV + cols
+    rows = tl.arange(0, L)
+    mk, mv = offs_k < DK, (cols < BV) & (offs_v < DV)
+    is_hi, is_lo = (cols == BV)[None, :], (cols == BV + 1)[None, :]
+    X = tl.load(C0 + i_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    X += tl.where(is_hi, tl.load(N0 + i_bh * DK + offs_k, mask=mk, other=0.0)[:, None], 0.0)
+    m = tl.load(M0 + i_bh)
+    for i_c in range(NC):
+        if i_v == 0:
+            tl.store(MS + i_bh * (NC + 1) + i_c, m)
+        offs_t = i_c * L + rows
+        mt = offs_t < S
+        q = tl.load(Q + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(DT)
+        kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(DT)
+        vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+        # the products with q and k first (then neither is live next to the [L, L] tiles): with the
+        # entry state for the outputs, and the chunk's update of the state (as _states_fwd_kernel)
+        bt, it, cnt, _, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+        qk = tl.dot(q, tl.trans(kt), input_precision=PREC)
+        qX = tl.dot(q, X.to(DT), input_precision=PREC)  # [L, 2 BV]: q C_entry, then q n_hi, q n_lo
+        q_n = tl.sum(tl.where(is_hi | is_lo, qX, 0.0), 1)
+        m_new = tl.maximum(g + m, tl.maximum(tl.max(a, 0), virt_last))
+        w = tl.exp(a - m_new)[:, None]  # [L, 1] weight of each token in the chunk-end state
+        w_hi = w.to(DT).to(tl.float32)
+        update = tl.where(is_hi, w_hi, tl.where(is_lo, w - w_hi, vt.to(tl.float32) * w))
+        X = tl.exp(g + m - m_new) * X + tl.dot(tl.trans(kt), update.to(DT), input_precision=PREC)
+        # the chunk's outputs, as _output_fwd_kernel computes them for all L rows (m: the entry m)
+        log_d, carry, virt = _row_log_d(B_, I_, VIRT, CNT, bt, it, cnt, rows, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+        m_prev = carry + m
+        m_t = tl.maximum(tl.maximum(m_prev, virt), tl.max(log_d, 1))
+        decay = tl.exp(m_prev - m_t)
+        A = qk * scale * tl.exp(log_d - m_t[:, None])
+        num = tl.dot(A.to(DT), vt.to(DT), input_precision=PREC) + (decay * scale)[:, None] * qX
+        den = tl.sum(A, 1) + decay * scale * q_n
+        h = num / (tl.maximum(tl.abs(den), tl.exp(-m_t)) + eps)[:, None]
+        tl.store(H + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], h.to(H.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+        if i_v == 0:
+            tl.store(MT + i_bh * S_pad + offs_t, m_t)
+            tl.store(DEN + i_bh * S_pad + offs_t, den)
+        m = m_new
+    tl.store(CF + i_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :], X, mask=mk[:, None] & mv[None, :])
+    if i_v == 0:
+        tl.store(NF + i_bh * DK + offs_k, tl.sum(tl.where(is_hi | is_lo, X, 0.0), 1), mask=mk)
+        tl.store(MS + i_bh * (NC + 1) + NC, m)
+
+
 def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
     """Meta-parameters of every chunkwise kernel, by kernel: the dtype tl.dot sees (the input's
     half dtype, or fp32 as three tf32 products; fp32 IEEE in the interpreter, whose bf16 dot is
@@ -218,6 +299,8 @@ def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
     warps = 4 if L < (64 if half else 32) else 8
     common = dict(L=L, DT=dt, PREC=prec, num_warps=warps)
     cfg = {
+        # off until measured on a GPU (benchmarks/kernels.py --tune): one pass with the state on chip
+        "fused": dict(common, enabled=0, BK=triton.next_power_of_2(DK), BV=16, num_warps=8, num_stages=1),
         # 64-row state tiles in half precision: the state products then lower to wgmma
         "states": dict(common, BK=BK if half else tk, BV=tv),
         "output": dict(common, RB=min(L, wide), BK=tk, BV=tv),
@@ -233,16 +316,18 @@ def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
 
 
 TUNABLE = {
+    "fused": ("enabled", "BV", "num_warps", "num_stages"),
     "states": ("BK", "BV", "num_warps", "num_stages"),
     "output": ("RB", "BK", "BV", "num_warps", "num_stages"),
     "scores": ("RB", "BK", "BV", "num_warps", "num_stages"),
     "dqk": ("BK", "BV", "num_warps", "num_stages"),
     "dv": ("BK", "BV", "num_warps", "num_stages"),
 }
-"""The meta-parameters of each launch_config entry that `launch_overrides` may set. "states" is the
-forward's states pass (which the backward reruns to recompute the chunk-entry states) and the
-backward's own states pass; "output" the forward's output pass; "scores", "dqk" and "dv" the
-backward's other passes."""
+"""The meta-parameters of each launch_config entry that `launch_overrides` may set. "fused" is the
+forward in one pass (_fused_fwd_kernel; `enabled=1` selects it over the states and output passes);
+"states" the forward's states pass (which the backward reruns to recompute the chunk-entry states)
+and the backward's own states pass; "output" the forward's output pass; "scores", "dqk" and "dv"
+the backward's other passes."""
 
 _OVERRIDES: contextvars.ContextVar[dict[str, dict[str, int]]] = contextvars.ContextVar("launch_overrides", default={})
 
@@ -254,6 +339,8 @@ def _allowed(name: str, value) -> bool:
         return value in (1, 2, 4, 8)
     if name == "num_stages":
         return 1 <= value <= 6
+    if name == "enabled":
+        return value in (0, 1)
     return value >= 16 and value & (value - 1) == 0  # a tile: tl.dot takes powers of two >= 16
 
 
@@ -263,7 +350,8 @@ def launch_overrides(**kernels: dict[str, int]):
     launch_config's, e.g. `with launch_overrides(states=dict(BV=32, num_warps=4)):`, to measure
     other tiles, warps and pipeline stages (benchmarks/kernels.py --tune). Tiles are powers of two
     >= 16 (the launches mask DK and DV tails; RB is capped at the chunk), warps 1, 2, 4 or 8, stages
-    1 to 6. Results change by summation order only. Nested blocks add to the outer one's settings."""
+    1 to 6, enabled 0 or 1. Results change by summation order only. Nested blocks add to the outer
+    one's settings."""
     for kernel, params in kernels.items():
         if kernel not in TUNABLE:
             raise ValueError(f"launch_overrides: unknown kernel {kernel!r}; choose from {', '.join(TUNABLE)}")
@@ -272,7 +360,7 @@ def launch_overrides(**kernels: dict[str, int]):
                 raise ValueError(f"launch_overrides: {kernel} takes {', '.join(TUNABLE[kernel])}, not {name!r}")
             if not _allowed(name, value):
                 raise ValueError(f"launch_overrides: {kernel} {name}={value!r} is not allowed (tiles: powers of two "
-                                 ">= 16; num_warps: 1, 2, 4 or 8; num_stages: 1 to 6)")
+                                 ">= 16; num_warps: 1, 2, 4 or 8; num_stages: 1 to 6; enabled: 0 or 1)")
     merged = {k: dict(v) for k, v in _OVERRIDES.get().items()}
     for kernel, params in kernels.items():
         merged.setdefault(kernel, {}).update(params)
@@ -323,18 +411,28 @@ def forward(
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     cfg = launch_config(q, v, chunk)
-    CS, NS, MS, CF = chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg["states"], state_dtype(q))
     S_pad = b.shape[-1]
     NC = S_pad // chunk
     h = torch.empty_like(v)
     mt = q.new_empty(B * NH, S_pad, dtype=torch.float32)
     den = torch.empty_like(mt)
+    strides = (k.stride(1), k.stride(2), v.stride(1), v.stride(2))
+    meta = dict(HAS_RESET=cnt is not None, NH=NH)
+    fused = dict(cfg["fused"])
+    if fused.pop("enabled"):
+        MS = q.new_empty(B * NH, NC + 1, dtype=torch.float32)
+        CF = q.new_empty(B * NH, DK, DV, dtype=torch.float32)
+        NF = q.new_empty(B * NH, DK, dtype=torch.float32)
+        _fused_fwd_kernel[(triton.cdiv(DV, fused["BV"]), B * NH)](
+            q, k, v, b, ig, virt, cnt, C0, n0, m0, h, mt, den, MS, CF, NF,
+            S, S_pad, NC, DK, DV, DK**-0.5, eps, *strides, **meta, **fused,
+        )
+        return h, CF.view(B, NH, DK, DV), NF.view(B, NH, DK), MS[:, NC].reshape(B, NH, 1).clone(), mt, den, MS
+    CS, NS, MS, CF = chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg["states"], state_dtype(q))
     out = cfg["output"]
     _output_fwd_kernel[(NC * (chunk // out["RB"]), triton.cdiv(DV, out["BV"]), B * NH)](
         q, k, v, b, ig, virt, cnt, CS, NS, MS, h, mt, den,
-        S, S_pad, NC, DK, DV, DK**-0.5, eps,
-        k.stride(1), k.stride(2), v.stride(1), v.stride(2),
-        HAS_RESET=cnt is not None, NH=NH, **out,
+        S, S_pad, NC, DK, DV, DK**-0.5, eps, *strides, **meta, **out,
     )
     C = CF.view(B, NH, DK, DV)
     n = NS[:, NC].reshape(B, NH, DK)

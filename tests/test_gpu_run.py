@@ -49,7 +49,7 @@ def test_dry_run(tmp_path):
     summary = done.stdout[done.stdout.index("== GPU run:"):]
     for stage in STAGES:
         assert any(line.split()[:1] == [stage] and line.endswith(" ok") for line in summary.splitlines()), (stage, summary)
-    assert "tune, chunk 16, S 64: defaults" in summary
+    assert "tune, chunk 16, S 64: defaults" in summary and "tune, fused forward, chunk 16" in summary
     assert "profile ours, decode step, batch 1: wall" in summary and "profile official, forward, 16 tokens" in summary
     assert "profile of a step: wall" in summary  # train
     assert summary.rstrip().splitlines()[-1].lstrip().startswith("1.3B training MFU")  # the table is printed last

@@ -38,7 +38,7 @@ def cases(shapes, resets=(False, True)) -> list[aot.Case]:
     return [aot.Case(DK, DV, L, dtype, reset) for DK, DV in shapes for L in CHUNK_SIZES for dtype in aot.DTYPES for reset in resets]
 
 KERNELS = {
-    "_states_fwd_kernel", "_output_fwd_kernel", "_states_bwd_kernel", "_scores_bwd_kernel",
+    "_fused_fwd_kernel", "_states_fwd_kernel", "_output_fwd_kernel", "_states_bwd_kernel", "_scores_bwd_kernel",
     "_dqk_bwd_kernel", "_dv_bwd_kernel", "_step_kernel", "_step_nm_kernel",
 }
 

@@ -110,14 +110,17 @@ def case_id(c):
     return f"B{B}-NH{NH}-S{S}-DK{DK}-DV{DV}-L{L}" + "-init" * init + "-reset" * reset + f"-{gates}"
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["two-pass", "fused"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_chunkwise_matches_oracle(case):
+def test_chunkwise_matches_oracle(case, fused):
+    """Both forms of the forward (the states and output passes, or the fused pass), each with the backward."""
     B, NH, S, DK, DV, L, init, reset, gates = case
     xs, rs = make_inputs(B, NH, S, DK, DV, init=init, reset=reset, gates=gates)
     # At the limits, f = +15 moves log weights of size 15 by 3e-7, below float32's resolution, so
     # float32 sees ties in the stabilizer's max that float64 resolves, and the final-state m's
     # gradient is split differently between equal maxima: compare gradients of h alone there.
-    check_against_oracle(xs, rs, L, state_grads=gates != "limits")
+    with launch_overrides(fused=dict(enabled=int(fused))):
+        check_against_oracle(xs, rs, L, state_grads=gates != "limits")
 
 
 OTHER_TILES = dict(
@@ -143,8 +146,10 @@ def test_launch_overrides_match_the_oracle():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(fused=dict(BK=16)), "unknown kernel"),
+    (dict(one_pass=dict(BK=16)), "unknown kernel"),
     (dict(states=dict(RB=16)), "states takes"),
+    (dict(fused=dict(BK=32)), "fused takes"),
+    (dict(fused=dict(enabled=2)), "not allowed"),
     (dict(dv=dict(BK=24)), "not allowed"),
     (dict(dv=dict(BK=8)), "not allowed"),
     (dict(output=dict(num_warps=3)), "not allowed"),
@@ -373,6 +378,20 @@ def test_chunkwise_gpu(case, dtype):
     tol = (3e-4, TOL[dtype][1]) if dtype == torch.float32 else None
     check_against_oracle(xs, rs, L, dtype, state_grads=gates != "limits", tol=tol,
                          grads=not (dtype == torch.float16 and gates == "limits"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(1, 1, 777, 256, 512, 16, True, True, "random"), (1, 2, 512, 64, 64, 16, False, True, "limits")],
+                         ids=case_id)
+def test_fused_forward_gpu(case, dtype):
+    """The one-pass forward in half precision, where its products take n and the split weights in
+    half precision (the interpreter computes in float32): values, final states and gradients."""
+    B, NH, S, DK, DV, L, init, reset, gates = case
+    xs, rs = make_inputs(B, NH, S, DK, DV, dtype=dtype, init=init, reset=reset, gates=gates)
+    with launch_overrides(fused=dict(enabled=1)):
+        check_against_oracle(xs, rs, L, dtype, state_grads=gates != "limits",
+                             grads=not (dtype == torch.float16 and gates == "limits"))
 
 
 @pytest.mark.gpu
