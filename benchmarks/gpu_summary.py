@@ -222,14 +222,15 @@ def train_lines(rep: dict, targets: dict) -> list[str]:
     lines = []
     for r in rep["throughput"]:
         mfu = None if r["mfu"] is None else r["mfu"] * 100
-        lines.append(f"train {r['preset']}, {r['dtype']}, {r['micro_batch']} x {r['seq_len']} tokens per step: "
+        compiled = ", compiled" if r.get("compile") else ""
+        lines.append(f"train {r['preset']}{compiled}, {r['dtype']}, {r['micro_batch']} x {r['seq_len']} tokens per step: "
                      f"{r['tokens_per_s']:,.0f} tokens/s, MFU {fmt(mfu, '.1f')} %, peak {fmt(r['peak_memory_gb'], '.1f')} GiB")
         if "profile" in r:
             prof = r["profile"]
             lines.append(f"  profile of a step: wall {prof['wall_us'] / 1e3:.1f} ms, device {prof['total_us'] / 1e3:.1f} ms "
                          f"in {prof['launches']} launches")
-        if r["preset"] == "1.3b":
-            targets["1.3B training MFU >= 50 %"] = mfu
+        if r["preset"] == "1.3b" and mfu is not None:  # the best of the rows (eager, compiled)
+            targets["1.3B training MFU >= 50 %"] = max(mfu, targets.get("1.3B training MFU >= 50 %") or 0)
     return lines
 
 

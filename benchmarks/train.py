@@ -35,8 +35,9 @@ from profiling import profile_kernels  # noqa: E402
 
 
 def time_training(preset: str, device: torch.device, steps: int, micro_batch: int | None, seq_len: int | None,
-                  profile: bool = False) -> dict:
+                  profile: bool = False, compile: bool = False) -> dict:
     overrides = [f"--train.micro_batch={micro_batch}"] if micro_batch else []
+    overrides += ["--train.compile=true"] if compile else []
     overrides += [f"--train.seq_len={seq_len}", f"--train.global_batch_tokens={seq_len}"] if seq_len else []
     job = load_config(preset, overrides)
     t = job.train
@@ -68,7 +69,7 @@ def time_training(preset: str, device: torch.device, steps: int, micro_batch: in
     tps = B * S / dt
     peak = peak_flops(device)
     row = {
-        "preset": preset, "parameters": plain.num_params(), "dtype": str(dtype).removeprefix("torch."),
+        "preset": preset, "parameters": plain.num_params(), "dtype": str(dtype).removeprefix("torch."), "compile": t.compile,
         "micro_batch": B, "seq_len": S, "steps": steps, "step_s": dt, "tokens_per_s": tps,
         "flops_per_token": train_flops_per_token(job.model), "mfu": tps * train_flops_per_token(job.model) / peak if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=0, help="override train.micro_batch")
     p.add_argument("--seq-len", type=int, default=0, help="override train.seq_len")
     p.add_argument("--profile", action="store_true", help="also the device time per kernel of one training step")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (train.compile; the warm-up step compiles)")
     p.add_argument("--run-dir", type=Path, help="a finished toy run: report its val bpb next to xz -9")
     p.add_argument("--output", type=Path, help="default benchmarks/results/train-<cpu|gpu>.json")
     args = p.parse_args(argv)
@@ -127,9 +129,9 @@ def main(argv=None) -> int:
     result = {"machine": machine(device), "throughput": []}
     for preset in presets:
         row = time_training(preset, device, args.steps or (10 if device.type == "cuda" else 3), args.micro_batch or None,
-                            args.seq_len or None, args.profile)
+                            args.seq_len or None, args.profile, args.compile)
         mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-        print(f"{preset:>6}: {row['tokens_per_s']:,.0f} tokens/s{mfu}", flush=True)
+        print(f"{preset:>6}{' compiled' if row['compile'] else ''}: {row['tokens_per_s']:,.0f} tokens/s{mfu}", flush=True)
         if args.profile:
             prof = row["profile"]
             top = ", ".join(f"{k['name'][:40]} {k['us'] / 1e3:.1f}" for k in prof["kernels"][:4])
