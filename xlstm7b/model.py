@@ -34,7 +34,8 @@ def split_cell_inputs(cell_inputs: torch.Tensor, config: ModelConfig) -> tuple[t
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) in float32, cast back to the input dtype, then scaled. F.rms_norm
     computes half-precision inputs in float32 and rounds once, in one kernel on CUDA (a decoding step
-    runs 65 of these norms: every launch counts)."""
+    runs 65 of these norms: every launch counts). CUDA autocast returns its float32 result: `.to`
+    rounds it as the spec does (and is free outside autocast)."""
 
     def __init__(self, dim: int, eps: float, use_bias: bool = False):
         super().__init__()
@@ -43,13 +44,13 @@ class RMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if use_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x, x.shape[-1:], eps=self.eps) * self.weight
+        y = F.rms_norm(x, x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
         return y if self.bias is None else y + self.bias
 
 
 class MultiHeadLayerNorm(nn.Module):
     """Mean-centred LayerNorm over each head's dv features (float32; F.layer_norm computes half
-    precision in float32 and rounds once), then one weight over all heads."""
+    precision in float32 and rounds once; `.to` as in RMSNorm), then one weight over all heads."""
 
     def __init__(self, num_heads: int, head_dim: int, eps: float, use_bias: bool = False):
         super().__init__()
@@ -59,7 +60,7 @@ class MultiHeadLayerNorm(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, S, NH, DH = h.shape
-        y = F.layer_norm(h, (DH,), eps=self.eps).reshape(B, S, NH * DH) * self.weight
+        y = F.layer_norm(h, (DH,), eps=self.eps).to(h.dtype).reshape(B, S, NH * DH) * self.weight
         return y if self.bias is None else y + self.bias
 
 
