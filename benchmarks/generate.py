@@ -165,31 +165,39 @@ def bench_speed(models: dict, args, config: ModelConfig, device, rows: list[dict
             gc.collect()
 
 
-def bench_profile(models: dict, args, config: ModelConfig, device) -> list[dict]:
+def bench_profile(models: dict, args, config: ModelConfig, device, rows: list[dict]) -> None:
     """Where the time goes (profile_kernels): one forward pass over the longest prompt, per model, and
     one decode step of ours at batch 1, eager and replayed from its CUDA graph (compiled too, if
-    measured): the same work, so their wall times over the device time show the launch overhead."""
-    rows = []
+    measured): the same work, so their wall times over the device time show the launch overhead.
+    Appends a row per profile to rows as it is taken (one that fails records its error)."""
     S = max(args.prompt_lengths)
     ids = prompt(1, S, config, device)
-    for impl, model in models.items():
-        if impl != "compiled":
-            rows.append(dict(impl=impl, metric="profile", what=f"forward, {S} tokens",
-                             **profile_kernels(lambda: forward_fn(impl, model, ids), device)))
     cuda = device.startswith("cuda")
     token = torch.ones(1, dtype=torch.long, device=device)
-    for impl in [i for i in models if i != "official"]:
-        for graph in (False, True) if cuda and impl == "ours" else (cuda,):
-            state = decoding_state(None, config, 1, device)
+
+    def decode_step(impl: str, graph: bool):
+        state = decoding_state(None, config, 1, device)
+        step = step_runner(models[impl], state, cuda_graph=graph, compile=impl == "compiled")
+        return lambda: step(token)
+
+    todo = [(impl, f"forward, {S} tokens", lambda impl=impl: (lambda: forward_fn(impl, models[impl], ids)))
+            for impl in models if impl != "compiled"]
+    todo += [(impl, "decode step, batch 1" + ", CUDA graph" * graph, lambda impl=impl, graph=graph: decode_step(impl, graph))
+             for impl in models if impl != "official" for graph in ((False, True) if cuda and impl == "ours" else (cuda,))]
+    for impl, what, make in todo:
+        row = dict(impl=impl, metric="profile", what=what)
+        try:
             with torch.no_grad():
-                step = step_runner(models[impl], state, cuda_graph=graph, compile=impl == "compiled")
-                rows.append(dict(impl=impl, metric="profile", what="decode step, batch 1" + ", CUDA graph" * graph,
-                                 **profile_kernels(lambda: step(token), device)))
-    for r in rows:
-        top = ", ".join(f"{k['name'][:40]} {k['us'] / 1e3:.2f}" for k in r["kernels"][:3])
-        print(f"profile  {r['impl']:<8} {r['what']}: wall {r['wall_us'] / 1e3:.2f} ms, device {r['total_us'] / 1e3:.2f} ms "
-              f"in {r['launches']} launches; {top} ms", flush=True)
-    return rows
+                row.update(profile_kernels(make(), device))
+            top = ", ".join(f"{k['name'][:40]} {k['us'] / 1e3:.2f}" for k in row["kernels"][:3])
+            print(f"profile  {impl:<8} {what}: wall {row['wall_us'] / 1e3:.2f} ms, device {row['total_us'] / 1e3:.2f} ms "
+                  f"in {row['launches']} launches; {top} ms", flush=True)
+        except Exception as e:  # out of memory, say: the other rows stand
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+            print(f"profile  {impl:<8} {what}: {row['error']}", flush=True)
+            if cuda:
+                torch.cuda.empty_cache()
+        rows.append(row)
 
 
 def memory_child(impl: str, n: int, args) -> dict:
@@ -327,7 +335,7 @@ def main() -> None:
     try:  # interrupted (Ctrl-C, or `timeout --signal=INT` in benchmarks/gpu.sh): the rows so far are written
         bench_speed(models, args, c, args.device, rows)
         if args.profile:
-            rows += bench_profile(models, args, c, args.device)
+            bench_profile(models, args, c, args.device, rows)
         del models, ours, theirs
         gc.collect()
         rows += bench_memory([i for i in ours_impls if not (cuda and i == "compiled")] + ([] if args.no_official else ["official"]), args)

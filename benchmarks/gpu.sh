@@ -10,8 +10,8 @@
 # OUTPUT_DIR (new or empty) gets gpu.log (everything printed), tests.json, kernels-<date>.json,
 # generate_cuda.json, train.json, serve_cuda.json, speculative_cuda_random_7b.json and tune-<date>.json:
 # 8 files, the most a GPU run may bring back (so the plots stay behind; the JSON has every number).
-# The last stage, tune, sweeps our kernels' launch settings (benchmarks/kernels.py --tune): the full
-# run leaves it no time; run it with --only.
+# The stage tune (benchmarks/kernels.py --tune: our kernels' launch settings and the one-pass
+# forward, swept) runs only when --only names it.
 # Peers: wheels that benchmarks/gpu_wheels.sh put in .whl/ are installed offline into a temporary
 # folder on PYTHONPATH; without them the peer rows are skipped with a message.
 # The project is installed (pip install --no-deps --no-build-isolation -e .) if it does not import.
@@ -93,10 +93,15 @@ official=()
     official=(--no-official)
 }
 
+on_request=(tune)  # stages a full run leaves out
 stage() {  # stage NAME BUDGET_SECONDS COMMAND...: runs it cut at min(budget, time left)
     local name=$1 budget=$2
     shift 2
-    [[ -z $only || ",$only," == *",$name,"* ]] || return 0
+    if [[ -z $only ]]; then
+        [[ " ${on_request[*]} " != *" $name "* ]] || return 0
+    else
+        [[ ",$only," == *",$name,"* ]] || return 0
+    fi
     local limit=$((deadline - SECONDS < budget ? deadline - SECONDS : budget))
     if ((limit < 10)); then
         echo "== $name: skipped, ${limit} s left"
@@ -142,7 +147,8 @@ else
     stage serve 45 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 512 \
         --state-dtype bfloat16 --baseline-requests 4 --out "$work/serve"
     stage speculative 20 "$python" benchmarks/speculative.py --device cuda --cost-model-only --ks 2 4 --out "$out"
-    # other tiles, warps and stages for our kernels at the 7B head shape, 65,536 tokens, chunk 64 then 128
+    # the one-pass forward, then other tiles, warps and stages for our kernels at the 7B head shape and
+    # 65,536 tokens, chunk 64 then 128 (only with --only tune)
     stage tune 90 "$python" benchmarks/kernels.py --tune --seq-lens 65536 --heads 8,256,512 --reps 50 --out "$out"
 fi
 mv "$out"/generate_*.png "$out"/kernels-*.png "$work"/ 2>/dev/null

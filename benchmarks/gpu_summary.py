@@ -205,8 +205,9 @@ def generate_lines(rep: dict, targets: dict) -> list[str]:
         ours, theirs = get("ours", "memory", "new_tokens", n, "peak_mib"), get("official", "memory", "new_tokens", n, "peak_mib")
         lines.append(f"  peak memory generating {n} tokens: ours {fmt(ours, ',.0f')} MiB, official {fmt(theirs, ',.0f')} MiB")
     for r in (r for r in rows if r["metric"] == "profile"):
-        lines.append(f"  profile {r['impl']}, {r['what']}: wall {r['wall_us'] / 1e3:.2f} ms, device {r['total_us'] / 1e3:.2f} ms "
-                     f"in {r['launches']} launches")
+        got = (r["error"][:80] if "error" in r else
+               f"wall {r['wall_us'] / 1e3:.2f} ms, device {r['total_us'] / 1e3:.2f} ms in {r['launches']} launches")
+        lines.append(f"  profile {r['impl']}, {r['what']}: {got}")
     decode = {B: (get("ours", "decode", "batch", B), get("official", "decode", "batch", B)) for B in (1, 256)}
     targets["decode batch 1 >= 200 tok/s"] = decode[1][0]
     targets["decode batch 1 >= 1.3x official"] = ratio(*decode[1])

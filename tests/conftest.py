@@ -6,9 +6,11 @@ import the kernels.
 """
 
 import ctypes
+import importlib.util
 import os
 import sys
 import sysconfig
+import types
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_script(name: str, monkeypatch) -> types.ModuleType:
+    """benchmarks/NAME.py as a module. The scripts put benchmarks/ first on sys.path to import their
+    neighbours, where benchmarks/kernels.py would shadow the PyPI package `kernels`: monkeypatch
+    restores the path when the test ends."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", CHECKOUT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # --- comparing results ----------------------------------------------------------------------------

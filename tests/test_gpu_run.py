@@ -1,7 +1,6 @@
 """The GPU run (benchmarks/gpu.sh) rehearsed on the CPU, so that the rare GPU minutes are not spent
 on a typo or a missing import; and the project importing without the packages the GPU machine lacks."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SH = ROOT / "benchmarks" / "gpu.sh"
-STAGES = ["tests", "kernels", "generate", "train", "serve", "speculative", "tune"]
+STAGES = ["tests", "kernels", "generate", "train", "serve", "speculative"]  # and tune, with --only
 
 
 # Packages the GPU machine lacks (the serve and eval extras, the test tools, datasets, wandb): the
@@ -39,7 +39,7 @@ def test_dry_run(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
     expected = {"gpu.log", "tests.json", "kernels-dry-run.json", "generate_cpu.json", "train.json", "serve_cpu.json",
-                "speculative_cpu_random_toy.json", "tune-dry-run.json"}
+                "speculative_cpu_random_toy.json"}
     assert expected <= names, sorted(names)
     assert len(names) <= 8
     for name in expected - {"gpu.log"}:
@@ -49,7 +49,7 @@ def test_dry_run(tmp_path):
     summary = done.stdout[done.stdout.index("== GPU run:"):]
     for stage in STAGES:
         assert any(line.split()[:1] == [stage] and line.endswith(" ok") for line in summary.splitlines()), (stage, summary)
-    assert "tune, chunk 16, S 64: defaults" in summary and "tune, fused forward, chunk 16" in summary
+    assert "(tune: no results)" in summary and not any(line.startswith("tune ") for line in summary.splitlines())
     assert "profile ours, decode step, batch 1: wall" in summary and "profile official, forward, 16 tokens" in summary
     assert "profile of a step: wall" in summary  # train
     assert summary.rstrip().splitlines()[-1].lstrip().startswith("1.3B training MFU")  # the table is printed last
@@ -75,23 +75,19 @@ def test_bad_arguments(tmp_path, args, message):
 
 
 def test_only_some_stages(tmp_path):
-    """A rerun of some stages runs those alone; the summary reports the others as without results."""
+    """A rerun of some stages runs those alone (tune, which a full run skips, among them); the summary
+    reports the others as without results."""
     out = tmp_path / "out"
-    done = run_gpu_sh("--dry-run", "--only", "train", out)
+    done = run_gpu_sh("--dry-run", "--only", "train,tune", out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} == {"gpu.log", "train.json"}
-    table = done.stdout[done.stdout.index("== GPU run:"):].split("targets:")[0]
-    assert [line.split()[0] for line in table.splitlines()[2:] if line.split()[-1:] == ["ok"]] == ["train"]
+    assert {p.name for p in out.iterdir()} == {"gpu.log", "train.json", "tune-dry-run.json"}
+    summary = done.stdout[done.stdout.index("== GPU run:"):]
+    table = summary.split("targets:")[0]
+    assert [line.split()[0] for line in table.splitlines()[2:] if line.split()[-1:] == ["ok"]] == ["train", "tune"]
+    assert "tune, chunk 16, S 64: defaults" in summary and "tune, fused forward, chunk 16" in summary
 
 
-def summary_module():
-    spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / "benchmarks" / "gpu_summary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_junit_to_json(tmp_path):
+def test_junit_to_json(tmp_path, monkeypatch):
     xml = tmp_path / "junit.xml"
     xml.write_text("""<?xml version="1.0"?><testsuites><testsuite>
         <testcase classname="tests.test_a" name="test_ok"/>
@@ -99,16 +95,16 @@ def test_junit_to_json(tmp_path):
         <testcase classname="tests.test_b" name="test_load"><error message="ImportError: x">trace</error></testcase>
         <testcase classname="tests.test_b" name="test_gpu"><skipped message="needs a CUDA device"/></testcase>
     </testsuite></testsuites>""")
-    result = summary_module().junit_to_json(xml, tmp_path / "tests.json")
+    result = load_script("gpu_summary", monkeypatch).junit_to_json(xml, tmp_path / "tests.json")
     assert (result["passed"], result["failed"], result["errors"], result["skipped"]) == (1, 1, 1, 1)
     assert [f["test"] for f in result["failures"]] == ["tests.test_a::test_bf16[S4096]", "tests.test_b::test_load"]
     assert json.loads((tmp_path / "tests.json").read_text())["failures"][0]["message"] == "rel err 0.3 > 1e-2"
 
 
-def test_stage_status(tmp_path):
+def test_stage_status(tmp_path, monkeypatch):
     stages = tmp_path / "stages.tsv"
     stages.write_text("tests\t120\t80\t0\nkernels\t110\t125\t124\ngenerate\t150\t20\t1\ntrain\t50\t0\tskipped\n")
-    lines = summary_module().stage_lines(stages)
+    lines = load_script("gpu_summary", monkeypatch).stage_lines(stages)
     assert [line.split(None, 3)[3] for line in lines[1:]] == [
         "ok", "cut at its budget (partial or no JSON)", "failed, exit 1 (see gpu.log)", "skipped: no time left"]
 
