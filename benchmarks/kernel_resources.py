@@ -82,9 +82,9 @@ def launches(s: Shape, d: Design) -> dict[str, list[tuple[str, float, float]]]:
     intra_k, intra_v = 2 * T * NH * L * DK, 2 * T * NH * L * DV  # q k^T (DK) or A v (DV) over the chunk
     chunk_states = ("states", state_flops, qk_bytes + v_bytes + cs + 3 * vec)
     if d.fused_forward:
-        tiles_dv = DV // d.fused_bv if d.fused_bv else 1  # programs per head, each reading q and k
+        tiles_dv = -(-DV // d.fused_bv) if d.fused_bv else 1  # programs per head, each reading q and k
         widen = 2 if d.fused_bv else 1  # the n columns beside each tile's state columns
-        fwd = [("states+output", 2 * widen * state_flops + tiles_dv * intra_k + intra_v,
+        fwd = [("states+output", widen * (2 * state_flops + intra_v) + tiles_dv * intra_k,
                 tiles_dv * 2 * qk_bytes + 2 * v_bytes + 5 * vec)]
     else:
         fwd = [chunk_states, ("output", state_flops + intra_k + intra_v, 2 * qk_bytes + 2 * v_bytes + cs + 5 * vec)]

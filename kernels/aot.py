@@ -239,8 +239,8 @@ class Case:
 
 def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH: int = 2, S: int = 1031) -> list[Launch]:
     """Records the launches of the chunkwise forward (both forms; the one-pass form in half precision
-    up to FUSED_MAX_CHUNK) and backward (through their real launchers, on meta tensors) and of the
-    decoding step for every case. S is ragged on purpose (masked tails)."""
+    up to FUSED_MAX_CHUNK, for sm_90 and up) and backward (through their real launchers, on meta
+    tensors) and of the decoding step for every case. S is ragged on purpose (masked tails)."""
     launches = []
     for case in cases:
         dt = DTYPES[case.dtype]
@@ -253,7 +253,7 @@ def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH:
         b, ig, virt, cnt = chunk_gates(i, f, reset, L)
         C0, n0, m0 = torch.empty(B, NH, case.DK, case.DV, **meta), torch.empty(B, NH, case.DK, **meta), torch.empty(B, NH, 1, **meta)
         with record_launches(target, case.tag) as recorded:
-            if dt != torch.float32 and L <= FUSED_MAX_CHUNK:  # the one-pass forward, where it is built for
+            if dt != torch.float32 and L <= FUSED_MAX_CHUNK and target.arch >= 90:  # the one-pass forward, where built for
                 with launch_overrides(fused=dict(enabled=1)):
                     forward(q, k, v, b, ig, virt, cnt, C0, n0, m0, L, 1e-6)
             h, C, n, m, mt, den, MS = forward(q, k, v, b, ig, virt, cnt, C0, n0, m0, L, 1e-6)

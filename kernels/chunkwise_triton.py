@@ -14,7 +14,7 @@ import triton
 
 from . import chunkwise_triton_bwd, chunkwise_triton_fwd
 from .chunkwise import NEG_INF, in_chunk_cumsum
-from .chunkwise_triton_fwd import CHUNK_SIZES, interpreting
+from .chunkwise_triton_fwd import CHUNK_SIZES, current_overrides, interpreting, launch_overrides
 from .common import EPS, TRITON_DTYPES, TRITON_MIN_HEAD_DIM, MLSTMState, check_inputs, zero_state
 
 mlstm_chunkwise_fwd = torch.library.custom_op("xlstm7b::mlstm_chunkwise_fwd", mutates_args=())(chunkwise_triton_fwd.forward)
@@ -47,15 +47,19 @@ def _setup_context(ctx, inputs, output):
     h, C, n, m, mt, den, MS = output
     ctx.save_for_backward(q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS)
     ctx.chunk, ctx.eps = chunk, eps
+    # the forward's launch settings for the backward: on CUDA autograd runs it on a device thread,
+    # which a launch_overrides block around the forward does not reach
+    ctx.overrides = current_overrides()
 
 
 def _backward(ctx, dh, dC, dn, dm, *_):
     q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS = ctx.saved_tensors
-    dq, dk, dv, db, dig, dvirt, dC0, dn0, dm0 = torch.ops.xlstm7b.mlstm_chunkwise_bwd(
-        q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS,
-        _or_zeros(dh, h), _or_zeros(dC, C), _or_zeros(dn, n), _or_zeros(dm, m0),
-        ctx.chunk, ctx.eps,
-    )
+    with launch_overrides(**ctx.overrides):
+        dq, dk, dv, db, dig, dvirt, dC0, dn0, dm0 = torch.ops.xlstm7b.mlstm_chunkwise_bwd(
+            q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS,
+            _or_zeros(dh, h), _or_zeros(dC, C), _or_zeros(dn, n), _or_zeros(dm, m0),
+            ctx.chunk, ctx.eps,
+        )
     return dq, dk, dv, db, dig, dvirt if virt is not None else None, None, dC0, dn0, dm0, None, None
 
 

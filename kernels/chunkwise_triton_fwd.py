@@ -36,9 +36,9 @@ CHUNK_SIZES = (16, 32, 64, 128)
 chunk no longer fit a GPU's registers and shared memory (256 needs ~270 KiB of shared memory)."""
 
 FUSED_MAX_CHUNK = 16
-"""The longest chunk the one-pass forward (_fused_fwd_kernel) is built for: up to it, it compiles
-without spills at the 7B head shape (at 32 it spills a few bytes on sm_90, at 64 about a KiB, and
-at 128 its [L, DK] tiles exceed shared memory)."""
+"""The longest chunk the one-pass forward (_fused_fwd_kernel, for Hopper GPUs) is built for: up to it,
+it compiles for sm_90 without spills at the 7B head shape (at 32 it spills on sm_90, at 64 about a
+KiB, at 128 its [L, DK] tiles exceed shared memory; on sm_80 it spills at 16 already)."""
 
 
 def interpreting() -> bool:
@@ -218,8 +218,8 @@ def _fused_fwd_kernel(
     n rides along as two more columns of the state tile X [BK, 2 BV] = [C | n_hi | n_lo | 0]: the
     chunk's update is one product k^T [w v | w_hi | w_lo | 0] (w_hi + w_lo: the float32 weights w as
     two DT numbers, so n keeps float32 accuracy over any number of chunks; w scales v's rows, not
-    k's: no [L, DK] float32 tile), and q X gives q C_entry and q n_entry (n in DT, as C) at once.
-    Built for chunks up to FUSED_MAX_CHUNK."""
+    k's: no [L, DK] float32 tile); q meets C and, split anew into two DT numbers, n. Built for chunks
+    up to FUSED_MAX_CHUNK."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b = i_bh // NH
     offs_k = tl.arange(0, BK)
@@ -228,6 +228,7 @@ def _fused_fwd_kernel(
     rows = tl.arange(0, L)
     mk, mv = offs_k < DK, (cols < BV) & (offs_v < DV)
     is_hi, is_lo = (cols == BV)[None, :], (cols == BV + 1)[None, :]
+    two = tl.arange(0, 16)[None, :]  # columns of the [BK, 16] tile that brings n to q
     X = tl.load(C0 + i_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
     X += tl.where(is_hi, tl.load(N0 + i_bh * DK + offs_k, mask=mk, other=0.0)[:, None], 0.0)
     m = tl.load(M0 + i_bh)
@@ -243,8 +244,14 @@ def _fused_fwd_kernel(
         # entry state for the outputs, and the chunk's update of the state (as _states_fwd_kernel)
         bt, it, cnt, _, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
         qk = tl.dot(q, tl.trans(kt), input_precision=PREC)
-        qX = tl.dot(q, X.to(DT), input_precision=PREC)  # [L, 2 BV]: q C_entry, then q n_hi, q n_lo
-        q_n = tl.sum(tl.where(is_hi | is_lo, qX, 0.0), 1)
+        # q C_entry (C in DT, as the two-pass output kernel takes it; [L, 2 BV], the n columns unused),
+        # and q n_entry with n split anew into two DT numbers (n_hi alone would lose n_lo, and q n
+        # cancels in den), as the first two columns of a [BK, 16] tile
+        q_c = tl.dot(q, X.to(DT), input_precision=PREC)
+        n = tl.sum(tl.where(is_hi | is_lo, X, 0.0), 1)[:, None]
+        n_hi = n.to(DT).to(tl.float32)
+        n_cols = tl.where(two == 0, n_hi, tl.where(two == 1, n - n_hi, 0.0))
+        q_n = tl.sum(tl.dot(q, n_cols.to(DT), input_precision=PREC), 1)
         m_new = tl.maximum(g + m, tl.maximum(tl.max(a, 0), virt_last))
         w = tl.exp(a - m_new)[:, None]  # [L, 1] weight of each token in the chunk-end state
         w_hi = w.to(DT).to(tl.float32)
@@ -256,7 +263,7 @@ def _fused_fwd_kernel(
         m_t = tl.maximum(tl.maximum(m_prev, virt), tl.max(log_d, 1))
         decay = tl.exp(m_prev - m_t)
         A = qk * scale * tl.exp(log_d - m_t[:, None])
-        num = tl.dot(A.to(DT), vt.to(DT), input_precision=PREC) + (decay * scale)[:, None] * qX
+        num = tl.dot(A.to(DT), vt.to(DT), input_precision=PREC) + (decay * scale)[:, None] * q_c
         den = tl.sum(A, 1) + decay * scale * q_n
         h = num / (tl.maximum(tl.abs(den), tl.exp(-m_t)) + eps)[:, None]
         tl.store(H + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], h.to(H.dtype.element_ty), mask=mt[:, None] & mv[None, :])
@@ -344,14 +351,20 @@ def _allowed(name: str, value) -> bool:
     return value >= 16 and value & (value - 1) == 0  # a tile: tl.dot takes powers of two >= 16
 
 
+def current_overrides() -> dict[str, dict[str, int]]:
+    """The settings of the innermost `launch_overrides` block (empty outside any): for carrying them
+    to where a block does not reach, as autograd's device threads, which run the backward."""
+    return {kernel: dict(params) for kernel, params in _OVERRIDES.get().items()}
+
+
 @contextlib.contextmanager
 def launch_overrides(**kernels: dict[str, int]):
     """Within the block the chunkwise kernels launch with these meta-parameters in place of
     launch_config's, e.g. `with launch_overrides(states=dict(BV=32, num_warps=4)):`, to measure
     other tiles, warps and pipeline stages (benchmarks/kernels.py --tune). Tiles are powers of two
     >= 16 (the launches mask DK and DV tails; RB is capped at the chunk), warps 1, 2, 4 or 8, stages
-    1 to 6, enabled 0 or 1. Results change by summation order only. Nested blocks add to the outer
-    one's settings."""
+    1 to 6, enabled 0 or 1. Results change by summation order and rounding only. Nested blocks add to
+    the outer one's settings. A backward runs with its forward's settings (see chunkwise_triton)."""
     for kernel, params in kernels.items():
         if kernel not in TUNABLE:
             raise ValueError(f"launch_overrides: unknown kernel {kernel!r}; choose from {', '.join(TUNABLE)}")
@@ -420,6 +433,15 @@ def forward(
     meta = dict(HAS_RESET=cnt is not None, NH=NH)
     fused = dict(cfg["fused"])
     if fused.pop("enabled"):
+        if chunk > FUSED_MAX_CHUNK or fused["DT"] == tl.float32 and not interpreting():
+            raise ValueError(
+                f"mlstm: the one-pass forward (launch_overrides fused enabled=1) is built for float16 or bfloat16 "
+                f"inputs and chunks up to {FUSED_MAX_CHUNK}, got {q.dtype} and chunk {chunk}: pass chunk_size="
+                f"{FUSED_MAX_CHUNK} with half-precision inputs, or leave it off"
+            )
+        if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (9, 0):
+            raise ValueError("mlstm: the one-pass forward is built for Hopper GPUs (sm_90; on an A100 its registers "
+                             "spill at the 7B head shape): leave it off on this GPU")
         MS = q.new_empty(B * NH, NC + 1, dtype=torch.float32)
         CF = q.new_empty(B * NH, DK, DV, dtype=torch.float32)
         NF = q.new_empty(B * NH, DK, dtype=torch.float32)

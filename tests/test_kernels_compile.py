@@ -14,18 +14,17 @@ their shared memory is no larger either; resets change the gate arithmetic, not 
 compile errors of either would show on sm_90 already.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
+from conftest import load_script  # noqa: E402
 from xlstm7b.config import ModelConfig, preset_names  # noqa: E402
 from xlstm7b.kernels import aot  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import CHUNK_SIZES  # noqa: E402
@@ -65,8 +64,8 @@ def test_matrix_covers_the_presets():
 def test_every_kernel_compiles(reports):
     errors = [f"{r['kernel']} [{r['tag']}] sm_{r['arch']}: {r['error']}" for r in reports if "error" in r]
     assert not errors, "\n".join(errors)
-    for arch in ARCHS:
-        assert {r["kernel"] for r in reports if r["arch"] == arch} == KERNELS
+    for arch in ARCHS:  # the one-pass forward is built for Hopper
+        assert {r["kernel"] for r in reports if r["arch"] == arch} == KERNELS - ({"_fused_fwd_kernel"} if arch < 90 else set())
 
 
 def test_shared_memory_fits_and_no_spills_at_the_large_shapes(reports):
@@ -144,10 +143,8 @@ def test_the_checks_catch_broken_kernels(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_cost_model_matches_the_anchors():
-    spec = importlib.util.spec_from_file_location("kernel_resources", Path(__file__).parents[1] / "benchmarks" / "kernel_resources.py")
-    kr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kr)
+def test_cost_model_matches_the_anchors(monkeypatch):
+    kr = load_script("kernel_resources", monkeypatch)
     s = kr.Shape()  # 7B head shape, 65,536 tokens, bf16
     fwd = kr.launches(s, kr.Design("fp32 C", 64))["forward"]
     # ~0.33 TFLOP of matmul work in the forward (the performance anchors' floor)

@@ -4,22 +4,21 @@ Without CUDA the real kernels run in Triton's CPU interpreter (conftest sets TRI
 fp32, tiny shapes. Tests marked gpu add bf16/fp16, large shapes and long sequences.
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from conftest import random_model, rel_err  # noqa: E402
+from conftest import load_script, random_model, rel_err  # noqa: E402
 
 from xlstm7b import ModelConfig  # noqa: E402
 from xlstm7b.kernels import (  # noqa: E402
     mlstm, mlstm_parallel, mlstm_step, mlstm_step_, mlstm_step_torch, mlstm_step_torch_, resolve_backend,
 )
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
-from xlstm7b.kernels.chunkwise_triton_fwd import launch_config, launch_overrides, state_dtype  # noqa: E402
+from xlstm7b.kernels import chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
+from xlstm7b.kernels.chunkwise_triton_fwd import FUSED_MAX_CHUNK, launch_config, launch_overrides, state_dtype  # noqa: E402
 from xlstm7b.kernels.step_triton import mlstm_step_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -113,8 +112,10 @@ def case_id(c):
 @pytest.mark.parametrize("fused", [False, True], ids=["two-pass", "fused"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_chunkwise_matches_oracle(case, fused):
-    """Both forms of the forward (the states and output passes, or the fused pass), each with the backward."""
+    """Both forms of the forward (the states and output passes, or the fused pass at the chunks it
+    takes), each with the backward."""
     B, NH, S, DK, DV, L, init, reset, gates = case
+    L = min(L, FUSED_MAX_CHUNK) if fused else L
     xs, rs = make_inputs(B, NH, S, DK, DV, init=init, reset=reset, gates=gates)
     # At the limits, f = +15 moves log weights of size 15 by 3e-7, below float32's resolution, so
     # float32 sees ties in the stabilizer's max that float64 resolves, and the final-state m's
@@ -143,6 +144,59 @@ def test_launch_overrides_match_the_oracle():
             inner = launch_config(xs[0], xs[2], 32)
             assert inner["output"]["RB"] == 32 and inner["states"]["BV"] == 32
     assert launch_config(xs[0], xs[2], 32) == default
+
+
+@pytest.mark.parametrize("case", [(1, 2, 512, 64, 64, 16, False, True, "limits"), (1, 1, 300, 64, 128, 16, True, True, "random")],
+                         ids=case_id)
+def test_fused_forward_half_precision_products(case, monkeypatch):
+    """The one-pass forward with its products in float16 (the interpreter's dot takes float16; the
+    other tests run it in float32, where splitting a number into two is exact): h as close to the
+    float64 oracle as the two-pass forward's with the same products. q n cancels in den, so n must
+    reach the product as two half-precision numbers."""
+    import triton.language as tl
+
+    original = chunkwise_triton_fwd.launch_config
+
+    def half_products(q, v, L):
+        cfg = original(q, v, L)
+        for launch in cfg.values():
+            launch["DT"] = tl.float16
+        return cfg
+
+    monkeypatch.setattr(chunkwise_triton_fwd, "launch_config", half_products)
+    B, NH, S, DK, DV, L, init, reset, gates = case
+    xs, rs = make_inputs(B, NH, S, DK, DV, dtype=torch.float16, init=init, reset=reset, gates=gates)
+    state = tuple(xs[5:]) if init else None
+    ref = mlstm_parallel(*[x.double() for x in xs[:5]], state and tuple(t.double() for t in state), reset=rs)[0]
+    err = {}
+    for fused in (0, 1):
+        with launch_overrides(fused=dict(enabled=fused)):
+            err[fused] = rel_err(mlstm_chunkwise_triton(*xs[:5], state, reset=rs, chunk_size=L)[0], ref)
+    assert err[1] <= 1.5 * err[0] + 1e-4, f"fused {err[1]:.2e}, two-pass {err[0]:.2e}"
+
+
+def test_fused_forward_refuses_what_it_is_not_built_for(monkeypatch):
+    xs, _ = make_inputs(1, 1, 70, 16, 16)
+    with launch_overrides(fused=dict(enabled=1)), pytest.raises(ValueError, match="chunk_size=16"):
+        mlstm_chunkwise_triton(*xs, chunk_size=32)
+    monkeypatch.setattr(chunkwise_triton_fwd, "interpreting", lambda: False)  # float32 as on a GPU
+    with launch_overrides(fused=dict(enabled=1)), pytest.raises(ValueError, match="half-precision inputs"):
+        mlstm_chunkwise_triton(*xs, chunk_size=16)
+
+
+def test_the_backward_runs_with_the_forwards_launch_settings(monkeypatch):
+    """On CUDA autograd runs the backward on a device thread, outside the caller's launch_overrides
+    block: the forward's settings travel with the saved tensors (here: backward after the block)."""
+    seen = []
+    original = chunkwise_triton_bwd.launch_config
+    monkeypatch.setattr(chunkwise_triton_bwd, "launch_config", lambda *args: seen.append(original(*args)) or seen[-1])
+    xs, _ = make_inputs(1, 2, 40, 32, 32)
+    xs = [x.requires_grad_() for x in xs]
+    with launch_overrides(dqk=dict(BK=16)):
+        h, _ = mlstm_chunkwise_triton(*xs, chunk_size=16)
+    assert launch_config(xs[0], xs[2], 16)["dqk"]["BK"] == 32  # the default, outside the block
+    h.sum().backward()
+    assert [cfg["dqk"]["BK"] for cfg in seen] == [16]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -342,12 +396,9 @@ def test_step_dispatch_keeps_state_unless_in_place():
     assert rel_err(h_i, h_c) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(state, s_c))
 
 
-def test_benchmark_dry_run(tmp_path):
+def test_benchmark_dry_run(tmp_path, monkeypatch):
     """The GPU benchmark script parses its arguments and runs end to end on tiny CPU shapes."""
-    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "benchmarks" / "kernels.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    report = bench.main(["--dry-run", "--profile", "--out", str(tmp_path)])
+    report = load_script("kernels", monkeypatch).main(["--dry-run", "--profile", "--out", str(tmp_path)])
     assert (tmp_path / "kernels-dry-run.json").exists()
     assert {r["kernel"] for r in report["rows"]} == {"chunkwise", "step", "profile"}
     assert all(r["kernels"] and r["total_us"] > 0 for r in report["rows"] if r["kernel"] == "profile")
