@@ -175,7 +175,7 @@ def roofline_line(rep: dict, NH: int, DK: int, DV: int) -> str:
     except ImportError as e:
         return f"  roofline: not available ({e})"
     L = rep["chunk_size"]
-    built = next((d for d in kr.DESIGNS if d.name.startswith("as built") and d.L == L), None)
+    built = next((d for d in kr.DESIGNS if d.name.startswith("as built") and d.L == L and not d.fused_forward), None)
     if built is None:
         return f"  roofline: kernel_resources.py has no as-built design for chunk {L}"
     model = kr.roofline(kr.Shape(T=rep["tokens"], NH=NH, DK=DK, DV=DV), built)
