@@ -228,7 +228,7 @@ def _fused_fwd_kernel(
     rows = tl.arange(0, L)
     mk, mv = offs_k < DK, (cols < BV) & (offs_v < DV)
     is_hi, is_lo = (cols == BV)[None, :], (cols == BV + 1)[None, :]
-    two = tl.arange(0, 16)[None, :]  # columns of the [BK, 16] tile that brings n to q
+    n_col = tl.arange(0, 16)[None, :]  # the columns of the [BK, 16] tile that brings n to q
     X = tl.load(C0 + i_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
     X += tl.where(is_hi, tl.load(N0 + i_bh * DK + offs_k, mask=mk, other=0.0)[:, None], 0.0)
     m = tl.load(M0 + i_bh)
@@ -250,7 +250,7 @@ def _fused_fwd_kernel(
         q_c = tl.dot(q, X.to(DT), input_precision=PREC)
         n = tl.sum(tl.where(is_hi | is_lo, X, 0.0), 1)[:, None]
         n_hi = n.to(DT).to(tl.float32)
-        n_cols = tl.where(two == 0, n_hi, tl.where(two == 1, n - n_hi, 0.0))
+        n_cols = tl.where(n_col == 0, n_hi, tl.where(n_col == 1, n - n_hi, 0.0))
         q_n = tl.sum(tl.dot(q, n_cols.to(DT), input_precision=PREC), 1)
         m_new = tl.maximum(g + m, tl.maximum(tl.max(a, 0), virt_last))
         w = tl.exp(a - m_new)[:, None]  # [L, 1] weight of each token in the chunk-end state
