@@ -145,15 +145,36 @@ def test_zero_new_tokens_runs_the_prompt_only(model):
         (dict(eos_token_id=512), "eos_token_id"),
         (dict(state="zeros2"), "batch size 1"),
         (dict(cuda_graph=True), "CUDA device"),
+        (dict(state_dtype=torch.float16), "state_dtype"),
+        (dict(state_dtype=torch.bfloat16, draft="self"), "float32 states"),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )
 def test_bad_input_errors(model, kwargs, match):
     if kwargs.get("state") == "zeros2":
         kwargs["state"] = State.zeros(model.config, 2)
+    if kwargs.get("draft") == "self":
+        kwargs["draft"] = model
     args = dict(input_ids=[[3, 4]], max_new_tokens=2) | kwargs
     with pytest.raises(ValueError, match=match):
         generate(model, args.pop("input_ids"), **args)
+
+
+def test_bfloat16_state(model):
+    """C and n decode in bfloat16, m in float32; the prompt runs in float32, so the first token is
+    float32's; random weights' near-tied logits let later greedy tokens differ (a broken state
+    would agree on about 1 token in 512); the returned state continues."""
+    ids = prompt(30, seed=5)
+    exact = generate(model, [ids], max_new_tokens=24)
+    out = generate(model, [ids], max_new_tokens=24, state_dtype=torch.bfloat16)
+    assert [(C.dtype, n.dtype, m.dtype) for C, n, m in out.state] == [(torch.bfloat16, torch.bfloat16, torch.float32)] * 2
+    assert out.state.nbytes < 0.51 * exact.state.nbytes
+    assert out.tokens[0, 0] == exact.tokens[0, 0]
+    assert (out.tokens == exact.tokens).float().mean() > 0.5
+    before = out.state.clone()
+    more = generate(model, out.tokens[:, -1:], max_new_tokens=4, state=out.state, state_dtype=torch.bfloat16)
+    assert more.state[0][0].dtype == torch.bfloat16 and more.tokens.shape == (1, 4)
+    assert all(torch.equal(a, b) for x, y in zip(out.state, before) for a, b in zip(x, y))  # not modified
 
 
 def test_float_ids_are_rejected(model):
@@ -286,7 +307,8 @@ def test_compiled_decoding_equals_eager():
 @pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
 def test_cuda_graph_decoding_equals_eager(compile):
     """The step replayed from a CUDA graph (with compile=True: inductor's step, captured) gives the
-    eager step's tokens and state (ragged prompts, EOS), a draft's steps too, and seeded sampling repeats."""
+    eager step's tokens and state (ragged prompts, EOS; a bfloat16 state too), a draft's steps too,
+    and seeded sampling repeats."""
     cuda_model = random_model(ModelConfig.from_preset("debug")).cuda()
     prompts = [prompt(5, 15), prompt(30, 16), []]
     kw = dict(max_new_tokens=20, eos_token_id=7)
@@ -296,6 +318,9 @@ def test_cuda_graph_decoding_equals_eager(compile):
     assert_states_close(graphed.state, eager.state, 1e-4 if compile else 1e-5)
     sampled = [generate(cuda_model, prompts, temperature=1.0, top_k=20, seed=5, compile=compile, **kw).tokens for _ in range(2)]
     assert torch.equal(*sampled)
+    if not compile:  # with a bfloat16 state too (the compiled step may round the bfloat16 update otherwise)
+        half = [generate(cuda_model, prompts, cuda_graph=g, state_dtype=torch.bfloat16, **kw) for g in (True, False)]
+        assert torch.equal(half[0].tokens, half[1].tokens) and half[0].state[0][0].dtype == torch.bfloat16
     if compile:
         speculative = generate(cuda_model, prompts, compile=True, draft=cuda_model, speculate_k=3, **kw)
         assert torch.equal(speculative.tokens, eager.tokens)

@@ -60,15 +60,14 @@ def _check_integer(ids: torch.Tensor) -> None:
         raise TypeError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
 
 
-def decoding_state(state: State | None, config, B: int, device) -> State:
-    """The state decoding writes into in place (contiguous float32, as the fused step kernel
-    needs): the empty one, or a copy of the given one, which is never modified."""
+def decoding_state(state: State | None, config, B: int, device, dtype: torch.dtype = torch.float32) -> State:
+    """The state decoding writes into in place (contiguous; C and n in `dtype`, m in float32, as the
+    fused step kernel takes them): the empty one, or a copy of the given one, which is never modified."""
     if state is not None and (not isinstance(state, State) or state.batch_size != B or len(state) != config.num_blocks):
         raise ValueError(f"state must be a State with {config.num_blocks} layers and batch size {B} (one row per prompt)")
     if state is None:
-        return State.zeros(config, B, device=device)
-    fresh = dict(device=device, dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
-    return State([tuple(t.to(**fresh) for t in layer) for layer in state])
+        return State.zeros(config, B, device=device, dtype=dtype).stored_as(dtype)
+    return state.to(device=device).stored_as(dtype, copy=True)
 
 
 def prefill(model: XLSTM, ids: torch.Tensor, mask: torch.Tensor | None, state: State, chunk: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ from .decode import batch_prompts, check_finite, decoding_state, prefill, step_r
 from .model import XLSTM
 from .sampling import sample
 from .speculative import speculative_decode
-from .state import State
+from .state import STORAGE_DTYPES, State
 from .streaming import end_stream, stream
 
 SYNC_EVERY = 32
@@ -105,6 +105,7 @@ def generate(
     draft: XLSTM | None = None,
     speculate_k: int = 4,
     draft_state: State | None = None,
+    state_dtype: torch.dtype = torch.float32,
 ) -> GenerateOutput:
     """Generates `max_new_tokens` tokens after each prompt; returns `(tokens, state)` with `.lengths`.
 
@@ -133,6 +134,11 @@ def generate(
     speculate_k: draft tokens per block (>= 1).
     draft_state: the draft's State to continue from, with `state` (e.g. a previous `.draft_state`);
         default: the empty state (the output is still exact, the draft only proposes worse).
+    state_dtype: what the decoding state keeps C and n in: float32 (exact), or torch.bfloat16, which
+        halves the state's memory and the traffic of a decoding step at large batch (the state's
+        update is computed in float32 and rounded each step, so greedy tokens drift from float32's
+        where logits are near-tied; the prompt itself runs in float32). The returned state has it.
+        Speculative decoding keeps float32.
     """
     if not isinstance(model, XLSTM):
         raise TypeError(f"model must be an xlstm7b.XLSTM, got {type(model).__name__}")
@@ -143,7 +149,12 @@ def generate(
     device = model.lm_head.weight.device
     ids, mask = batch_prompts(input_ids, config, device)
     B = ids.shape[0]
-    state = decoding_state(state, config, B, device)
+    if state_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}")
+    if draft is not None and state_dtype != torch.float32:
+        raise ValueError("speculative decoding keeps float32 states (its rollback re-advances them): "
+                         "leave state_dtype at torch.float32 with a draft")
+    state = decoding_state(state, config, B, device, state_dtype)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     use_graph = device.type == "cuda" and (compile or max_new_tokens >= GRAPH_MIN_TOKENS) if cuda_graph is None else cuda_graph
     if use_graph and device.type != "cuda":

@@ -49,11 +49,6 @@ RATE_WINDOW_S = 10.0
 """Generated tokens per second are reported over this trailing window."""
 
 
-def slot_layout(state: State, dtype: torch.dtype) -> State:
-    """`state` as the slots hold it: C and n in `dtype`, m in float32."""
-    return State([(C.to(dtype), n.to(dtype), m.float()) for C, n, m in state])
-
-
 class Overloaded(RuntimeError):
     """The queue of waiting requests is full; the client should retry later."""
 
@@ -204,7 +199,7 @@ class Engine:
         mc = model.config
         self.piece = max(mc.chunk_size, self.config.prefill_chunk // mc.chunk_size * mc.chunk_size)
         N = self.config.max_batch
-        self.pool = slot_layout(State.zeros(mc, N, device=self.device), self.config.state_dtype)
+        self.pool = State.zeros(mc, N, device=self.device, dtype=self.config.state_dtype).stored_as(self.config.state_dtype)
         self.cache = PrefixCache(self.config.prefix_cache_bytes)
         self.use_graph = self.device.type == "cuda" if self.config.cuda_graph is None else self.config.cuda_graph
         self.buckets = sorted({min(N, 1 << k) for k in range(N.bit_length() + 1)})
@@ -399,7 +394,7 @@ class Engine:
             # The state at a piece boundary: what a later prompt with this prefix starts from.
             length, key = request.keys[request.cursor // self.piece - 1] if request.keys else (0, None)
             if length == request.cursor and key not in self.cache:
-                self.cache.insert(key, slot_layout(new.select([b]), self.config.state_dtype))
+                self.cache.insert(key, new.select([b]).stored_as(self.config.state_dtype))
         if not done:
             return
         # Only the requests whose prompt ended here sample (and draw from their generators).
