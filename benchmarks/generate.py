@@ -40,8 +40,9 @@ from profiling import profile_kernels  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def build(preset: str, device: str, dtype: torch.dtype, official: bool, seed: int = 0):
-    """Our model and, if asked, the official xLSTMLarge (in its fused layout, ours) sharing its weights."""
+def build(preset: str, device: str, dtype: torch.dtype, official: bool, state_dtype: str = "float32", seed: int = 0):
+    """Our model and, if asked, the official xLSTMLarge (in its fused layout, ours) sharing its weights
+    and decoding with its state in `state_dtype`, as ours does."""
     config = ModelConfig.from_preset(preset)
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -65,7 +66,7 @@ def build(preset: str, device: str, dtype: torch.dtype, official: bool, seed: in
         qk_dim_factor=c.qk_dim_factor, v_dim_factor=c.v_dim_factor, ffn_proj_factor=c.ffn_proj_factor,
         ffn_round_up_to_multiple_of=c.ffn_round_up_to_multiple_of, gate_soft_cap=c.gate_soft_cap,
         output_logit_soft_cap=c.output_logit_soft_cap, chunk_size=c.chunk_size, weight_mode="fused",
-        mode="inference", return_last_states=True, inference_state_dtype="float32",
+        mode="inference", return_last_states=True, inference_state_dtype=state_dtype,
         autocast_kernel_dtype="bfloat16" if dtype == torch.bfloat16 else "float32", **kernels,
     )
     with torch.device("meta"):
@@ -82,11 +83,13 @@ def build(preset: str, device: str, dtype: torch.dtype, official: bool, seed: in
     return ours, theirs.eval()
 
 
-def run_fn(impl: str, model, ids: torch.Tensor, n: int, graph: bool | None = None):
+def run_fn(impl: str, model, ids: torch.Tensor, n: int, graph: bool | None = None, state_dtype: str = "float32"):
     """One greedy generation of n tokens per row; returns the tokens. graph: ours with or without the
-    CUDA graph (None: generate's default, which steps eagerly for fewer than GRAPH_MIN_TOKENS tokens)."""
+    CUDA graph (None: generate's default, which steps eagerly for fewer than GRAPH_MIN_TOKENS tokens).
+    state_dtype: ours decodes with C and n in it (the official model's is set by `build`)."""
     if impl in ("ours", "compiled"):
-        return generate(model, ids, max_new_tokens=n, compile=impl == "compiled", cuda_graph=graph).tokens
+        return generate(model, ids, max_new_tokens=n, compile=impl == "compiled", cuda_graph=graph,
+                        state_dtype=DTYPES[state_dtype]).tokens
     with torch.no_grad():
         return model.generate(ids, max_length=n)[0]
 
@@ -126,17 +129,17 @@ def bench_speed(models: dict, args, config: ModelConfig, device, rows: list[dict
         for impl, model in models.items():
             if impl == "compiled":
                 t0 = time.perf_counter()
-                run_fn(impl, model, ids, 1)
+                run_fn(impl, model, ids, 1, state_dtype=args.state_dtype)
                 first = time.perf_counter() - t0
-                compile_s = first - best_time(lambda: run_fn(impl, model, ids, 1), args.repeats)
+                compile_s = first - best_time(lambda: run_fn(impl, model, ids, 1, state_dtype=args.state_dtype), args.repeats)
                 rows.append(dict(impl=impl, metric="compile", batch=B, seconds=compile_s))
                 print(f"compile  {impl:<8} batch {B:>3}: {compile_s:9.1f} s (once per model, batch size and weights)", flush=True)
             # Both calls decode the same way (on CUDA from a graph, captured in each), so the difference is
             # decoding alone.
             graph = True if device.startswith("cuda") else None
             try:
-                t1 = best_time(lambda: run_fn(impl, model, ids, 1, graph), args.repeats)
-                tn = best_time(lambda: run_fn(impl, model, ids, args.decode_tokens, graph), args.repeats)
+                t1 = best_time(lambda: run_fn(impl, model, ids, 1, graph, args.state_dtype), args.repeats)
+                tn = best_time(lambda: run_fn(impl, model, ids, args.decode_tokens, graph, args.state_dtype), args.repeats)
             except torch.OutOfMemoryError:  # the recurrent state grows with the batch: keep the other rows
                 print(f"decode   {impl:<8} batch {B:>3}: out of memory", flush=True)
                 rows.append(dict(impl=impl, metric="decode", batch=B, error="out of memory"))
@@ -153,7 +156,7 @@ def bench_speed(models: dict, args, config: ModelConfig, device, rows: list[dict
                 continue  # the same prefill as "ours"
             try:
                 repeats = 1 if S > 8192 else args.repeats
-                ttft = best_time(lambda: run_fn(impl, model, ids, 1), repeats)
+                ttft = best_time(lambda: run_fn(impl, model, ids, 1, state_dtype=args.state_dtype), repeats)
                 forward = best_time(lambda: forward_fn(impl, model, ids), repeats)
             except torch.OutOfMemoryError:
                 print(f"prefill  {impl:<8} {S:>6} tokens: out of memory", flush=True)
@@ -176,7 +179,7 @@ def bench_profile(models: dict, args, config: ModelConfig, device, rows: list[di
     token = torch.ones(1, dtype=torch.long, device=device)
 
     def decode_step(impl: str, graph: bool):
-        state = decoding_state(None, config, 1, device)
+        state = decoding_state(None, config, 1, device, DTYPES[args.state_dtype])
         step = step_runner(models[impl], state, cuda_graph=graph, compile=impl == "compiled")
         return lambda: step(token)
 
@@ -205,22 +208,22 @@ def memory_child(impl: str, n: int, args) -> dict:
     use before (the model, and buffers kept from a warm-up run). CUDA: the allocator's peak; CPU: the
     process's peak RSS, reset through /proc/self/clear_refs after the warm-up."""
     device = args.device
-    ours, theirs = build(args.preset, device, DTYPES[args.dtype], official=impl == "official")
+    ours, theirs = build(args.preset, device, DTYPES[args.dtype], official=impl == "official", state_dtype=args.state_dtype)
     model = theirs if impl == "official" else ours
     ids = prompt(1, 16, ours.config, device)
-    run_fn(impl, model, ids, 2)  # warm-up: kernels compiled, caches filled
+    run_fn(impl, model, ids, 2, state_dtype=args.state_dtype)  # warm-up: kernels compiled, caches filled
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run_fn(impl, model, ids, n)
+        run_fn(impl, model, ids, n, state_dtype=args.state_dtype)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         return dict(peak_bytes=peak, peak_extra_bytes=peak - base)
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM)
     base = proc_status_bytes("VmRSS")
-    run_fn(impl, model, ids, n)
+    run_fn(impl, model, ids, n, state_dtype=args.state_dtype)
     peak = proc_status_bytes("VmHWM")
     return dict(peak_bytes=peak, peak_extra_bytes=peak - base)
 
@@ -237,7 +240,7 @@ def bench_memory(impls: list[str], args) -> list[dict]:
     for n in args.memory_tokens:
         for impl in impls:
             cmd = [sys.executable, __file__, "--memory-child", impl, str(n), "--device", args.device,
-                   "--preset", args.preset, "--dtype", args.dtype]
+                   "--preset", args.preset, "--dtype", args.dtype, "--state-dtype", args.state_dtype]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"memory   {impl:<8} {n:>6} tokens: failed\n{done.stderr[-2000:]}", flush=True)
@@ -287,6 +290,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--preset", help="model shape (default: toy on CPU, 7b on CUDA)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--state-dtype", choices=list(DTYPES), default="float32",
+                   help="what both models keep the decoding state's C and n in (generate's state_dtype)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--decode-tokens", type=int, help="tokens per decode measurement (default: 32 CPU, 256 CUDA)")
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[2048, 8192, 16384, 65536])
@@ -316,7 +321,7 @@ def main() -> None:
         print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), args)))
         return
 
-    ours, theirs = build(args.preset, args.device, DTYPES[args.dtype], official=not args.no_official)
+    ours, theirs = build(args.preset, args.device, DTYPES[args.dtype], official=not args.no_official, state_dtype=args.state_dtype)
     ours_impls = ["ours"] + ([] if args.no_compiled else ["compiled"])
     models = {impl: ours for impl in ours_impls} | ({} if theirs is None else {"official": theirs})
     vocab = ours.config.vocab_size
@@ -326,7 +331,7 @@ def main() -> None:
     agree = logits_diff = None
     if theirs is not None:  # the same weights must give the same logits and (unless near-tied) greedy tokens
         ids = prompt(2, 24, c, args.device)
-        agree = bool(torch.equal(run_fn("ours", ours, ids, 16), run_fn("official", theirs, ids, 16)))
+        agree = bool(torch.equal(run_fn("ours", ours, ids, 16, state_dtype=args.state_dtype), run_fn("official", theirs, ids, 16)))
         mine, ref = forward_fn("ours", ours, ids).double(), forward_fn("official", theirs, ids).double()
         logits_diff = ((mine - ref).norm() / ref.norm()).item()
         print(f"same greedy tokens as the official model: {agree}; last logits' relative difference {logits_diff:.2e}",
@@ -351,7 +356,7 @@ def main() -> None:
         triton=_version("triton"),
         xlstm=None if args.no_official else _version("xlstm"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        preset=args.preset, model=model_shape, dtype=args.dtype, threads=args.threads, repeats=args.repeats,
+        preset=args.preset, model=model_shape, dtype=args.dtype, state_dtype=args.state_dtype, threads=args.threads, repeats=args.repeats,
         same_greedy_tokens=agree, logits_rel_diff=logits_diff, interrupted=interrupted, rows=rows,
     )
     args.out.mkdir(parents=True, exist_ok=True)
