@@ -299,6 +299,12 @@ def test_state_helpers():
     assert state.nbytes == 2 * 4 * 2 * (16 * 32 + 16 + 1) * 4
     with pytest.raises(ValueError, match="rows must be"):
         state.select([4])
+    half = state.stored_as(torch.bfloat16)
+    assert [tuple(t.dtype for t in layer) for layer in half] == [(torch.bfloat16, torch.bfloat16, torch.float32)] * 2
+    assert torch.equal(half[1][0].float(), state[1][0]) and half[1][2] is state[1][2]  # m as it was, not copied
+    assert state.stored_as(torch.float32)[0][0] is state[0][0] and state.stored_as(torch.float32, copy=True)[0][0] is not state[0][0]
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        state.stored_as(torch.float16)
 
 
 @pytest.mark.parametrize(
