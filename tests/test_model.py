@@ -303,7 +303,7 @@ def test_state_helpers():
     assert [tuple(t.dtype for t in layer) for layer in half] == [(torch.bfloat16, torch.bfloat16, torch.float32)] * 2
     assert torch.equal(half[1][0].float(), state[1][0]) and half[1][2] is state[1][2]  # m as it was, not copied
     assert state.stored_as(torch.float32)[0][0] is state[0][0] and state.stored_as(torch.float32, copy=True)[0][0] is not state[0][0]
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
+    with pytest.raises(ValueError, match="state_dtype must be"):
         state.stored_as(torch.float16)
 
 

@@ -44,7 +44,7 @@ from .decode import batch_prompts, check_finite, decoding_state, prefill, step_r
 from .model import XLSTM
 from .sampling import sample
 from .speculative import speculative_decode
-from .state import STORAGE_DTYPES, State
+from .state import State
 from .streaming import end_stream, stream
 
 SYNC_EVERY = 32
@@ -149,8 +149,6 @@ def generate(
     device = model.lm_head.weight.device
     ids, mask = batch_prompts(input_ids, config, device)
     B = ids.shape[0]
-    if state_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype!r}")
     if draft is not None and state_dtype != torch.float32:
         raise ValueError("speculative decoding keeps float32 states (its rollback re-advances them): "
                          "leave state_dtype at torch.float32 with a draft")

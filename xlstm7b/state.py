@@ -71,7 +71,7 @@ class State:
         in float32 (a log-space stabilizer: bfloat16 would shift every weight), all contiguous; the
         same tensors where nothing changes, unless `copy`."""
         if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"a state stores C and n in float32 or bfloat16, not {dtype}")
+            raise ValueError(f"state_dtype must be torch.float32 or torch.bfloat16 (what a state keeps C and n in), got {dtype}")
         fmt = dict(memory_format=torch.contiguous_format, copy=copy)
         return State([(C.to(dtype=dtype, **fmt), n.to(dtype=dtype, **fmt), m.to(dtype=torch.float32, **fmt))
                       for C, n, m in self.layers])

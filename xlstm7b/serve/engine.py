@@ -38,13 +38,14 @@ import torch
 from ..decode import step_runner
 from ..model import XLSTM
 from ..sampling import sample
-from ..state import State
+from ..state import STORAGE_DTYPES, State
 from ..streaming import TextStreamer
 from .prefix_cache import PrefixCache, prefix_keys
 
 log = logging.getLogger(__name__)
 
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STATE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in STORAGE_DTYPES}
+"""The slots' state dtypes (State.stored_as), by name."""
 RATE_WINDOW_S = 10.0
 """Generated tokens per second are reported over this trailing window."""
 
