@@ -139,7 +139,7 @@ def test_zero_new_tokens_runs_the_prompt_only(model):
         (dict(input_ids=[]), "empty list"),
         (dict(max_new_tokens=-1), "max_new_tokens"),
         (dict(temperature=-0.5), "temperature"),
-        (dict(top_k=5), "temperature > 0"),
+        (dict(presence_penalty=3.0), "presence_penalty"),
         (dict(temperature=1.0, top_p=0.0), "top_p"),
         (dict(temperature=1.0, top_k=0), "top_k"),
         (dict(eos_token_id=512), "eos_token_id"),

@@ -16,8 +16,9 @@ from tokenizers import Tokenizer
 
 from .pretrained import CheckpointError, check_device, from_pretrained, read_config
 from .config import ModelConfig, preset_names, preset_path
-from .generate import check_sampling, generate
+from .generate import check_decoding, generate
 from .model import XLSTM
+from .sampling import SamplingError, SamplingParams
 from .state import State
 from .streaming import TextStreamer
 
@@ -131,11 +132,15 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--prompt", required=True, help="prompt text ('' starts from the BOS token alone)")
     p.add_argument("--tokenizer", help="tokenizer.json to use (default: the one in the checkpoint folder)")
     p.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=128)
-    p.add_argument("--temperature", type=number(float, 0, what="a finite number >= 0"), default=0.0,
-                   help="0 is greedy decoding (the default)")
-    p.add_argument("--top-k", type=POSITIVE_INT)
-    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True, what="a number in (0, 1]"))
-    p.add_argument("--seed", type=number(int, 0, 2**64 - 1, what="an integer in [0, 2**64)"))
+    # The sampling options are checked by SamplingParams, as generate() and the server check them.
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (the default)")
+    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (-1: no limit)")
+    p.add_argument("--top-p", type=float, help="sample in the nucleus of probability P, in (0, 1]")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below P times the most likely one's probability")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], as in OpenAI's API")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], as in OpenAI's API")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0, as in vLLM and Hugging Face (1: none)")
+    p.add_argument("--seed", type=int, help="an integer in [0, 2**64): reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop at this string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -196,7 +201,8 @@ def run_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"--draft {args.draft} has vocab_size={draft_config.vocab_size}, the model "
                              f"{config.vocab_size}: a draft must share the model's tokenizer")
     eos_token_id = None if args.ignore_eos else config.eos_token_id
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos_token_id, args.seed, 1, config.vocab_size)
+    sampling = sampling_options(args, config.vocab_size)
+    check_decoding(args.max_new_tokens, eos_token_id, 1, config.vocab_size)
 
     model = from_pretrained(args.checkpoint, device=device, dtype=dtype)
     draft = None
@@ -213,8 +219,7 @@ def run_generate(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     out = generate(
-        model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, eos_token_id=eos_token_id, streamer=streamer, draft=draft,
+        model, [ids], max_new_tokens=args.max_new_tokens, **sampling, eos_token_id=eos_token_id, streamer=streamer, draft=draft,
         speculate_k=args.speculate_k, compile=args.compile,
     )
     dt = time.perf_counter() - t0
@@ -224,6 +229,18 @@ def run_generate(args: argparse.Namespace) -> int:
     spec = "" if out.stats is None else f", draft acceptance {out.stats['acceptance_rate']:.2f} at K={args.speculate_k}"
     print(f"[{len(ids)} prompt + {n} generated tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {device}{spec}]", file=sys.stderr)
     return 0
+
+
+def sampling_options(args: argparse.Namespace, vocab_size: int) -> dict:
+    """generate()'s sampling arguments from the options, checked by SamplingParams; a ValueError
+    naming the option at fault."""
+    names = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed")
+    options = {name: getattr(args, name) for name in names}
+    try:
+        SamplingParams(**options).validate(vocab_size)
+    except SamplingError as e:
+        raise ValueError(f"--{e.name.replace('_', '-')}: must be {e.requirement}, got {e.value!r}") from None
+    return options
 
 
 def checkpoint_folder(path: str, option: str) -> Path:

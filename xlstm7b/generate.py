@@ -34,7 +34,6 @@ that committed fewer); a stop request drops the rest of the block.
 """
 
 import functools
-import math
 import numbers
 from collections.abc import Sequence
 
@@ -42,7 +41,7 @@ import torch
 
 from .decode import batch_prompts, check_finite, decoding_state, prefill, step_runner, token_buffer
 from .model import XLSTM
-from .sampling import sample
+from .sampling import LogitsProcessor, SamplingParams, sample
 from .speculative import speculative_decode
 from .state import State
 from .streaming import end_stream, stream
@@ -95,13 +94,18 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float = 0.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
+    logit_bias: dict[int, float] | None = None,
     eos_token_id: int | None = None,
     seed: int | None = None,
     state: State | None = None,
     streamer=None,
     prefill_chunk_size: int = 8192,
     cuda_graph: bool | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     draft: XLSTM | None = None,
     speculate_k: int = 4,
     draft_state: State | None = None,
@@ -113,8 +117,11 @@ def generate(
         lengths (a ragged batch). An empty prompt is replaced by the BOS token (a document start).
     max_new_tokens: tokens to generate per row; 0 only runs the prompt into the state.
     temperature: 0 is greedy (argmax); > 0 samples from softmax(logits / temperature).
-    top_k: sample among the k most likely tokens only. top_p: among the smallest set of most likely
-        tokens whose probability reaches p (nucleus sampling). Both need temperature > 0.
+    top_k, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty, logit_bias: as in
+        `SamplingParams` (sampling.py), which checks them all, with OpenAI's and vLLM's meanings and
+        order; top_k, top_p and min_p only change a sampled draw (temperature > 0), the penalties and
+        logit_bias the greedy choice too. The repetition penalty covers this call's prompt and output
+        (not the text behind a `state` passed in). With a draft, only temperature, top_k and top_p.
     eos_token_id: a row that produces it stops (the EOS is kept, the rest is the pad id). None (the
         default) never stops early; pass `model.config.eos_token_id` to stop at the model's EOS.
     seed: seeds a private generator, so sampled output is reproducible; None uses torch's global RNG.
@@ -123,11 +130,13 @@ def generate(
     prefill_chunk_size: prompt positions run at once during prefill; bounds prefill memory.
     cuda_graph: capture the decode step in a CUDA graph; default: on CUDA devices, for at least
         GRAPH_MIN_TOKENS new tokens (a capture costs more than a few eager steps) or with compile.
-    compile: compile the decode step (and the draft's) with torch.compile; worth it for long
-        generations. On CPU: inductor's C++ code with the weights frozen in (`decode.CompiledStep`);
-        the first call for a model, batch size and set of weights compiles (seconds to a minute),
-        later calls reuse it. On CUDA: the step's small kernels fused, captured in the CUDA graph
-        (`decode.CUDAGraphStep`); compiled once per model, batch size and state dtype.
+    compile: compile the decode step (and the draft's) with torch.compile; None (the default):
+        wherever the step is captured in a CUDA graph. On CPU: inductor's C++ code with the weights
+        frozen in (`decode.CompiledStep`); the first call for a model, batch size and set of
+        weights compiles (seconds to a minute), later calls reuse it. On CUDA: the step's small
+        kernels fused, captured in the CUDA graph (`decode.CUDAGraphStep`); compiled once per
+        model, batch size and state dtype in a process (later processes reuse inductor's cached
+        kernels); if compiling fails, a warning says so and the graph captures the eager step.
     draft: a smaller XLSTM with the same vocabulary, on the same device: speculative decoding (the
         draft proposes `speculate_k` tokens per block, the target verifies them in one pass). The
         output follows the target's distribution exactly; greedy output equals plain greedy output.
@@ -145,7 +154,11 @@ def generate(
     if streamer is not None and not (hasattr(streamer, "put") or callable(streamer)):
         raise TypeError(f"streamer must be a callable or have a put(tokens) method, got {type(streamer).__name__}")
     config = model.config
-    check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, prefill_chunk_size, config.vocab_size)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                            repetition_penalty=repetition_penalty, logit_bias=logit_bias, seed=seed)
+    check_decoding(max_new_tokens, eos_token_id, prefill_chunk_size, config.vocab_size)
+    params.validate(config.vocab_size)
     device = model.lm_head.weight.device
     ids, mask = batch_prompts(input_ids, config, device)
     B = ids.shape[0]
@@ -162,9 +175,13 @@ def generate(
     if compile and device.type == "cuda" and cuda_graph is False:
         raise ValueError("compile=True on CUDA compiles the step that the CUDA graph replays; leave cuda_graph on")
     if draft is not None:
+        if params.processed or params.min_p:
+            raise ValueError("speculative decoding samples with temperature, top_k and top_p only: leave min_p, the "
+                             "penalties and logit_bias at their defaults with a draft")
+        draw = params.draw_args()
         return _generate_speculative(
             model, draft, ids, mask, state, draft_state, max_new_tokens=max_new_tokens, speculate_k=speculate_k,
-            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator,
+            temperature=temperature, top_k=draw["top_k"], top_p=draw["top_p"], eos_token_id=eos_token_id, generator=generator,
             streamer=streamer, prefill_chunk_size=prefill_chunk_size, use_graph=use_graph, compile=compile,
         )
     if draft_state is not None:
@@ -181,15 +198,19 @@ def generate(
         # Only rows that can finish need the mask; without EOS every step runs unmasked.
         finished = torch.zeros(B, dtype=torch.bool, device=device) if eos_token_id is not None else None
         step = step_runner(model, state, cuda_graph=use_graph and max_new_tokens > 0, compile=compile and max_new_tokens > 0)
+        processor = LogitsProcessor(params, config.vocab_size, ids, mask) if params.processed else None
+        draw = params.draw_args()
         # A streamer syncs every token anyway: check every token then, before the next one is streamed.
         sync_every = 1 if device.type == "cpu" or streamer is not None else SYNC_EVERY
         for t in range(max_new_tokens):
-            token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            token = sample(logits if processor is None else processor(logits), **draw, generator=generator)
             active = None
             if finished is not None:
                 active = ~finished
                 token = token.masked_fill(finished, config.pad_token_id)
                 finished = finished | (token == eos_token_id)
+            if processor is not None:
+                processor.update(token, active)
             tokens[:, t] = token
             # The step is launched before the streamer's sync, so the device works meanwhile; it
             # also feeds the last token, so the state covers everything that was generated.
@@ -233,21 +254,12 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, seed, prefill_chunk_size, vocab_size) -> None:
-    """A ValueError naming the first of `generate`'s arguments that is of the wrong type or out of range."""
+def check_decoding(max_new_tokens, eos_token_id, prefill_chunk_size, vocab_size) -> None:
+    """A ValueError naming max_new_tokens, eos_token_id or prefill_chunk_size when it is of the wrong
+    type or out of range (the sampling arguments are SamplingParams.validate's)."""
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool) or not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, numbers.Real) or isinstance(top_p, bool) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
-    if temperature == 0 and (top_k is not None or top_p is not None):
-        raise ValueError("top_k and top_p apply to sampling; set temperature > 0 (temperature 0 is greedy)")
     if eos_token_id is not None and (not _is_int(eos_token_id) or not 0 <= eos_token_id < vocab_size):
         raise ValueError(f"eos_token_id must be a token id in the vocabulary [0, {vocab_size}) or None, got {eos_token_id!r}")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**64):
-        raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {seed!r}")
     if not _is_int(prefill_chunk_size) or prefill_chunk_size < 1:
         raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")
