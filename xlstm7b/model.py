@@ -210,15 +210,17 @@ class XLSTM(nn.Module):
         nn.init.normal_(self.backbone.embeddings.weight, std=small)
         if not c.tie_word_embeddings:
             nn.init.normal_(self.lm_head.weight, std=small)
-        i_bias = torch.full((c.num_heads,), -10.0)
-        f_bias = torch.linspace(3.0, 6.0, c.num_heads)
         for block in self.backbone.blocks:
             layer, ffn = block.mlstm_layer, block.ffn
             w = layer.qkv_opreact.weight  # rows [q | k | v | o]
             nn.init.normal_(w[: 2 * c.qk_dim + c.v_dim], std=small)
             w[2 * c.qk_dim + c.v_dim :].zero_()
             layer.ifgate_preact.weight.zero_()
-            layer.ifgate_preact.bias.copy_(torch.cat([i_bias, f_bias]))
+            # On the bias's device, stated: after transformers has loaded a model, a `torch.device(...)`
+            # context no longer places torch.linspace (for the rest of the process).
+            bias = layer.ifgate_preact.bias
+            i_bias = torch.full((c.num_heads,), -10.0, device=bias.device)
+            layer.ifgate_preact.bias.copy_(torch.cat([i_bias, torch.linspace(3.0, 6.0, c.num_heads, device=bias.device)]))
             nn.init.normal_(ffn.proj_up_gate_z.weight, std=small)
             nn.init.normal_(layer.out_proj.weight, std=wang)
             nn.init.normal_(ffn.proj_down.weight, std=wang)
