@@ -4,6 +4,7 @@ state stays float32), with results close to the float32 model's. Greedy tokens o
 a low precision need not equal float32's, so the tests check what is true: it runs, the values are
 finite and close."""
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from conftest import prompt, random_model, rel_err
 from xlstm7b import ModelConfig, from_pretrained, generate
 from xlstm7b.cli import main
 from xlstm7b.kernels import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent, mlstm_step
+from xlstm7b.train.trainer import sequence_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,3 +123,38 @@ def test_readme_quickstart(tmp_path, monkeypatch):
         logits, _ = bf16(ids)
         tokens, _ = xlstm7b.generate(bf16, ids, max_new_tokens=3)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all() and tokens.shape == (2, 3)
+
+
+class LinearInputs(torch.overrides.TorchFunctionMode):
+    """Records the dtype of every activation given to F.linear (before autocast casts it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 16], ids=["whole-loss", "loss-in-pieces"])
+def test_matrix_products_get_bf16_activations_under_bf16_autocast(model32, loss_chunk):
+    """Training's mixed precision (float32 weights, bf16 autocast, here CPU autocast): every weight
+    product of the model, lm_head included, receives a bf16 activation: none promoted to float32
+    by a float32 norm weight or the float32 residual stream (each would cost a float32 write and a
+    cast per product)."""
+    model = random_model(model32.config)
+    ids = torch.tensor([prompt(33, 0), prompt(33, 1)])
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    with LinearInputs() as seen:
+        nats = sequence_loss(model, model.logits, inputs, targets, inputs == 0,
+                             torch.autocast("cpu", dtype=torch.bfloat16), loss_chunk)
+    per_block = 5  # [q|k|v|o], [i|f], out_proj, [gate|z], down
+    assert len(seen.dtypes) == model.config.num_blocks * per_block + (1 if not loss_chunk else 64 // loss_chunk)
+    assert set(seen.dtypes) == {torch.bfloat16}, seen.dtypes
+    nats.mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        want = sequence_loss(model, model.logits, inputs, targets, inputs == 0, contextlib.nullcontext())
+    assert rel_err(nats.detach(), want) < 2e-2

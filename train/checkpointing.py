@@ -30,7 +30,8 @@ NAME = re.compile(r"^step_(\d{8})$")
 # Config keys a resumed run may change; any other difference is an error.
 RESUMABLE_CHANGES = {
     "train": {"steps", "lr", "min_lr_ratio", "schedule", "warmup_steps", "cooldown_steps", "grad_clip", "micro_batch",
-              "compile", "activation_checkpointing", "loss_chunk_tokens", "threads", "parallel", "cpu_offload"},
+              "compile", "activation_checkpointing", "loss_chunk_tokens", "threads", "parallel", "cpu_offload",
+              "optimizer_impl"},
     "run": {"dir", "sample_tokens", "log_every", "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "export", "wandb_project",
             "wandb_mode", "progress", "gpu_memory_gb"},
     "data": {"cache_dir", "shard_tokens", "accept_changed_corpus"},

@@ -68,7 +68,8 @@ class TrainConfig:
     """Tokens per optimizer step over all ranks; must be a multiple of seq_len * micro_batch * world size.
     Gradient accumulation is derived from it."""
     micro_batch: int = 8
-    """Sequences per rank per forward/backward."""
+    """Sequences per rank per forward/backward; 0 = the largest that fits the device's memory by the
+    plan (`xlstm7b plan` shows it): a divisor of the sequences per rank per step."""
     lr: float = 3e-4
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -98,8 +99,12 @@ class TrainConfig:
     cpu_offload: bool = False
     """Keep parameters, gradients and optimizer state in host memory (FSDP2 CPUOffloadPolicy): the
     7B on one 80 GB GPU."""
+    optimizer_impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
+    """AdamW's implementation: 'fused' (one kernel per parameter group; CUDA), 'foreach' (multi-tensor
+    ops), 'loop' (tensor by tensor), 'auto' = fused where the parameters are on a GPU, foreach
+    elsewhere (CPU, and cpu_offload's host copies). The same update up to float rounding."""
     compile: bool = False
-    """torch.compile each block."""
+    """torch.compile each block (the mLSTM kernels stay single opaque nodes of the graph)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass."""
     loss_chunk_tokens: int = 0
@@ -110,7 +115,8 @@ class TrainConfig:
 
     section: ClassVar[str] = "train"
     bounds: ClassVar[dict] = {
-        **dict.fromkeys(("steps", "seq_len", "global_batch_tokens", "micro_batch", "lr", "eps"), POSITIVE),
+        **dict.fromkeys(("steps", "seq_len", "global_batch_tokens", "lr", "eps"), POSITIVE),
+        "micro_batch": Bound(0, off="0 = the largest that fits"),
         "min_lr_ratio": Bound(0, 1), "warmup_steps": NON_NEGATIVE, "cooldown_steps": NON_NEGATIVE,
         "weight_decay": NON_NEGATIVE, "beta1": Bound(0, 1, hi_open=True), "beta2": Bound(0, 1, hi_open=True),
         "grad_clip": Bound(0, off="0 = off"), "loss_chunk_tokens": Bound(0, off="0 = all at once"),
@@ -195,9 +201,22 @@ class JobConfig:
         if t.global_batch_tokens % t.seq_len:
             raise ValueError(f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of train.seq_len={t.seq_len}")
 
-    def grad_accum(self, world_size: int) -> int:
-        """Micro-batches per rank per step, derived from the global batch."""
+    def sequences_per_rank(self, world_size: int) -> int:
+        """Sequences each rank trains per optimizer step."""
         t = self.train
+        sequences = t.global_batch_tokens // t.seq_len
+        if sequences % world_size:
+            raise ValueError(
+                f"train.global_batch_tokens={t.global_batch_tokens} is {sequences} sequences of {t.seq_len}, not a multiple "
+                f"of the {world_size} process(es); change train.global_batch_tokens or the number of processes")
+        return sequences // world_size
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per rank per step, derived from the global batch (train.micro_batch = 0 must
+        be resolved first: plan.estimate picks it)."""
+        t = self.train
+        if not t.micro_batch:
+            raise ValueError("train.micro_batch = 0 (the largest that fits) is picked by the memory plan before training")
         sequences = t.global_batch_tokens // t.seq_len
         per_micro = t.micro_batch * world_size
         if sequences % per_micro:

@@ -1,6 +1,12 @@
 """AdamW with weight decay on weight matrices only, and the learning-rate schedules.
 
 The schedule is a pure function of the step, so resuming restores it from the step alone.
+
+AdamW's implementation (train.optimizer_impl): 'fused' updates every parameter of a group in one
+kernel (CUDA), 'foreach' in a few multi-tensor ops per group, 'loop' tensor by tensor (about 20
+passes over the float32 parameters and moments per step, and ~10 launches per tensor). 'auto' takes
+fused where the parameters live on a GPU and foreach elsewhere (CPU, or the host copies of
+cpu_offload); all three compute the same update up to float rounding.
 """
 
 import math
@@ -21,9 +27,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def optimizer_impl(requested: str, device_types: set[str]) -> str:
+    """The AdamW implementation `requested`, 'auto' resolved by the device types of the parameters."""
+    if requested != "auto":
+        return requested
+    return "fused" if device_types == {"cuda"} else "foreach"
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW in the implementation cfg.optimizer_impl (`describe` names the one it runs)."""
+    impl = optimizer_impl(cfg.optimizer_impl, {p.device.type for p in model.parameters()})
+    flags = {"fused": True, "foreach": False} if impl == "fused" else {"fused": False, "foreach": impl == "foreach"}
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **flags)
+
+
+def describe(optimizer: torch.optim.Optimizer) -> str:
+    """'AdamW (fused)', 'AdamW (foreach)' or 'AdamW (loop)': the implementation an optimizer runs."""
+    d = optimizer.defaults
+    return f"{type(optimizer).__name__} ({'fused' if d.get('fused') else 'foreach' if d.get('foreach') else 'loop'})"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -108,6 +108,14 @@ def recompute_blocks(model: XLSTM) -> None:
         recompute_in_backward(block)
 
 
+def compile_blocks(model: XLSTM, backend="inductor") -> None:
+    """torch.compile on each block (train.compile): one graph per block, in which each Triton mLSTM
+    kernel (the forward and the backward custom op, with their fake implementations) is a single
+    opaque node; Inductor fuses the norms, gates and elementwise work around them."""
+    for block in model.backbone.blocks:
+        block.compile(backend=backend)
+
+
 def initialize(model: XLSTM, seed: int, init_from: str) -> None:
     """The weights of a materialized (possibly sharded) model: from a saved folder, else drawn from `seed`."""
     if init_from:
@@ -125,8 +133,7 @@ def build_model(config: ModelConfig, cfg: TrainConfig, d: Dist, seed: int, init_
     if cfg.activation_checkpointing:
         recompute_blocks(model)
     if cfg.compile:
-        for block in model.backbone.blocks:
-            block.compile()
+        compile_blocks(model)
     wrapped: nn.Module = model
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh

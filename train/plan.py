@@ -2,17 +2,27 @@
 parallelism, and whether it fits. `xlstm7b plan CONFIG --gpus N` (cli.py) prints it; training checks it first.
 
 The estimate (bytes; P parameters, e the compute dtype's size, T = micro_batch * seq_len tokens):
-    parameters   4P fp32 master weights (/N with FSDP), + two blocks unsharded in the compute dtype (FSDP)
-    gradients    4P fp32 (/N with FSDP)
+    parameters   4P fp32 master weights (/N with FSDP); with FSDP also, unsharded in the compute dtype,
+                 two blocks (the one running and the one prefetched) and the root group (embedding,
+                 out norm, lm_head), which FSDP keeps unsharded for the whole step
+    gradients    4P fp32 (/N with FSDP); with FSDP also the gradients of the largest group (a block or
+                 the root) in flight: unsharded in the compute dtype, reduced to fp32 (/N)
     optimizer    8P (AdamW's two fp32 moments; /N with FSDP)
-    with cpu_offload these three live in host memory and only the unsharded blocks stay on the device
+    with cpu_offload the 16P/N of fp32 state lives in host memory (pinned) and only the unsharded
+    groups and gradients in flight stay on the device; host memory adds 2 GiB for the process itself
+    (CUDA context, libraries, data)
     activations  per block and token: e * (4D + 2Dqk + 4Dv + 3Dff) + fp32 gates and chunk states;
                  with activation checkpointing only each block's input (e * D) plus one block in full;
                  plus the logits: L * V * (e + 8) (fp32 upcast for the loss and its gradient), L = T or
                  train.loss_chunk_tokens when the loss is computed in pieces
     overhead     1 GiB of workspace and allocator slack
+
+train.micro_batch = 0 asks for the largest micro-batch that fits: the largest divisor of the
+sequences each process trains per step whose estimate fits (so gradient accumulation keeps the
+global batch exactly).
 """
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -24,6 +34,8 @@ from .config import JobConfig
 from .parallel import resolve_parallel
 
 GiB = 2**30
+HOST_RUNTIME_GB = 2.0
+"""Host memory of a training process besides offloaded state: CUDA context, libraries, data."""
 
 
 @dataclass
@@ -35,6 +47,9 @@ class Plan:
     capacity_gb: float
     parts_gb: dict[str, float]
     host_gb: float
+    micro_batch: int
+    picked: str = ""
+    """How an automatic micro-batch (train.micro_batch = 0) was chosen; '' when it was given."""
 
     @property
     def total_gb(self) -> float:
@@ -49,13 +64,14 @@ class Plan:
         lines = [
             f"model        {self.params:,} parameters ({self.params / 1e9:.2f} B)",
             f"setup        {self.devices} {self.device_kind}(s), parallel={self.parallel}, cpu_offload={t.cpu_offload}, "
-            f"activation_checkpointing={t.activation_checkpointing}, micro_batch={t.micro_batch} x seq_len={t.seq_len}",
+            f"activation_checkpointing={t.activation_checkpointing}, micro_batch={self.micro_batch} x seq_len={t.seq_len}",
+            *([f"micro_batch  {self.picked}"] if self.picked else []),
             f"per {self.device_kind:<8}",
             *(f"  {k:<12} {v:9.2f} GiB" for k, v in self.parts_gb.items()),
             f"  {'total':<12} {self.total_gb:9.2f} GiB of {self.capacity_gb:.1f} GiB",
+            f"host memory  {self.host_gb:.2f} GiB per process ({'offloaded parameters, gradients and optimizer state + ' if t.cpu_offload else ''}"
+            f"{HOST_RUNTIME_GB:g} GiB for the process)",
         ]
-        if self.host_gb:
-            lines.append(f"host memory  {self.host_gb:.2f} GiB per process for offloaded parameters, gradients and optimizer state")
         lines.append("fits         yes" if self.fits else "fits         NO: " + self.advice(job))
         return "\n".join(lines)
 
@@ -66,8 +82,8 @@ class Plan:
             tips.append("--train.loss_chunk_tokens=4096")
         if not t.activation_checkpointing:
             tips.append("--train.activation_checkpointing=true")
-        if t.micro_batch > 1:
-            tips.append(f"--train.micro_batch={max(1, t.micro_batch // 2)} (accumulation keeps the global batch)")
+        if self.micro_batch > 1:
+            tips.append(f"--train.micro_batch={max(1, self.micro_batch // 2)} (accumulation keeps the global batch)")
         if self.parallel != "fsdp" and self.device_kind == "GPU":
             tips.append("--train.parallel=fsdp with more GPUs")
         if not t.cpu_offload and self.device_kind == "GPU":
@@ -84,6 +100,24 @@ def device_capacity_gb(device: torch.device, override: float) -> float:
 
 
 def estimate(job: JobConfig, devices: int, device: torch.device, capacity_gb: float | None = None) -> Plan:
+    """The memory plan of `job` on `devices` devices like `device` (capacity: `capacity_gb`, else
+    run.gpu_memory_gb, else the device's). With train.micro_batch = 0, that of the largest
+    micro-batch that fits (`Plan.picked` says which, or, if none does, why: the plan of 1)."""
+    cap = capacity_gb if capacity_gb is not None else device_capacity_gb(device, job.run.gpu_memory_gb)
+    if job.train.micro_batch:
+        return _estimate(job, devices, device, cap, job.train.micro_batch)
+    per_rank = job.sequences_per_rank(devices)
+    for m in sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True):
+        plan = _estimate(job, devices, device, cap, m)
+        if plan.fits:
+            plan.picked = (f"{m} picked (train.micro_batch = 0): the largest divisor of the {per_rank} sequences per "
+                           f"process per step whose plan fits 95 % of {cap:.1f} GiB")
+            return plan
+    plan.picked = f"none fits (train.micro_batch = 0): even 1 sequence of {job.train.seq_len} tokens needs {plan.total_gb:.2f} GiB"
+    return plan
+
+
+def _estimate(job: JobConfig, devices: int, device: torch.device, cap: float, micro_batch: int) -> Plan:
     c, t = job.model, job.train
     parallel = resolve_parallel(t, devices)
     D, Dqk, Dv, Dff, NH, V = c.embedding_dim, c.qk_dim, c.v_dim, c.ffn_dim, c.num_heads, c.vocab_size
@@ -91,19 +125,26 @@ def estimate(job: JobConfig, devices: int, device: torch.device, capacity_gb: fl
         model = XLSTM(c)
     P = model.num_params()
     block = sum(p.numel() for p in model.backbone.blocks[0].parameters())
+    root = P - c.num_blocks * block  # embedding, out norm, lm_head: the outermost FSDP group
     e = 2 if (t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")) else 4
-    shard = devices if parallel == "fsdp" else 1
-    unsharded = 2 * block * e if parallel == "fsdp" else 0
+    fsdp = parallel == "fsdp"
+    shard = devices if fsdp else 1
     state = {"parameters": 4 * P / shard, "gradients": 4 * P / shard, "optimizer": 8 * P / shard}
     host = sum(state.values()) if t.cpu_offload else 0
     if t.cpu_offload:
         state = dict.fromkeys(state, 0.0)
-    state["parameters"] += unsharded
-    T = t.micro_batch * t.seq_len
+    if fsdp:
+        state["parameters"] += e * (2 * block + root)
+        state["gradients"] += (e + 4 / shard) * max(block, root)
+    T = micro_batch * t.seq_len
     cell = 4 * (4 * NH + NH * c.qk_head_dim * c.v_head_dim / c.chunk_size + 2 * NH * c.chunk_size)
     per_block = T * (e * (4 * D + 2 * Dqk + 4 * Dv + 3 * Dff) + cell)
     acts = c.num_blocks * T * e * D + per_block if t.activation_checkpointing else c.num_blocks * per_block
     parts = {**state, "activations": acts, "logits": min(T, t.loss_chunk_tokens or T) * V * (e + 8), "overhead": GiB}
     kind = "GPU" if device.type == "cuda" else "CPU"
-    cap = capacity_gb if capacity_gb is not None else device_capacity_gb(device, job.run.gpu_memory_gb)
-    return Plan(P, parallel, devices, kind, cap, {k: v / GiB for k, v in parts.items()}, host / GiB)
+    return Plan(P, parallel, devices, kind, cap, {k: v / GiB for k, v in parts.items()}, host / GiB + HOST_RUNTIME_GB, micro_batch)
+
+
+def with_micro_batch(job: JobConfig, micro_batch: int) -> JobConfig:
+    """`job` with train.micro_batch set (as a plan picked it)."""
+    return dataclasses.replace(job, train=dataclasses.replace(job.train, micro_batch=micro_batch))

@@ -27,9 +27,9 @@ from .config import JobConfig, user_path, writable_folder
 from .data import TokenData, prepare_data
 from .lock import RunDirBusy, RunLock
 from .metrics import MetricsLog, peak_flops, peak_memory_gb, train_flops_per_token
-from .optim import build_optimizer, lr_at
+from .optim import build_optimizer, describe, lr_at
 from .parallel import Dist, mixed_precision_dtype, init_distributed, build_model
-from .plan import estimate
+from .plan import estimate, with_micro_batch
 from .tokenizer import token_bytes
 
 
@@ -66,9 +66,12 @@ def sequence_loss(model, head, inputs, targets, reset, autocast, chunk_tokens: i
     computed that many tokens at a time and, when gradients are on, recomputed piece by piece in the
     backward pass, so no [B*S, V] logits tensor is kept: at the 7B shape an 8k-token sequence's
     logits and their float32 copies are ~4 GiB. 0 computes them all at once.
+
+    The ids' values are not checked here (no host synchronization in a step): TokenData checks
+    its tokens against the vocabulary once, when it opens them.
     """
     with autocast:
-        hidden, _ = model(inputs, reset=reset, return_hidden=True)
+        hidden, _ = model(inputs, reset=reset, return_hidden=True, check_ids=False)
         return hidden_nats(head, hidden, targets, chunk_tokens)
 
 
@@ -157,10 +160,13 @@ def train(job: JobConfig) -> int:
     d = init_distributed()
     try:
         # The cheap checks come before the run directory is created.
-        grad_accum = job.grad_accum(d.world)
         plan = estimate(job, d.world, d.device)
         if not plan.fits:
             raise TrainingError(f"this config does not fit in memory:\n{plan.report(job)}")
+        if plan.picked and d.is_main:
+            print(f"micro_batch  {plan.picked}", flush=True)
+        job = with_micro_batch(job, plan.micro_batch)  # the config the run records: the picked micro-batch
+        grad_accum = job.grad_accum(d.world)
         with locked_run_dir(user_path(job.run.dir, "run.dir"), d):
             return _train(job, d, grad_accum)
     finally:
@@ -209,7 +215,8 @@ def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
     if d.is_main:
         (run_dir / "config.json").write_text(json.dumps(config, indent=2))
         info = (f"{plain.num_params():,} parameters, parallel={parallel} x{d.world}, {grad_accum} micro-batch(es) of "
-                f"{t.micro_batch} x {t.seq_len} per process per step, {train_data.num_windows * t.seq_len:,} training tokens")
+                f"{t.micro_batch} x {t.seq_len} per process per step, {train_data.num_windows * t.seq_len:,} training tokens, "
+                f"{describe(optimizer)}")
         print(f"resuming {run_dir} at step {step}: {info}" if meta is not None else f"training {run_dir}: {info}", flush=True)
     log = MetricsLog(run_dir, step, t.steps, config, progress=r.progress, wandb_project=r.wandb_project,
                      wandb_mode=r.wandb_mode) if d.is_main else None

@@ -31,11 +31,32 @@ def split_cell_inputs(cell_inputs: torch.Tensor, config: ModelConfig) -> tuple[t
     return cell_inputs.split([config.qk_dim, config.v_dim, config.num_heads, config.num_heads], dim=-1)
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """A clear error if any id of `input_ids` lies outside [0, vocab_size). Reads the smallest and
+    largest id back to the host: on CUDA a synchronization, so data pipelines call it once where
+    the ids enter (a loader, `generate`), never inside a training step."""
+    if input_ids.numel():
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one read back
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"input_ids contains token id {lo if lo < 0 else hi} outside [0, vocab_size={vocab_size})")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matrix products after a norm run in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) in float32, cast back to the input dtype, then scaled. F.rms_norm
     computes half-precision inputs in float32 and rounds once, in one kernel on CUDA (a decoding step
-    runs 65 of these norms: every launch counts). CUDA autocast returns its float32 result: `.to`
-    rounds it as the spec does (and is free outside autocast)."""
+    runs 65 of these norms: every launch counts).
+
+    Under autocast the spec's input dtype is the compute dtype (`compute_dtype`): the result and the
+    weight are rounded to it, as when FSDP runs the block with bf16 parameters, so the following
+    matrix product gets a bf16 activation, not one promoted to float32 by a float32 weight (from a
+    float32 residual stream, or CUDA autocast's float32 F.rms_norm). Outside autocast the casts
+    are free."""
 
     def __init__(self, dim: int, eps: float, use_bias: bool = False):
         super().__init__()
@@ -44,13 +65,14 @@ class RMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if use_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x, x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
-        return y if self.bias is None else y + self.bias
+        dtype = compute_dtype(x)
+        y = F.rms_norm(x, x.shape[-1:], eps=self.eps).to(dtype) * self.weight.to(dtype)
+        return y if self.bias is None else y + self.bias.to(dtype)
 
 
 class MultiHeadLayerNorm(nn.Module):
     """Mean-centred LayerNorm over each head's dv features (float32; F.layer_norm computes half
-    precision in float32 and rounds once; `.to` as in RMSNorm), then one weight over all heads."""
+    precision in float32 and rounds once), then one weight over all heads; dtypes as in RMSNorm."""
 
     def __init__(self, num_heads: int, head_dim: int, eps: float, use_bias: bool = False):
         super().__init__()
@@ -60,8 +82,9 @@ class MultiHeadLayerNorm(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, S, NH, DH = h.shape
-        y = F.layer_norm(h, (DH,), eps=self.eps).to(h.dtype).reshape(B, S, NH * DH) * self.weight
-        return y if self.bias is None else y + self.bias
+        dtype = compute_dtype(h)
+        y = F.layer_norm(h, (DH,), eps=self.eps).to(dtype).reshape(B, S, NH * DH) * self.weight.to(dtype)
+        return y if self.bias is None else y + self.bias.to(dtype)
 
 
 class FeedForward(nn.Module):
@@ -229,19 +252,15 @@ class XLSTM(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
 
     def validate_inputs(self, input_ids, state=None, reset=None, mask=None, cell_inputs=None) -> None:
-        """A clear error for ids of the wrong type, shape or range (one host sync), or a state,
-        reset, mask or cell_inputs buffer that does not fit them."""
+        """A clear error for ids of the wrong type or shape, or a state, reset, mask or cell_inputs
+        buffer that does not fit them. Reads metadata only (no host synchronization): the values
+        of the ids are `check_token_ids`'s job."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.LongTensor [B, S], got {type(input_ids).__name__}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [B, S] with S >= 1, got {list(input_ids.shape)}")
-        if input_ids.numel():
-            lo, hi = input_ids.min().item(), input_ids.max().item()
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"input_ids contains token id {bad} outside [0, vocab_size={self.config.vocab_size})")
         B, S = input_ids.shape
         for name, t in (("reset", reset), ("mask", mask)):
             if t is not None and (t.dtype != torch.bool or tuple(t.shape) != (B, S)):
@@ -264,6 +283,7 @@ class XLSTM(nn.Module):
         cell_inputs: torch.Tensor | None = None,
         last_logits_only: bool = False,
         return_hidden: bool = False,
+        check_ids: bool = True,
     ) -> tuple[torch.Tensor, State]:
         """input_ids [B, S] (any S >= 1) -> logits [B, S, V] (soft-capped) and the state after the
         last position, through the chunkwise kernel.
@@ -276,8 +296,15 @@ class XLSTM(nn.Module):
         last_logits_only: compute logits for the last position only ([B, 1, V]), as in prefill.
         return_hidden: return the final hidden states [B, S, D] (after the output norm) in place of
             the logits; `logits(hidden)` maps them, so a loss can compute the logits piece by piece.
+        check_ids: check that every id lies in the vocabulary (`check_token_ids`: a clear error in
+            place of an embedding's index error, or a CUDA device-side assert that ends the process,
+            at the cost of one host synchronization). Training, evaluation and `generate` check
+            their ids once where the data enters and pass False, so their steps never wait on the
+            host; shapes and types are checked either way.
         """
         self.validate_inputs(input_ids, state, reset, mask, cell_inputs)
+        if check_ids:
+            check_token_ids(input_ids, self.config.vocab_size)
         x = self.backbone.embeddings(input_ids)
         layers = []
         for n, block in enumerate(self.backbone.blocks):

@@ -1,0 +1,151 @@
+"""What runs inside a training step on CPU: no host reads inside the model, the optimizer's
+implementation and its log line, and the compiled blocks' graphs."""
+
+import contextlib
+import dataclasses
+import re
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from xlstm7b import XLSTM, ModelConfig
+from xlstm7b.model import check_token_ids
+from xlstm7b.train import trainer
+from xlstm7b.train.config import load_config
+from xlstm7b.train.optim import build_optimizer, describe, optimizer_impl
+from xlstm7b.train.parallel import Dist, build_model, compile_blocks
+from test_train import job
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class HostReadError(AssertionError):
+    pass
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on every read of a tensor's value by the host: `.item()`, `bool(t)`, `int(t)` (all
+    aten._local_scalar_dense) and, patched for the block, Tensor.item, .tolist and .cpu (a copy to
+    the host that on CUDA waits for the device)."""
+
+    def __enter__(self):
+        self.patches = contextlib.ExitStack()
+        for name in ("item", "tolist", "cpu"):
+            self.patches.enter_context(pytest.MonkeyPatch.context()).setattr(torch.Tensor, name, self.refuse(name))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.patches.close()
+        return super().__exit__(*exc)
+
+    @staticmethod
+    def refuse(name):
+        def method(*args, **kwargs):
+            raise HostReadError(f"Tensor.{name}() inside a training step")
+        return method
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise HostReadError("a tensor's value read by the host (.item(), bool(), int()) inside a training step")
+        return func(*args, **(kwargs or {}))
+
+
+def debug_model(**train):
+    j = load_config("debug", [f"--train.{k}={v}" for k, v in train.items()])
+    model, plain, _ = build_model(j.model, j.train, Dist(), seed=0)
+    return j, model, plain
+
+
+def batch(vocab: int, B=2, S=40, seed=0):
+    ids = torch.randint(1, vocab, (B, S + 1), generator=torch.Generator().manual_seed(seed))
+    ids[:, ::13] = 0
+    return ids[:, :-1], ids[:, 1:], ids[:, :-1] == 0
+
+
+@pytest.mark.parametrize("chunk", [0, 16], ids=["whole-loss", "loss-in-pieces"])
+def test_a_training_step_reads_no_value_back_to_the_host(chunk):
+    j, model, plain = debug_model(activation_checkpointing="true")
+    inputs, targets, reset = batch(j.model.vocab_size)
+    with NoHostReads():
+        loss = trainer.sequence_loss(model, plain.logits, inputs, targets, reset, contextlib.nullcontext(), chunk).mean()
+        loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_plain_forward_checks_the_ids_and_the_check_is_the_only_read():
+    _, model, _ = debug_model()
+    ids = torch.tensor([[1, 2, 512]])
+    with pytest.raises(ValueError, match=r"token id 512 outside \[0, vocab_size=512\)"):
+        model(ids)
+    with pytest.raises(ValueError, match="token id -3 outside"):
+        check_token_ids(torch.tensor([[-3, 4]], dtype=torch.int32), 512)
+    with NoHostReads(), pytest.raises(HostReadError):
+        model(ids % 512)
+    with NoHostReads():
+        model(ids % 512, check_ids=False)
+
+
+def test_the_optimizer_implementation_is_chosen_by_device():
+    assert optimizer_impl("auto", {"cuda"}) == "fused"
+    assert optimizer_impl("auto", {"cpu"}) == "foreach"  # CPU, and cpu_offload's host copies
+    assert optimizer_impl("auto", {"cuda", "cpu"}) == "foreach"
+    assert optimizer_impl("loop", {"cuda"}) == "loop"
+    _, model, _ = debug_model()
+    assert describe(build_optimizer(model, load_config("debug").train)) == "AdamW (foreach)"
+    with pytest.raises(ValueError, match="optimizer_impl"):
+        load_config("debug", ["--train.optimizer_impl=apex"])
+
+
+def test_every_optimizer_implementation_gives_the_same_training():
+    """Three steps from the same weights: foreach and fused equal the tensor-by-tensor loop up to float rounding."""
+    weights = {}
+    for impl in ("loop", "foreach", "fused"):
+        j, model, plain = debug_model(optimizer_impl=f'"{impl}"')
+        optimizer = build_optimizer(model, j.train)
+        assert describe(optimizer) == f"AdamW ({impl})"
+        for step in range(3):
+            inputs, targets, reset = batch(j.model.vocab_size, seed=step)
+            trainer.sequence_loss(model, plain.logits, inputs, targets, reset, contextlib.nullcontext()).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        weights[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    start = torch.cat([p.detach().flatten() for p in debug_model()[1].parameters()])
+    moved = (weights["loop"] - start).norm()
+    assert moved > 0
+    for impl in ("foreach", "fused"):
+        assert (weights[impl] - weights["loop"]).norm() <= 1e-5 * moved, impl
+
+
+def test_the_trainer_logs_its_optimizer(tmp_path, corpus, cache, capsys):
+    assert trainer.train(job(corpus, cache, tmp_path / "r", "--train.steps=1")) == 0
+    assert re.search(r"training .*, AdamW \(foreach\)", capsys.readouterr().out)
+
+
+def test_compiled_blocks_keep_each_mlstm_kernel_one_node():
+    """train.compile's graphs (compile_blocks, with a backend that records what AOTAutograd hands
+    Inductor): one graph per block and per direction, no graph break, and the Triton mLSTM forward
+    and backward (run here in Triton's interpreter) each a single opaque node."""
+    graphs = {"forward": [], "backward": []}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    config = dataclasses.replace(ModelConfig.from_preset("debug"), mlstm_backend="triton")
+    torch.manual_seed(0)
+    model = XLSTM(config)
+    compile_blocks(model, aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward")))
+    torch._dynamo.reset()
+    logits, _ = model(torch.randint(0, 512, (1, 16)), check_ids=False)
+    logits.sum().backward()
+    ops = {kind: [[str(n.target) for n in gm.graph.nodes if n.op == "call_function"] for gm in gms] for kind, gms in graphs.items()}
+    # The two blocks run the same code: Dynamo reuses the first block's graph for the second.
+    assert len(ops["forward"]) == len(ops["backward"]) == 1, ops
+    assert sum("mlstm_chunkwise_fwd" in t for t in ops["forward"][0]) == 1
+    assert sum("mlstm_chunkwise_bwd" in t for t in ops["backward"][0]) == 1
+    assert not any("triton" in t for kind in ops.values() for g in kind for t in g)  # no kernel internals traced
