@@ -14,6 +14,8 @@ from conftest import perturb, rel_err
 from xlstm7b import XLSTM, CheckpointError, ModelConfig, from_pretrained, save_pretrained
 from xlstm7b.pretrained import fuse, unfuse
 
+SAVED = [".xlstm7b-written.json", "config.json", "generation_config.json", "model.safetensors"]
+"""What save_pretrained writes: its record of the files it wrote (`xlstm7b.written`) and the checkpoint."""
 CONFIG = dict(embedding_dim=128, num_blocks=2, num_heads=2, vocab_size=300, chunk_size=16)
 
 
@@ -35,7 +37,7 @@ def same_logits(a, b, x):
 
 def test_round_trip_single_file(model, x, tmp_path):
     save_pretrained(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == SAVED
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "xlstm" and cfg["hidden_size"] == 128 and cfg["num_hidden_layers"] == 2
     loaded = from_pretrained(tmp_path)
@@ -51,7 +53,7 @@ def test_round_trip_sharded_with_index(model, x, tmp_path):
     assert len(shards) > 1 and all((tmp_path / s).is_file() for s in shards)
     assert same_logits(model, from_pretrained(tmp_path), x)
     save_pretrained(model, tmp_path)  # a later unsharded save into the same folder replaces the shards
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == SAVED
 
 
 def test_saves_the_released_single_layout(model, tmp_path):
@@ -179,7 +181,7 @@ def test_errors_name_the_file_and_key(model, tmp_path):
     with pytest.raises(CheckpointError, match=r"model.safetensors: key lm_head.weight has shape \[301, 128\], the config expects \[300, 128\]"):
         from_pretrained(tmp_path)
 
-    save_pretrained(model, tmp_path)
+    save_pretrained(model, tmp_path, overwrite=True)  # over the files written above with save_file
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors: truncated: key"):

@@ -12,6 +12,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 import xlstm7b  # noqa: E402
 from conftest import random_model  # noqa: E402
 from xlstm7b.harness import XLSTMLM  # noqa: E402
+from xlstm7b.hub import save_for_hub  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,24 +104,35 @@ def test_bad_arguments(checkpoint_dir, tmp_path):
 
 def test_task_through_our_type_and_hf(tokenizer, task_dir, tmp_path):
     """The task through our type by its registered name (batch 8) and through lm-eval's `hf` type
-    (transformers' xLSTM on the same folder, batch 1): the same accuracy."""
+    (transformers' xLSTM on the same exported folder, batch 1), neither given extra arguments: the
+    same scores. The folder's tokenizer files make transformers start every input with the BOS."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     folder = tmp_path / "model"
     # Head dimensions 64 / 32: transformers' native chunkwise kernel fails at the debug preset's 16 / 32.
     config = xlstm7b.ModelConfig(embedding_dim=128, num_blocks=2, num_heads=2, vocab_size=tokenizer.get_vocab_size(), chunk_size=16)
-    xlstm7b.save_pretrained(random_model(config, seed=2), folder)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    # What transformers' tokenizer needs beside tokenizer.json (the released folder has the same file).
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-         "pad_token": "<|padding|>"}))
+    model = random_model(config, seed=2)
+    xlstm7b.save_pretrained(model, folder)
+    save_for_hub(folder, model, tokenizer, training={"data": "tests", "steps": 0})
     tasks = TaskManager(include_path=str(task_dir), include_defaults=False)  # indexing lm-eval's own tasks takes ~50 s
 
     ours = lm_eval.simple_evaluate(model="xlstm7b", model_args=f"pretrained={folder}", tasks=[TASK], task_manager=tasks,
-                                   batch_size=8, device="cpu")
-    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32,add_bos_token=True", tasks=[TASK],
-                                 task_manager=tasks, batch_size=1, device="cpu")
+                                   batch_size=8, device="cpu", log_samples=True)
+    hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", tasks=[TASK],
+                                 task_manager=tasks, batch_size=1, device="cpu", log_samples=True)
     assert ours["config"]["model"] == "xlstm7b"
     assert hf["results"][TASK]["acc,none"] == ours["results"][TASK]["acc,none"]
+    # Every choice's log-likelihood, not only the accuracy they add up to.
+    theirs = [float(r[0][0]) for s in hf["samples"][TASK] for r in s["resps"]]
+    mine = [float(r[0][0]) for s in ours["samples"][TASK] for r in s["resps"]]
+    assert theirs == pytest.approx(mine, rel=1e-4, abs=1e-4)
+
+
+def test_device_falls_back_to_the_cpu_with_a_notice(checkpoint_dir, capsys, monkeypatch):
+    """lm-eval passes device='cuda:0' by default (as its hf type takes it): without CUDA, the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lm = XLSTMLM(str(checkpoint_dir), device="cuda:0")
+    assert lm.device == torch.device("cpu")
+    err = capsys.readouterr().err
+    assert "'cuda:0'" in err and "no CUDA device" in err and "on the CPU" in err

@@ -275,7 +275,7 @@ def test_crash_mid_save_keeps_last_checkpoint(tmp_path, corpus, cache, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpointing.dcp, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(checkpointing.SaveError, match="disk full"):
         trainer.train(job(corpus, cache, run, "--train.steps=4", "--run.ckpt_every=2"))
     monkeypatch.undo()
     assert [p.name for p in checkpointing.checkpoints(run)] == ["step_00000002"]

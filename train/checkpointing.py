@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -54,9 +55,34 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a lost mount); the message says which and that
+    the checkpoints before it are intact."""
+
+
 def save(run_dir: Path, step: int, model, optimizer, meta: dict, d: Dist, keep: int) -> Path:
     final = run_dir / "checkpoints" / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
+    try:
+        write_checkpoint(tmp, step, model, optimizer, meta, d)
+    except (OSError, CheckpointException) as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the space it took goes back; the finished checkpoints stay
+        good = checkpoints(run_dir)
+        kept = f"the last good checkpoint {good[-1]} is intact" if good else "no earlier checkpoint exists"
+        raise SaveError(f"cannot write the checkpoint of step {step} to {tmp}: {describe_error(e)}; training stopped, "
+                        f"{kept}. Free space (or fix the file system) and rerun the same command to resume.") from e
+    if d.is_main:
+        if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+    return final
+
+
+def write_checkpoint(tmp: Path, step: int, model, optimizer, meta: dict, d: Dist) -> None:
+    """Every rank's DCP shards and RNG state, and rank 0's trainer.json, into the folder `tmp`."""
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -69,13 +95,6 @@ def save(run_dir: Path, step: int, model, optimizer, meta: dict, d: Dist, keep: 
     d.barrier()
     if d.is_main:
         (tmp / "trainer.json").write_text(json.dumps({**meta, "step": step, "world_size": d.world}, indent=2))
-        if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    d.barrier()
-    return final
 
 
 def load(path: Path, model, optimizer, d: Dist) -> dict:
@@ -130,6 +149,9 @@ def resume(run_dir: Path, model, optimizer, config: dict, d: Dist) -> tuple[dict
             except (Exception, CheckpointException) as e:  # whatever a damaged file raises in DCP, torch.load or json
                 problem = describe_error(e)
             if not on_any_rank(problem is not None):
+                if d.is_main and (changes := changed_values(meta["config"], config)):
+                    print(f"notice: resuming {path.name} with changed settings, applied from step {meta['step']} on: "
+                          + "; ".join(changes), file=sys.stderr, flush=True)
                 return meta, damaged
         damaged.append(f"{path}: {problem or 'damaged on another rank'}")
         d.barrier()  # every rank has stopped reading it
@@ -183,7 +205,7 @@ def missing_bytes(path: Path, rank: int) -> str | None:
 
 
 def describe_error(e: BaseException) -> str:
-    """One line for an error of loading: DCP's CheckpointException wraps each rank's error with its traceback."""
+    """One line for an error of loading or saving: DCP's CheckpointException wraps each rank's error with its traceback."""
     if isinstance(e, CheckpointException):
         e = next(iter(e.failures.values()))[0]
     text = str(e).strip()
@@ -202,6 +224,38 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
         raise ValueError(
             f"cannot resume {path} with this config:\n  " + "\n  ".join(diffs) +
             "\nRestore these values, or start a new run with a different --run.dir.")
+
+
+def changed_values(saved: dict, current: dict) -> list[str]:
+    """'section.key: old -> new' for each value of `current` that differs from `saved`."""
+    return [f"{section}.{key}: {saved[section][key]!r} -> {value!r}" for section, values in current.items()
+            for key, value in values.items() if key in saved.get(section, {}) and saved[section][key] != value]
+
+
+def record_config(run_dir: Path, config: dict, step: int) -> None:
+    """RUN_DIR/config.json: the values the run trains with now; RUN_DIR/config_history.jsonl, appended
+    to and never rewritten: every start of the run (the step it starts at, when, and the values that
+    differ from the start before, all of them at the first), so the values of every step are known."""
+    history = run_dir / "config_history.jsonl"
+    before: dict[str, dict] = {}  # the values of the last start: every entry's changes, in order
+    if history.is_file():
+        for line in history.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)["changed"]
+                for section, values in entry.items():
+                    before.setdefault(section, {}).update(values)
+            except (ValueError, KeyError, TypeError, AttributeError):  # a line cut by a kill
+                continue
+    unset = object()
+    changed = {section: {k: v for k, v in values.items() if before.get(section, {}).get(k, unset) != v}
+               for section, values in config.items()}
+    entry = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "changed": {s: v for s, v in changed.items() if v}}
+    with open(history, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, run_dir / "config.json")
 
 
 def full_model_state(model) -> dict[str, torch.Tensor]:

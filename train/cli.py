@@ -3,6 +3,7 @@ through `main(command, argv)`."""
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,7 +12,12 @@ import torch
 from tqdm import tqdm
 
 from xlstm7b import CheckpointError, from_pretrained
+from xlstm7b.cli import NON_NEGATIVE_INT, POSITIVE_INT, number, parse
+from xlstm7b.pretrained import check_device
+from xlstm7b.threads import add_threads_option, set_threads, threads_value
+from xlstm7b.written import check_overwrite, remember
 
+from .checkpointing import SaveError
 from .config import SECTIONS, DataConfig, load_config, writable_folder
 from .data import Corpus
 from .evaluate import evaluate_documents, machine, report, source_documents, token_bytes_tensor, tokenized_documents, write_outputs
@@ -43,13 +49,17 @@ def train_main(argv: list[str]) -> int:
         epilog=f"overrides: --section.key=value for sections {', '.join(SECTIONS)} (e.g. --train.steps=100 --run.dir=runs/x). "
                "Several processes: torchrun --nproc-per-node N -m xlstm7b train CONFIG")
     p.add_argument("config", help="preset name (debug, toy, 125m, 350m, 1.3b, 7b) or a .toml path")
+    p.add_argument("--threads", type=threads_value, metavar="N", help="CPU threads per process, as --train.threads=N "
+                   "(0: the cores divided among the processes on this machine)")
     args, overrides = p.parse_known_args(argv)
+    if args.threads is not None:
+        overrides.append(f"--train.threads={args.threads}")
     job = load_job("train", args.config, overrides)
     if job is None:
         return 2
     try:
         return train(job)
-    except (TrainingError, ValueError) as e:
+    except (TrainingError, SaveError, ValueError) as e:
         print(f"xlstm7b train: {e}", file=sys.stderr)
         return 1
     except OSError as e:
@@ -65,6 +75,7 @@ def tokenizer_main(argv: list[str]) -> int:
     t.add_argument("config", help="preset name or .toml path (its [data] section and model.vocab_size)")
     t.add_argument("--output", "-o", required=True, help="where to write tokenizer.json")
     t.add_argument("--vocab-size", type=int, default=0, help="default: the config's model.vocab_size")
+    t.add_argument("--overwrite", action="store_true", help="replace --output even if xlstm7b did not write it")
     args, overrides = t.parse_known_args(argv[1:]) if argv[:1] == ["train"] else (p.parse_args(argv), [])
     if args.vocab_size and args.vocab_size < MIN_BPE_VOCAB:
         t.error(f"--vocab-size {args.vocab_size} is too small for a byte-level BPE: at least {MIN_BPE_VOCAB} (256 bytes + 2 special tokens)")
@@ -75,10 +86,13 @@ def tokenizer_main(argv: list[str]) -> int:
     if job is None:
         return 2
     try:
+        if not args.overwrite:
+            check_overwrite(out, "tokenizer", "pass another --output, or --overwrite to replace it")
         out.parent.mkdir(parents=True, exist_ok=True)
         corpus = Corpus(job.data)
         tok = train_bpe((text for _, text in corpus.documents("train")), args.vocab_size or job.model.vocab_size)
         tok.save(str(out))
+        remember(out.parent, [out.name], "tokenizer")
     except ValueError as e:
         print(f"xlstm7b tokenizer: {e}", file=sys.stderr)
         return 1
@@ -111,10 +125,15 @@ def plot_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="xlstm7b plot", description="loss, bits-per-byte and throughput curves from metrics.jsonl as a PNG")
     p.add_argument("run_dir")
     p.add_argument("--output", "-o", help="PNG path (default RUN_DIR/metrics.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace the PNG even if xlstm7b did not write it")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
+    out = Path(args.output) if args.output else run_dir / "metrics.png"
     try:
-        out = plot(run_dir, Path(args.output) if args.output else run_dir / "metrics.png")
+        if not args.overwrite:
+            check_overwrite(out, "plot", "pass another --output, or --overwrite to replace it")
+        out = plot(run_dir, out)
+        remember(out.parent, [out.name], "plot")
     except ImportError:
         print("xlstm7b plot needs matplotlib: pip install 'xlstm7b[plot]'", file=sys.stderr)
         return 1
@@ -128,48 +147,80 @@ def plot_main(argv: list[str]) -> int:
     return 0
 
 
-def eval_main(argv: list[str]) -> int:
-    """`xlstm7b eval`: bits-per-byte, loss, perplexity and loss by position of a saved model."""
+def eval_parser() -> argparse.ArgumentParser:
     d = DataConfig()
     p = argparse.ArgumentParser(
         prog="xlstm7b eval", description="bits-per-byte, loss and perplexity of a saved model on a data source, "
         "overall and by token position; every document scored whole, with constant memory")
     p.add_argument("--checkpoint", required=True, help="model folder (any layout from_pretrained reads)")
     p.add_argument("--data", required=True, metavar="SOURCE", help="'stdlib', a local file/folder/glob or a hub dataset, as data.source")
-    p.add_argument("--split", choices=["val", "train", "all"], default="val",
-                   help="which documents: the trainer's validation or training split (by --val-fraction), or all")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="as data.val_fraction (the training run's value)")
+    p.add_argument("--split", choices=["val", "train", "all"],
+                   help="which documents: the trainer's validation or training split (by --val-fraction), or all. Default: "
+                        "'val' when SOURCE is the corpus the checkpoint's run trained on, else 'all'")
+    p.add_argument("--val-fraction", type=number(float, 0, 1, what="a number in [0, 1)", high_open=True),
+                   help="as data.val_fraction (default: the training run's value, else the trainer's default)")
     p.add_argument("--text-field", default=d.text_field, help="as data.text_field")
     p.add_argument("--hub-config", default=d.hub_config, help="as data.hub_config")
     p.add_argument("--hub-split", default=d.hub_split, help="as data.hub_split")
-    p.add_argument("--max-documents", type=int, default=0, help="read at most this many documents of the source (0 = all)")
+    p.add_argument("--max-documents", type=NON_NEGATIVE_INT, default=0, help="read at most this many documents of the source (0 = all)")
     p.add_argument("--tokenizer", help="tokenizer.json or hub name (default: the one in the checkpoint folder)")
-    p.add_argument("--batch-size", type=int, default=8, help="documents scored side by side")
-    p.add_argument("--piece-tokens", type=int, default=2048, help="positions per forward; the state carries across pieces")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="documents scored side by side")
+    p.add_argument("--piece-tokens", type=POSITIVE_INT, default=2048, help="positions per forward; the state carries across pieces")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    add_threads_option(p)
     p.add_argument("--out", type=Path, help="write the result as JSON here, and the loss-by-position plot beside it (.png)")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace files xlstm7b did not write")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar on stderr")
-    args = p.parse_args(argv)
-    if not 0 <= args.val_fraction < 1 or args.max_documents < 0 or args.batch_size < 1 or args.piece_tokens < 1:
-        p.error("--val-fraction must lie in [0, 1); --max-documents >= 0; --batch-size and --piece-tokens >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    return p
+
+
+def training_run_of(checkpoint: str) -> dict | None:
+    """The config of the training run that exported `checkpoint` (RUN_DIR/model), if it is one."""
+    try:
+        config = json.loads((Path(checkpoint).expanduser().resolve().parent / "config.json").read_text())
+        return config if isinstance(config.get("data"), dict) and "train" in config else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def eval_split(args: argparse.Namespace) -> tuple[str, float]:
+    """The split and val_fraction to score: the run's validation split of its own corpus; all of any other source."""
+    run = training_run_of(args.checkpoint)
+    trained_on = run is not None and run["data"].get("source") == args.data
+    split = args.split or ("val" if trained_on else "all")
+    default = run["data"].get("val_fraction", DataConfig().val_fraction) if trained_on else DataConfig().val_fraction
+    return split, default if args.val_fraction is None else args.val_fraction
+
+
+def eval_main(argv: list[str]) -> int:
+    """`xlstm7b eval`: bits-per-byte, loss, perplexity and loss by position of a saved model."""
+    p = eval_parser()
+    args = parse(p, argv)
+    if isinstance(args, int):
+        return args
+    split, val_fraction = eval_split(args)
     if args.out is not None and args.out.is_dir():
         p.error(f"--out {args.out} is a folder; pass a file path such as {args.out / 'eval.json'}")
     data = DataConfig(source=args.data, text_field=args.text_field, hub_config=args.hub_config, hub_split=args.hub_split,
-                      max_documents=args.max_documents, val_fraction=args.val_fraction)
+                      max_documents=args.max_documents, val_fraction=val_fraction)
     bar = None
     try:
+        device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+        threads = set_threads(args.threads)
         if args.out is not None:  # before the work, not after it
             writable_folder(str(args.out.parent), "out")
+            for out in (args.out, args.out.with_suffix(".png")):
+                if not args.overwrite:
+                    check_overwrite(out, "eval", "pass another --out, or --overwrite to replace it")
         model = from_pretrained(args.checkpoint, device=device, dtype=dtype)
         tok_source = args.tokenizer or Path(args.checkpoint) / "tokenizer.json"
         if not args.tokenizer and not Path(tok_source).is_file():
             raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json; pass --tokenizer PATH")
         tok = load_tokenizer(tok_source)
         tbytes = token_bytes_tensor(tok, model.config.vocab_size, device)
-        docs = tokenized_documents(source_documents(data, args.split), tok, model.config.bos_token_id)
+        docs = tokenized_documents(source_documents(data, split), tok, model.config.bos_token_id)
         if args.progress:
             bar = tqdm(unit="tok", unit_scale=True, dynamic_ncols=True, file=sys.stderr, desc="eval")
 
@@ -181,13 +232,16 @@ def eval_main(argv: list[str]) -> int:
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"xlstm7b eval: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"xlstm7b eval: {os_error(e)}", file=sys.stderr)
+        return 1
     finally:
         if bar is not None:
             bar.close()
-    result = {"checkpoint": str(args.checkpoint), "data": args.data, "split": args.split, "val_fraction": args.val_fraction,
+    result = {"checkpoint": str(args.checkpoint), "data": args.data, "split": split, "val_fraction": val_fraction,
               "dtype": str(dtype).removeprefix("torch."), "batch_size": args.batch_size, "piece_tokens": args.piece_tokens,
               **result, "machine": machine(device)}
-    print(report(result))
+    print(report(result, threads))
     if args.out:
         try:
             print("wrote " + ", ".join(map(str, write_outputs(result, args.out))))

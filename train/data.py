@@ -38,6 +38,8 @@ from .tokenizer import check_vocab, load_tokenizer, train_bpe
 SPLITS = ("train", "val")
 ENCODE_BATCH = 256
 """Documents read and encoded at a time (the tokenizer encodes a batch on all cores)."""
+MAX_INVALID_UTF8 = 0.01
+"""Share of a text file's bytes that may be invalid UTF-8 (replaced, with a warning); past it the file is refused."""
 LOCAL_FORMATS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -56,6 +58,7 @@ class Corpus:
 
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
+        self.warned: set[Path] = set()  # files whose invalid UTF-8 was reported
         source = cfg.source
         if source == "stdlib":
             root = Path(sysconfig.get_paths()["stdlib"])
@@ -91,7 +94,7 @@ class Corpus:
         c = self.cfg
         if self.kind == "files":  # one document per file
             for f in self.files:
-                yield str(f.relative_to(self.root)), f.read_text(encoding="utf-8", errors="replace")
+                yield str(f.relative_to(self.root)), self.read_text(f)
             return
         import datasets
 
@@ -104,6 +107,25 @@ class Corpus:
             if c.text_field not in row:
                 raise ValueError(f"data.source={c.source!r} has no column {c.text_field!r}; set data.text_field to one of {list(row)}")
             yield f"{n}", row[c.text_field]
+
+    def read_text(self, file: Path) -> str:
+        """A text file of the corpus. Invalid UTF-8 is replaced (U+FFFD) with a warning giving the count;
+        a file with more than MAX_INVALID_UTF8 of its bytes invalid is not text (binary data under a
+        text name) and is refused."""
+        raw = file.read_bytes()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+        counts = f"{bad:,} of its {len(raw):,} bytes ({bad / len(raw):.1%}) are not valid UTF-8"
+        if bad > MAX_INVALID_UTF8 * len(raw):
+            raise ValueError(f"data.source={self.cfg.source!r}: {file} is not UTF-8 text: {counts} (binary data?). "
+                             "Remove it from the source, or convert it to UTF-8")
+        if file not in self.warned:
+            self.warned.add(file)
+            print(f"warning: {file}: {counts}; they are read as U+FFFD", file=sys.stderr, flush=True)
+        return text
 
     def documents(self, split: str) -> Iterator[tuple[str, str]]:
         limit = self.cfg.max_documents or None
@@ -271,6 +293,20 @@ def prepare_data(cfg: DataConfig, model: ModelConfig, rank: int = 0, barrier=lam
     return out, tokenizer_path, tok
 
 
+def empty_split_message(splits: dict, split: str, seq_len: int) -> str:
+    """Why `split` has no training window, and the one change that gives it one."""
+    info = splits[split]
+    documents = sum(splits[s]["documents"] for s in SPLITS)
+    problem = (f"the {split} split has {info['tokens']} tokens in {info['documents']} documents: not one sequence of "
+               f"train.seq_len={seq_len} + 1 tokens")
+    if documents < 2:
+        return (f"{problem}. The corpus has {documents} document(s) (one per file, or per row), and the training and "
+                "validation splits need one each: add documents (e.g. split the text into several files) or lower train.seq_len")
+    share = "raise data.val_fraction (more documents for validation)" if split == "val" else \
+        "lower data.val_fraction (more documents for training)"
+    return f"{problem}. Add data, lower train.seq_len or {share}"
+
+
 class TokenData:
     """Windows over the token shards of one split; `batch(...)` returns inputs, targets and resets."""
 
@@ -286,9 +322,7 @@ class TokenData:
         counts = [max(0, (s.size - 1) // seq_len) for s in self.shards]
         self.num_windows = sum(counts)
         if self.num_windows == 0:
-            raise ValueError(
-                f"the {split} split has {info['tokens']} tokens in {info['documents']} documents: not one sequence of "
-                f"train.seq_len={seq_len} + 1 tokens. Add data, lower train.seq_len or raise data.val_fraction")
+            raise ValueError(empty_split_message(manifest["splits"], split, seq_len))
         # Window w lies in the shard i with ends[i-1] <= w < ends[i]: one number per shard, not per window.
         self.ends = np.cumsum(counts)
         # Recorded by the build; shards built before it was are scanned (reads the whole split once).

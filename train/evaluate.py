@@ -25,6 +25,7 @@ import torch
 from tokenizers import Tokenizer
 
 from xlstm7b import XLSTM, __version__
+from xlstm7b.written import remember
 
 from .config import DataConfig
 from .data import Corpus
@@ -197,17 +198,18 @@ def machine(device: torch.device) -> dict:
             "xlstm7b": __version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def report(result: dict) -> str:
+def report(result: dict, threads: int) -> str:
     lines = [f"{result['documents']:,} documents, {result['tokens']:,} tokens, {result['bytes']:,} bytes: "
              f"{result['bpb']:.4f} bits/byte, loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f} "
-             f"({result['tokens_per_s']:,.0f} tokens/s)", f"{'positions':>12} {'tokens':>12} {'bits/byte':>10} {'loss':>8}"]
+             f"({result['tokens_per_s']:,.0f} tokens/s, {threads} CPU thread{'s' if threads > 1 else ''})", f"{'positions':>12} {'tokens':>12} {'bits/byte':>10} {'loss':>8}"]
     for b in result["by_position"]:
         lines.append(f"{b['bucket']:>12} {b['tokens']:>12,} {b['bpb']:>10.4f} {b['loss']:>8.4f}")
     return "\n".join(lines)
 
 
 def write_outputs(result: dict, out: Path) -> list[Path]:
-    """out (JSON) and, when matplotlib is installed, the loss-by-position plot beside it (.png)."""
+    """out (JSON) and, when matplotlib is installed, the loss-by-position plot beside it (.png); both
+    recorded as xlstm7b's (`xlstm7b.written`), so a later eval may replace them."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     written = [out]
@@ -215,4 +217,5 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
         written.append(plot_by_position(result, out.with_suffix(".png")))
     except ImportError:
         print("no loss-by-position PNG: it needs matplotlib (pip install 'xlstm7b[plot]')", file=sys.stderr)
+    remember(out.parent, [p.name for p in written], "eval")
     return written

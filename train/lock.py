@@ -30,6 +30,18 @@ def describe_holder(text: str) -> str:
         return "another process"
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """A ValueError if `run_dir` holds files but no train.lock: every run creates its lock file first
+    and never deletes it, so such a folder is someone else's, whose files a run would overwrite."""
+    if (run_dir / "train.lock").exists():
+        return
+    entries = sorted(p.name for p in run_dir.iterdir())
+    if entries:
+        raise ValueError(f"run.dir {run_dir} is not empty ({entries[0]}{f' and {len(entries) - 1} more' if len(entries) > 1 else ''}) "
+                         "and is not a training run's folder (it has no train.lock); its files are left untouched. "
+                         "Train into a new or empty --run.dir")
+
+
 class RunLock:
     """`with RunLock(run_dir):` holds the lock or raises RunDirBusy naming the holder."""
 
@@ -38,6 +50,7 @@ class RunLock:
         self.fh = None
 
     def __enter__(self) -> "RunLock":
+        check_run_dir(self.path.parent)
         fh = open(self.path, "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

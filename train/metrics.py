@@ -155,3 +155,19 @@ class MetricsLog:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def run_facts(run_dir: Path) -> dict:
+    """What a run trained on and reached, from its config.json and metrics.jsonl, for the model card
+    of its export: data source, steps, tokens seen and the last validation bits per byte."""
+    facts: dict = {}
+    try:
+        facts["data"] = json.loads((run_dir / "config.json").read_text())["data"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    if records:
+        facts["steps"] = records[-1]["step"]
+        facts["tokens"] = next((r["tokens"] for r in reversed(records) if isinstance(r.get("tokens"), int)), None)
+        facts["val_bpb"] = next((r["val_bpb"] for r in reversed(records) if isinstance(r.get("val_bpb"), (int, float))), None)
+    return facts

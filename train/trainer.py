@@ -7,7 +7,6 @@ last complete checkpoint.
 """
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -21,12 +20,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from xlstm7b import XLSTM, generate, save_pretrained
+from xlstm7b.hub import save_for_hub
 
 from . import checkpointing
 from .config import JobConfig, user_path, writable_folder
 from .data import TokenData, prepare_data
 from .lock import RunDirBusy, RunLock
-from .metrics import MetricsLog, peak_flops, peak_memory_gb, train_flops_per_token
+from .metrics import MetricsLog, peak_flops, peak_memory_gb, run_facts, train_flops_per_token
 from .optim import build_optimizer, describe, lr_at
 from .parallel import Dist, mixed_precision_dtype, init_distributed, build_model
 from .plan import estimate, with_micro_batch
@@ -133,7 +133,7 @@ def export(run_dir: Path, model, plain: XLSTM, tok, tokenizer_path: Path, d: Dis
             out = XLSTM(plain.config)
         out.load_state_dict(sd, assign=True)
         save_pretrained(out, run_dir / "model")
-        shutil.copyfile(tokenizer_path, run_dir / "model" / "tokenizer.json")
+        save_for_hub(run_dir / "model", out, tokenizer_path, training=run_facts(run_dir))
         if sample_tokens:
             text = sample_text(out.eval(), tok, "def ", sample_tokens)
             (run_dir / "sample.txt").write_text(text)
@@ -213,7 +213,7 @@ def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
     if meta is not None:
         step, tokens_seen = meta["step"], meta["tokens_seen"]
     if d.is_main:
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+        checkpointing.record_config(run_dir, config, step)
         info = (f"{plain.num_params():,} parameters, parallel={parallel} x{d.world}, {grad_accum} micro-batch(es) of "
                 f"{t.micro_batch} x {t.seq_len} per process per step, {train_data.num_windows * t.seq_len:,} training tokens, "
                 f"{describe(optimizer)}")

@@ -21,6 +21,7 @@ from .model import XLSTM
 from .sampling import SamplingError, SamplingParams
 from .state import State
 from .streaming import TextStreamer
+from .threads import add_threads_option, set_threads
 
 # name -> one-line help
 SUBCOMMANDS = {
@@ -57,15 +58,15 @@ def parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | i
         return e.code if isinstance(e.code, int) else 2
 
 
-def number(kind: type, low: float, high: float = math.inf, *, low_open: bool = False, what: str):
-    """An argparse type: a finite `kind` (int or float) in [low, high] (low excluded with low_open)."""
+def number(kind: type, low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False, what: str):
+    """An argparse type: a finite `kind` (int or float) in [low, high] (an end excluded with low_open, high_open)."""
 
     def convert(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        if value is None or not math.isfinite(value) or value > high or value < low or (low_open and value == low) or (high_open and value == high):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 
@@ -145,6 +146,7 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    add_threads_option(p)
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (faster decoding, after a compilation of seconds to a minute; "
                         "on CUDA its fused kernels are captured in the CUDA graph)")
@@ -192,6 +194,7 @@ def run_generate(args: argparse.Namespace) -> int:
     # The cheap checks first: device, configs, tokenizer and sampling arguments, then the weights.
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    threads = set_threads(args.threads)
     config = read_config(checkpoint_folder(args.checkpoint, "--checkpoint"))
     tok_path = Path(args.tokenizer).expanduser() if args.tokenizer else Path(args.checkpoint) / "tokenizer.json"
     tokenizer = open_tokenizer(tok_path, args.tokenizer is None, config.vocab_size)
@@ -227,7 +230,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(streamer.text, flush=True)
     n = int(out.lengths[0])
     spec = "" if out.stats is None else f", draft acceptance {out.stats['acceptance_rate']:.2f} at K={args.speculate_k}"
-    print(f"[{len(ids)} prompt + {n} generated tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {device}{spec}]", file=sys.stderr)
+    print(f"[{len(ids)} prompt + {n} generated tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {device}{spec}, {threads} CPU thread{'s' if threads > 1 else ''}]", file=sys.stderr)
     return 0
 
 

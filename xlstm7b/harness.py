@@ -34,9 +34,20 @@ from tqdm import tqdm
 
 from .generate import generate
 from .model import XLSTM
-from .pretrained import from_pretrained
+from .pretrained import check_device, from_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def harness_device(device: str | None) -> torch.device:
+    """`device` as lm-eval's hf type takes it: a CUDA device where there is none means the CPU, with
+    a notice (lm-eval passes 'cuda:0' unless told otherwise); any other name must exist here."""
+    if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+        if device is not None:
+            print(f"xlstm7b: device {device!r} asked for, but this machine has no CUDA device: running on the CPU",
+                  file=sys.stderr)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return check_device(device)
 
 
 class XLSTMLM(TemplateLM):
@@ -72,7 +83,7 @@ class XLSTMLM(TemplateLM):
         for name, value in (("max_gen_toks", max_gen_toks), ("piece_tokens", piece_tokens), ("logits_chunk_tokens", logits_chunk_tokens)):
             if int(value) < 1:
                 raise ValueError(f"xlstm7b: {name} must be >= 1, got {value!r}")
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._device = harness_device(device)
         torch_dtype = DTYPES[dtype] if dtype != "auto" else torch.bfloat16 if self._device.type == "cuda" else torch.float32
         if isinstance(pretrained, XLSTM):
             if tokenizer is None:

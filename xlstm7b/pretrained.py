@@ -16,11 +16,8 @@ exist once (the layout conversion adds one projection at a time).
 """
 
 import json
-import math
 import os
 import re
-import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +25,8 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import XLSTM
+from .safetensors_io import CheckpointError, read_header, read_safetensors
+from .written import ForeignFileError, foreign_files, forget, remember
 
 INDEX = "model.safetensors.index.json"
 EMBEDDING = "backbone.embeddings.weight"
@@ -49,10 +48,6 @@ FUSED_GROUPS = (
     ("mlstm_layer.ifgate_preact", ("mlstm_layer.igate_preact", "mlstm_layer.fgate_preact")),
     ("ffn.proj_up_gate_z", ("ffn.proj_up_gate", "ffn.proj_up")),
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: the message names the file and the key."""
 
 
 def checkpoint_path(path, caller: str) -> Path:
@@ -205,75 +200,6 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def read_header(file: Path) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
-    """A safetensors file's header, checked against the file's size: (byte where the data starts,
-    name -> (dtype, shape, begin, end)). Reads only the header."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as fh:
-            raw_len = fh.read(8)
-            (header_len,) = struct.unpack("<Q", raw_len) if len(raw_len) == 8 else (None,)
-            raw = fh.read(header_len) if header_len is not None and header_len <= size - 8 else None
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot be read ({e.strerror or e})") from e
-    try:
-        if raw is None:
-            raise ValueError(f"the header length does not fit in the file's {size} bytes")
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not a safetensors file, truncated or corrupt ({e})") from e
-    header.pop("__metadata__", None)
-    start = 8 + header_len
-    entries = {name: tensor_entry(file, name, info) for name, info in header.items()}
-    for name, (_, _, _, end) in entries.items():
-        if start + end > size:
-            raise CheckpointError(f"{file}: truncated: key {name} ends at byte {start + end} of {size}")
-    return start, entries
-
-
-def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor) from a safetensors file, one tensor at a time, with plain reads into
-    fresh tensors: unlike a memory map, the file's pages never count as a second resident copy."""
-    start, entries = read_header(file)
-    with open(file, "rb") as fh:
-        for name, (dtype, shape, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
-            buf = torch.empty(end - begin, dtype=torch.uint8)
-            fh.seek(start + begin)
-            fh.readinto(memoryview(buf.numpy()))
-            yield name, buf.view(dtype).reshape(shape)
-
-
-def counts(x) -> bool:
-    """Whether `x` is a list of integers >= 0 (a shape, or data offsets)."""
-    return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
-
-
-def tensor_entry(file: Path, name: str, info) -> tuple[torch.dtype, list[int], int, int]:
-    """A safetensors header entry -> (dtype, shape, begin, end), or a CheckpointError naming the key."""
-    if not isinstance(info, dict):
-        raise CheckpointError(f"{file}: corrupt header: key {name} is not an object with dtype, shape and data_offsets")
-    dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-    if dtype is None:
-        raise CheckpointError(f"{file}: key {name} has an unsupported dtype {info.get('dtype')!r}")
-    shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not counts(shape) or not counts(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-        raise CheckpointError(f"{file}: corrupt header: key {name} has shape {shape!r} and data_offsets {offsets!r}")
-    begin, end = offsets
-    if math.prod(shape) * dtype.itemsize != end - begin:
-        raise CheckpointError(f"{file}: corrupt header: key {name} of shape {shape} and dtype {info['dtype']} needs "
-                              f"{math.prod(shape) * dtype.itemsize} bytes, its data_offsets span {end - begin}")
-    return dtype, shape, begin, end
-
-
 def canonical_name(name: str) -> str:
     for pattern, repl in NAME_ALIASES:
         name = pattern.sub(repl, name)
@@ -378,10 +304,17 @@ def check_shapes(config: ModelConfig, expected: dict, shapes: dict, source: dict
             raise CheckpointError(f"{source[k]}: key {k} has shape {list(shapes[k])}, the config expects {list(shape)}")
 
 
-def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None) -> None:
-    """Writes config.json and safetensors in the released single layout; several shards plus an
-    index when the weights exceed `max_shard_size` bytes. Files are written under temporary names
-    and renamed, so an interrupted save never leaves a half-written file under a final name."""
+def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: int = 5 * 2**30, dtype: torch.dtype | None = None,
+                    overwrite: bool = False) -> None:
+    """Writes config.json, generation_config.json and safetensors in the released single layout;
+    several shards plus an index when the weights exceed `max_shard_size` bytes. Files are written
+    under temporary names and renamed, so an interrupted save never leaves a half-written file under
+    a final name.
+
+    The folder must be new, empty or hold only files xlstm7b wrote (an earlier save's: replaced, and
+    its shards this save does not write removed); otherwise a ForeignFileError names a file that is
+    not ours. overwrite=True writes anyway: files under the names this save writes are replaced,
+    every other file is left as it is (never deleted)."""
     if not isinstance(model, XLSTM):
         raise TypeError(f"save_pretrained: model must be an xlstm7b.XLSTM, got {type(model).__name__}")
     path = checkpoint_path(path, "save_pretrained")
@@ -393,6 +326,38 @@ def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: in
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:
         raise ValueError(f"save_pretrained: {path} cannot be a folder: {e.filename} is a file; pass another path") from e
+    if not overwrite and (foreign := foreign_files(path)):
+        raise ForeignFileError(
+            f"save_pretrained: {foreign[0]} was not written by xlstm7b{f' (nor {len(foreign) - 1} more file(s))' if len(foreign) > 1 else ''}; "
+            "it is left untouched. Save into a new or empty folder, or pass overwrite=True to write beside it "
+            "(files of the same names are replaced, no other file is removed)")
+    shards = shard(weights_to_save(model, dtype), max_shard_size)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))
+    ]
+    for name, tensors in zip(names, shards):
+        save_file(tensors, path / f"{name}.tmp", metadata={"format": "pt"})
+        os.replace(path / f"{name}.tmp", path / name)
+    written = [*names, "config.json", "generation_config.json"]
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
+            "weight_map": {k: name for name, tensors in zip(names, shards) for k in tensors},
+        }
+        write_text_atomic(path / INDEX, json.dumps(index, indent=2))
+        written.append(INDEX)
+    stored_dtype = next(iter(shards[0].values())).dtype
+    write_text_atomic(path / "config.json", json.dumps(config_to_released(model.config, stored_dtype), indent=2))
+    write_text_atomic(path / "generation_config.json", json.dumps(generation_config(model.config), indent=2))
+    # Weights of an earlier save into the same folder that this one did not overwrite: removed only
+    # where the record proves them ours (a model_best.safetensors beside them is the user's).
+    stale = [p.name for p in [*path.glob("model*.safetensors"), path / INDEX] if p.name not in written]
+    remember(path, written, "save_pretrained")
+    forget(path, stale, "save_pretrained")
+
+
+def weights_to_save(model: XLSTM, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The model's state in the released single layout, on the CPU, in `dtype` (None: as it is)."""
     sd = unfuse(model.state_dict(), model.config)
     if model.config.tie_word_embeddings:
         if model.lm_head.weight is not model.backbone.embeddings.weight and not torch.equal(sd["lm_head.weight"], sd[EMBEDDING]):
@@ -400,7 +365,11 @@ def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: in
                              "tensor; call model.tie_weights() (the lm_head becomes the embedding) or untie the config")
         # Written as a copy, as transformers' xLSTMForCausalLM (which never ties) needs the key.
         sd["lm_head.weight"] = sd[EMBEDDING].clone()
-    sd = {k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous() for k, v in sd.items()}
+    return {k: v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous() for k, v in sd.items()}
+
+
+def shard(sd: dict[str, torch.Tensor], max_shard_size: int) -> list[dict[str, torch.Tensor]]:
+    """The tensors in order, a new shard whenever the next would take one past `max_shard_size` bytes."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, t in sd.items():
@@ -410,25 +379,13 @@ def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: in
             size = 0
         shards[-1][k] = t
         size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors" for n in range(len(shards))
-    ]
-    for name, shard in zip(names, shards):
-        save_file(shard, path / f"{name}.tmp", metadata={"format": "pt"})
-        os.replace(path / f"{name}.tmp", path / name)
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
-            "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
-        }
-        write_text_atomic(path / INDEX, json.dumps(index, indent=2))
-    stored_dtype = next(iter(sd.values())).dtype
-    write_text_atomic(path / "config.json", json.dumps(config_to_released(model.config, stored_dtype), indent=2))
-    # Weights of an earlier save into the same folder that this one did not overwrite.
-    keep = {*names, INDEX} if len(shards) > 1 else set(names)
-    for stale in [*path.glob("model*.safetensors"), path / INDEX]:
-        if stale.name not in keep and stale.exists():
-            stale.unlink()
+    return shards
+
+
+def generation_config(config: ModelConfig) -> dict:
+    """generation_config.json: the special tokens transformers' generate() reads, greedy by default."""
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+            "do_sample": False}
 
 
 def write_text_atomic(file: Path, text: str) -> None:

@@ -11,7 +11,9 @@ import torch
 from tokenizers import Tokenizer
 
 from ..pretrained import CheckpointError, from_pretrained
-from .engine import STATE_DTYPES, Engine, EngineConfig
+from ..threads import add_threads_option, set_threads
+from .config import STATE_DTYPES, EngineConfig
+from .engine import Engine
 
 try:
     import uvicorn
@@ -61,6 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights: auto is bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    add_threads_option(p)
     p.add_argument("--compile", action="store_true", help="compile the decode step (once per batch bucket, at start; on CUDA captured in the bucket's CUDA graph)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")
     return p.parse_args(argv)
@@ -81,6 +84,7 @@ def main(argv: list[str]) -> int:
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    set_threads(args.threads)
     config = EngineConfig(
         max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens=args.max_tokens, prefill_chunk=args.prefill_chunk, prefill_tokens=args.prefill_tokens,
