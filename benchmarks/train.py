@@ -3,9 +3,17 @@
     python benchmarks/train.py                      # GPU: 125m/350m/1.3b tokens/s + MFU; CPU: toy tokens/s
     python benchmarks/train.py --run-dir runs/toy   # also: the run's val bpb next to xz -9 on the same files
 
-On a GPU each preset trains a few steps in bf16 (one process, micro_batch x seq_len per step, no
-data loading in the timed region) and reports tokens/s and MFU from the FLOP count in
-xlstm7b/train/metrics.py; with --profile, also the device time per kernel of one step. On a CPU the toy preset is timed the same way in float32. xz -9 is
+    python benchmarks/train.py --presets 1.3b --micro-batch-sweep 4 8 16 32 --optimizer fused --compile
+    python benchmarks/train.py --presets 7b --micro-batch 1 --set train.cpu_offload=true   # 7B on one GPU
+
+On a GPU each preset trains a few steps in bf16 (one process, one micro-batch of micro_batch x
+seq_len per step, no data loading in the timed region) and reports tokens/s and MFU from the FLOP
+count in xlstm7b/train/metrics.py (README, Training), peak GPU and host memory next to what
+`xlstm7b plan` predicts, the optimizer's implementation and, with --compile, the compile time.
+--micro-batch 0 takes the micro-batch the plan picks. With --profile, also the device time per
+kernel of one step and, per step, the time in matrix products, mLSTM kernels, elementwise work,
+the optimizer, copies and idle gaps (profiling.step_breakdown). On a CPU the toy preset is timed
+the same way in float32 (the PyTorch mLSTM's products count as matrix products there). xz -9 is
 Python's lzma at preset 9 | PRESET_EXTREME over the validation split's files, each compressed on
 its own. JSON goes to benchmarks/results/train-<device>.json.
 """
@@ -14,6 +22,7 @@ import argparse
 import json
 import lzma
 import platform
+import resource
 import sys
 import time
 from datetime import datetime, timezone
@@ -24,41 +33,49 @@ import torch
 from xlstm7b.train.config import load_config
 from xlstm7b.train.data import Corpus
 from xlstm7b.train.metrics import peak_flops, train_flops_per_token
-from xlstm7b.train.optim import build_optimizer
+from xlstm7b.train.optim import build_optimizer, describe
 from xlstm7b.train.parallel import Dist, build_model, mixed_precision_dtype
+from xlstm7b.train.plan import GiB, estimate, with_micro_batch
 from xlstm7b.train.trainer import sequence_loss
 
 RESULTS = Path(__file__).parent / "results"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profiling import profile_kernels  # noqa: E402
+from profiling import profile_kernels, step_breakdown  # noqa: E402
 
 
 def time_training(preset: str, device: torch.device, steps: int, micro_batch: int | None, seq_len: int | None,
-                  profile: bool = False, compile: bool = False) -> dict:
-    overrides = [f"--train.micro_batch={micro_batch}"] if micro_batch else []
-    overrides += ["--train.compile=true"] if compile else []
-    overrides += [f"--train.seq_len={seq_len}", f"--train.global_batch_tokens={seq_len}"] if seq_len else []
-    job = load_config(preset, overrides)
+                  profile: bool = False, compile: bool = False, optimizer: str = "auto", overrides: list[str] = ()) -> dict:
+    """One row: `steps` timed training steps of `preset` (after a warm-up step, which compiles with
+    --compile: compile_s is its excess over a timed step), with the plan's prediction beside the
+    measured peak memory. micro_batch 0 lets the plan pick it."""
+    extra = [f"--train.micro_batch={micro_batch}"] if micro_batch is not None else []
+    extra += ["--train.compile=true"] if compile else []
+    extra += [f"--train.seq_len={seq_len}", f"--train.global_batch_tokens={seq_len * (micro_batch or 512)}"] if seq_len else []
+    job = load_config(preset, [*extra, f"--train.optimizer_impl={optimizer}", *overrides])
+    plan = estimate(job, 1, device)
+    job = with_micro_batch(job, plan.micro_batch)
     t = job.train
-    model, plain, _ = build_model(job.model, t, Dist(device=device), seed=0)
-    optimizer = build_optimizer(model, t)
+    model, plain, parallel = build_model(job.model, t, Dist(device=device), seed=0)
+    opt = build_optimizer(model, t)
     dtype = mixed_precision_dtype(t, device)
     B, S = t.micro_batch, t.seq_len
     ids = torch.randint(2, job.model.vocab_size, (B, S + 1), device=device)
     ids[:, :: max(1, S // 4)] = 0  # document starts, as in packed training rows
     inputs, targets = ids[:, :-1], ids[:, 1:]
 
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and parallel != "fsdp")
 
     def step():
         sequence_loss(model, plain.logits, inputs, targets, inputs == 0, autocast, t.loss_chunk_tokens).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
     step()  # warm-up (and compilation)
     sync()
+    first = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -69,14 +86,50 @@ def time_training(preset: str, device: torch.device, steps: int, micro_batch: in
     tps = B * S / dt
     peak = peak_flops(device)
     row = {
-        "preset": preset, "parameters": plain.num_params(), "dtype": str(dtype).removeprefix("torch."), "compile": t.compile,
-        "micro_batch": B, "seq_len": S, "steps": steps, "step_s": dt, "tokens_per_s": tps,
+        "preset": preset, "overrides": list(overrides), "parameters": plain.num_params(), "dtype": str(dtype).removeprefix("torch."),
+        "compile": t.compile, "optimizer": describe(opt), "parallel": parallel, "cpu_offload": t.cpu_offload,
+        "micro_batch": B, "micro_batch_picked": plan.picked, "seq_len": S, "steps": steps, "step_s": dt,
+        "first_step_s": first, "compile_s": max(0.0, first - dt) if t.compile else None, "tokens_per_s": tps,
         "flops_per_token": train_flops_per_token(job.model), "mfu": tps * train_flops_per_token(job.model) / peak if peak else None,
-        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None,
+        "peak_host_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+        "plan_gb": round(plan.total_gb, 3), "plan_host_gb": round(plan.host_gb, 3),
     }
     if profile:  # where the step's time goes, after the timed steps (their peak memory is recorded)
         row["profile"] = profile_kernels(step, str(device), top=16)
+        row["breakdown"] = step_breakdown(step, str(device))
     return row
+
+
+def time_rows(preset: str, device: torch.device, args) -> tuple[list[dict], list[dict]]:
+    """The rows of one preset: one, or one per micro-batch of --micro-batch-sweep; and the sizes of
+    the sweep that ran out of memory (the first ends it), each with its error."""
+    rows, failed = [], []
+    for m in args.micro_batch_sweep or [args.micro_batch]:
+        try:
+            rows.append(time_training(preset, device, args.steps or (10 if device.type == "cuda" else 3), m, args.seq_len or None,
+                                      args.profile, args.compile, args.optimizer, [f"--{o}" for o in args.set]))
+        except torch.OutOfMemoryError as e:
+            if not args.micro_batch_sweep:
+                raise
+            failed.append({"preset": preset, "micro_batch": m, "error": f"out of memory: {str(e).splitlines()[0]}"})
+            print(f"{preset:>6} micro_batch {m}: {failed[-1]['error']}", flush=True)
+            break
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows, failed
+
+
+def print_row(row: dict) -> None:
+    mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+    mem = f", peak {row['peak_memory_gb']:.1f} GiB (plan {row['plan_gb']:.1f})" if row["peak_memory_gb"] is not None else ""
+    comp = f" compiled in {row['compile_s']:.0f} s" if row["compile"] else ""
+    print(f"{row['preset']:>6}{comp} micro_batch {row['micro_batch']} {row['optimizer']}: {row['tokens_per_s']:,.0f} tokens/s{mfu}{mem}, "
+          f"host peak {row['peak_host_gb']:.1f} GiB (plan {row['plan_host_gb']:.1f})", flush=True)
+    for n, b in enumerate(row.get("breakdown", [])):
+        parts = ", ".join(f"{k.removesuffix('_us')} {v / 1e3:.1f}" for k, v in b.items() if k != "wall_us")
+        print(f"        step {n}: wall {b['wall_us'] / 1e3:.1f} ms = {parts} ms", flush=True)
 
 
 def xz_bpb(preset: str) -> dict:
@@ -117,27 +170,28 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="*", help="default: 125m 350m 1.3b on a GPU, toy on a CPU")
     p.add_argument("--steps", type=int, default=0, help="timed steps (default 10 on GPU, 3 on CPU)")
-    p.add_argument("--micro-batch", type=int, default=0, help="override train.micro_batch")
+    p.add_argument("--micro-batch", type=int, default=None, help="override train.micro_batch (0: the largest the plan fits)")
+    p.add_argument("--micro-batch-sweep", type=int, nargs="*", help="one row per micro-batch, until one runs out of memory")
     p.add_argument("--seq-len", type=int, default=0, help="override train.seq_len")
-    p.add_argument("--profile", action="store_true", help="also the device time per kernel of one training step")
+    p.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "loop"], help="train.optimizer_impl")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config overrides, e.g. --set train.cpu_offload=true model.num_blocks=4")
+    p.add_argument("--profile", action="store_true",
+                   help="also the device time per kernel of one step, and per step the time in matrix products, "
+                        "mLSTM kernels, elementwise work, the optimizer, copies and idle gaps")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (train.compile; the warm-up step compiles)")
     p.add_argument("--run-dir", type=Path, help="a finished toy run: report its val bpb next to xz -9")
     p.add_argument("--output", type=Path, help="default benchmarks/results/train-<cpu|gpu>.json")
     args = p.parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     presets = args.presets or (["125m", "350m", "1.3b"] if device.type == "cuda" else ["toy"])
-    result = {"machine": machine(device), "throughput": []}
+    result = {"machine": machine(device), "throughput": [], "out_of_memory": []}
     for preset in presets:
-        row = time_training(preset, device, args.steps or (10 if device.type == "cuda" else 3), args.micro_batch or None,
-                            args.seq_len or None, args.profile, args.compile)
-        mfu = f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-        print(f"{preset:>6}{' compiled' if row['compile'] else ''}: {row['tokens_per_s']:,.0f} tokens/s{mfu}", flush=True)
-        if args.profile:
-            prof = row["profile"]
-            top = ", ".join(f"{k['name'][:40]} {k['us'] / 1e3:.1f}" for k in prof["kernels"][:4])
-            print(f"        profile of a step: wall {prof['wall_us'] / 1e3:.1f} ms, device {prof['total_us'] / 1e3:.1f} ms "
-                  f"in {prof['launches']} launches; {top} ms", flush=True)
-        result["throughput"].append(row)
+        rows, failed = time_rows(preset, device, args)
+        for row in rows:
+            print_row(row)
+        result["throughput"] += rows
+        result["out_of_memory"] += failed
     if args.run_dir:
         result["toy_run"] = run_summary(args.run_dir) | xz_bpb("toy")
         r = result["toy_run"]
