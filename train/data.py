@@ -118,7 +118,7 @@ class Corpus:
         except UnicodeDecodeError:
             text = raw.decode("utf-8", errors="replace")
         bad = text.count("\ufffd") - raw.count("\ufffd".encode())
-        counts = f"{bad:,} of its {len(raw):,} bytes ({bad / len(raw):.1%}) are not valid UTF-8"
+        counts = f"{bad:,} of its {len(raw):,} bytes ({bad / len(raw):.2%}) are not valid UTF-8"
         if bad > MAX_INVALID_UTF8 * len(raw):
             raise ValueError(f"data.source={self.cfg.source!r}: {file} is not UTF-8 text: {counts} (binary data?). "
                              "Remove it from the source, or convert it to UTF-8")

@@ -1,0 +1,160 @@
+"""Nothing silently wrong and no traceback: every error names the option and value and says what to
+do (eval's options, a one-document corpus, a full disk mid-training), data that is not what it
+claims is refused or counted (binary bytes in a .txt corpus, safetensors whose tensors overlap or
+leave gaps), a changed hyperparameter on resume is announced and recorded, `--threads` is taken and
+reported, and eval scores all of a file that is not the training corpus."""
+
+import errno
+import json
+import struct
+
+import pytest
+import torch
+
+import xlstm7b
+from test_train import job, overrides
+from xlstm7b.cli import main
+from xlstm7b.train import checkpointing, trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("def f(x):\n    return x + 1\n" * 40)
+    return path
+
+
+# --- eval's options --------------------------------------------------------------------------------
+
+EVAL_CASES = {  # name: (extra arguments, words the message must contain)
+    "batch-size-0": (["--batch-size", "0"], ["--batch-size", "'0'", ">= 1"]),
+    "piece-tokens-0": (["--piece-tokens", "0"], ["--piece-tokens", "'0'", ">= 1"]),
+    "val-fraction-2": (["--val-fraction", "2"], ["--val-fraction", "'2'", "[0, 1)"]),
+    "val-fraction-1": (["--val-fraction", "1"], ["--val-fraction", "'1'"]),
+    "max-documents--1": (["--max-documents", "-1"], ["--max-documents", "'-1'", ">= 0"]),
+    "threads--1": (["--threads", "-1"], ["--threads", "'-1'"]),
+    "device-nonsense": (["--device", "tpu9"], ["tpu9", "'cpu'"]),
+}
+
+
+@pytest.mark.parametrize("case", EVAL_CASES, ids=list(EVAL_CASES))
+def test_eval_errors_name_the_option(case, checkpoint_dir, text_file, capsys):
+    extra, words = EVAL_CASES[case]
+    code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--data", text_file, *extra)
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]  # argparse's usage, then one line with the option and the value
+    assert all(w in last for w in words), err
+    assert "Traceback" not in err
+
+
+def test_generate_threads_option_and_report(checkpoint_dir, capsys):
+    code, _, err = run(capsys, "generate", "--checkpoint", checkpoint_dir, "--prompt", "hello", "--max-new-tokens", "3",
+                       "--threads", "1")
+    assert code == 0 and "tok/s on cpu" in err and "1 CPU thread]" in err, err
+    assert torch.get_num_threads() == 1
+    code, _, err = run(capsys, "generate", "--checkpoint", checkpoint_dir, "--prompt", "x", "--threads", "many")
+    assert code == 2 and "--threads" in err and "'many'" in err
+
+
+def test_eval_scores_all_of_a_file_that_is_not_the_training_corpus(checkpoint_dir, text_file, capsys):
+    code, out, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--data", text_file, "--no-progress", "--threads", "1")
+    assert code == 0, err
+    assert out.startswith("1 documents") and "1 CPU thread" in out, out
+    # Asked for, the validation split of a one-file source is empty: an error that says so.
+    code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--data", text_file, "--split", "val", "--no-progress")
+    assert code == 2 and "no documents to evaluate" in err
+
+
+# --- data that is not what it claims ----------------------------------------------------------------
+
+def test_random_bytes_named_txt_are_refused_and_a_few_bad_bytes_counted(tmp_path, corpus, cache, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.txt").write_bytes(torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy().tobytes())
+    code, _, err = run(capsys, "train", "debug", *overrides(bad, cache, tmp_path / "r", "--train.steps=1"))
+    assert code == 1 and "a.txt is not UTF-8 text" in err and "bytes" in err and "%" in err, err
+    assert "Traceback" not in err
+    few = tmp_path / "few"
+    few.mkdir()
+    (few / "b.txt").write_bytes(b"def f():\n    return 1\n" * 200 + b"\xff\xfe")
+    from xlstm7b.train.config import DataConfig
+    from xlstm7b.train.data import Corpus
+
+    docs = list(Corpus(DataConfig(source=str(few), val_fraction=0.0)).documents("train"))
+    assert len(docs) == 1 and docs[0][1].endswith("\ufffd\ufffd")
+    assert "b.txt: 2 of its 4,402 bytes (0.05%)" in capsys.readouterr().err
+
+
+def safetensors_file(path, entries: dict, data_len: int) -> None:
+    header = json.dumps({k: {"dtype": "F32", "shape": [n // 4], "data_offsets": [a, a + n]} for k, (a, n) in entries.items()}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(data_len))
+
+
+@pytest.mark.parametrize("entries,data_len,words", [
+    ({"a": (0, 8), "b": (4, 8)}, 12, ["overlaps key a"]),
+    ({"a": (0, 8), "b": (12, 8)}, 20, ["4 bytes", "before key b", "belong to no tensor"]),
+    ({"a": (4, 8)}, 12, ["4 bytes", "before key a"]),
+], ids=["overlap", "gap", "gap-at-start"])
+def test_safetensors_whose_tensors_overlap_or_leave_gaps_are_refused(tmp_path, entries, data_len, words):
+    from xlstm7b.safetensors_io import read_header
+
+    safetensors_file(tmp_path / "w.safetensors", entries, data_len)
+    with pytest.raises(xlstm7b.CheckpointError) as e:
+        read_header(tmp_path / "w.safetensors")
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+# --- training: one document, a full disk, a changed setting ----------------------------------------
+
+def test_a_one_document_corpus_is_told_to_add_documents(tmp_path, cache, capsys):
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "only.txt").write_text("def f(x):\n    return x\n" * 200)
+    code, _, err = run(capsys, "train", "debug", *overrides(one, cache, tmp_path / "r", "--train.steps=1"))
+    assert code == 1 and "1 document(s)" in err and "add documents" in err, err
+    assert "raise data.val_fraction" not in err and "lower data.val_fraction" not in err
+
+
+def test_disk_full_during_training_says_so_and_keeps_the_last_checkpoint(tmp_path, corpus, cache, capsys, monkeypatch):
+    from torch.distributed.checkpoint import filesystem
+
+    run_dir = tmp_path / "r"
+    real_save, real_write, saves = checkpointing.dcp.save, filesystem._write_item, []
+
+    def save(*args, **kwargs):
+        saves.append(kwargs["checkpoint_id"])
+        return real_save(*args, **kwargs)
+
+    def write(*args, **kwargs):  # the second checkpoint's writes find the disk full, deep inside DCP
+        if len(saves) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.dcp, "save", save)
+    monkeypatch.setattr(filesystem, "_write_item", write)
+    code, _, err = run(capsys, "train", "debug", *overrides(corpus, cache, run_dir, "--train.steps=2", "--run.ckpt_every=1"))
+    assert code == 1, err
+    assert "No space left on device" in err and "step_00000001 is intact" in err and "rerun" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert [p.name for p in checkpointing.checkpoints(run_dir)] == ["step_00000001"]
+    assert not (run_dir / "checkpoints" / "step_00000002.tmp").exists()
+
+
+def test_a_changed_setting_on_resume_is_announced_and_recorded(tmp_path, corpus, cache, capsys):
+    run_dir = tmp_path / "r"
+    assert trainer.train(job(corpus, cache, run_dir, "--train.steps=2", "--train.lr=0.001")) == 0
+    assert trainer.train(job(corpus, cache, run_dir, "--train.steps=3", "--train.lr=0.002")) == 0
+    err = capsys.readouterr().err
+    assert "notice: resuming step_00000002 with changed settings" in err and "train.lr: 0.001 -> 0.002" in err, err
+    history = [json.loads(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [0, 2]
+    assert history[0]["changed"]["train"]["lr"] == 0.001 and history[1]["changed"] == {"train": {"steps": 3, "lr": 0.002}}
+    assert json.loads((run_dir / "config.json").read_text())["train"]["lr"] == 0.002
