@@ -23,7 +23,7 @@ from xlstm7b import XLSTM, ModelConfig, State
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import _version, cpu_name  # noqa: E402
+from decoding import cpu_name, version  # noqa: E402
 
 
 def per_token(fn, tokens: int, repeats: int) -> float:
@@ -68,7 +68,7 @@ def main() -> None:
                              check_us=check_s * 1e6, check_share=check_s / step_s))
             print(f"{preset:>6} B={B:<2} step {step_s * 1e3:8.3f} ms   check {check_s * 1e6:7.1f} us "
                   f"({100 * check_s / step_s:.2f} % of the step)", flush=True)
-    result = dict(device="cpu", device_name=cpu_name(), torch=torch.__version__, triton=_version("triton"),
+    result = dict(device="cpu", device_name=cpu_name(), torch=torch.__version__, triton=version("triton"),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   threads=args.threads, tokens=args.tokens, repeats=args.repeats,
                   load_average_1min=os.getloadavg()[0], rows=rows)

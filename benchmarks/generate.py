@@ -9,21 +9,29 @@ prompt lengths, and peak memory while generating more and more tokens (constant 
 Prefill tok/s is one forward pass over the prompt (the prefill proper); TTFT is generate() of one
 token, with whatever else that call does (ours, on CUDA: the decode step's first use). The two
 models' last-position logits on one prompt are compared too (their relative difference).
-"compiled" is xlstm7b with generate(..., compile=True) (its prefill is ours, so it has no prefill
-rows; on CUDA it has no memory rows either, whose fresh processes would compile again); the time its
-first call spends compiling is reported per batch size.
+The decoding modes (impl): "ours" is xlstm7b's generate with the uncompiled step (on CUDA replayed
+from a CUDA graph), "eager" the same step without the graph (CUDA only), "compiled" with
+generate(..., compile=True) (on CUDA, the compiled step captured: generate's default there); the
+time its first call spends compiling is reported per batch size, with how many graphs inductor's
+cache served. "official" is the official model's eager generate, "official-compiled" the official
+model in its fastest documented mode, compiled and captured in a CUDA graph (benchmarks/decoding.py).
+Only "ours" and "official" have prefill and memory rows (the others share their prefill, and fresh
+processes would compile again). With --kernels-per-token, the kernels one decode step runs per mode
+(CUDA: as the profiler sees them; CPU: the operators that compute). On CUDA the batch-1 rows carry
+ms per token and its ratio to the card's weight-read floor.
 Decode rate = B * (N - 1) / (t(N tokens) - t(1 token)), so prefill and the first token are excluded;
-every time is the best of --repeats runs. With --profile, where the time of a prefill and of a decode
+every time is the best of --repeats runs. Rows are written to the JSON as they are measured. With --profile, where the time of a prefill and of a decode
 step goes, kernel by kernel (benchmarks/profiling.py). Writes benchmarks/results/generate_<device>.json and a PNG
 beside it (when matplotlib is installed).
 """
 
 import argparse
+import contextlib
+import copy
 import datetime
+import functools
 import gc
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,9 +40,11 @@ from pathlib import Path
 import torch
 
 from xlstm7b import XLSTM, ModelConfig, generate
-from xlstm7b.decode import decoding_state, step_runner
+from xlstm7b.decode import cuda_compiled_step, decoding_state, step_compilations, step_runner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decoding import (LiveRows, cached_official, count_kernels, cpu_name, inductor_kernel_profile, official_graphed_generate,  # noqa: E402
+                      official_model, plot, version, weight_floor_ms)
 from profiling import profile_kernels  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,46 +60,22 @@ def build(preset: str, device: str, dtype: torch.dtype, official: bool, state_dt
     ours = ours.to_empty(device=device)
     ours.init_weights()
     ours = ours.to(dtype).eval()
-    if not official:
-        return ours, None
-    from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
+    return ours, official_model(ours, state_dtype) if official else None
 
-    on_gpu = device.startswith("cuda")
-    kernels = (
-        dict(chunkwise_kernel="chunkwise--triton_xl_chunk", sequence_kernel="native_sequence__triton", step_kernel="triton")
-        if on_gpu
-        else dict(chunkwise_kernel="chunkwise--native_autograd", sequence_kernel="native_sequence__native", step_kernel="native")
-    )
-    c = config
-    theirs_config = xLSTMLargeConfig(
-        embedding_dim=c.embedding_dim, num_heads=c.num_heads, num_blocks=c.num_blocks, vocab_size=c.vocab_size,
-        qk_dim_factor=c.qk_dim_factor, v_dim_factor=c.v_dim_factor, ffn_proj_factor=c.ffn_proj_factor,
-        ffn_round_up_to_multiple_of=c.ffn_round_up_to_multiple_of, gate_soft_cap=c.gate_soft_cap,
-        output_logit_soft_cap=c.output_logit_soft_cap, chunk_size=c.chunk_size, weight_mode="fused",
-        mode="inference", return_last_states=True, inference_state_dtype=state_dtype,
-        autocast_kernel_dtype="bfloat16" if dtype == torch.bfloat16 else "float32", **kernels,
-    )
-    with torch.device("meta"):
-        theirs = xLSTMLarge(theirs_config)
-    # Same tensors, no copy: only the embedding's name differs.
-    sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v for k, v in ours.state_dict().items()}
-    theirs.load_state_dict(sd, strict=True, assign=True)
-    # On the GPU their gate pre-activations in float32, as ours are: in bfloat16 they reach the TFLA
-    # prefill kernel as a bfloat16 vecI, whose compilation aborts in Triton 3.6.0's LLVM (an
-    # SLPVectorizer assertion); their CPU forms take float32 gates only with float32 q and k.
-    for name, module in theirs.named_modules() if on_gpu else ():
-        if name.endswith("ifgate_preact"):
-            module.register_forward_hook(lambda module, args, out: out.float())
-    return ours, theirs.eval()
+
+OURS = ("ours", "eager", "compiled")
 
 
 def run_fn(impl: str, model, ids: torch.Tensor, n: int, graph: bool | None = None, state_dtype: str = "float32"):
-    """One greedy generation of n tokens per row; returns the tokens. graph: ours with or without the
-    CUDA graph (None: generate's default, which steps eagerly for fewer than GRAPH_MIN_TOKENS tokens).
-    state_dtype: ours decodes with C and n in it (the official model's is set by `build`)."""
-    if impl in ("ours", "compiled"):
+    """One greedy generation of n tokens per row; returns the tokens. graph: "ours" with or without
+    the CUDA graph (None: generate's default, which steps eagerly for fewer than GRAPH_MIN_TOKENS
+    tokens). state_dtype: ours decodes with C and n in it (the official model's is set by `build`)."""
+    if impl in OURS:
+        graph = False if impl == "eager" else graph
         return generate(model, ids, max_new_tokens=n, compile=impl == "compiled", cuda_graph=graph,
                         state_dtype=DTYPES[state_dtype]).tokens
+    if impl == "official-compiled":
+        return official_graphed_generate(model, ids, n)
     with torch.no_grad():
         return model.generate(ids, max_length=n)[0]
 
@@ -98,7 +84,7 @@ def forward_fn(impl: str, model, ids: torch.Tensor) -> torch.Tensor:
     """One forward pass over the prompt, the prefill proper; returns the last position's logits (the
     official model computes them at every position: a small cost ours does not have)."""
     with torch.no_grad():
-        if impl == "official":
+        if impl.startswith("official"):
             return model(ids)[0][:, -1]
         return model(ids, last_logits_only=True)[0][:, -1]
 
@@ -122,50 +108,113 @@ def prompt(batch: int, length: int, config: ModelConfig, device) -> torch.Tensor
     return ids
 
 
-def bench_speed(models: dict, args, config: ModelConfig, device, rows: list[dict]) -> None:
-    """Appends the decode and prefill rows to rows (kept by the caller if interrupted)."""
-    for B in args.batches:
-        ids = prompt(B, 16, config, device)
-        for impl, model in models.items():
-            if impl == "compiled":
-                t0 = time.perf_counter()
-                run_fn(impl, model, ids, 1, state_dtype=args.state_dtype)
-                first = time.perf_counter() - t0
-                compile_s = first - best_time(lambda: run_fn(impl, model, ids, 1, state_dtype=args.state_dtype), args.repeats)
-                rows.append(dict(impl=impl, metric="compile", batch=B, seconds=compile_s))
-                print(f"compile  {impl:<8} batch {B:>3}: {compile_s:9.1f} s (once per model, batch size and weights)", flush=True)
-            # Both calls decode the same way (on CUDA from a graph, captured in each), so the difference is
-            # decoding alone.
-            graph = True if device.startswith("cuda") else None
-            try:
-                t1 = best_time(lambda: run_fn(impl, model, ids, 1, graph, args.state_dtype), args.repeats)
-                tn = best_time(lambda: run_fn(impl, model, ids, args.decode_tokens, graph, args.state_dtype), args.repeats)
-            except torch.OutOfMemoryError:  # the recurrent state grows with the batch: keep the other rows
-                print(f"decode   {impl:<8} batch {B:>3}: out of memory", flush=True)
-                rows.append(dict(impl=impl, metric="decode", batch=B, error="out of memory"))
-                gc.collect()
-                torch.cuda.empty_cache()
-                continue
-            rate = B * (args.decode_tokens - 1) / (tn - t1)
-            rows.append(dict(impl=impl, metric="decode", batch=B, new_tokens=args.decode_tokens, tok_per_s=rate))
-            print(f"decode   {impl:<8} batch {B:>3}: {rate:9.1f} tok/s", flush=True)
+def decode_plan(args) -> list[tuple[int, str, str]]:
+    """(batch, state dtype, impl) in the order measured. State dtypes past the first are measured at
+    batches above 1 only: at batch 1 the state is about 1 % of a 7B step's traffic."""
+    return [(B, sd, impl) for B in args.batches for sd in (args.state_dtypes if B > 1 else args.state_dtypes[:1])
+            for impl in args.impls if B == 1 or impl not in args.batch1_only]
+
+
+def bench_decode(ours: XLSTM, official, args, device: str, rows: list[dict]) -> None:
+    """Appends a decode row per (batch, state dtype, impl) of decode_plan, and before a compiled
+    mode's first row at a batch size its compilation row. official(state_dtype) -> the official model."""
+    cuda = device.startswith("cuda")
+    floor = weight_floor_ms(ours, torch.cuda.get_device_name()) if cuda else None
+    for B, sd, impl in decode_plan(args):
+        model = official(sd) if impl.startswith("official") else ours
+        ids = prompt(B, 16, ours.config, device)
+        if impl == "compiled":
+            rows.append(compile_row(model, ids, B, sd, args))
+        # Both calls decode the same way (on CUDA from a graph, captured in each), so the difference is
+        # decoding alone.
+        graph = True if cuda else None
+        row = dict(impl=impl, metric="decode", batch=B, state_dtype=sd)
+        try:
+            t1 = best_time(lambda: run_fn(impl, model, ids, 1, graph, sd), args.repeats)
+            tn = best_time(lambda: run_fn(impl, model, ids, args.decode_tokens, graph, sd), args.repeats)
+        except torch.OutOfMemoryError:  # the recurrent state grows with the batch: keep the other rows
+            print(f"decode   {impl:<17} batch {B:>3}, {sd} state: out of memory", flush=True)
+            rows.append(row | dict(error="out of memory"))
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        rate = B * (args.decode_tokens - 1) / (tn - t1)
+        row.update(new_tokens=args.decode_tokens, tok_per_s=rate)
+        floor_note = ""
+        if floor is not None and B == 1:
+            row.update(ms_per_token=1e3 / rate, weight_floor_ms=floor, floor_fraction=floor * rate / 1e3)
+            floor_note = f" ({1e3 / rate:.2f} ms per token, {100 * floor * rate / 1e3:.0f} % of the weight-read floor)"
+        rows.append(row)
+        print(f"decode   {impl:<17} batch {B:>3}, {sd} state: {rate:9.1f} tok/s{floor_note}", flush=True)
+
+
+def compile_row(model: XLSTM, ids: torch.Tensor, B: int, state_dtype: str, args) -> dict:
+    """The compiled step's first use: the first call's extra time over later ones (once per model,
+    batch size and weights), the compilation's own record of it, and whether it fell back."""
+    known = {id(c) for c in step_compilations(model)}
+    t0 = time.perf_counter()
+    run_fn("compiled", model, ids, 1, state_dtype=state_dtype)
+    first = time.perf_counter() - t0
+    extra = first - best_time(lambda: run_fn("compiled", model, ids, 1, state_dtype=state_dtype), args.repeats)
+    made = [c for c in step_compilations(model) if id(c) not in known]
+    row = dict(impl="compiled", metric="compile", batch=B, state_dtype=state_dtype, seconds=extra,
+               compile_seconds=sum(c.compile_seconds or 0 for c in made), fx_cache_hits=sum(c.cache_hits for c in made),
+               error=next((f"{type(c.error).__name__}: {c.error}"[:300] for c in made if c.error), None))
+    print(f"compile  compiled batch {B:>3}: {extra:9.1f} s (once per model, batch size and weights; "
+          f"{row['fx_cache_hits']} graphs from inductor's cache)" + (f"; FAILED, uncompiled: {row['error']}" if row["error"] else ""),
+          flush=True)
+    return row
+
+
+def bench_prefill(ours: XLSTM, official, args, device: str, rows: list[dict]) -> None:
+    """Appends a prefill row per prompt length and model ("ours", "official"): the forward pass over
+    the prompt, and unless --forward-only the time to first token through generate."""
+    impls = [impl for impl in ("ours", "official") if impl in args.impls]
     for S in args.prompt_lengths:
-        ids = prompt(1, S, config, device)
-        for impl, model in models.items():
-            if impl == "compiled":
-                continue  # the same prefill as "ours"
+        ids = prompt(1, S, ours.config, device)
+        for impl in impls:
+            model = official(args.state_dtypes[0]) if impl == "official" else ours
+            row = dict(impl=impl, metric="prefill", prompt_tokens=S)
             try:
                 repeats = 1 if S > 8192 else args.repeats
-                ttft = best_time(lambda: run_fn(impl, model, ids, 1, state_dtype=args.state_dtype), repeats)
                 forward = best_time(lambda: forward_fn(impl, model, ids), repeats)
+                row.update(forward_s=forward, tok_per_s=S / forward)
+                if not args.forward_only:
+                    row["ttft_s"] = best_time(lambda: run_fn(impl, model, ids, 1, state_dtype=args.state_dtypes[0]), repeats)
             except torch.OutOfMemoryError:
                 print(f"prefill  {impl:<8} {S:>6} tokens: out of memory", flush=True)
-                rows.append(dict(impl=impl, metric="prefill", prompt_tokens=S, error="out of memory"))
+                rows.append(row | dict(error="out of memory"))
                 continue
-            rows.append(dict(impl=impl, metric="prefill", prompt_tokens=S, ttft_s=ttft, forward_s=forward, tok_per_s=S / forward))
-            print(f"prefill  {impl:<8} {S:>6} tokens: {S / forward:9.0f} tok/s (forward {forward * 1e3:.1f} ms), "
-                  f"TTFT {ttft * 1e3:9.1f} ms", flush=True)
+            rows.append(row)
+            ttft = f", TTFT {row['ttft_s'] * 1e3:9.1f} ms" if "ttft_s" in row else ""
+            print(f"prefill  {impl:<8} {S:>6} tokens: {S / forward:9.0f} tok/s (forward {forward * 1e3:.1f} ms){ttft}", flush=True)
             gc.collect()
+
+
+def bench_kernels_per_token(ours: XLSTM, args, device: str, rows: list[dict]) -> None:
+    """Appends a row per decode mode with the kernels one step at batch 1 runs (count_kernels): eager
+    and compiled, and on CUDA both replayed from their graphs (what the profiler sees of a graph)."""
+    cuda = device.startswith("cuda")
+    token = torch.ones(1, dtype=torch.long, device=device)
+    modes = [("eager", False, False)] + ([] if args.no_compiled else [("compiled", False, True)])
+    modes += [(f"{name}, CUDA graph", True, compiled) for name, _, compiled in modes] if cuda else []
+    for name, graph, compiled in modes:
+        state = decoding_state(None, ours.config, 1, device)
+        row = dict(impl=name, metric="kernels_per_token", batch=1)
+        with torch.no_grad(), inductor_kernel_profile() if compiled and not cuda else contextlib.nullcontext():
+            if compiled and not graph:
+                # Compiled for this count: on CPU a copy of the model compiles anew, with the kernels
+                # recorded; on CUDA the compiled step itself, called outside a graph.
+                model = copy.deepcopy(ours) if not cuda else ours
+                fn = (cuda_compiled_step(model, state) if cuda else step_runner(model, state, cuda_graph=False, compile=True))
+                run = (lambda: fn(model, token, state)) if cuda else (lambda: fn(token))
+            else:
+                step = step_runner(ours, state, cuda_graph=graph, compile=compiled)
+                run = lambda: step(token)  # noqa: E731
+            row.update(count_kernels(run, device))
+        rows.append(row)
+        print(f"kernels  {name:<20} batch 1: {row['kernels']} per token; most frequent: "
+              + ", ".join(f"{k['name'][:30]} x{k['calls']}" for k in row["top"][:3]), flush=True)
 
 
 def bench_profile(models: dict, args, config: ModelConfig, device, rows: list[dict]) -> None:
@@ -179,7 +228,7 @@ def bench_profile(models: dict, args, config: ModelConfig, device, rows: list[di
     token = torch.ones(1, dtype=torch.long, device=device)
 
     def decode_step(impl: str, graph: bool):
-        state = decoding_state(None, config, 1, device, DTYPES[args.state_dtype])
+        state = decoding_state(None, config, 1, device, DTYPES[args.state_dtypes[0]])
         step = step_runner(models[impl], state, cuda_graph=graph, compile=impl == "compiled")
         return lambda: step(token)
 
@@ -208,22 +257,23 @@ def memory_child(impl: str, n: int, args) -> dict:
     use before (the model, and buffers kept from a warm-up run). CUDA: the allocator's peak; CPU: the
     process's peak RSS, reset through /proc/self/clear_refs after the warm-up."""
     device = args.device
-    ours, theirs = build(args.preset, device, DTYPES[args.dtype], official=impl == "official", state_dtype=args.state_dtype)
+    state_dtype = args.state_dtypes[0]
+    ours, theirs = build(args.preset, device, DTYPES[args.dtype], official=impl == "official", state_dtype=state_dtype)
     model = theirs if impl == "official" else ours
     ids = prompt(1, 16, ours.config, device)
-    run_fn(impl, model, ids, 2, state_dtype=args.state_dtype)  # warm-up: kernels compiled, caches filled
+    run_fn(impl, model, ids, 2, state_dtype=state_dtype)  # warm-up: kernels compiled, caches filled
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        run_fn(impl, model, ids, n, state_dtype=args.state_dtype)
+        run_fn(impl, model, ids, n, state_dtype=state_dtype)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         return dict(peak_bytes=peak, peak_extra_bytes=peak - base)
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM)
     base = proc_status_bytes("VmRSS")
-    run_fn(impl, model, ids, n, state_dtype=args.state_dtype)
+    run_fn(impl, model, ids, n, state_dtype=state_dtype)
     peak = proc_status_bytes("VmHWM")
     return dict(peak_bytes=peak, peak_extra_bytes=peak - base)
 
@@ -240,7 +290,7 @@ def bench_memory(impls: list[str], args) -> list[dict]:
     for n in args.memory_tokens:
         for impl in impls:
             cmd = [sys.executable, __file__, "--memory-child", impl, str(n), "--device", args.device,
-                   "--preset", args.preset, "--dtype", args.dtype, "--state-dtype", args.state_dtype]
+                   "--preset", args.preset, "--dtype", args.dtype, "--state-dtypes", args.state_dtypes[0]]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"memory   {impl:<8} {n:>6} tokens: failed\n{done.stderr[-2000:]}", flush=True)
@@ -252,133 +302,110 @@ def bench_memory(impls: list[str], args) -> list[dict]:
     return rows
 
 
-def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, (metric, x, y, xlabel, ylabel) in zip(axes, [
-        ("decode", "batch", "tok_per_s", "batch size", "decode tok/s"),
-        ("prefill", "prompt_tokens", "ttft_s", "prompt tokens", "time to first token (s)"),
-        ("memory", "new_tokens", "peak_mib", "generated tokens", "peak memory while generating (MiB)"),
-    ]):
-        for impl, color in (("ours", "C0"), ("compiled", "C1"), ("official", "C2")):
-            pts = sorted((r[x], r[y]) for r in result["rows"] if r["impl"] == impl and r["metric"] == metric and y in r)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=impl, color=color)
-        xs = sorted({r[x] for r in result["rows"] if r["metric"] == metric})
-        ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel)
-        ax.set_xticks(xs, [str(v) for v in xs])
-        ax.minorticks_off()
-        ax.legend()
-    fig.suptitle(f"generate, {result['preset']} preset, {result['dtype']}, {result['device_name']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--preset", help="model shape (default: toy on CPU, 7b on CUDA)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--state-dtype", choices=list(DTYPES), default="float32",
-                   help="what both models keep the decoding state's C and n in (generate's state_dtype)")
+    p.add_argument("--state-dtypes", choices=list(DTYPES), nargs="+", default=["float32"],
+                   help="what both models keep the decoding state's C and n in (generate's state_dtype, the official's "
+                        "inference_state_dtype); past the first, at batches above 1 only")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--impls", nargs="+", choices=["ours", "eager", "compiled", "official", "official-compiled"],
+                   help="decoding modes (default: all there are: eager and official-compiled on CUDA only)")
+    p.add_argument("--batch1-only", nargs="*", default=[], metavar="IMPL", help="modes measured at batch 1 only")
     p.add_argument("--decode-tokens", type=int, help="tokens per decode measurement (default: 32 CPU, 256 CUDA)")
-    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[2048, 8192, 16384, 65536])
-    p.add_argument("--memory-tokens", type=int, nargs="+", help="generated tokens for the memory rows "
-                   "(default: 250 2500 on CPU, 1000 10000 100000 on CUDA)")
+    p.add_argument("--prompt-lengths", type=int, nargs="*", default=[2048, 8192, 16384, 65536])
+    p.add_argument("--forward-only", action="store_true", help="prefill rows: the forward pass alone, no time to first token")
+    p.add_argument("--memory-tokens", type=int, nargs="*", help="generated tokens for the memory rows "
+                   "(default: 250 2500 on CPU, 1000 10000 100000 on CUDA; none: no memory rows)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: on a shared 2-core machine, "
                    "a second OpenMP thread waiting for a busy core stalls every small op for milliseconds)")
     p.add_argument("--no-official", action="store_true", help="measure xlstm7b only")
     p.add_argument("--no-compiled", action="store_true", help="skip the compiled decode step (its compilation "
                    "takes half a minute on CPU, more for the 7B on CUDA: e.g. for a quick check of the script)")
+    p.add_argument("--kernels-per-token", action="store_true", help="the kernels one decode step runs, per mode")
     p.add_argument("--profile", action="store_true", help="also the device time per kernel of a forward pass over "
                    "the longest prompt (each model) and of a decode step at batch 1 (ours: eager, graph, compiled)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
     p.add_argument("--memory-child", nargs=2, metavar=("IMPL", "TOKENS"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.preset = args.preset or ("7b" if cuda else "toy")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.decode_tokens = args.decode_tokens or (256 if cuda else 32)
+    if args.memory_tokens is None:
+        args.memory_tokens = [1000, 10000, 100000] if cuda else [250, 2500]
+    available = ["ours", "eager", "compiled", "official", "official-compiled"] if cuda else ["ours", "compiled", "official"]
+    dropped = ({"compiled"} if args.no_compiled else set()) | ({"official", "official-compiled"} if args.no_official else set())
+    args.impls = [i for i in args.impls or available if i in available and i not in dropped]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         print("no CUDA device here: the GPU section (7B shape, bf16) is skipped; run the CPU section with --device cpu")
         return
-    args.preset = args.preset or ("7b" if cuda else "toy")
-    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    args.decode_tokens = args.decode_tokens or (256 if cuda else 32)
-    args.memory_tokens = args.memory_tokens or ([1000, 10000, 100000] if cuda else [250, 2500])
     torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), args)))
         return
 
-    ours, theirs = build(args.preset, args.device, DTYPES[args.dtype], official=not args.no_official, state_dtype=args.state_dtype)
-    ours_impls = ["ours"] + ([] if args.no_compiled else ["compiled"])
-    models = {impl: ours for impl in ours_impls} | ({} if theirs is None else {"official": theirs})
-    vocab = ours.config.vocab_size
+    with_official = any(i.startswith("official") for i in args.impls)
+    ours, _ = build(args.preset, args.device, DTYPES[args.dtype], official=False)
+    officials = {}  # state dtype -> the official model on our weights
+    official = functools.partial(cached_official, officials, ours)
+
     c = ours.config
-    model_shape = dict(embedding_dim=c.embedding_dim, num_blocks=c.num_blocks, num_heads=c.num_heads,
-                       vocab_size=vocab, params=ours.num_params())
     agree = logits_diff = None
-    if theirs is not None:  # the same weights must give the same logits and (unless near-tied) greedy tokens
+    if with_official:  # the same weights must give the same logits and (unless near-tied) greedy tokens
+        sd, theirs = args.state_dtypes[0], official(args.state_dtypes[0])
         ids = prompt(2, 24, c, args.device)
-        agree = bool(torch.equal(run_fn("ours", ours, ids, 16, state_dtype=args.state_dtype), run_fn("official", theirs, ids, 16)))
+        agree = bool(torch.equal(run_fn("ours", ours, ids, 16, state_dtype=sd), run_fn("official", theirs, ids, 16)))
         mine, ref = forward_fn("ours", ours, ids).double(), forward_fn("official", theirs, ids).double()
         logits_diff = ((mine - ref).norm() / ref.norm()).item()
         print(f"same greedy tokens as the official model: {agree}; last logits' relative difference {logits_diff:.2e}",
               flush=True)
-    rows, interrupted = [], False
-    try:  # interrupted (Ctrl-C, or `timeout --signal=INT` in benchmarks/gpu.sh): the rows so far are written
-        bench_speed(models, args, c, args.device, rows)
-        if args.profile:
-            bench_profile(models, args, c, args.device, rows)
-        del models, ours, theirs
-        gc.collect()
-        rows += bench_memory([i for i in ours_impls if not (cuda and i == "compiled")] + ([] if args.no_official else ["official"]), args)
-    except KeyboardInterrupt:
-        interrupted = True
-        print(f"interrupted: writing the {len(rows)} rows measured so far", flush=True)
-
-    result = dict(
+    header = dict(
         device=args.device,
         device_name=torch.cuda.get_device_name() if cuda else cpu_name(),
         driver=torch.version.cuda if cuda else None,
         torch=torch.__version__,
-        triton=_version("triton"),
-        xlstm=None if args.no_official else _version("xlstm"),
+        triton=version("triton"),
+        xlstm=version("xlstm") if with_official else None,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        preset=args.preset, model=model_shape, dtype=args.dtype, state_dtype=args.state_dtype, threads=args.threads, repeats=args.repeats,
-        same_greedy_tokens=agree, logits_rel_diff=logits_diff, interrupted=interrupted, rows=rows,
+        preset=args.preset, model=dict(embedding_dim=c.embedding_dim, num_blocks=c.num_blocks, num_heads=c.num_heads,
+                                       vocab_size=c.vocab_size, params=ours.num_params()),
+        dtype=args.dtype, state_dtypes=args.state_dtypes, impls=args.impls, threads=args.threads, repeats=args.repeats,
+        same_greedy_tokens=agree, logits_rel_diff=logits_diff,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"generate_{'cuda' if cuda else 'cpu'}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    rows, interrupted = LiveRows(out, header), False
+    try:  # interrupted (Ctrl-C, or `timeout --signal=INT` in benchmarks/gpu.sh): the rows so far are written
+        bench_decode(ours, official, args, args.device, rows)
+        if args.kernels_per_token:
+            bench_kernels_per_token(ours, args, args.device, rows)
+        bench_prefill(ours, official, args, args.device, rows)
+        models = {}
+        if args.profile:
+            models = {i: ours for i in ("ours", "compiled") if i in args.impls}
+            models |= {"official": official(args.state_dtypes[0])} if "official" in args.impls else {}
+            bench_profile(models, args, c, args.device, rows)
+        del ours, officials
+        gc.collect()
+        rows += bench_memory([i for i in ("ours", "official") if i in args.impls], args)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted: writing the {len(rows)} rows measured so far", flush=True)
+    rows.write(interrupted=interrupted)
     print(f"wrote {out}")
-    plot(result, out.with_suffix(".png"))
-
-
-def cpu_name() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.machine())
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
+    plot(dict(header, rows=list(rows)), out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

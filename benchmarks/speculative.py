@@ -35,7 +35,7 @@ from xlstm7b.speculative import readvance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import _version, cpu_name  # noqa: E402
+from decoding import cpu_name, version  # noqa: E402
 
 
 def sync(device):
@@ -207,7 +207,7 @@ def main() -> None:
     best = max((r for r in rows if r["kind"] == "measured" and r["K"]), key=lambda r: r["speedup"], default=None)
     result = dict(
         device=args.device, device_name=torch.cuda.get_device_name() if cuda else cpu_name(),
-        driver=torch.version.cuda if cuda else None, torch=torch.__version__, triton=_version("triton"),
+        driver=torch.version.cuda if cuda else None, torch=torch.__version__, triton=version("triton"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         dtype=str(dtype).removeprefix("torch."), threads=None if cuda else args.threads, repeats=args.repeats,
         batch=1, prompts=len(prompts), prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, **pair,

@@ -3,6 +3,7 @@ final state == one forward over the whole text, constant decoding memory, stream
 
 import importlib
 import io
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate
 from conftest import assert_states_close, decoding_heap_growth, heap_bytes_in_use, prompt, random_model
 from xlstm7b.cli import generate_main
-from xlstm7b.decode import CompiledStep
+from xlstm7b.decode import CompiledStep, step_compilations
 from xlstm7b.sampling import sample
 from xlstm7b.streaming import TextStreamer
 
@@ -288,6 +289,8 @@ def test_compiled_decoding_equals_eager():
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
         assert_states_close(a.state, b.state, 1e-5)
     assert int(a.lengths[0]) == 3
+    compilations = step_compilations(model)
+    assert len(compilations) == 1 and compilations[0].compile_seconds > 0 and compilations[0].error is None
     # Above GEMM_TEMPLATE_MAX_BATCH rows the compiled step keeps MKL's GEMMs: a second compilation.
     many = [prompt(3 + b, 40 + b) for b in range(CompiledStep.GEMM_TEMPLATE_MAX_BATCH + 1)]
     a, b = generate(model, many, compile=True, **kw), generate(model, many, **kw)
@@ -303,23 +306,42 @@ def test_compiled_decoding_equals_eager():
     assert torch.equal(generate(model, prompts, compile=True, **kw).tokens, generate(model, prompts, **kw).tokens)
 
 
+def test_failed_compilation_decodes_uncompiled():
+    """A compilation that fails (here: no C++ compiler) warns once, in one line, and the step runs
+    uncompiled, with eager decoding's tokens; later calls never try to compile it again."""
+    model = random_model(ModelConfig(embedding_dim=32, num_heads=2, num_blocks=1, vocab_size=512), seed=3)
+    prompts = [prompt(5 + b, 3) for b in range(CompiledStep.GEMM_TEMPLATE_MAX_BATCH + 1)]  # no GEMM autotuning
+    eager = generate(model, prompts, max_new_tokens=4)
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            failed = generate(model, prompts, max_new_tokens=4, compile=True)
+            again = generate(model, prompts, max_new_tokens=4, compile=True)
+        notices = [str(w.message) for w in caught if "compiling the decode step failed" in str(w.message)]
+        assert len(notices) == 1 and "\n" not in notices[0], notices
+        [compilation] = step_compilations(model)
+        assert compilation.error is not None and compilation.compile_seconds is None
+    assert torch.equal(failed.tokens, eager.tokens) and torch.equal(again.tokens, eager.tokens)
+    assert_states_close(failed.state, eager.state, 1e-6)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
+@pytest.mark.parametrize("compile", [False, True, None], ids=["graph", "compiled-graph", "default"])
 def test_cuda_graph_decoding_equals_eager(compile):
-    """The step replayed from a CUDA graph (with compile=True: inductor's step, captured) gives the
-    eager step's tokens and state (ragged prompts, EOS; a bfloat16 state too), a draft's steps too,
-    and seeded sampling repeats."""
+    """The step replayed from a CUDA graph (with compile=True, and by default: inductor's step,
+    captured) gives the eager step's tokens and state (ragged prompts, EOS; a bfloat16 state too), a
+    draft's steps too, and seeded sampling repeats."""
     cuda_model = random_model(ModelConfig.from_preset("debug")).cuda()
     prompts = [prompt(5, 15), prompt(30, 16), []]
     kw = dict(max_new_tokens=20, eos_token_id=7)
     graphed = generate(cuda_model, prompts, cuda_graph=True, compile=compile, **kw)
     eager = generate(cuda_model, prompts, cuda_graph=False, **kw)
     assert torch.equal(graphed.tokens, eager.tokens) and torch.equal(graphed.lengths, eager.lengths)
-    assert_states_close(graphed.state, eager.state, 1e-4 if compile else 1e-5)
+    assert_states_close(graphed.state, eager.state, 1e-5 if compile is False else 1e-4)
     sampled = [generate(cuda_model, prompts, temperature=1.0, top_k=20, seed=5, compile=compile, **kw).tokens for _ in range(2)]
     assert torch.equal(*sampled)
-    if not compile:  # with a bfloat16 state too (the compiled step may round the bfloat16 update otherwise)
-        half = [generate(cuda_model, prompts, cuda_graph=g, state_dtype=torch.bfloat16, **kw) for g in (True, False)]
+    if compile is False:  # with a bfloat16 state too (the compiled step may round the bfloat16 update otherwise)
+        half = [generate(cuda_model, prompts, cuda_graph=g, compile=False, state_dtype=torch.bfloat16, **kw) for g in (True, False)]
         assert torch.equal(half[0].tokens, half[1].tokens) and half[0].state[0][0].dtype == torch.bfloat16
     if compile:
         speculative = generate(cuda_model, prompts, compile=True, draft=cuda_model, speculate_k=3, **kw)

@@ -7,11 +7,19 @@
     logits = step(token, active)                                  # one token, `state` updated in place
 
 A step runner is `model.step` bound to one state (and optionally one `cell_inputs` buffer it fills
-every step): eager, captured in a CUDA graph (on CUDA with compile=True: inductor's compilation of the
-step, captured), or compiled by inductor for CPU.
+every step): eager, captured in a CUDA graph (on CUDA with compile=True, the default where a graph is
+captured: inductor's compilation of the step, captured), or compiled by inductor for CPU.
+
+Compilation costs time once per model and kind of call (`StepCompilation.compile_seconds` says how
+much): the compiled code is kept for later calls in the process, and inductor's FX graph cache
+(`torch._inductor.config.fx_graph_cache`, on by default, in TORCHINDUCTOR_CACHE_DIR) serves the
+generated kernels to later processes, which then only trace. A compilation that fails (no C++
+compiler, an inductor or Triton error) warns once and the step runs uncompiled.
 """
 
+import time
 import types
+import warnings
 import weakref
 
 import torch
@@ -108,9 +116,14 @@ def check_finite(nonfinite: torch.Tensor, model: XLSTM, where: str, *, role: str
     raise FloatingPointError(f"the {role} produced non-finite logits (NaN or inf) {where}: {cause}")
 
 
-def step_runner(model: XLSTM, state: State, *, cuda_graph: bool, compile: bool, cell_inputs: torch.Tensor | None = None):
+def step_runner(model: XLSTM, state: State, *, cuda_graph: bool, compile: bool | None = None,
+                cell_inputs: torch.Tensor | None = None):
     """`model.step` on `state` as `step(token, active=None) -> logits`: captured, compiled or eager.
-    With `cell_inputs` (a `model.cell_inputs_buffer(B)`), every step fills it."""
+    With `cell_inputs` (a `model.cell_inputs_buffer(B)`), every step fills it. compile=None: compiled
+    where the step is captured in a CUDA graph (on CUDA the compiled graph replays far fewer kernels),
+    eager elsewhere (on CPU compilation is opt-in: seconds to a minute for a faster step)."""
+    if compile is None:
+        compile = cuda_graph and state.device.type == "cuda"
     if cuda_graph:
         return CUDAGraphStep(model, state, cell_inputs, compile=compile)
     if compile and state.device.type == "cuda":
@@ -122,6 +135,44 @@ def step_runner(model: XLSTM, state: State, *, cuda_graph: bool, compile: bool, 
         return model.step(token, state, active, cell_inputs)
 
     return eager_step
+
+
+class StepCompilation:
+    """`XLSTM.step` compiled by `torch.compile(**options)`, called as `XLSTM.step` is. The first call
+    compiles: compile_seconds is its time (compilation, then one step), cache_hits how many graphs
+    inductor's FX graph cache served (compiled in an earlier process). If compiling fails, it warns
+    once and runs the uncompiled step from then on (`error` holds why), never compiling again."""
+
+    def __init__(self, options: dict | None = None):
+        self.fn = torch.compile(own_copy(XLSTM.step), dynamic=False, options=options)
+        self.compile_seconds: float | None = None
+        self.cache_hits = 0
+        self.error: Exception | None = None
+
+    def __call__(self, model: XLSTM, token, state: State, active=None, cell_inputs=None) -> torch.Tensor:
+        if self.error is not None:
+            return XLSTM.step(model, token, state, active, cell_inputs)
+        if self.compile_seconds is not None:
+            return self.fn(model, token, state, active, cell_inputs)
+        hits = _cache_hits()
+        t0 = time.perf_counter()
+        try:
+            logits = self.fn(model, token, state, active, cell_inputs)
+        except Exception as e:  # inductor, Triton or the C++ toolchain: the step itself still runs
+            self.error = e
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {first}); decoding uncompiled",
+                          RuntimeWarning, stacklevel=2)
+            return XLSTM.step(model, token, state, active, cell_inputs)
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)
+        self.compile_seconds = time.perf_counter() - t0
+        self.cache_hits = _cache_hits() - hits
+        return logits
+
+
+def _cache_hits() -> int:
+    return torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
 
 
 def own_copy(fn: types.FunctionType) -> types.FunctionType:
@@ -145,7 +196,7 @@ class CompiledStep:
     """
 
     GEMM_TEMPLATE_MAX_BATCH = 16
-    _compiled: "weakref.WeakKeyDictionary[XLSTM, tuple[tuple, dict[bool, object]]]" = weakref.WeakKeyDictionary()
+    _compiled: "weakref.WeakKeyDictionary[XLSTM, tuple[tuple, dict[bool, StepCompilation]]]" = weakref.WeakKeyDictionary()
 
     def __init__(self, model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None):
         self.model, self.state, self.cell_inputs = model, state, cell_inputs
@@ -155,26 +206,22 @@ class CompiledStep:
             entry = self._compiled[model] = fingerprint, {}
         templates = state.batch_size <= self.GEMM_TEMPLATE_MAX_BATCH
         if templates not in entry[1]:
-            entry[1][templates] = self._compile(type(model).step, templates)
-        self.fn = entry[1][templates]
-
-    @staticmethod
-    def _compile(step, gemm_templates: bool):
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        if gemm_templates:
-            options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
-        return torch.compile(own_copy(step), dynamic=False, options=options)
+            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            if templates:
+                options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+            entry[1][templates] = StepCompilation(options)
+        self.compilation = entry[1][templates]
 
     def __call__(self, token: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         # Freezing is read when dynamo hands the graph over, which torch.compile's options do not reach.
         with torch._inductor.config.patch(freezing=True):
-            return self.fn(self.model, token, self.state, active, self.cell_inputs)
+            return self.compilation(self.model, token, self.state, active, self.cell_inputs)
 
 
-_cuda_compiled: "weakref.WeakKeyDictionary[XLSTM, dict[tuple, object]]" = weakref.WeakKeyDictionary()
+_cuda_compiled: "weakref.WeakKeyDictionary[XLSTM, dict[tuple, StepCompilation]]" = weakref.WeakKeyDictionary()
 
 
-def cuda_compiled_step(model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None):
+def cuda_compiled_step(model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None) -> StepCompilation:
     """`model.step` compiled by inductor for CUDA, once per model and kind of call (batch size, state
     dtype, with or without `cell_inputs`): each kind has its own copy of the function, so a server's
     many batch buckets never meet dynamo's recompile limit (8 graphs per code object), past which it
@@ -184,9 +231,15 @@ def cuda_compiled_step(model: XLSTM, state: State, cell_inputs: torch.Tensor | N
     kinds = _cuda_compiled.setdefault(model, {})
     kind = (state.batch_size, state.dtype, cell_inputs is not None)
     if kind not in kinds:
-        kinds[kind] = torch.compile(own_copy(type(model).step), dynamic=False)
-    compiled = kinds[kind]
-    return lambda *args: compiled(model, *args)
+        kinds[kind] = StepCompilation()
+    return kinds[kind]
+
+
+def step_compilations(model: XLSTM) -> list[StepCompilation]:
+    """The compilations of `model.step` made so far in this process (CPU: for the current weights),
+    with their compile_seconds, cache_hits and error."""
+    cpu = CompiledStep._compiled.get(model)
+    return [*(cpu[1].values() if cpu else ()), *_cuda_compiled.get(model, {}).values()]
 
 
 class CUDAGraphStep:
@@ -199,7 +252,8 @@ class CUDAGraphStep:
     far fewer of them (the eager step has dozens of small elementwise kernels per block)."""
 
     def __init__(self, model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None, compile: bool = False):
-        step = cuda_compiled_step(model, state, cell_inputs) if compile else model.step
+        self.compilation = cuda_compiled_step(model, state, cell_inputs) if compile else None
+        step = model.step if self.compilation is None else lambda *args: self.compilation(model, *args)
         B, device = state.batch_size, state.device
         self.token = torch.zeros(B, dtype=torch.long, device=device)
         self.active = torch.ones(B, dtype=torch.bool, device=device)

@@ -1,0 +1,253 @@
+"""What benchmarks/generate.py needs besides the timing: the kernels a decode step runs, the official
+model in its fastest documented decoding mode, the weight-read floor of a card, and rows that are
+written to their JSON file as soon as each is measured.
+
+Kernels per token (`count_kernels`): on CUDA the kernels the profiler sees the device run in one step
+(memory copies and sets included); on CPU the operators that compute (`NO_KERNEL` excludes views,
+allocations and no-ops), and for a compiled step inductor's generated kernels, which the profiler
+sees only when compiled under `inductor_kernel_profile()`, and the library calls between them.
+
+The official model's fastest mode (`OfficialGraphed`) is how mlstm_kernels' model benchmarks run
+xLSTMLarge (huggingface_model_benchmark.py, use_torch_compile_model with use_cuda_graphs_model):
+its forward compiled (`torch.compile(dynamic=False, fullgraph=False, mode="default")`, their
+setting for xLSTM), warmed up three times on a side stream, and the one-token forward on a fixed
+state captured in a CUDA graph that every step replays (the forward copies the new state into the
+state it was given, so the graph's buffers carry it).
+"""
+
+import json
+import os
+import platform
+import weakref
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+NO_KERNEL = frozenset(f"aten::{op}" for op in (
+    "view", "_unsafe_view", "as_strided", "reshape", "_reshape_alias", "alias", "detach", "t", "transpose",
+    "permute", "expand", "unsqueeze", "squeeze", "slice", "select", "split", "split_with_sizes", "unbind",
+    "narrow", "unflatten", "flatten", "view_as", "empty", "empty_strided", "empty_like", "resolve_conj",
+    "resolve_neg", "to", "lift_fresh", "contiguous", "chunk", "movedim", "expand_as", "result_type",
+    "_has_compatible_shallow_copy_type",
+))
+"""CPU operators that, as a leaf of the profile, launch no computation: views, allocations, and
+conversions or copies that found nothing to do."""
+
+
+def inductor_kernel_profile():
+    """Compilations on CPU inside this block record each generated kernel in torch.profiler."""
+    return torch._inductor.config.patch({"cpp.enable_kernel_profile": True})
+
+
+def count_kernels(run, device: str) -> dict:
+    """One call of run() after a warm-up one, profiled: kernels (how many ran; on CPU the innermost
+    operators that compute, so aten::linear counts as its aten::mm) and the ten most frequent names
+    with their counts."""
+    cuda = device.startswith("cuda")
+    run()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        names = Counter(e.name for e in prof.events() if e.device_type == DeviceType.CUDA)
+    else:
+        names = Counter(e.name for e in prof.events() if is_kernel(e.name) and not any(map(computes, e.cpu_children)))
+    return dict(kernels=sum(names.values()), top=[dict(name=n[:80], calls=c) for n, c in names.most_common(10)])
+
+
+def computes(event) -> bool:
+    """Whether a CPU profile's event or any event inside it is_kernel."""
+    return is_kernel(event.name) or any(map(computes, event.cpu_children))
+
+
+def is_kernel(name: str) -> bool:
+    """A CPU profile's leaf event that computed: an operator (aten::, or a library's, such as the
+    mkldnn:: GEMMs a frozen compilation calls) outside NO_KERNEL, or a kernel that inductor generated
+    ("graph_<n>_cpp_fused_...", "graph_<n>_gemm_..._kernel"); not the wrappers of compiled code."""
+    return name.startswith("graph_") or ("::" in name and name not in NO_KERNEL)
+
+
+def official_model(ours, state_dtype: str):
+    """The official xLSTMLarge on `ours`'s weights (the same tensors), its state in `state_dtype`."""
+    from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
+
+    device, dtype = str(ours.lm_head.weight.device), ours.lm_head.weight.dtype
+    on_gpu = device.startswith("cuda")
+    kernels = (
+        dict(chunkwise_kernel="chunkwise--triton_xl_chunk", sequence_kernel="native_sequence__triton", step_kernel="triton")
+        if on_gpu
+        else dict(chunkwise_kernel="chunkwise--native_autograd", sequence_kernel="native_sequence__native", step_kernel="native")
+    )
+    c = ours.config
+    theirs_config = xLSTMLargeConfig(
+        embedding_dim=c.embedding_dim, num_heads=c.num_heads, num_blocks=c.num_blocks, vocab_size=c.vocab_size,
+        qk_dim_factor=c.qk_dim_factor, v_dim_factor=c.v_dim_factor, ffn_proj_factor=c.ffn_proj_factor,
+        ffn_round_up_to_multiple_of=c.ffn_round_up_to_multiple_of, gate_soft_cap=c.gate_soft_cap,
+        output_logit_soft_cap=c.output_logit_soft_cap, chunk_size=c.chunk_size, weight_mode="fused",
+        mode="inference", return_last_states=True, inference_state_dtype=state_dtype,
+        autocast_kernel_dtype="bfloat16" if dtype == torch.bfloat16 else "float32", **kernels,
+    )
+    with torch.device("meta"):
+        theirs = xLSTMLarge(theirs_config)
+    # Same tensors, no copy: only the embedding's name differs.
+    sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v for k, v in ours.state_dict().items()}
+    theirs.load_state_dict(sd, strict=True, assign=True)
+    # On the GPU their gate pre-activations in float32, as ours are: in bfloat16 they reach the TFLA
+    # prefill kernel as a bfloat16 vecI, whose compilation aborts in Triton 3.6.0's LLVM (an
+    # SLPVectorizer assertion); their CPU forms take float32 gates only with float32 q and k.
+    for name, module in theirs.named_modules() if on_gpu else ():
+        if name.endswith("ifgate_preact"):
+            module.register_forward_hook(lambda module, args, out: out.float())
+    return theirs.eval()
+
+
+def cached_official(cache: dict, ours, state_dtype: str):
+    """official_model(ours, state_dtype), made once per state dtype and kept in `cache`."""
+    if state_dtype not in cache:
+        cache[state_dtype] = official_model(ours, state_dtype)
+    return cache[state_dtype]
+
+
+class OfficialGraphed:
+    """The official xLSTMLarge's one-token forward on `state` (its state dict, updated in place),
+    compiled and captured in a CUDA graph, as `step(token [B]) -> logits [B, V]`. The compiled
+    forward is kept per model, so later captures only trace and replay what is compiled."""
+
+    WARMUPS = 3  # their cuda_graphs_warmups
+    _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model, state: dict, batch: int):
+        if model not in self._compiled:
+            self._compiled[model] = torch.compile(model.forward, dynamic=False, fullgraph=False, mode="default")
+        forward = self._compiled[model]
+        device = model.lm_head.weight.device
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        saved = {k: tuple(t.clone() for t in v) for k, v in state.items()}
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUPS):
+                forward(self.token, state)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = forward(self.token, state)[0]
+        for k, v in state.items():  # the warm-ups and the capture stepped the state
+            for t, s in zip(v, saved[k]):
+                t.copy_(s)
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token[:, None])
+        self.graph.replay()
+        return self.logits[:, -1]
+
+
+def official_graphed_generate(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy tokens [B, n] of the official model after prompts ids [B, S]: its prefill (eager, as
+    their generate runs it), then `OfficialGraphed` steps (captured for every n >= 1, as generate's
+    graph is: a difference of two calls is decoding alone); their generate's tokens."""
+    with torch.no_grad():
+        logits, state = model(ids)
+        token = logits[:, -1].argmax(dim=-1)
+        tokens = torch.empty(ids.shape[0], n, dtype=torch.long, device=ids.device)
+        if n == 0:
+            return tokens
+        tokens[:, 0] = token
+        step = OfficialGraphed(model, state, ids.shape[0])  # for one token too, as ours captures then
+        for t in range(1, n):
+            token = step(token).argmax(dim=-1)
+            tokens[:, t] = token
+    return tokens
+
+
+CARD_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}
+"""Peak memory bandwidth (bytes/s) by a part of the card's name; the first that matches counts."""
+
+
+def weight_floor_ms(model: torch.nn.Module, device_name: str) -> float | None:
+    """The time to read a decode step's weights once at the card's peak bandwidth: every parameter
+    but the embedding table, of which a step reads one row per sequence. None for an unknown card."""
+    bandwidth = next((bw for part, bw in CARD_BANDWIDTH.items() if part in device_name), None)
+    if bandwidth is None:
+        return None
+    embedding = model.backbone.embeddings.weight
+    tied = embedding is model.lm_head.weight
+    read = sum(p.numel() * p.element_size() for p in model.parameters()) - (0 if tied else embedding.numel() * embedding.element_size())
+    return 1e3 * read / bandwidth
+
+
+class LiveRows(list):
+    """A benchmark's rows, written to `path` with `header` each time one is added: a run cut short
+    (a stage's time budget) keeps every row it measured."""
+
+    def __init__(self, path: Path, header: dict):
+        super().__init__()
+        self.path, self.header = path, header
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.write()
+
+    def extend(self, rows) -> None:
+        super().extend(rows)
+        self.write()
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
+
+    def write(self, **extra) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({**self.header, **extra, "rows": list(self)}, indent=1) + "\n")
+
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (metric, x, y, xlabel, ylabel) in zip(axes, [
+        ("decode", "batch", "tok_per_s", "batch size", "decode tok/s"),
+        ("prefill", "prompt_tokens", "ttft_s", "prompt tokens", "time to first token (s)"),
+        ("memory", "new_tokens", "peak_mib", "generated tokens", "peak memory while generating (MiB)"),
+    ]):
+        for impl, color in (("ours", "C0"), ("compiled", "C1"), ("official", "C2")):
+            pts = sorted((r[x], r[y]) for r in result["rows"] if r["impl"] == impl and r["metric"] == metric and y in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl, color=color)
+        xs = sorted({r[x] for r in result["rows"] if r["metric"] == metric})
+        ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel)
+        ax.set_xticks(xs, [str(v) for v in xs])
+        ax.minorticks_off()
+        ax.legend()
+    fig.suptitle(f"generate, {result['preset']} preset, {result['dtype']}, {result['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def cpu_name() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.machine())
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
