@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -158,15 +159,40 @@ BAD = {  # id: (endpoint, body, status, words in the message)
     "max_tokens_neg": ("/v1/completions", GOOD | {"max_tokens": -1}, 400, "max_tokens"),
     "max_tokens_huge": ("/v1/completions", GOOD | {"max_tokens": 10**9}, 400, "max_tokens must be an integer in [1, 64]"),
     "temperature_neg": ("/v1/completions", GOOD | {"temperature": -0.1}, 400, "temperature"),
-    "top_p_0": ("/v1/completions", GOOD | {"top_p": 0}, 400, "top_p must lie in (0, 1]"),
+    "top_p_0": ("/v1/completions", GOOD | {"top_p": 0}, 400, "top_p must be a number in (0, 1]"),
     "top_p_big": ("/v1/completions", GOOD | {"top_p": 1.5}, 400, "top_p"),
     "prompt_too_long": ("/v1/completions", GOOD | {"prompt": [5] * 2049}, 400, "limit of 2048"),
     "empty_text": ("/v1/completions", GOOD | {"prompt": ""}, 400, "empty"),
     "empty_ids": ("/v1/completions", GOOD | {"prompt": []}, 400, "empty"),
     "id_outside_vocab": ("/v1/completions", GOOD | {"prompt": [5, 10_000]}, 400, "outside the vocabulary"),
     "negative_id": ("/v1/completions", GOOD | {"prompt": [-3]}, 400, "outside the vocabulary"),
-    "two_prompts": ("/v1/completions", GOOD | {"prompt": ["a", "b"]}, 400, "one prompt"),
-    "n_2": ("/v1/completions", GOOD | {"n": 2}, 400, "n=2"),
+    "n_above_max": ("/v1/completions", GOOD | {"n": 17}, 400, "--max-n"),
+    "best_of_below_n": ("/v1/completions", GOOD | {"n": 2, "best_of": 1}, 400, "best_of must be >= n"),
+    "best_of_streamed": ("/v1/completions", GOOD | {"n": 1, "best_of": 2, "stream": True}, 400, "best_of must equal n"),
+    "unknown_field": ("/v1/completions", GOOD | {"frobnicate": 1}, 400, "frobnicate: unknown field"),
+    "unknown_message_field": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x", "name": "a"}]},
+                              400, "messages.0.name: unknown field"),
+    "json_mode": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                           "response_format": {"type": "json_object"}}, 400, "response_format"),
+    "tools": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                       "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    "top_logprobs_alone": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                    "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    "continue_without_assistant": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                            "continue_final_message": True, "add_generation_prompt": False},
+                                   400, "continue_final_message"),
+    "suffix": ("/v1/completions", GOOD | {"suffix": "def"}, 400, "suffix"),
+    "logprobs_above_20": ("/v1/completions", GOOD | {"logprobs": 21}, 400, "logprobs must be an integer in [0, 20]"),
+    "top_k_0": ("/v1/completions", GOOD | {"top_k": 0}, 400, "top_k must be an integer >= 1, or -1"),
+    "penalty_out_of_range": ("/v1/completions", GOOD | {"presence_penalty": 2.5}, 400, "presence_penalty must be a number in [-2, 2]"),
+    "logit_bias_key": ("/v1/completions", GOOD | {"logit_bias": {"x": 1.0}}, 400, "logit_bias must map token ids"),
+    "logit_bias_id": ("/v1/completions", GOOD | {"logit_bias": {"99999": 1.0}}, 400, "logit_bias must be keyed by token ids"),
+    "lone_surrogate": ("/v1/completions", b'{"model": "toy", "prompt": "ab\\ud800c", "max_tokens": 2}', 400, "lone surrogate"),
+    "lone_surrogate_chat": ("/v1/chat/completions", b'{"model": "toy", "messages": [{"role": "user", "content": "\\udc00"}]}',
+                            400, "lone surrogate"),
+    "stop_flood": ("/v1/completions", GOOD | {"stop": [f"s{i}" for i in range(65)]}, 400, "--max-stop-strings"),
+    "stop_too_long": ("/v1/completions", GOOD | {"stop": ["x" * 513]}, 400, "--max-stop-chars"),
+    "too_many_prompts": ("/v1/completions", GOOD | {"prompt": [[5]] * 65}, 400, "--max-prompts"),
     "stop_type": ("/v1/completions", GOOD | {"stop": 5}, 400, "stop"),
     "unknown_model": ("/v1/completions", GOOD | {"model": "gpt-4"}, 404, "does not exist"),
     "no_messages": ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
@@ -200,17 +226,36 @@ def test_api_key(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # no key needed
 
 
+def metric_values(text: str) -> dict[str, float]:
+    """Prometheus text -> {name{labels}: value}, without the model_name label every metric has."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            assert f'model_name="{MODEL}"' in name, name
+            values[re.sub(f',?model_name="{MODEL}"', "", name).replace("{,", "{").replace("{}", "")] = float(value)
+    return values
+
+
 def test_metrics(server):
-    post(server, "/v1/completions", GOOD | {"prompt": list(range(2, 140))})
-    post(server, "/v1/completions", GOOD | {"prompt": list(range(2, 150))})  # a prefix cache hit (128 tokens)
-    text = httpx.get(server.url + "/metrics").text
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    before = metric_values(httpx.get(server.url + "/metrics").text)
+    post(server, "/v1/completions", GOOD | {"prompt": list(range(2, 140)), "ignore_eos": True})
+    post(server, "/v1/completions", GOOD | {"prompt": list(range(2, 150)), "max_tokens": 5, "ignore_eos": True})  # a prefix cache hit (128 tokens)
+    values = metric_values(httpx.get(server.url + "/metrics").text)
     for name in ("xlstm7b_queue_length", "xlstm7b_active_slots", "xlstm7b_generation_tokens_per_second",
-                 "xlstm7b_prefix_cache_hit_rate", 'xlstm7b_requests_finished_total{reason="length"}'):
+                 "xlstm7b_prefix_cache_hit_rate", 'xlstm7b_requests_finished_total{reason="length"}', "xlstm7b_nonfinite_logits_total"):
         assert name in values, name
     assert values["xlstm7b_slots"] == 16
-    assert values["xlstm7b_time_to_first_token_seconds_count"] >= 2
     assert values["xlstm7b_prefix_cache_hits_total"] >= 1 and values["xlstm7b_prefix_cache_saved_tokens_total"] >= 128
+    for name in ("time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_seconds", "request_prompt_tokens", "request_generation_tokens"):
+        name = f"xlstm7b_{name}_count"
+        assert values[name] - before.get(name, 0) == 2, name
+    # prompts of 138 and 148 tokens, 2 and 5 tokens generated: 1 + 4 gaps between tokens
+    assert values["xlstm7b_request_prompt_tokens_sum"] - before.get("xlstm7b_request_prompt_tokens_sum", 0) == 138 + 148
+    assert values["xlstm7b_request_generation_tokens_sum"] - before.get("xlstm7b_request_generation_tokens_sum", 0) == 2 + 5
+    assert values["xlstm7b_inter_token_latency_seconds_count"] - before.get("xlstm7b_inter_token_latency_seconds_count", 0) == 5
+    assert values['xlstm7b_request_prompt_tokens_bucket{le="200.0"}'] - before.get('xlstm7b_request_prompt_tokens_bucket{le="200.0"}', 0) == 2
 
 
 def test_memory_flat_under_load(server):
@@ -256,8 +301,7 @@ def cli_server(checkpoint_dir):
 
 
 def metric(url, name) -> float:
-    line = next(li for li in httpx.get(url + "/metrics").text.splitlines() if li.startswith(name + " "))
-    return float(line.split(" ")[1])
+    return metric_values(httpx.get(url + "/metrics").text)[name]
 
 
 def wait_for(condition, timeout=20.0):
@@ -289,13 +333,13 @@ def test_cli_disconnect_frees_the_slot_and_a_full_queue_is_overloaded(cli_server
     waiter.join(timeout=20)
     assert queued["r"].usage.completion_tokens == 3
     wait_for(lambda: metric(url, "xlstm7b_active_slots") == 0)
-    assert 'reason="cancelled"} 1.0' in httpx.get(url + "/metrics").text
+    assert metric(url, 'xlstm7b_requests_finished_total{reason="cancelled"}') == 1
     # a client that gives up on a non-streamed request frees the slot too
     body = {"model": MODEL, "prompt": "hello", "max_tokens": 100_000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json=body, timeout=1.0)
     wait_for(lambda: metric(url, "xlstm7b_active_slots") == 0)
-    assert 'reason="cancelled"} 2.0' in httpx.get(url + "/metrics").text
+    assert metric(url, 'xlstm7b_requests_finished_total{reason="cancelled"}') == 2
 
 
 def test_cli_sigterm_finishes_the_running_request_and_refuses_new_ones(cli_server):

@@ -131,8 +131,11 @@ def test_bounded_queue_and_stop(model):
     (SamplingParams(top_p=0.0), "top_p"),
     (SamplingParams(top_k=0), "top_k"),
     (SamplingParams(stop=("x",)), "tokenizer"),
+    (SamplingParams(stop=tuple("abcdefgh") * 9), "--max-stop-strings"),
+    (SamplingParams(stop=("x" * 513,)), "--max-stop-chars"),
+    (SamplingParams(logprobs=21), "logprobs"),
     (SamplingParams(stop_token_ids=(512,)), "stop_token_ids"),
-], ids=["max_tokens0", "max_tokens_huge", "temperature", "top_p", "top_k", "stop_no_tokenizer", "stop_id"])
+], ids=["max_tokens0", "max_tokens_huge", "temperature", "top_p", "top_k", "stop_no_tokenizer", "stop_count", "stop_length", "logprobs", "stop_id"])
 def test_bad_parameters_and_prompts(model, params, match):
     engine = Engine(model, EngineConfig(max_batch=1, max_prompt_tokens=10))
     with pytest.raises(ValueError, match=match):

@@ -2,7 +2,10 @@
 cache (prefix_cache.py), and an OpenAI-compatible HTTP API in front of it (api.py, `xlstm7b serve`).
 The engine needs only torch; the API needs the `serve` extra (FastAPI, uvicorn, prometheus-client)."""
 
-from .engine import Engine, EngineConfig, EngineStopped, Event, Overloaded, Request, SamplingParams
+from ..sampling import SamplingParams
+from .config import EngineConfig
+from .engine import Engine
+from .request import EngineStopped, Event, Logprob, Overloaded, Request
 from .prefix_cache import PrefixCache
 
-__all__ = ["Engine", "EngineConfig", "EngineStopped", "Event", "Overloaded", "PrefixCache", "Request", "SamplingParams"]
+__all__ = ["Engine", "EngineConfig", "EngineStopped", "Event", "Logprob", "Overloaded", "PrefixCache", "Request", "SamplingParams"]

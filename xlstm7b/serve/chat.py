@@ -44,10 +44,20 @@ class ChatTemplate:
         """Stop strings the template implies (the plain template's next user turn)."""
         return () if self.template is not None else PLAIN_STOP
 
-    def render(self, messages: list[dict]) -> str:
-        """[{"role", "content"}] -> the prompt text, ending where the assistant's reply begins."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+        """[{"role", "content"}] -> the prompt text, ending where the assistant's reply begins; with
+        continue_final_message (and add_generation_prompt False, as in vLLM), ending inside the
+        last message, an assistant's, which the reply continues."""
         if self.template is not None:
-            return self.template.render(messages=messages, add_generation_prompt=True,
+            text = self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            if continue_final_message:  # cut what the template puts after the final message's content
+                last = messages[-1]["content"]
+                end = text.rfind(last)
+                if end < 0:
+                    raise ValueError("continue_final_message: the chat template does not keep the final message's "
+                                     "text as it is, so it cannot be continued")
+                text = text[:end + len(last)]
+            return text
         turns = [f"{PLAIN_ROLES[m['role']]}: {m['content']}" for m in messages]
-        return "\n\n".join([*turns, "Assistant:"])
+        return "\n\n".join([*turns, "Assistant:"] if add_generation_prompt else turns)

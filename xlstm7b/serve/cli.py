@@ -1,8 +1,11 @@
 """`xlstm7b serve`: loads a checkpoint folder and serves it over the OpenAI-style HTTP API (api.py)
-with uvicorn. SIGTERM or Ctrl-C: new requests are refused at once, the running ones finish (for at
-most --shutdown-timeout seconds), then the server exits."""
+with uvicorn. SIGTERM or Ctrl-C: new requests get 503 at once (the server still listens), the
+running and waiting ones finish for at most --shutdown-timeout seconds, those still running then end
+(a stream with finish reason "cancelled" and [DONE]), and the server exits; a second signal exits
+at once. One access-log line per request goes to stderr (--no-access-log: none)."""
 
 import argparse
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -18,8 +21,10 @@ from .engine import Engine
 try:
     import uvicorn
 
-    from .api import build_app
+    from .api import build_app, default_prompt_chars
     from .chat import ChatTemplate
+    from .limits import Limits
+    from .server import Server
 except ImportError as e:  # the `serve` extra is not installed; main() says so
     MISSING = e.name
 else:
@@ -66,6 +71,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add_threads_option(p)
     p.add_argument("--compile", action="store_true", help="compile the decode step (once per batch bucket, at start; on CUDA captured in the bucket's CUDA graph)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")
+    limits = p.add_argument_group("limits on a request (each refusal names its flag)")
+    limits.add_argument("--max-body-mb", type=float, default=Limits.max_body_bytes / 2**20, help="largest request body (413 beyond)")
+    limits.add_argument("--max-prompt-chars", type=int,
+                        help="longest prompt text, checked before tokenizing (default: --max-prompt-tokens times the "
+                             "longest token's text, which no prompt within --max-prompt-tokens exceeds)")
+    limits.add_argument("--max-n", type=int, default=Limits.max_n, help="largest n and best_of")
+    limits.add_argument("--max-prompts", type=int, default=Limits.max_prompts, help="most prompts in one completions request")
+    limits.add_argument("--max-stop-strings", type=int, default=EngineConfig.max_stop_strings, help="most stop strings per request")
+    limits.add_argument("--max-stop-chars", type=int, default=EngineConfig.max_stop_chars, help="longest stop string")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="one line per request on stderr: id, tokens, time to first token, total time, finish reason")
     return p.parse_args(argv)
 
 
@@ -89,7 +105,11 @@ def main(argv: list[str]) -> int:
         max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens=args.max_tokens, prefill_chunk=args.prefill_chunk, prefill_tokens=args.prefill_tokens,
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), state_dtype=STATE_DTYPES[args.state_dtype], compile=args.compile,
+        max_stop_strings=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
     )
+    if (problem := limits_problem(args)) is not None:
+        print(f"xlstm7b serve: {problem}", file=sys.stderr)
+        return 2
     try:
         model = from_pretrained(folder, device=device, dtype=dtype)
         tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.is_file() else None
@@ -104,16 +124,31 @@ def main(argv: list[str]) -> int:
     if args.compile:
         print(f"compiling the decode step for batch buckets {engine.buckets} ...", file=sys.stderr, flush=True)
     engine.start()
-    app = build_app(engine, model_name=name, chat_template=ChatTemplate.from_checkpoint(folder), api_key=args.api_key)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # refuse new requests from the signal on, not once connections drained
-            app.state.shutting_down = True
-            super().handle_exit(sig, frame)
-
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_n=args.max_n, max_prompts=args.max_prompts,
+                    max_prompt_chars=args.max_prompt_chars or default_prompt_chars(engine))
+    app = build_app(engine, model_name=name, chat_template=ChatTemplate.from_checkpoint(folder), api_key=args.api_key,
+                    limits=limits)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger("xlstm7b.serve").addHandler(handler)
+    logging.getLogger("xlstm7b.serve.access").setLevel(logging.INFO if args.access_log else logging.WARNING)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}, {config.max_batch} state slots of "
           f"{engine.pool.nbytes / config.max_batch / 2**20:.2f} MiB, {args.state_dtype})", file=sys.stderr, flush=True)
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                   timeout_graceful_shutdown=args.shutdown_timeout))
+    # Draining happens before uvicorn's own graceful shutdown begins: it only closes what is left.
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5),
+                    engine, args.shutdown_timeout)
     server.run()  # the app stops the engine when it shuts down
     return 0
+
+
+def limits_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the limit flags, or None."""
+    for flag in ("max_n", "max_prompts", "max_prompt_chars"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            return f"--{flag.replace('_', '-')} must be a positive integer, got {value}"
+    if not args.max_body_mb > 0:
+        return f"--max-body-mb must be a positive number, got {args.max_body_mb}"
+    if args.shutdown_timeout < 0:
+        return f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}"
+    return None

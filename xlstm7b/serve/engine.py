@@ -22,6 +22,11 @@ The scheduler runs on one thread (torch releases the GIL inside its kernels), in
    own generator (so a seeded request gets the same tokens whatever else is in the batch).
 A long prompt is thus prefilled over several iterations while the decoding requests still get one
 token per iteration: a prompt delays everybody's next token by at most one bounded prefill pass.
+
+A request for prompt log-probabilities (`SamplingParams.prompt_logprobs`, the API's echo) skips the
+prefix cache and is prefilled alone, with the logits of every position. Non-finite logits end the
+requests whose rows hold them with finish reason "error" (the others go on), are counted, and
+`health()` says whether the weights themselves are non-finite.
 """
 
 import heapq
@@ -31,161 +36,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from ..decode import step_runner
+from ..decode import check_finite, step_runner
 from ..model import XLSTM
-from ..sampling import sample
-from ..state import STORAGE_DTYPES, State
+from ..sampling import LogitsProcessor, SamplingError, SamplingParams
+from ..state import State
 from ..streaming import TextStreamer
+from .config import EngineConfig
 from .prefix_cache import PrefixCache, prefix_keys
+from .request import EngineStopped, Event, Logprob, Overloaded, Request
+from .scoring import sample_requests, score_prompt
 
 log = logging.getLogger(__name__)
 
-STATE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in STORAGE_DTYPES}
-"""The slots' state dtypes (State.stored_as), by name."""
 RATE_WINDOW_S = 10.0
 """Generated tokens per second are reported over this trailing window."""
-
-
-class Overloaded(RuntimeError):
-    """The queue of waiting requests is full; the client should retry later."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is shutting down (or stopped) and takes no new requests."""
-
-
-@dataclass
-class EngineConfig:
-    max_batch: int = 64
-    """State slots: how many requests are prefilled or decoded at once (the decode batch size)."""
-    max_queue: int = 1024
-    """Requests that may wait for a slot; beyond them `submit` raises `Overloaded`."""
-    max_prompt_tokens: int = 32768
-    """Longest prompt accepted, in tokens (the state is constant in it; this bounds prefill time)."""
-    max_new_tokens: int = 4096
-    """Largest `max_tokens` a request may ask for."""
-    prefill_chunk: int = 256
-    """Prompt positions a request prefills per iteration (rounded down to a multiple of the model's
-    chunk size); also the granularity of the prefix cache."""
-    prefill_tokens: int = 4096
-    """Padded positions (rows x piece length) one prefill pass may run: bounds the stall of decoding."""
-    prefix_cache_bytes: int = 1 << 30
-    """Bytes of prefix states the cache may hold (0: no prefix cache)."""
-    state_dtype: torch.dtype = torch.float32
-    """dtype of the slots' C and n (bfloat16 halves state memory and traffic, which dominates the
-    decode step at large batch; the step still computes in float32).
-    The stabilizer m stays float32: it is an exponent, which bfloat16 would round by up to 0.03 near 15."""
-    compile: bool = False
-    """Run the decode step compiled by inductor (one compilation per batch bucket): on CPU its C++
-    code, on CUDA its fused kernels captured in the bucket's CUDA graph."""
-    cuda_graph: bool | None = None
-    """On CUDA, replay the decode step from a CUDA graph captured per batch bucket; default: on CUDA."""
-
-    def validate(self, device: torch.device) -> None:
-        for name in ("max_batch", "max_queue", "max_prompt_tokens", "max_new_tokens", "prefill_chunk", "prefill_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.prefix_cache_bytes, int) or self.prefix_cache_bytes < 0:
-            raise ValueError(f"EngineConfig.prefix_cache_bytes must be an integer >= 0, got {self.prefix_cache_bytes!r}")
-        if self.state_dtype not in STATE_DTYPES.values():
-            raise ValueError(f"EngineConfig.state_dtype must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype}")
-        if self.compile and device.type not in ("cpu", "cuda"):
-            raise ValueError(f"compile=True compiles the decode step for CPU or CUDA, not {device.type}")
-        if self.compile and device.type == "cuda" and self.cuda_graph is False:
-            raise ValueError("compile=True on CUDA compiles the step that the CUDA graph replays; leave cuda_graph on")
-        if self.cuda_graph and device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {device}")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    """Tokens to generate at most (the finish reason is "length" when they run out)."""
-    temperature: float = 0.0
-    """0 is greedy (argmax); > 0 samples from softmax(logits / temperature)."""
-    top_p: float | None = None
-    """Nucleus sampling: the smallest set of most likely tokens whose probability reaches top_p."""
-    top_k: int | None = None
-    """Sample among the top_k most likely tokens only."""
-    seed: int | None = None
-    """Seeds the request's own generator: the same tokens whatever else is in the batch."""
-    stop: tuple[str, ...] = ()
-    """Stop at the first of these strings (not part of the text); needs the engine's tokenizer."""
-    stop_token_ids: tuple[int, ...] = ()
-    """Stop after any of these token ids (not part of the text)."""
-    ignore_eos: bool = False
-    """Keep generating after the model's EOS token."""
-
-    def validate(self, vocab_size: int, max_new_tokens: int, has_tokenizer: bool) -> None:
-        """Raises ValueError naming the parameter at fault and its valid range."""
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or not 1 <= self.max_tokens <= max_new_tokens:
-            raise ValueError(f"max_tokens must be an integer in [1, {max_new_tokens}], got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature must be a number in [0, 100] (0 is greedy), got {self.temperature!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
-        if self.stop and not has_tokenizer:
-            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must hold non-empty strings, got {list(self.stop)!r}")
-        bad = [t for t in self.stop_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"stop_token_ids contains {bad[0]!r}, outside the vocabulary [0, {vocab_size})")
-
-
-@dataclass
-class Event:
-    """What a request produced in one iteration, handed to its `on_event`."""
-
-    token_ids: list[int]
-    """The new token ids (the EOS or stop id included)."""
-    text: str
-    """The new text (empty without a tokenizer; held back while it may be the start of a stop string)."""
-    finish_reason: str | None = None
-    """None while running; "stop" (EOS, stop id or stop string), "length", "cancelled" or "error"."""
-    error: str | None = None
-    """The error message when finish_reason is "error"."""
-
-
-@dataclass(eq=False)
-class Request:
-    """One request, from `submit` to its end: its prompt and parameters, and what it produced."""
-
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    on_event: Callable[[Event], None] | None
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    error: str | None = None
-    cached_tokens: int = 0
-    """Prompt tokens that came from the prefix cache instead of being prefilled."""
-    arrival: float = field(default_factory=time.perf_counter)
-    first_token_time: float | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    # the scheduler's bookkeeping
-    cancelled: bool = False
-    slot: int | None = None
-    cursor: int = 0
-    last_token: int | None = None
-    keys: list = field(default_factory=list)
-    generator: torch.Generator | None = None
-    streamer: TextStreamer | None = None
-
-    @property
-    def ttft(self) -> float | None:
-        """Seconds from submission to the first token."""
-        return None if self.first_token_time is None else self.first_token_time - self.arrival
 
 
 class Engine:
@@ -214,8 +81,12 @@ class Engine:
         self._accepting, self._closed = True, False
         self._thread: threading.Thread | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per iteration
-        self.counts = {"requests": 0, "prompt_tokens": 0, "prefilled_tokens": 0, "generated_tokens": 0,
+        self.counts = {"requests": 0, "prompt_tokens": 0, "prefilled_tokens": 0, "generated_tokens": 0, "nonfinite": 0,
                        "finished": {r: 0 for r in ("stop", "length", "cancelled", "error")}}
+        self.nonfinite_error: str | None = None
+        """Why the model last produced non-finite logits (None: it never did)."""
+        self.weights_finite = True
+        """False once non-finite logits were traced to non-finite weights: every request will fail."""
 
     # --- the caller's side (any thread) ---------------------------------------------------------
 
@@ -238,7 +109,7 @@ class Engine:
         """Queues a request for `prompt` (token ids); raises ValueError for a bad prompt or bad
         parameters, Overloaded when the queue is full, EngineStopped when shutting down."""
         prompt = self._check_prompt(prompt)
-        params.validate(self.model.config.vocab_size, self.config.max_new_tokens, self.tokenizer is not None)
+        self.check_params(params)
         with self._cond:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down and accepts no new requests")
@@ -280,6 +151,26 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Raises a SamplingError (a ValueError) naming the parameter at fault and its valid range,
+        or the limit of this engine it exceeds."""
+        params.validate(self.model.config.vocab_size, max_tokens=(1, self.config.max_new_tokens))
+        if len(params.stop) > self.config.max_stop_strings:
+            raise SamplingError("stop", f"at most {self.config.max_stop_strings} strings (this server's limit, --max-stop-strings)",
+                                f"{len(params.stop)} strings")
+        longest = max(map(len, params.stop), default=0)
+        if longest > self.config.max_stop_chars:
+            raise SamplingError("stop", f"strings of at most {self.config.max_stop_chars} characters (this server's "
+                                "limit, --max-stop-chars)", f"one of {longest}")
+        if params.stop and self.tokenizer is None:
+            raise SamplingError("stop", "empty: stop strings need a tokenizer and this engine has none (use stop_token_ids)",
+                                params.stop)
+
+    def health(self) -> dict:
+        """{"healthy", "nonfinite_logits" (requests ended by them), "error" (the last cause, or None)}:
+        unhealthy when the weights are non-finite, as every request would then fail."""
+        return {"healthy": self.weights_finite, "nonfinite_logits": self.counts["nonfinite"], "error": self.nonfinite_error}
 
     def stats(self) -> dict:
         """Counters and gauges (a snapshot) for monitoring."""
@@ -344,9 +235,11 @@ class Engine:
         while self._free and self._waiting:
             request = self._waiting.popleft()
             request.slot = slot = heapq.heappop(self._free)
-            if self.cache.enabled:
+            request.scheduled_time = time.perf_counter()
+            p = request.params
+            if self.cache.enabled and p.prompt_logprobs is None:  # prompt logprobs need every position's logits
                 request.keys = prefix_keys(request.prompt, self.piece, len(request.prompt))
-            request.cursor, cached = self.cache.lookup(request.keys)
+            request.cursor, cached = self.cache.lookup(request.keys) if request.keys else (0, None)
             request.cached_tokens = request.cursor
             for n, layer in enumerate(self.pool):
                 for j, t in enumerate(layer):
@@ -354,25 +247,41 @@ class Engine:
                         t[slot].zero_()
                     else:
                         t[slot].copy_(cached[n][j][0])
-            if request.params.seed is not None:
-                request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+            if p.seed is not None:
+                request.generator = torch.Generator(device=self.device).manual_seed(p.seed)
+            if p.processed:
+                prompt = torch.tensor([request.prompt], device=self.device)
+                request.processor = LogitsProcessor(p, self.model.config.vocab_size, prompt)
+            if p.prompt_logprobs is not None:
+                request.prompt_logprobs = [None]
             if self.tokenizer is not None:
-                request.streamer = TextStreamer(self.tokenizer, stop=request.params.stop)
+                request.streamer = TextStreamer(self.tokenizer, stop=p.stop)
             self._prefilling.append(request)
 
-    def _prefill_piece(self) -> None:
-        """One chunkwise pass over the next piece of the oldest prefilling requests."""
+    def _prefill_batch(self) -> tuple[list[Request], list[int]]:
+        """The oldest prefilling requests that fit in one pass, and the length of each one's next
+        piece; a request for prompt logprobs goes alone."""
         batch, lengths, width = [], [], 0
         for request in self._prefilling:
+            alone = request.params.prompt_logprobs is not None
+            if batch and alone:
+                continue
             n = min(len(request.prompt) - request.cursor, self.piece)
             if batch and (len(batch) + 1) * max(width, n) > self.config.prefill_tokens:
                 break
             batch.append(request)
             lengths.append(n)
             width = max(width, n)
+            if alone:
+                break
+        return batch, lengths
+
+    def _prefill_piece(self) -> None:
+        """One chunkwise pass over the next piece of the oldest prefilling requests."""
+        batch, lengths = self._prefill_batch()
         if not batch:
             return
-        mc = self.model.config
+        mc, width = self.model.config, max(lengths)
         ids = torch.full((len(batch), width), mc.pad_token_id, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.bool)
         for b, (request, n) in enumerate(zip(batch, lengths)):  # left padding: every row ends at width - 1
@@ -380,15 +289,21 @@ class Engine:
             mask[b, width - n:] = True
         rows = torch.tensor([r.slot for r in batch], device=self.device)
         start = self.pool.select(rows).to(dtype=torch.float32)
+        scored = batch[0].params.prompt_logprobs is not None
         logits, new = self.model(ids.to(self.device), start, mask=None if bool(mask.all()) else mask.to(self.device),
-                                 last_logits_only=True)
+                                 last_logits_only=not scored)
         for mine, theirs in zip(self.pool, new):
             for t, x in zip(mine, theirs):
                 t.index_copy_(0, rows, x.to(t.dtype))
         self.counts["prefilled_tokens"] += sum(lengths)
+        if scored:
+            score_prompt(batch[0], logits[0], ids[0].to(self.device))
+        bad = self._nonfinite_rows(logits[:, -1], batch, "after the prompt")
         done = []
         for b, (request, n) in enumerate(zip(batch, lengths)):
             request.cursor += n
+            if b in bad:
+                continue
             if request.cursor == len(request.prompt):
                 done.append(b)
                 continue
@@ -399,11 +314,12 @@ class Engine:
         if not done:
             return
         # Only the requests whose prompt ended here sample (and draw from their generators).
-        first = self._sample(logits[done, 0], [batch[b] for b in done])
-        for b, token in zip(done, first):
-            self._prefilling.remove(batch[b])
-            self._decoding[batch[b].slot] = batch[b]
-            self._emit(batch[b], token)
+        requests = [batch[b] for b in done]
+        first = sample_requests(logits[done, -1], requests)
+        for request, (token, logprob) in zip(requests, first):
+            self._prefilling.remove(request)
+            self._decoding[request.slot] = request
+            self._emit(request, token, logprob)
 
     def _decode_step(self) -> None:
         """One batched step over the decoding rows (those of the smallest bucket covering them)."""
@@ -417,11 +333,33 @@ class Engine:
             token[request.slot], active[request.slot] = request.last_token, True
         logits = self._runner(bucket)(token.to(self.device), active.to(self.device))
         rows = torch.tensor([r.slot for r in requests], device=self.device)
-        for request, t in zip(requests, self._sample(logits.index_select(0, rows), requests)):
-            self._emit(request, t)
-        self._recent.append((time.perf_counter(), len(requests)))
+        logits = logits.index_select(0, rows)
+        bad = self._nonfinite_rows(logits, requests, "while decoding")
+        keep = [b for b in range(len(requests)) if b not in bad]
+        if bad:
+            requests, logits = [requests[b] for b in keep], logits[keep]
+        if keep:
+            for request, (t, logprob) in zip(requests, sample_requests(logits, requests)):
+                self._emit(request, t, logprob)
+        self._recent.append((time.perf_counter(), len(keep)))
         while self._recent and self._recent[0][0] < time.perf_counter() - RATE_WINDOW_S:
             self._recent.popleft()
+
+    def _nonfinite_rows(self, logits: torch.Tensor, requests: list[Request], where: str) -> set[int]:
+        """The rows of logits [B, V] holding NaN or inf; their requests end with an error."""
+        finite = logits.isfinite().all(dim=-1).tolist()
+        bad = {b for b, ok in enumerate(finite) if not ok}
+        if bad:
+            try:
+                check_finite(torch.tensor(True), self.model, where)
+            except FloatingPointError as e:
+                self.nonfinite_error = str(e)
+            self.weights_finite = all(bool(p.isfinite().all()) for p in self.model.parameters())
+            for b in bad:
+                self.counts["nonfinite"] += 1
+                log.error("request %d: %s", requests[b].id, self.nonfinite_error)
+                self._finish(requests[b], "error", error=self.nonfinite_error)
+        return bad
 
     def _runner(self, bucket: int):
         """The step on the pool's first `bucket` rows (views: the step writes into the pool)."""
@@ -430,42 +368,38 @@ class Engine:
                                                 cuda_graph=self.use_graph, compile=self.config.compile)
         return self._runners[bucket]
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """logits [len(requests), V] -> each request's next token, with its own parameters."""
-        tokens = logits.argmax(dim=-1).tolist()  # greedy rows, in one operation
-        for b, request in enumerate(requests):
-            p = request.params
-            if p.temperature > 0:  # a [1, V] draw from the request's generator, as generate() makes alone
-                tokens[b] = int(sample(logits[b:b + 1], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                                       generator=request.generator))
-        return tokens
-
-    def _emit(self, request: Request, token: int) -> None:
+    def _emit(self, request: Request, token: int, logprob: Logprob | None) -> None:
         """Records a generated token, hands the news to the request, finishes it when it is done."""
         request.output_ids.append(token)
         request.last_token = token
+        request.token_times.append(time.perf_counter())
         self.counts["generated_tokens"] += 1
-        if request.first_token_time is None:
-            request.first_token_time = time.perf_counter()
+        if logprob is not None:
+            request.logprobs.append(logprob)
+            request.cumulative_logprob += logprob.logprob
         p, streamer = request.params, request.streamer
         before = len(streamer.text) if streamer is not None else 0
         reason = None
         if (token == self.model.config.eos_token_id and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
         elif streamer is not None and streamer.put(torch.tensor([token])):
-            reason = "stop"  # a stop string
+            reason = "stop"  # a stop string, at the start of what the streamer holds back
+            if p.include_stop_str_in_output:
+                streamer.text += next(s for s in p.stop if streamer.pending.startswith(s))
         if reason is None and len(request.output_ids) >= p.max_tokens:
             reason = "length"
         if reason is not None and streamer is not None and not streamer.stopped:
             streamer.end()  # flushes the text held back
         text = streamer.text[before:] if streamer is not None else ""
         request.text += text
+        lps = [] if logprob is None else [logprob]
         if reason is None:
-            self._notify(request, Event([token], text))
+            self._notify(request, Event([token], text, logprobs=lps))
         else:
-            self._finish(request, reason, [token], text)
+            self._finish(request, reason, [token], text, logprobs=lps)
 
-    def _finish(self, request: Request, reason: str, token_ids: list[int] = (), text: str = "", error: str | None = None) -> None:
+    def _finish(self, request: Request, reason: str, token_ids: list[int] = (), text: str = "", error: str | None = None,
+                logprobs: list[Logprob] = ()) -> None:
         if request.slot is not None:
             if request in self._prefilling:
                 self._prefilling.remove(request)
@@ -473,9 +407,10 @@ class Engine:
             heapq.heappush(self._free, request.slot)
             request.slot = None
         request.finish_reason, request.error = reason, error
-        request.generator = request.streamer = None
+        request.finish_time = time.perf_counter()
+        request.generator = request.streamer = request.processor = request.carry = None
         self.counts["finished"][reason] += 1
-        self._notify(request, Event(list(token_ids), text, reason, error))
+        self._notify(request, Event(list(token_ids), text, reason, error, list(logprobs)))
         request.done.set()
 
     @staticmethod
