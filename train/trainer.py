@@ -253,12 +253,13 @@ def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            loss_value = d.all_reduce(loss_sum).item() / d.world
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+            # The step's one read back to the host (the loss and the norm together), for the check below.
+            loss_value, norm_value = torch.stack([d.all_reduce(loss_sum) / d.world, grad_norm.double()]).tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 good = checkpointing.checkpoints(run_dir)
                 where = f"the last good checkpoint {good[-1]} is intact" if good else "no checkpoint was saved yet"
                 raise TrainingError(
-                    f"non-finite loss ({loss_value}) or gradient norm ({grad_norm.item()}) at step {step + 1}; training "
+                    f"non-finite loss ({loss_value}) or gradient norm ({norm_value}) at step {step + 1}; training "
                     f"stopped without saving, {where}. Lower train.lr, raise train.warmup_steps or set train.grad_clip, then rerun.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -271,13 +272,14 @@ def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
             if step % r.log_every == 0 or step == t.steps:
                 tps = interval_tokens / interval_time
                 mem = peak_memory_gb(d.device)
-                record({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "tokens": tokens_seen,
+                record({"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value, "tokens": tokens_seen,
                         "tokens_per_s": tps, "mfu": tps * flops / (peak * d.world) if peak else None,
                         "peak_memory_gb": None if mem is None else round(mem, 3)})
                 interval_time, interval_tokens = 0.0, 0
             if (r.eval_every and step % r.eval_every == 0) or step == t.steps:
                 record({"step": step, **evaluate(model, plain.logits, val_data, tbytes, job, d, autocast)})
-            signum = int(d.all_reduce(torch.tensor(stop.signum, device=d.device), op=torch.distributed.ReduceOp.MAX).item())
+            signum = stop.signum if d.world == 1 else int(
+                d.all_reduce(torch.tensor(stop.signum, device=d.device), op=torch.distributed.ReduceOp.MAX).item())
             if step % r.ckpt_every == 0 or step == t.steps or signum:
                 path = save(step)
                 if signum:
