@@ -136,3 +136,22 @@ def test_device_falls_back_to_the_cpu_with_a_notice(checkpoint_dir, capsys, monk
     assert lm.device == torch.device("cpu")
     err = capsys.readouterr().err
     assert "'cuda:0'" in err and "no CUDA device" in err and "on the CPU" in err
+
+
+def test_harness_command_line_error_is_one_line(task_dir, tmp_path, capsys, monkeypatch):
+    """`python -m xlstm7b.harness` with a folder that does not exist: exit code 2 and the reason, no traceback."""
+    import sys
+
+    from lm_eval.tasks import TaskManager
+
+    from xlstm7b import harness
+
+    init = TaskManager.__init__
+    monkeypatch.setattr(TaskManager, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "include_defaults": False}))
+    monkeypatch.setattr(sys, "argv", ["xlstm7b.harness", "--model", "xlstm7b", "--model_args", f"pretrained={tmp_path / 'nope'}",
+                                      "--tasks", TASK, "--include_path", str(task_dir), "--device", "cpu"])
+    with pytest.raises(SystemExit) as e:
+        harness.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"xlstm7b.harness: {tmp_path / 'nope'}: no such folder" in err, err
+    assert "Traceback" not in err

@@ -42,6 +42,8 @@ EVAL_CASES = {  # name: (extra arguments, words the message must contain)
     "max-documents--1": (["--max-documents", "-1"], ["--max-documents", "'-1'", ">= 0"]),
     "threads--1": (["--threads", "-1"], ["--threads", "'-1'"]),
     "device-nonsense": (["--device", "tpu9"], ["tpu9", "'cpu'"]),
+    "absurd-sizes": (["--batch-size", "100000000", "--piece-tokens", "100000"], ["--batch-size 100000000", "--piece-tokens 100000",
+                                                                               "lower either"]),
 }
 
 
@@ -158,3 +160,35 @@ def test_a_changed_setting_on_resume_is_announced_and_recorded(tmp_path, corpus,
     assert [h["step"] for h in history] == [0, 2]
     assert history[0]["changed"]["train"]["lr"] == 0.001 and history[1]["changed"] == {"train": {"steps": 3, "lr": 0.002}}
     assert json.loads((run_dir / "config.json").read_text())["train"]["lr"] == 0.002
+
+
+def test_wandb_without_credentials_is_one_line_that_says_what_to_do(tmp_path, corpus, cache, capsys, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
+    def no_key(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    code, _, err = run(capsys, "train", "debug", *overrides(corpus, cache, tmp_path / "r", "--train.steps=1",
+                                                              "--run.wandb_project=p", "--run.wandb_mode=online"))
+    assert code == 1 and "run.wandb_project='p'" in err and "wandb login" in err and "--run.wandb_mode=offline" in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("cores,load,expected", [(2, 0.0, 2), (2, 1.2, 1), (2, 7.0, 1), (16, 3.4, 13)])
+def test_default_threads_leave_out_the_busy_cores(monkeypatch, cores, load, expected):
+    from xlstm7b import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
+    assert threads.default_threads() == expected
+
+
+def test_serve_takes_threads(capsys):
+    pytest.importorskip("uvicorn")
+    from xlstm7b.serve.cli import parse_args
+
+    assert parse_args(["--checkpoint", "x", "--threads", "3"]).threads == 3
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--checkpoint", "x", "--threads", "-2"])
+    assert e.value.code == 2 and "--threads" in capsys.readouterr().err

@@ -13,14 +13,14 @@ from tqdm import tqdm
 
 from xlstm7b import CheckpointError, from_pretrained
 from xlstm7b.cli import NON_NEGATIVE_INT, POSITIVE_INT, number, parse
-from xlstm7b.pretrained import check_device
+from xlstm7b.pretrained import check_device, read_config
 from xlstm7b.threads import add_threads_option, set_threads, threads_value
 from xlstm7b.written import check_overwrite, remember
 
 from .checkpointing import SaveError
 from .config import SECTIONS, DataConfig, load_config, writable_folder
 from .data import Corpus
-from .evaluate import evaluate_documents, machine, report, source_documents, token_bytes_tensor, tokenized_documents, write_outputs
+from .evaluate import evaluate_documents, forward_positions, machine, report, source_documents, token_bytes_tensor, tokenized_documents, write_outputs
 from .plan import device_capacity_gb, estimate
 from .plot import plot
 from .tokenizer import MIN_BPE_VOCAB, load_tokenizer, train_bpe
@@ -214,6 +214,8 @@ def eval_main(argv: list[str]) -> int:
             for out in (args.out, args.out.with_suffix(".png")):
                 if not args.overwrite:
                     check_overwrite(out, "eval", "pass another --out, or --overwrite to replace it")
+        if Path(args.checkpoint).is_dir():  # else from_pretrained says what is wrong with the path
+            forward_positions(args.batch_size, args.piece_tokens, read_config(Path(args.checkpoint)).chunk_size)
         model = from_pretrained(args.checkpoint, device=device, dtype=dtype)
         tok_source = args.tokenizer or Path(args.checkpoint) / "tokenizer.json"
         if not args.tokenizer and not Path(tok_source).is_file():

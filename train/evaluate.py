@@ -37,6 +37,21 @@ BUCKET_EDGES = (1024, 4096, 16384, 65536, 262144)
 """Token positions where the loss-by-position buckets change: 0-1k, 1k-4k, 4k-16k, ..."""
 
 
+MAX_FORWARD_TOKENS = 2**22
+"""Most positions one forward of `evaluate_documents` may run (batch_size x piece_tokens)."""
+
+
+def forward_positions(batch_size: int, piece_tokens: int, chunk_size: int) -> int:
+    """piece_tokens rounded up to the kernel chunk; a ValueError naming both options if batch_size of
+    them exceed MAX_FORWARD_TOKENS (checked before any lane, buffer or model is allocated)."""
+    P = -(-piece_tokens // chunk_size) * chunk_size
+    if batch_size * P > MAX_FORWARD_TOKENS:
+        raise ValueError(f"--batch-size {batch_size} x --piece-tokens {piece_tokens} = {batch_size * P:,} positions per "
+                         f"forward, more than {MAX_FORWARD_TOKENS:,} (whose activations alone would not fit in memory); "
+                         "lower either")
+    return P
+
+
 def tokenized_documents(texts: Iterable[str], tok: Tokenizer, bos: int, batch: int = 64) -> Iterator[np.ndarray]:
     """`BOS tok tok ...` per text, tokenized `batch` texts at a time."""
     texts = iter(texts)
@@ -103,7 +118,7 @@ def evaluate_documents(
         raise ValueError(f"batch_size and piece_tokens must be >= 1, got {batch_size} and {piece_tokens}")
     c = model.config
     device = model.lm_head.weight.device
-    P = -(-piece_tokens // c.chunk_size) * c.chunk_size
+    P = forward_positions(batch_size, piece_tokens, c.chunk_size)
     edges = torch.tensor(bucket_edges, device=device)
     nb = len(bucket_edges) + 1
     # per bucket: tokens, nats, nats on text tokens, bytes

@@ -125,8 +125,14 @@ class MetricsLog:
         if wandb_project:
             import wandb
 
-            self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(run_dir), config=config,
-                                    name=run_dir.name, resume="allow", id=f"{run_dir.name}-{stable_hash(str(run_dir.resolve()))[:8]}")
+            try:
+                self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(run_dir), config=config, name=run_dir.name,
+                                        resume="allow", id=f"{run_dir.name}-{stable_hash(str(run_dir.resolve()))[:8]}")
+            except Exception as e:  # wandb raises its own errors (no credentials, no network), and plain ones
+                self.close()
+                raise ValueError(f"run.wandb_project={wandb_project!r}: wandb could not start a run ({type(e).__name__}: "
+                                 f"{str(e).strip()[:200]}); log in with `wandb login` (or set WANDB_API_KEY), or pass "
+                                 "--run.wandb_mode=offline to log locally, or --run.wandb_project='' to log without wandb") from e
 
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}

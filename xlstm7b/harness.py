@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .generate import generate
 from .model import XLSTM
-from .pretrained import check_device, from_pretrained
+from .pretrained import CheckpointError, check_device, from_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -288,8 +288,13 @@ class StopStrings:
 
 
 def main() -> None:
-    """`python -m xlstm7b.harness ...`: lm-eval's command line with the `xlstm7b` model type registered."""
-    cli_evaluate()
+    """`python -m xlstm7b.harness ...`: lm-eval's command line with the `xlstm7b` model type registered.
+    A bad model argument (a missing folder, a wrong dtype) ends in one line and exit code 2."""
+    try:
+        cli_evaluate()
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"xlstm7b.harness: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
