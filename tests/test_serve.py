@@ -5,6 +5,7 @@ through the CLI in its own process: a disconnect frees the slot, a full queue is
 lets the running request finish and refuses new ones."""
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -41,26 +42,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tokenizer):
-    """An in-process server over a random debug-shape model (the test tokenizer's vocabulary, EOS 0), 16 slots."""
-    config = ModelConfig.from_preset("debug").replace(vocab_size=tokenizer.get_vocab_size())
-    model = random_model(config, seed=1)
-    one = State.zeros(config, 1).nbytes
-    engine = Engine(model, EngineConfig(max_batch=16, max_prompt_tokens=2048, max_new_tokens=64, prefill_chunk=64,
-                                        prefill_tokens=1024, prefix_cache_bytes=8 * one), tokenizer).start()
+@contextlib.contextmanager
+def serving(model, tokenizer, config: EngineConfig, api_key: str | None = KEY, **app_kw):
+    """An in-process uvicorn server on 127.0.0.1 over an engine of `model`; yields an object with
+    url, model, engine, tokenizer and client(api_key) (an openai.AsyncOpenAI)."""
+    engine = Engine(model, config, tokenizer).start()
     port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(build_app(engine, model_name=MODEL, api_key=KEY), host="127.0.0.1", port=port, log_level="warning"))
+    app = build_app(engine, model_name=MODEL, api_key=api_key, **app_kw)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     while not uv.started:
         time.sleep(0.01)
     url = f"http://127.0.0.1:{port}"
-    yield type("Server", (), dict(url=url, model=model, engine=engine, tokenizer=tokenizer,
-                                  client=lambda api_key=KEY: openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)))
-    uv.should_exit = True
-    thread.join()
-    engine.stop()
+    try:
+        yield type("Server", (), dict(url=url, model=model, engine=engine, tokenizer=tokenizer, app=app,
+                                      client=lambda api_key=api_key: openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key,
+                                                                                        max_retries=0)))
+    finally:
+        uv.should_exit = True
+        thread.join()
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    """An in-process server over a random debug-shape model (the test tokenizer's vocabulary, EOS 0), 16 slots."""
+    config = ModelConfig.from_preset("debug").replace(vocab_size=tokenizer.get_vocab_size())
+    one = State.zeros(config, 1).nbytes
+    with serving(random_model(config, seed=1), tokenizer, EngineConfig(
+            max_batch=16, max_prompt_tokens=2048, max_new_tokens=64, prefill_chunk=64, prefill_tokens=1024,
+            prefix_cache_bytes=8 * one)) as s:
+        yield s
 
 
 def alone(model, ids, max_tokens, **sampling) -> list[int]:

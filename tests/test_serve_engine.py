@@ -1,6 +1,7 @@
 """The serving engine without HTTP: continuous batching == generate() alone, the prefix state cache
 (hit == cold, eviction, its memory bound), cancellation, the bounded queue, a bfloat16 state."""
 
+import copy
 import threading
 
 import pytest
@@ -187,3 +188,40 @@ def test_cuda_graph_buckets_and_the_triton_step(model, state_dtype):
         if state_dtype == torch.float32:
             assert r.output_ids == expected
     assert sum(agree) >= 0.5 * len(agree)
+
+
+def test_non_finite_logits_while_decoding_end_that_request_only(model):
+    """Token 7's embedding is NaN: the prompts are finite, but a request forced to generate 7 (by
+    logit_bias) gets NaN logits at its next step; it ends with an error, its neighbour goes on."""
+    ok_params = SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = alone(model, [5, 6], ok_params)
+    assert 7 not in expected
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.backbone.embeddings.weight[7] = float("nan")
+    engine = Engine(broken, EngineConfig(max_batch=2)).start()
+    ok = engine.submit([5, 6], ok_params)
+    bad = engine.submit([5, 6], SamplingParams(max_tokens=6, ignore_eos=True, logit_bias={7: 100.0}))
+    assert ok.done.wait(30) and bad.done.wait(30)
+    engine.stop()
+    assert bad.finish_reason == "error" and bad.output_ids == [7] and "non-finite logits" in bad.error
+    assert "embeddings.weight" in bad.error  # the cause, found in the weights
+    assert ok.finish_reason == "length" and ok.output_ids == expected
+    assert engine.health() == {"healthy": False, "nonfinite_logits": 1, "error": bad.error}
+    assert engine.stats()["finished"]["error"] == 1
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_and_equal_a_cold_pass(model):
+    ids = prompt(70, seed=9)
+    engine = Engine(model, EngineConfig(max_batch=2, prefill_chunk=16)).start()
+    engine.generate(ids, SamplingParams(max_tokens=1))  # caches the prefixes of 16, 32, 48 and 64 tokens
+    scored = engine.generate(ids, SamplingParams(max_tokens=2, prompt_logprobs=2, logprobs=1))
+    engine.stop()
+    assert scored.cached_tokens == 0 and scored.prompt_logprobs[0] is None and len(scored.prompt_logprobs) == 70
+    with torch.no_grad():
+        logp = model(torch.tensor([ids + scored.output_ids]))[0][0].double().log_softmax(-1)
+    expected = logp[:-1].gather(-1, torch.tensor(ids[1:] + scored.output_ids)[:, None])[:, 0]
+    got = [e.logprob for e in scored.prompt_logprobs[1:]] + [e.logprob for e in scored.logprobs]
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected, atol=1e-4)
+    assert [len(e.top) for e in scored.prompt_logprobs[1:]] == [2] * 69 and [len(e.top) for e in scored.logprobs] == [1, 1]
+    assert scored.cumulative_logprob == pytest.approx(sum(e.logprob for e in scored.logprobs))

@@ -28,7 +28,8 @@ def completion_logprobs(token_ids: list[int], entries: list[Logprob | None], tex
                         offset: int = 0) -> dict:
     """OpenAI's completions `logprobs`: tokens, token_logprobs, top_logprobs and text_offset (from
     `offset`); an entry None (the first prompt token) gives nulls. As in vLLM, a position's
-    top_logprobs holds its chosen token beside the most likely ones."""
+    top_logprobs holds its chosen token beside the most likely ones (keyed by their text, as in
+    OpenAI's format, so tokens of the same text share one key)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token, entry in zip(token_ids, entries):
         s = text(token)
@@ -40,7 +41,10 @@ def completion_logprobs(token_ids: list[int], entries: list[Logprob | None], tex
             out["top_logprobs"].append(None)
             continue
         out["token_logprobs"].append(entry.logprob)
-        out["top_logprobs"].append({text(t): lp for t, lp in entry.top} | {s: entry.logprob})
+        top: dict[str, float] = {}
+        for t, lp in [*entry.top, (token, entry.logprob)]:  # tokens of the same text keep the likeliest
+            top.setdefault(text(t), lp)
+        out["top_logprobs"].append(top)
     return out
 
 
