@@ -290,27 +290,37 @@ def test_memory_flat_under_load(server):
 
 # --- the CLI, in its own process ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cli_server(checkpoint_dir):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xlstm7b", "serve", "--checkpoint", str(checkpoint_dir), "--port", str(port), "--model-name", MODEL,
-         "--max-batch", "1", "--max-queue", "1", "--max-tokens", "100000", "--shutdown-timeout", "20"],
-        env=os.environ | {"OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def launch(checkpoint_dir, *flags: str):
+    """`xlstm7b serve` in its own process on a free port, until it answers /health; yields an object
+    with url, proc and log (its stderr so far, a file: a pipe could fill and block the server)."""
+    port, log = free_port(), checkpoint_dir / f"serve-{time.monotonic_ns()}.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xlstm7b", "serve", "--checkpoint", str(checkpoint_dir), "--port", str(port), "--model-name", MODEL,
+             *flags], env=os.environ | {"OMP_NUM_THREADS": "1"}, stderr=err, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "the server did not start within 120 s"
         try:
             if httpx.get(url + "/health").status_code == 200:
                 break
         except httpx.TransportError:
             time.sleep(0.2)
-    yield type("CLIServer", (), dict(url=url, proc=proc))
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    try:
+        yield type("CLIServer", (), dict(url=url, proc=proc, log=log.read_text))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cli_server(checkpoint_dir):
+    with launch(checkpoint_dir, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "100000", "--shutdown-timeout", "20") as s:
+        yield s
 
 
 def metric(url, name) -> float:
@@ -355,6 +365,12 @@ def test_cli_disconnect_frees_the_slot_and_a_full_queue_is_overloaded(cli_server
     assert metric(url, 'xlstm7b_requests_finished_total{reason="cancelled"}') == 2
 
 
+def refused_while_shutting_down(url):
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2}, timeout=10)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    assert httpx.get(url + "/health").status_code == 503
+
+
 def test_cli_sigterm_finishes_the_running_request_and_refuses_new_ones(cli_server):
     url, proc = cli_server.url, cli_server.proc
     with long_stream(url, 400) as stream:
@@ -362,14 +378,28 @@ def test_cli_sigterm_finishes_the_running_request_and_refuses_new_ones(cli_serve
         assert next(lines).startswith("data: ")
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
-        try:
-            refused = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 2}, timeout=10).status_code
-        except httpx.TransportError:
-            refused = "connection refused"
-        assert refused in (503, "connection refused")
+        refused_while_shutting_down(url)  # the server still listens: a new request gets its 503
         events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["choices"][0]["finish_reason"] == "length" and len(events) == 400  # the first was read above
     assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn ends by re-raising the signal it caught
+    log = cli_server.log()
+    assert "/v1/completions status=200 prompt_tokens=2 output_tokens=400" in log and "finish=length" in log  # the access log
+    assert "status=503" in log
+
+
+def test_cli_a_stream_cut_by_the_shutdown_deadline_ends_with_a_finish_reason_and_done(checkpoint_dir):
+    with launch(checkpoint_dir, "--max-tokens", "100000", "--shutdown-timeout", "1") as server:
+        with long_stream(server.url, 100_000) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            t0 = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            refused_while_shutting_down(server.url)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert time.monotonic() - t0 < 15
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "cancelled"
+        assert server.proc.wait(timeout=30) in (0, -signal.SIGTERM)
 
 
 def test_cli_without_the_serve_extra(monkeypatch, capsys):
