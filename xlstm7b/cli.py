@@ -18,6 +18,7 @@ from .pretrained import CheckpointError, check_device, from_pretrained, read_con
 from .config import ModelConfig, preset_names, preset_path
 from .generate import check_decoding, generate
 from .model import XLSTM
+from .quantize import METHODS, quantize
 from .sampling import SamplingError, SamplingParams
 from .state import State
 from .streaming import TextStreamer
@@ -153,12 +154,14 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True, help="print text as it is produced")
     p.add_argument("--draft", metavar="DIR", help="a smaller checkpoint with the same tokenizer: speculative decoding")
     p.add_argument("--speculate-k", type=POSITIVE_INT, default=4, metavar="K", help="draft tokens per verification (with --draft)")
+    p.add_argument("--quantize", choices=METHODS, help="weight-only quantisation of the model through torchao "
+                   "(xlstm7b.quantize): int8 on CUDA or CPU, int4 on CUDA with bfloat16")
     args = parse(p, argv)
     if isinstance(args, int):
         return args
     try:
         return run_generate(args)
-    except (CheckpointError, ValueError, TypeError) as e:
+    except (CheckpointError, ValueError, TypeError, ImportError) as e:
         return fail("generate", str(e))
     except FloatingPointError as e:
         return fail("generate", str(e), 1)
@@ -208,6 +211,8 @@ def run_generate(args: argparse.Namespace) -> int:
     check_decoding(args.max_new_tokens, eos_token_id, 1, config.vocab_size)
 
     model = from_pretrained(args.checkpoint, device=device, dtype=dtype)
+    if args.quantize:
+        quantize(model, args.quantize)
     draft = None
     if args.draft is not None:
         draft = from_pretrained(args.draft, device=device, dtype=dtype)
@@ -223,7 +228,7 @@ def run_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = generate(
         model, [ids], max_new_tokens=args.max_new_tokens, **sampling, eos_token_id=eos_token_id, streamer=streamer, draft=draft,
-        speculate_k=args.speculate_k, compile=args.compile,
+        speculate_k=args.speculate_k, compile=args.compile or None,  # None: generate's default (compiled on CUDA)
     )
     dt = time.perf_counter() - t0
     if not args.stream:
