@@ -38,13 +38,15 @@ from collections.abc import Iterable, Iterator
 
 import torch
 import triton
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime import jit
 
 from .chunkwise_triton import chunk_gates, triton_chunk_size
 from .chunkwise_triton_bwd import backward
-from .chunkwise_triton_fwd import FUSED_MAX_CHUNK, forward, interpreting, launch_overrides
+from .chunkwise_triton_fwd import FUSED_MAX_CHUNK, forward
+from .launch_settings import GRID_LAUNCHES, interpreting, launch_overrides
 from .step_triton import mlstm_step_triton
 
 # Per-block and per-SM limits of the targets we compile for (CUDA programming guide, compute
@@ -224,17 +226,24 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One cell of the matrix: a head shape, chunk size, input dtype and whether there are resets."""
+    """One cell of the matrix: a head shape, chunk size, input dtype, whether there are resets, and the
+    grid order of the launches that take one (launch_settings.GRID_ORDERS)."""
 
     DK: int
     DV: int
     L: int
     dtype: str
     reset: bool
+    grid_order: str = "chunks"
 
     @property
     def tag(self) -> str:
-        return f"DK{self.DK}-DV{self.DV}-L{self.L}-{self.dtype}" + ("-reset" if self.reset else "")
+        tag = f"DK{self.DK}-DV{self.DV}-L{self.L}-{self.dtype}" + ("-reset" if self.reset else "")
+        return tag if self.grid_order == "chunks" else f"{tag}-{self.grid_order}"
+
+    def overrides(self) -> dict[str, dict]:
+        """The launch_overrides of this case's grid order."""
+        return {} if self.grid_order == "chunks" else {k: dict(grid_order=self.grid_order) for k in GRID_LAUNCHES}
 
 
 def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH: int = 2, S: int = 1031) -> list[Launch]:
@@ -252,7 +261,7 @@ def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH:
         L = triton_chunk_size(case.L, S, dt)  # the chunk this case really runs with
         b, ig, virt, cnt = chunk_gates(i, f, reset, L)
         C0, n0, m0 = torch.empty(B, NH, case.DK, case.DV, **meta), torch.empty(B, NH, case.DK, **meta), torch.empty(B, NH, 1, **meta)
-        with record_launches(target, case.tag) as recorded:
+        with record_launches(target, case.tag) as recorded, launch_overrides(**case.overrides()):
             if dt != torch.float32 and L <= FUSED_MAX_CHUNK and target.arch >= 90:  # the one-pass forward, where built for
                 with launch_overrides(fused=dict(enabled=1)):
                     forward(q, k, v, b, ig, virt, cnt, C0, n0, m0, L, 1e-6)
@@ -299,17 +308,71 @@ def compile_matrix(plan: dict[int, list[Case]], jobs: int = 2) -> list[dict]:
         return [r for part in pool.map(run, range(jobs)) for r in part]
 
 
+# ---------------------------------------------------------------------------------------------
+# Launches per layer
+# ---------------------------------------------------------------------------------------------
+
+_NO_KERNEL = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "empty_permuted", "detach"}
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operators that launch a GPU kernel (all but views and allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_KERNEL:
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_launches(case: Case, B: int = 1, NH: int = 8, S: int = 4096) -> dict[str, dict]:
+    """The kernels one mLSTM layer launches on a GPU through the Triton chunkwise path, forward
+    (the gate vectors, then the forward op) and backward (the backward op, then autograd through the
+    gate vectors to i and f), counted on meta tensors: Triton launches (recorded, not run, for sm_90)
+    and aten operators that launch a kernel. Returns {phase: {"triton": n, "torch": n, "ops": {name: n}}}."""
+    meta = dict(device="meta")
+    dt = DTYPES[case.dtype]
+    q, k = (torch.empty(B, NH, S, case.DK, dtype=dt, **meta) for _ in range(2))
+    v = torch.empty(B, NH, S, case.DV, dtype=dt, **meta)
+    i, f = (torch.empty(B, NH, S, requires_grad=True, **meta) for _ in range(2))
+    reset = torch.empty(B, S, dtype=torch.bool, **meta) if case.reset else None
+    state = [torch.empty(B, NH, case.DK, case.DV, **meta), torch.empty(B, NH, case.DK, **meta), torch.empty(B, NH, 1, **meta)]
+    L = triton_chunk_size(case.L, S, dt)
+    out = {}
+    with record_launches(GPUTarget("cuda", 90, 32)) as fwd_launches, _CountOps() as fwd_ops:
+        b, ig, virt, cnt = chunk_gates(i, f, reset, L)
+        h, C, n, m, mt, den, MS = forward(q, k, v, b.detach(), ig.detach(), virt if virt is None else virt.detach(), cnt,
+                                          *state, L, 1e-6)
+    out["forward"] = dict(triton=len(fwd_launches), torch=sum(fwd_ops.ops.values()), ops=fwd_ops.ops)
+    grads = [torch.empty_like(x) for x in (h, C, n, m)]
+    with record_launches(GPUTarget("cuda", 90, 32)) as bwd_launches, _CountOps() as bwd_ops:
+        _, _, _, db, dig, dvirt, *_ = backward(q, k, v, b, ig, virt, cnt, *state, h, C, n, mt, den, MS, *grads, L, 1e-6)
+        gates = [x for x in (b, ig, virt) if x is not None]
+        torch.autograd.grad(gates, (i, f), [db, dig, dvirt][:len(gates)])
+    out["backward"] = dict(triton=len(bwd_launches), torch=sum(bwd_ops.ops.values()), ops=bwd_ops.ops)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Worker of compile_matrix: reads {arch: [case, ...]} as JSON on stdin, writes the JSON list of
-    the reports of its part on stdout."""
+    the reports of its part on stdout. With --count: reads a list of cases, writes count_launches of
+    each."""
     p = argparse.ArgumentParser(prog="python -m xlstm7b.kernels.aot", description=main.__doc__)
     p.add_argument("--part", default="0/1", help="compile every N-th distinct (arch, launch) pair from K: K/N")
+    p.add_argument("--count", action="store_true", help="count the launches per layer of the cases on stdin")
     args = p.parse_args(argv)
-    part, parts = (int(x) for x in args.part.split("/"))
-    plan = {int(arch): [Case(**c) for c in cases] for arch, cases in json.load(sys.stdin).items()}
+    spec = json.load(sys.stdin)
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON
-        reports = _compile_part(plan, part, parts)
-    json.dump(reports, sys.stdout)
+        if args.count:
+            out = [count_launches(Case(**c)) for c in spec]
+        else:
+            part, parts = (int(x) for x in args.part.split("/"))
+            out = _compile_part({int(arch): [Case(**c) for c in cases] for arch, cases in spec.items()}, part, parts)
+    json.dump(out, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import triton
 
 from . import chunkwise_triton_bwd, chunkwise_triton_fwd
 from .chunkwise import NEG_INF, in_chunk_cumsum
-from .chunkwise_triton_fwd import CHUNK_SIZES, current_overrides, interpreting, launch_overrides
+from .chunkwise_triton_fwd import CHUNK_SIZES
+from .launch_settings import current_overrides, interpreting, launch_overrides
 from .common import EPS, TRITON_DTYPES, TRITON_MIN_HEAD_DIM, MLSTMState, check_inputs, zero_state
 
 mlstm_chunkwise_fwd = torch.library.custom_op("xlstm7b::mlstm_chunkwise_fwd", mutates_args=())(chunkwise_triton_fwd.forward)

@@ -3,19 +3,22 @@ custom ops and public function: chunkwise_triton.py).
 
 The forward keeps only h, the per-position stabilizer m_t and denominator den, and the chunk-entry
 m; the chunk-entry states C, n are recomputed (one cheap sequential pass) instead of stored.
-Then:
-1. `_states_bwd_kernel` walks the chunks backwards carrying dC, dn: the gradient of the state at
-   every chunk boundary (dC stored like the chunk states: see state_dtype), and dC0, dn0 at the
-   start. It also carries the scalar gradient of the chunk-boundary stabilizer m (see below).
-2. `_scores_bwd_kernel` (per chunk and block of rows) computes the chunk's weighted scores A_tj and
+Then, six launches in all and no per-position PyTorch op:
+1. `_scores_bwd_kernel` (per chunk and block of rows) computes the chunk's weighted scores A_tj and
    the gradient dS_tj of the raw products q_t . k_j once, stored as [L, L] tiles in the dot dtype
    (small next to q, k, v: L / (2 DK + 2 DV) of their bytes), plus the row and column sums of
-   d log D for the gates.
-   Computing them here rather than in every DK and DV tile program keeps those programs' registers
-   to one [L, L] tile (they spilled at the 7B head shape otherwise) and does the L x L work once.
+   d log D for the gates. Computing them here rather than in every DK and DV tile program keeps
+   those programs' registers to one [L, L] tile (they spilled at the 7B head shape otherwise) and
+   does the L x L work once. It reads every column of dh for its rows, and h beside it, so it also
+   takes the row sums h . dh and the per-position terms of the normalizer the other launches use.
+2. `_states_bwd_kernel` walks the chunks backwards carrying dC, dn: the gradient of the state at
+   every chunk boundary (dC stored like the chunk states: see state_dtype), and dC0, dn0 at the
+   start. It also carries the scalar gradient of the chunk-boundary stabilizer m (see below).
 3. `_dqk_bwd_kernel` (per chunk and DK tile) and `_dv_bwd_kernel` (per chunk and DV tile) give
    dq, dk, dv from those tiles, the chunk's entry state and the gradient of its end state, plus the
    per-position pieces of the gate gradients.
+4. `_gates_bwd_kernel` (chunkwise_triton_gates.py) sums those pieces into the gate vectors'
+   gradients, and gives the initial m's.
 
 Exact gradients, eps included. Writing every stabilized quantity as exp(-m) times its unstabilized
 value, the result depends on a stabilizer m only through eps: with Dn = max(|den|, exp(-m)) + eps,
@@ -30,14 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunkwise import NEG_INF
-from .chunkwise_triton_fwd import _gate_vectors, _row_log_d, chunk_states, launch_config, state_dtype
+from .chunkwise_triton_fwd import _gate_vectors, _row_log_d, chunk_states, final_state, program_ids, state_dtype
+from .chunkwise_triton_gates import _gates_bwd_kernel, _state_dot
+from .launch_settings import grid_meta, launch_config
 
 
 @triton.jit
 def _states_bwd_kernel(
     # pointers
-    Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, R, BETA, DC_END, DCS, DC0, DNS, DMK,
+    Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, DMTC, C_END, N_END, DC_END, DN_END, DM_END,
+    DCS, DC0, DNS, DN0, DMK,
     # dims
     S, S_pad, NC, DK, DV, scale,
     # strides
@@ -46,10 +51,13 @@ def _states_bwd_kernel(
     NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """From the final state's gradient DC_END (float32): DCS[:, c] = gradient of C at the end of
-    chunk c (in the chunk states' dtype) and DC0 = the initial state's (float32). Likewise, in
-    float32 and with the final one at index NC, DNS[:, c] for the end of chunk c - 1 and the
-    stabilizer's DMK."""
+    """From the final state's gradient (float32): DCS[:, c] = gradient of C at the end of chunk c
+    (in the chunk states' dtype) and DC0 = the initial state's (float32). Likewise, in float32,
+    DNS[:, c] for the end of chunk c and DN0, and the gradient of
+    the chunk-boundary stabilizer DMK[:, c] (m at the end of chunk c - 1): the final m's own,
+    less dC . C + dn . n (the final state is exp(-m) times its unstabilized value), carried back
+    through each chunk where the carried state attained the chunk-end max, plus the gradient of
+    the positions whose m_t the chunk-entry m attained (DMTC)."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bh // NH
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -58,13 +66,16 @@ def _states_bwd_kernel(
     mkv = mk[:, None] & mv[None, :]
     c_off = offs_k[:, None] * DV + offs_v[None, :]
     dC = tl.load(DC_END + i_bh * DK * DV + c_off, mask=mkv, other=0.0)
-    dn = tl.load(DNS + (i_bh * (NC + 1) + NC) * DK + offs_k, mask=mk, other=0.0)
-    dmk = tl.load(DMK + i_bh * (NC + 1) + NC)
+    dn = tl.load(DN_END + i_bh * DK + offs_k, mask=mk, other=0.0)
+    dmk = tl.load(DM_END + i_bh)
+    if i_k == 0:
+        if i_v == 0:  # the program that stores DMK
+            dmk -= _state_dot(DC_END, C_END, DN_END, N_END, i_bh, DK, DV, BK, BV)
     for j in range(NC):
         i_c = NC - 1 - j
         tl.store(DCS + (i_bh * NC + i_c) * DK * DV + c_off, dC.to(DCS.dtype.element_ty), mask=mkv)
         if i_v == 0:
-            tl.store(DNS + (i_bh * (NC + 1) + i_c + 1) * DK + offs_k, dn, mask=mk)
+            tl.store(DNS + (i_bh * NC + i_c) * DK + offs_k, dn, mask=mk)
             if i_k == 0:
                 tl.store(DMK + i_bh * (NC + 1) + i_c + 1, dmk)
         _, _, _, carry, _, _, g, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
@@ -81,10 +92,12 @@ def _states_bwd_kernel(
         decay = tl.exp(g + m_beg - m_end)
         dC = decay * dC + tl.dot(tl.trans(qt * qd[:, None]).to(DT), dnum.to(DT), input_precision=PREC)
         dn = decay * dn + tl.sum(qt * (qd * dden)[:, None], 0)
-        dmk = tl.load(R + i_bh * NC + i_c) + tl.load(BETA + i_bh * NC + i_c) * dmk
+        # the chunk-end m came from the carried state (the forward took both from the same operands)
+        beta = (g + m_beg == m_end).to(tl.float32)
+        dmk = tl.sum(tl.load(DMTC + i_bh * S_pad + offs_t), 0) + beta * dmk
     tl.store(DC0 + i_bh * DK * DV + c_off, dC, mask=mkv)
     if i_v == 0:
-        tl.store(DNS + i_bh * (NC + 1) * DK + offs_k, dn, mask=mk)
+        tl.store(DN0 + i_bh * DK + offs_k, dn, mask=mk)
         if i_k == 0:
             tl.store(DMK + i_bh * (NC + 1), dmk)
 
@@ -92,19 +105,26 @@ def _states_bwd_kernel(
 @triton.jit
 def _scores_bwd_kernel(
     # pointers
-    Q, K, V, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, DML, AS, DSS, ROWS, COLS,
+    Q, K, V, H, DH, B_, I_, VIRT, CNT, MT, DEN, MS, AS, DSS, ROWS, COLS, RDEN, DDEN, DMTC, DMTV,
     # dims
-    S, S_pad, NC, BH, DK, DV, scale,
+    S, S_pad, NC, BH, DK, DV, scale, eps,
     # strides
     s_k_bh, s_k_t, s_v_bh, s_v_t,
     # meta-parameters
     NH: tl.constexpr, L: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, TILES_FIRST: tl.constexpr,
 ):
     """Rows r of chunk i_c's A_tj (the weighted scores of the forward) and dS_tj = dA_tj E_tj /
     sqrt(DK), the row sums and (per row block) the column sums of d log D_tj = dA_tj A_tj.
-    Two [RB, L] tiles live: dA, then the scores."""
-    i_c, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    Two [RB, L] tiles live: dA, then the scores.
+
+    On the way, the per-position terms of the normalizer: with Dn = max(|den|, exp(-m_t)) + eps and
+    h = num / Dn, from h . dh (summed over the DV tiles this program reads anyway) the gradients of
+    den (DDEN) and m_t, and 1 / Dn (RDEN), for the other launches. m_t's gradient goes where its max
+    came from: the carried state (DMTC, summed per chunk by _states_bwd_kernel), the zeroed state
+    after a reset (DMTV) or the row's largest log D_tj (here)."""
+    i_c, i_r = program_ids(L // RB, TILES_FIRST)
+    i_bh = tl.program_id(2)
     i_b = i_bh // NH
     rows = i_r * RB + tl.arange(0, RB)
     cols = tl.arange(0, L)
@@ -112,15 +132,21 @@ def _scores_bwd_kernel(
     offs_t = i_c * L + cols
     mr, mt = offs_r < S, offs_t < S
     m_r = tl.load(MT + i_bh * S_pad + offs_r)
-    rden = tl.load(RDEN + i_bh * S_pad + offs_r)
+    den = tl.load(DEN + i_bh * S_pad + offs_r)
+    rden = 1.0 / (tl.maximum(tl.abs(den), tl.exp(-m_r)) + eps)
     dA = tl.zeros([RB, L], dtype=tl.float32)  # gradient of A_tj
+    hdh = tl.zeros([RB], dtype=tl.float32)  # h_t . dh_t
     for vb in range(tl.cdiv(DV, BV)):
         offs_v = vb * BV + tl.arange(0, BV)
         mv = offs_v < DV
         vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(DT)
-        dnum = tl.load(DH + i_bh * s_v_bh + offs_r[:, None] * s_v_t + offs_v[None, :], mask=mr[:, None] & mv[None, :], other=0.0).to(tl.float32) * rden[:, None]
-        dA += tl.dot(dnum.to(DT), tl.trans(vt), input_precision=PREC)
-    dA += tl.load(DDEN + i_bh * S_pad + offs_r)[:, None]
+        r_off = i_bh * s_v_bh + offs_r[:, None] * s_v_t + offs_v[None, :]
+        dh = tl.load(DH + r_off, mask=mr[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        hdh += tl.sum(tl.load(H + r_off, mask=mr[:, None] & mv[None, :], other=0.0).to(tl.float32) * dh, 1)
+        dA += tl.dot((dh * rden[:, None]).to(DT), tl.trans(vt), input_precision=PREC)
+    dden = tl.where(tl.abs(den) > tl.exp(-m_r), -hdh * rden * tl.where(den > 0, 1.0, -1.0), 0.0)
+    dmt = -eps * hdh * rden  # total derivative of h_t . dh_t in m_t
+    dA += dden[:, None]
     qk = tl.zeros([RB, L], dtype=tl.float32)
     for kb in range(tl.cdiv(DK, BK)):
         offs_k = kb * BK + tl.arange(0, BK)
@@ -128,22 +154,30 @@ def _scores_bwd_kernel(
         qr = tl.load(Q + i_bh * s_k_bh + offs_r[:, None] * s_k_t + offs_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0).to(DT)
         kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(DT)
         qk += tl.dot(qr, tl.trans(kt), input_precision=PREC)
-    # log D of these rows, from the same float32 operands as the forward's (so `top` below is exact)
+    # log D of these rows, from the same float32 operands as the forward's (so the equality tests
+    # below are exact)
     bt, it, cnt, _, _, _, _, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
-    log_d, _, _ = _row_log_d(B_, I_, VIRT, CNT, bt, it, cnt, rows, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    log_d, carry, virt = _row_log_d(B_, I_, VIRT, CNT, bt, it, cnt, rows, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    by_carry = carry + tl.load(MS + i_bh * (NC + 1) + i_c) == m_r
+    by_virt = (virt == m_r) & ~by_carry
     E = tl.exp(log_d - m_r[:, None]) * scale
     A = qk * E
     tile = (i_bh * NC + i_c) * L * L + rows[:, None] * L + cols[None, :]
     tl.store(AS + tile, A.to(AS.dtype.element_ty))
     tl.store(DSS + tile, (dA * E).to(DSS.dtype.element_ty))
     d_log_d = dA * A
-    # the stabilizer's own gradient (DML: the part whose max was a token's log weight) goes to
-    # the maximal entries of the row, split evenly between ties
+    # m_t's gradient where a token's log weight was the max: to the maximal entries of the row,
+    # split evenly between ties
     top = log_d == m_r[:, None]
     ties = tl.maximum(tl.sum(top.to(tl.float32), 1), 1.0)
-    d_log_d += tl.where(top, (tl.load(DML + i_bh * S_pad + offs_r) / ties)[:, None], 0.0)
+    dml = tl.where(by_carry | by_virt, 0.0, dmt)
+    d_log_d += tl.where(top, (dml / ties)[:, None], 0.0)
     tl.store(ROWS + i_bh * S_pad + offs_r, tl.sum(d_log_d, 1))
     tl.store(COLS + (i_r * BH + i_bh) * S_pad + offs_t, tl.sum(d_log_d, 0))
+    tl.store(RDEN + i_bh * S_pad + offs_r, rden)
+    tl.store(DDEN + i_bh * S_pad + offs_r, dden)
+    tl.store(DMTC + i_bh * S_pad + offs_r, tl.where(by_carry, dmt, 0.0))
+    tl.store(DMTV + i_bh * S_pad + offs_r, tl.where(by_virt, dmt, 0.0))
 
 
 @triton.jit
@@ -157,12 +191,13 @@ def _dqk_bwd_kernel(
     s_k_bh, s_k_t, s_v_bh, s_v_t,
     # meta-parameters
     NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, TILES_FIRST: tl.constexpr,
 ):
     """dq, dk of one chunk and DK tile, and per DK tile the gate-gradient partial sums dcarry_t
     (through the entry state's weight), da_j (through the end state's weights) and dg (through the
     entry state's decay)."""
-    i_c, i_k, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_k = program_ids(tl.cdiv(DK, BK), TILES_FIRST)
+    i_bh = tl.program_id(2)
     i_b = i_bh // NH
     offs_t = i_c * L + tl.arange(0, L)
     mt = offs_t < S
@@ -195,8 +230,8 @@ def _dqk_bwd_kernel(
         dq_s += tl.dot(dnum.to(DT), tl.trans(C).to(DT), input_precision=PREC)
         dk_s += tl.dot(vt, tl.trans(dCe).to(DT), input_precision=PREC)
         dg_acc += tl.sum(dCe * C, 1)
-    n = tl.load(NS + st_in * DK + offs_k, mask=mk, other=0.0)
-    dne = tl.load(DNS + (st_in + 1) * DK + offs_k, mask=mk, other=0.0)
+    n = tl.load(NS + (i_bh * NC + i_c) * DK + offs_k, mask=mk, other=0.0)
+    dne = tl.load(DNS + (i_bh * NC + i_c) * DK + offs_k, mask=mk, other=0.0)
     dq_s += dden[:, None] * n[None, :]
     dk_s += dne[None, :]
     dg_acc += dne * n
@@ -224,10 +259,11 @@ def _dv_bwd_kernel(
     s_k_bh, s_k_t, s_v_bh, s_v_t,
     # meta-parameters
     NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, TILES_FIRST: tl.constexpr,
 ):
     """dv of one chunk and DV tile: through the chunk's own outputs and through its end state."""
-    i_c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_v = program_ids(tl.cdiv(DV, BV), TILES_FIRST)
+    i_bh = tl.program_id(2)
     i_b = i_bh // NH
     offs_t = i_c * L + tl.arange(0, L)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -251,11 +287,6 @@ def _dv_bwd_kernel(
     tl.store(DV_ + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], dv.to(DV_.dtype.element_ty), mask=mtv)
 
 
-def _per_position(x: torch.Tensor, S_pad: int) -> torch.Tensor:
-    """[B, NH, S] -> [B*NH, S_pad], zero padded."""
-    return torch.nn.functional.pad(x.flatten(0, 1), (0, S_pad - x.shape[-1]))
-
-
 def backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b: torch.Tensor, ig: torch.Tensor, virt: torch.Tensor | None, cnt: torch.Tensor | None,
@@ -263,7 +294,9 @@ def backward(
     h: torch.Tensor, C: torch.Tensor, n: torch.Tensor, mt: torch.Tensor, den: torch.Tensor, MS: torch.Tensor,
     dh: torch.Tensor, dC: torch.Tensor, dn: torch.Tensor, dm: torch.Tensor, chunk: int, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dq, dk, dv, the gradients of the gate vectors b, ig, virt, and dC0, dn0, dm0."""
+    """Returns dq, dk, dv, the gradients of the gate vectors b, ig, virt (zeros without resets), and
+    dC0, dn0, dm0. Six launches, nothing else: the chunk states, the scores (with the per-position
+    normalizer terms), the states' gradients, dq and dk, dv, and the gate vectors' gradients."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     BH, S_pad, L = B * NH, b.shape[-1], chunk
@@ -272,83 +305,50 @@ def backward(
     CS, NS, _, _ = chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg["states"], state_dtype(q))
     strides = (k.stride(1), k.stride(2), v.stride(1), v.stride(2))
     meta = dict(HAS_RESET=cnt is not None, NH=NH)
+    f32 = dict(dtype=torch.float32)
 
-    # Per position: h = num / Dn with Dn = max(|den|, exp(-m_t)) + eps.
-    hdh = _per_position((h.float() * dh.float()).sum(-1), S_pad)  # [BH, S_pad]
-    rden = 1.0 / (torch.maximum(den.abs(), torch.exp(-mt)) + eps)
-    dden = -hdh * rden * torch.where(den.abs() > torch.exp(-mt), den.sign(), 0.0)
-    dmt = -eps * hdh * rden  # total derivative of h_t . dh_t in m_t
-
-    # Which term attained the stabilizer's max, per position and per chunk boundary (the forward
-    # computed both maxima from the same float32 operands, so equality tests are exact).
-    carry = b if cnt is None else b.masked_fill(cnt.repeat_interleave(NH, 0) > 0, NEG_INF)
-    m_beg, m_end = MS[:, :NC], MS[:, 1:]
-    by_carry = carry + m_beg.repeat_interleave(L, 1) == mt
-    by_virt = torch.zeros_like(by_carry) if virt is None else (virt == mt) & ~by_carry
-    dml = dmt.masked_fill(by_carry | by_virt, 0.0)  # routed to the maximal log D_tj in the kernel
-    r = (dmt * by_carry).view(BH, NC, L).sum(-1)  # to the chunk-entry m
-    g = carry.view(BH, NC, L)[..., -1]
-    beta = (g + m_beg == m_end).float()  # the chunk-end m came from the carried state
+    # The chunks' [L, L] tiles, in the dtype the dots take them in, and the per-position terms
+    A = q.new_empty(BH, NC, L, L, dtype=torch.float32 if cfg["scores"]["DT"] == tl.float32 else q.dtype)
+    dS = torch.empty_like(A)
+    rows, rden, dden, dmtc, dmtv = (q.new_empty(BH, S_pad, **f32) for _ in range(5))
+    NRB = L // cfg["scores"]["RB"]
+    cols = q.new_empty(NRB, BH, S_pad, **f32)  # partial sums per row block
+    grid, sc = grid_meta(cfg["scores"], NC, NRB, BH)
+    _scores_bwd_kernel[grid](
+        q, k, v, h, dh, b, ig, virt, cnt, mt, den, MS, A, dS, rows, cols, rden, dden, dmtc, dmtv,
+        S, S_pad, NC, BH, DK, DV, DK**-0.5, eps, *strides, **meta, **sc,
+    )
 
     DCS = torch.empty_like(CS)  # the gradient of the state at each chunk's end, stored like the states
-    dC0 = torch.empty_like(C0)
     DNS = torch.empty_like(NS)
     DMK = torch.empty_like(MS)
-    DNS[:, NC] = dn.flatten(0, 1)
-    DMK[:, NC] = (dm.flatten() - (dC * C).sum((-1, -2)).flatten() - (dn * n).sum(-1).flatten())
+    dC0, dn0, dm0 = final_state(q, DV)
     st = cfg["states"]
     _states_bwd_kernel[(triton.cdiv(DK, st["BK"]), triton.cdiv(DV, st["BV"]), BH)](
-        q, dh, b, ig, virt, cnt, mt, rden, dden, MS, r, beta, dC, DCS, dC0, DNS, DMK,
+        q, dh, b, ig, virt, cnt, mt, rden, dden, MS, dmtc, C, n, dC, dn, dm, DCS, dC0, DNS, dn0, DMK,
         S, S_pad, NC, DK, DV, DK**-0.5, *strides, **meta, **st,
     )
 
-    # The chunks' [L, L] tiles, in the dtype the dots take them in
-    A = q.new_empty(BH, NC, L, L, dtype=torch.float32 if cfg["scores"]["DT"] == tl.float32 else q.dtype)
-    dS = torch.empty_like(A)
-    sc = cfg["scores"]
-    rows = q.new_empty(BH, S_pad, dtype=torch.float32)
-    cols = q.new_empty(L // sc["RB"], BH, S_pad, dtype=torch.float32)  # partial sums per row block
-    _scores_bwd_kernel[(NC, L // sc["RB"], BH)](
-        q, k, v, dh, b, ig, virt, cnt, mt, rden, dden, dml, A, dS, rows, cols,
-        S, S_pad, NC, BH, DK, DV, DK**-0.5, *strides, **meta, **sc,
-    )
-    cols = cols.sum(0)
     NKB = triton.cdiv(DK, cfg["dqk"]["BK"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dcarry = q.new_empty(NKB, BH, S_pad, dtype=torch.float32)
+    dcarry = q.new_empty(NKB, BH, S_pad, **f32)
     da = torch.empty_like(dcarry)
-    dg = q.new_empty(NKB, BH, NC, dtype=torch.float32)
-    _dqk_bwd_kernel[(NC, NKB, BH)](
+    dg = q.new_empty(NKB, BH, NC, **f32)
+    grid, dqk = grid_meta(cfg["dqk"], NC, NKB, BH)
+    _dqk_bwd_kernel[grid](
         q, k, v, dh, b, ig, virt, cnt, mt, rden, dden, dS, CS, NS, DCS, DNS, MS,
         dq, dk, dcarry, da, dg,
-        S, S_pad, NC, BH, DK, DV, DK**-0.5, *strides, **meta, **cfg["dqk"],
+        S, S_pad, NC, BH, DK, DV, DK**-0.5, *strides, **meta, **dqk,
     )
-    _dv_bwd_kernel[(NC, triton.cdiv(DV, cfg["dv"]["BV"]), BH)](
+    grid, dvc = grid_meta(cfg["dv"], NC, triton.cdiv(DV, cfg["dv"]["BV"]), BH)
+    _dv_bwd_kernel[grid](
         k, dh, b, ig, virt, cnt, rden, A, DCS, MS, dv,
-        S, S_pad, NC, DK, DV, *strides, **meta, **cfg["dv"],
+        S, S_pad, NC, DK, DV, *strides, **meta, **dvc,
     )
 
-    # Gate vectors. log D_tj = b_t - b_j + ig_j; the end-state weights a_j = b_last - b_j + ig_j;
-    # the entry state's weight at t is carry_t = b_t and its decay over the chunk g = b_last.
-    dmk_end = DMK[:, 1:]  # [BH, NC]
-    a = (b.view(BH, NC, L)[..., -1:] - b.view(BH, NC, L) + ig.view(BH, NC, L))
-    if cnt is not None:
-        c = cnt.repeat_interleave(NH, 0).view(BH, NC, L)
-        a = a.masked_fill(c != c[..., -1:], NEG_INF)
-    top_a = (a == m_end[..., None]) & (beta == 0)[..., None]
-    n_top = top_a.sum(-1, keepdim=True)
-    da = da.sum(0).view(BH, NC, L) + top_a * (dmk_end[..., None] / n_top.clamp(min=1))
-    dgate = dg.sum(0) + dmk_end * beta
-    db = (rows - cols + dcarry.sum(0) + dmt * by_carry).view(BH, NC, L) - da
-    db[..., -1] += da.sum(-1) + dgate
-    dig = cols + da.flatten(1)
-    dvirt = None
-    if virt is not None:
-        dvirt = (dmt * by_virt).view(BH, NC, L)
-        dvirt[..., -1] += dmk_end * (1 - beta) * (n_top[..., 0] == 0)  # the zeroed state won the max
-        dvirt = dvirt.flatten(1)
-    dn0 = DNS[:, 0].view_as(n0)
-    dm0 = (DMK[:, 0] + (dC0 * C0).reshape(BH, -1).sum(-1) + (dn0 * n0).reshape(BH, -1).sum(-1)).view_as(m0)
-    return dq, dk, dv, db.flatten(1), dig, dvirt if dvirt is not None else torch.zeros_like(b), dC0, dn0.clone(), dm0
-
-
+    db, dig, dvirt = (torch.empty_like(b) for _ in range(3))
+    _gates_bwd_kernel[(NC, BH)](
+        b, ig, virt, cnt, MS, rows, cols, dcarry, da, dg, DMK, dmtc, dmtv, C0, n0, dC0, dn0, db, dig, dvirt, dm0,
+        S_pad, NC, BH, NRB, NKB, DK, DV, NH=NH, L=L, BK=st["BK"], BV=st["BV"], HAS_RESET=cnt is not None,
+    )
+    return dq, dk, dv, db, dig, dvirt, dC0, dn0, dm0

@@ -23,13 +23,11 @@ Math, the carried state and the final state are float32 whatever the input dtype
 v's dtype.
 """
 
-import contextlib
-import contextvars
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .launch_settings import grid_meta, interpreting, launch_config
 
 CHUNK_SIZES = (16, 32, 64, 128)
 """Chunk lengths the kernels take: tl.dot needs >= 16, and above 128 the [L, L] score tiles of one
@@ -41,9 +39,18 @@ it compiles for sm_90 without spills at the 7B head shape (at 32 it spills on sm
 KiB, at 128 its [L, DK] tiles exceed shared memory; on sm_80 it spills at 16 already)."""
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+@triton.jit
+def program_ids(NT, TILES_FIRST: tl.constexpr):
+    """(outer index, tile index) of this program in a grid (outer, NT tiles, batch*head) with the
+    outer index (a chunk, or a chunk's row block) on axis 0 and the head-dim tile on axis 1 (grid
+    order "chunks"), or in a grid (outer * NT, 1, batch*head) with the tile index fastest (order
+    "tiles": the programs that read the same chunk's operands run next to each other, while those
+    operands are still in L2)."""
+    if TILES_FIRST:
+        i_o, i_t = tl.program_id(0) // NT, tl.program_id(0) % NT
+    else:
+        i_o, i_t = tl.program_id(0), tl.program_id(1)
+    return i_o, i_t
 
 
 @triton.jit
@@ -100,7 +107,7 @@ def _row_log_d(B_, I_, VIRT, CNT, bt, it, cnt, rows, i_bh, i_b, i_c, S_pad, L: t
 @triton.jit
 def _states_fwd_kernel(
     # pointers
-    K, V, B_, I_, VIRT, CNT, C0, N0, M0, CS, NS, MS, CF,
+    K, V, B_, I_, VIRT, CNT, C0, N0, M0, CS, NS, MS, CF, NF, MF,
     # dims
     S, S_pad, NC, DK, DV,
     # strides (q/k/v rows are contiguous in the head dim)
@@ -123,7 +130,7 @@ def _states_fwd_kernel(
         # the state chunk i_c starts from; n and m are written by one program column only
         tl.store(CS + (i_bh * NC + i_c) * DK * DV + c_off, C.to(CS.dtype.element_ty), mask=mkv)
         if i_v == 0:
-            tl.store(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, n, mask=mk)
+            tl.store(NS + (i_bh * NC + i_c) * DK + offs_k, n, mask=mk)
             if i_k == 0:
                 tl.store(MS + i_bh * (NC + 1) + i_c, m)
         _, _, _, _, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
@@ -140,9 +147,10 @@ def _states_fwd_kernel(
         m = m_new
     tl.store(CF + i_bh * DK * DV + c_off, C, mask=mkv)
     if i_v == 0:
-        tl.store(NS + (i_bh * (NC + 1) + NC) * DK + offs_k, n, mask=mk)
+        tl.store(NF + i_bh * DK + offs_k, n, mask=mk)
         if i_k == 0:
             tl.store(MS + i_bh * (NC + 1) + NC, m)
+            tl.store(MF + i_bh, m)
 
 
 @triton.jit
@@ -155,11 +163,13 @@ def _output_fwd_kernel(
     s_k_bh, s_k_t, s_v_bh, s_v_t,
     # meta-parameters
     NH: tl.constexpr, L: tl.constexpr, RB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, TILES_FIRST: tl.constexpr,
 ):
-    """Outputs of RB rows of chunk i_c (program i_c * L / RB + row block) for one DV tile."""
-    i_c, i_r = tl.program_id(0) // (L // RB), tl.program_id(0) % (L // RB)
-    i_v, i_bh = tl.program_id(1), tl.program_id(2)
+    """Outputs of RB rows of chunk i_c for one DV tile (the program of the chunk's row block i_r:
+    see program_ids)."""
+    i_cr, i_v = program_ids(tl.cdiv(DV, BV), TILES_FIRST)
+    i_c, i_r = i_cr // (L // RB), i_cr % (L // RB)
+    i_bh = tl.program_id(2)
     i_b = i_bh // NH
     rows = i_r * RB + tl.arange(0, RB)
     offs_r = i_c * L + rows
@@ -175,7 +185,7 @@ def _output_fwd_kernel(
         qr = tl.load(Q + i_bh * s_k_bh + offs_r[:, None] * s_k_t + offs_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
         kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
         C = tl.load(CS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-        n = tl.load(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, mask=mk, other=0.0)
+        n = tl.load(NS + (i_bh * NC + i_c) * DK + offs_k, mask=mk, other=0.0)
         qk += tl.dot(qr.to(DT), tl.trans(kt.to(DT)), input_precision=PREC)
         q_c += tl.dot(qr.to(DT), C.to(DT), input_precision=PREC)
         q_n += tl.sum(qr.to(tl.float32) * n[None, :], 1)
@@ -200,7 +210,7 @@ def _output_fwd_kernel(
 @triton.jit
 def _fused_fwd_kernel(
     # pointers
-    Q, K, V, B_, I_, VIRT, CNT, C0, N0, M0, H, MT, DEN, MS, CF, NF,
+    Q, K, V, B_, I_, VIRT, CNT, C0, N0, M0, H, MT, DEN, MS, CF, NF, MF,
     # dims
     S, S_pad, NC, DK, DV, scale, eps,
     # strides
@@ -275,113 +285,7 @@ def _fused_fwd_kernel(
     if i_v == 0:
         tl.store(NF + i_bh * DK + offs_k, tl.sum(tl.where(is_hi | is_lo, X, 0.0), 1), mask=mk)
         tl.store(MS + i_bh * (NC + 1) + NC, m)
-
-
-def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
-    """Meta-parameters of every chunkwise kernel, by kernel: the dtype tl.dot sees (the input's
-    half dtype, or fp32 as three tf32 products; fp32 IEEE in the interpreter, whose bf16 dot is
-    broken; always accumulating in fp32), tile sizes and warps.
-
-    Chosen by compiling for sm_90 and sm_80 (tests/test_kernels_compile.py,
-    benchmarks/kernel_resources.py): no register spills at the 7B and 1.3B head shapes, shared
-    memory within an A100's per-block limit, and 64-row state tiles so that the state products
-    lower to Hopper's wgmma (its M is 64 per warpgroup). Inside a `launch_overrides` block its
-    settings replace these.
-    """
-    DK, DV = q.shape[-1], v.shape[-1]
-    if interpreting():
-        dt, prec = tl.float32, "ieee"
-    elif q.dtype == torch.float32:
-        dt, prec = tl.float32, "tf32x3"  # tensor cores, three tf32 products: float32 accuracy
-    else:
-        dt, prec = (tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16), "tf32"
-    # Operand tiles 64 wide in half precision and 32 in fp32 (split in two for tf32x3, its operands
-    # take four times the space), halved next to large [L, L] score tiles; 8 warps from L 64 (32 in
-    # fp32), where an [L, L] fp32 tile is 16 registers a thread (L 128: 64).
-    half = dt != tl.float32
-    wide = 64 if half else 32
-    t = wide // 2 if L >= 2 * wide else wide
-    BK, BV = min(triton.next_power_of_2(DK), wide), min(triton.next_power_of_2(DV), wide)
-    tk, tv = min(BK, t), min(BV, t)
-    warps = 4 if L < (64 if half else 32) else 8
-    common = dict(L=L, DT=dt, PREC=prec, num_warps=warps)
-    cfg = {
-        # off until measured on a GPU (benchmarks/kernels.py --tune): one pass with the state on chip
-        "fused": dict(common, enabled=0, BK=triton.next_power_of_2(DK), BV=16, num_warps=8, num_stages=1),
-        # 64-row state tiles in half precision: the state products then lower to wgmma
-        "states": dict(common, BK=BK if half else tk, BV=tv),
-        "output": dict(common, RB=min(L, wide), BK=tk, BV=tv),
-        "scores": dict(common, RB=min(L, wide), BK=tk, BV=tv),
-        "dqk": dict(common, BK=tk if L < 64 else min(tk, 32), BV=tv),
-        "dv": dict(common, BK=tk, BV=BV),
-    }
-    for kernel, params in _OVERRIDES.get().items():
-        cfg[kernel].update(params)
-    for kernel in ("output", "scores"):
-        cfg[kernel]["RB"] = min(cfg[kernel]["RB"], L)
-    return cfg
-
-
-TUNABLE = {
-    "fused": ("enabled", "BV", "num_warps", "num_stages"),
-    "states": ("BK", "BV", "num_warps", "num_stages"),
-    "output": ("RB", "BK", "BV", "num_warps", "num_stages"),
-    "scores": ("RB", "BK", "BV", "num_warps", "num_stages"),
-    "dqk": ("BK", "BV", "num_warps", "num_stages"),
-    "dv": ("BK", "BV", "num_warps", "num_stages"),
-}
-"""The meta-parameters of each launch_config entry that `launch_overrides` may set. "fused" is the
-forward in one pass (_fused_fwd_kernel; `enabled=1` selects it over the states and output passes);
-"states" the forward's states pass (which the backward reruns to recompute the chunk-entry states)
-and the backward's own states pass; "output" the forward's output pass; "scores", "dqk" and "dv"
-the backward's other passes."""
-
-_OVERRIDES: contextvars.ContextVar[dict[str, dict[str, int]]] = contextvars.ContextVar("launch_overrides", default={})
-
-
-def _allowed(name: str, value) -> bool:
-    if not isinstance(value, int) or isinstance(value, bool):
-        return False
-    if name == "num_warps":
-        return value in (1, 2, 4, 8)
-    if name == "num_stages":
-        return 1 <= value <= 6
-    if name == "enabled":
-        return value in (0, 1)
-    return value >= 16 and value & (value - 1) == 0  # a tile: tl.dot takes powers of two >= 16
-
-
-def current_overrides() -> dict[str, dict[str, int]]:
-    """The settings of the innermost `launch_overrides` block (empty outside any): for carrying them
-    to where a block does not reach, as autograd's device threads, which run the backward."""
-    return {kernel: dict(params) for kernel, params in _OVERRIDES.get().items()}
-
-
-@contextlib.contextmanager
-def launch_overrides(**kernels: dict[str, int]):
-    """Within the block the chunkwise kernels launch with these meta-parameters in place of
-    launch_config's, e.g. `with launch_overrides(states=dict(BV=32, num_warps=4)):`, to measure
-    other tiles, warps and pipeline stages (benchmarks/kernels.py --tune). Tiles are powers of two
-    >= 16 (the launches mask DK and DV tails; RB is capped at the chunk), warps 1, 2, 4 or 8, stages
-    1 to 6, enabled 0 or 1. Results change by summation order and rounding only. Nested blocks add to
-    the outer one's settings. A backward runs with its forward's settings (see chunkwise_triton)."""
-    for kernel, params in kernels.items():
-        if kernel not in TUNABLE:
-            raise ValueError(f"launch_overrides: unknown kernel {kernel!r}; choose from {', '.join(TUNABLE)}")
-        for name, value in params.items():
-            if name not in TUNABLE[kernel]:
-                raise ValueError(f"launch_overrides: {kernel} takes {', '.join(TUNABLE[kernel])}, not {name!r}")
-            if not _allowed(name, value):
-                raise ValueError(f"launch_overrides: {kernel} {name}={value!r} is not allowed (tiles: powers of two "
-                                 ">= 16; num_warps: 1, 2, 4 or 8; num_stages: 1 to 6; enabled: 0 or 1)")
-    merged = {k: dict(v) for k, v in _OVERRIDES.get().items()}
-    for kernel, params in kernels.items():
-        merged.setdefault(kernel, {}).update(params)
-    token = _OVERRIDES.set(merged)
-    try:
-        yield
-    finally:
-        _OVERRIDES.reset(token)
+        tl.store(MF + i_bh, m)
 
 
 def state_dtype(q: torch.Tensor) -> torch.dtype:
@@ -393,25 +297,32 @@ def state_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg, dtype: torch.dtype):
-    """Entry states of every chunk, C [B*NH, NC, DK, DV] in `dtype`, and n [B*NH, NC+1, DK],
-    m [B*NH, NC+1] in float32 with the final ones at index NC; the final C [B*NH, DK, DV] in float32.
-    `cfg` is launch_config(...)["states"]."""
+    """Entry states of every chunk, C [B*NH, NC, DK, DV] in `dtype`, n [B*NH, NC, DK] and m
+    [B*NH, NC+1] (the final m at index NC) in float32, and the final state: C [B, NH, DK, DV],
+    n [B, NH, DK] and m [B, NH, 1] in float32. `cfg` is launch_config(...)["states"]."""
     B, NH, _, DK = k.shape
     DV = v.shape[-1]
     S_pad = b.shape[-1]
     NC = S_pad // cfg["L"]
     CS = k.new_empty(B * NH, NC, DK, DV, dtype=dtype)
-    NS = k.new_empty(B * NH, NC + 1, DK, dtype=torch.float32)
+    NS = k.new_empty(B * NH, NC, DK, dtype=torch.float32)
     MS = k.new_empty(B * NH, NC + 1, dtype=torch.float32)
-    CF = k.new_empty(B * NH, DK, DV, dtype=torch.float32)
+    CF, NF, MF = final_state(k, DV)
     grid = (triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]), B * NH)
     _states_fwd_kernel[grid](
-        k, v, b, ig, virt, cnt, C0, n0, m0, CS, NS, MS, CF,
+        k, v, b, ig, virt, cnt, C0, n0, m0, CS, NS, MS, CF, NF, MF,
         S, S_pad, NC, DK, DV,
         k.stride(1), k.stride(2), v.stride(1), v.stride(2),
         HAS_RESET=cnt is not None, NH=NH, **cfg,
     )
-    return CS, NS, MS, CF
+    return CS, NS, MS, (CF, NF, MF)
+
+
+def final_state(k: torch.Tensor, DV: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty float32 C [B, NH, DK, DV], n [B, NH, DK], m [B, NH, 1] for a kernel to write."""
+    B, NH, _, DK = k.shape
+    f32 = dict(dtype=torch.float32)
+    return k.new_empty(B, NH, DK, DV, **f32), k.new_empty(B, NH, DK, **f32), k.new_empty(B, NH, 1, **f32)
 
 
 def forward(
@@ -443,20 +354,16 @@ def forward(
             raise ValueError("mlstm: the one-pass forward is built for Hopper GPUs (sm_90; on an A100 its registers "
                              "spill at the 7B head shape): leave it off on this GPU")
         MS = q.new_empty(B * NH, NC + 1, dtype=torch.float32)
-        CF = q.new_empty(B * NH, DK, DV, dtype=torch.float32)
-        NF = q.new_empty(B * NH, DK, dtype=torch.float32)
+        CF, NF, MF = final_state(k, DV)
         _fused_fwd_kernel[(triton.cdiv(DV, fused["BV"]), B * NH)](
-            q, k, v, b, ig, virt, cnt, C0, n0, m0, h, mt, den, MS, CF, NF,
+            q, k, v, b, ig, virt, cnt, C0, n0, m0, h, mt, den, MS, CF, NF, MF,
             S, S_pad, NC, DK, DV, DK**-0.5, eps, *strides, **meta, **fused,
         )
-        return h, CF.view(B, NH, DK, DV), NF.view(B, NH, DK), MS[:, NC].reshape(B, NH, 1).clone(), mt, den, MS
-    CS, NS, MS, CF = chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg["states"], state_dtype(q))
-    out = cfg["output"]
-    _output_fwd_kernel[(NC * (chunk // out["RB"]), triton.cdiv(DV, out["BV"]), B * NH)](
+        return h, CF, NF, MF, mt, den, MS
+    CS, NS, MS, (C, n, m) = chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg["states"], state_dtype(q))
+    grid, out = grid_meta(cfg["output"], NC * (chunk // cfg["output"]["RB"]), triton.cdiv(DV, cfg["output"]["BV"]), B * NH)
+    _output_fwd_kernel[grid](
         q, k, v, b, ig, virt, cnt, CS, NS, MS, h, mt, den,
         S, S_pad, NC, DK, DV, DK**-0.5, eps, *strides, **meta, **out,
     )
-    C = CF.view(B, NH, DK, DV)
-    n = NS[:, NC].reshape(B, NH, DK)
-    m = MS[:, NC].reshape(B, NH, 1)
-    return h, C, n.clone(), m.clone(), mt, den, MS
+    return h, C, n, m, mt, den, MS

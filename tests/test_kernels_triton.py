@@ -18,7 +18,8 @@ from xlstm7b.kernels import (  # noqa: E402
 )
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
 from xlstm7b.kernels import chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
-from xlstm7b.kernels.chunkwise_triton_fwd import FUSED_MAX_CHUNK, launch_config, launch_overrides, state_dtype  # noqa: E402
+from xlstm7b.kernels.chunkwise_triton_fwd import FUSED_MAX_CHUNK, state_dtype  # noqa: E402
+from xlstm7b.kernels.launch_settings import GRID_LAUNCHES, grid_meta, launch_config, launch_overrides  # noqa: E402
 from xlstm7b.kernels.step_triton import mlstm_step_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,19 +110,54 @@ def case_id(c):
     return f"B{B}-NH{NH}-S{S}-DK{DK}-DV{DV}-L{L}" + "-init" * init + "-reset" * reset + f"-{gates}"
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["two-pass", "fused"])
+VARIANTS = {
+    "two-pass": {},
+    "fused": dict(fused=dict(enabled=1)),
+    "tiles-first": {launch: dict(grid_order="tiles") for launch in GRID_LAUNCHES},
+}
+"""The selectable forms of the kernels, as launch_overrides: the default (states and output passes,
+each per-chunk launch with the chunk index fastest), the one-pass forward (at the chunks it takes),
+and every per-chunk launch with the head-dim tile (or row block) index fastest."""
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_chunkwise_matches_oracle(case, fused):
-    """Both forms of the forward (the states and output passes, or the fused pass at the chunks it
-    takes), each with the backward."""
+def test_chunkwise_matches_oracle(case, variant):
+    """Every variant of the forward and backward: values, final states and the gradients of every
+    input, the initial state included."""
     B, NH, S, DK, DV, L, init, reset, gates = case
-    L = min(L, FUSED_MAX_CHUNK) if fused else L
+    L = min(L, FUSED_MAX_CHUNK) if variant == "fused" else L
     xs, rs = make_inputs(B, NH, S, DK, DV, init=init, reset=reset, gates=gates)
     # At the limits, f = +15 moves log weights of size 15 by 3e-7, below float32's resolution, so
     # float32 sees ties in the stabilizer's max that float64 resolves, and the final-state m's
     # gradient is split differently between equal maxima: compare gradients of h alone there.
-    with launch_overrides(fused=dict(enabled=int(fused))):
+    with launch_overrides(**VARIANTS[variant]):
         check_against_oracle(xs, rs, L, state_grads=gates != "limits")
+
+
+@pytest.mark.parametrize("variant", ["two-pass", "tiles-first"])
+def test_chunk_end_max_from_the_zeroed_state(variant):
+    """A reset followed by input gates at -15 to the end of the chunk: the zeroed state (m = 0)
+    outweighs every token, so the chunk-end m, the final state's, took its max from the zeroed
+    state and its gradient flows through that path only (to virt, then to f)."""
+    xs, _ = make_inputs(1, 2, 40, 16, 16, init=True)
+    xs[3][..., 36:] = -15.0
+    rs = torch.zeros(1, 40, dtype=torch.bool, device=DEVICE)
+    rs[:, 36] = True
+    with launch_overrides(**VARIANTS[variant]):
+        check_against_oracle(xs, rs, 16)
+
+
+def test_grid_orders():
+    """"tiles" puts the tile index on the fastest grid axis (flattened with the chunk's: no 65,535
+    limit on axis 1); "chunks" keeps the chunk index there. Both reach every (chunk, tile) pair."""
+    xs, _ = make_inputs(1, 2, 70, 16, 48)
+    with launch_overrides(dv=dict(BV=16, grid_order="tiles")):
+        grid, meta = grid_meta(launch_config(xs[0], xs[2], 16)["dv"], 5, 3, 2)
+        assert grid == (15, 1, 2) and meta["TILES_FIRST"] and "grid_order" not in meta
+    grid, meta = grid_meta(launch_config(xs[0], xs[2], 16)["dv"], 5, 3, 2)
+    assert grid == (5, 3, 2) and not meta["TILES_FIRST"]
+    assert set(GRID_LAUNCHES) == {"output", "scores", "dqk", "dv"}
 
 
 OTHER_TILES = dict(
@@ -209,6 +245,9 @@ def test_the_backward_runs_with_the_forwards_launch_settings(monkeypatch):
     (dict(output=dict(num_warps=3)), "not allowed"),
     (dict(output=dict(num_stages=0)), "not allowed"),
     (dict(output=dict(BV=32.0)), "not allowed"),
+    (dict(dqk=dict(grid_order="rows")), "grid_order: one of 'chunks', 'tiles'"),
+    (dict(dv=dict(grid_order=1)), "grid_order: one of 'chunks', 'tiles'"),
+    (dict(states=dict(grid_order="tiles")), "states takes"),
 ])
 def test_launch_overrides_reject_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
