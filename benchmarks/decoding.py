@@ -15,9 +15,11 @@ state captured in a CUDA graph that every step replays (the forward copies the n
 state it was given, so the graph's buffers carry it).
 """
 
+import copy
 import json
 import os
 import platform
+import time
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -25,6 +27,9 @@ from pathlib import Path
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+
+from xlstm7b import generate
+from xlstm7b.quantize import quantize
 
 NO_KERNEL = frozenset(f"aten::{op}" for op in (
     "view", "_unsafe_view", "as_strided", "reshape", "_reshape_alias", "alias", "detach", "t", "transpose",
@@ -71,6 +76,63 @@ def is_kernel(name: str) -> bool:
     mkldnn:: GEMMs a frozen compilation calls) outside NO_KERNEL, or a kernel that inductor generated
     ("graph_<n>_cpp_fused_...", "graph_<n>_gemm_..._kernel"); not the wrappers of compiled code."""
     return name.startswith("graph_") or ("::" in name and name not in NO_KERNEL)
+
+
+def best_time(fn, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of fn() (seconds; CUDA synchronized around each)."""
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def prompt(batch: int, length: int, config, device) -> torch.Tensor:
+    """Random ids [batch, length] after a BOS token, the same for the same length."""
+    ids = torch.randint(2, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length)).to(device)
+    ids[:, 0] = config.bos_token_id
+    return ids
+
+
+def bench_quantized(model, methods: list[str], n: int, repeats: int, rows: list[dict]) -> None:
+    """Batch-1 decoding of `model` and of a quantised copy per method, each as generate runs it by
+    default (on CUDA the compiled step in a CUDA graph): a row each with decode tok/s (over n tokens,
+    as bench_decode measures), the last logits' relative error against the unquantised model's on a
+    512-token prompt, and the share of n greedy tokens equal to the unquantised model's. A method
+    that does not run here leaves a row with its error."""
+    device = model.lm_head.weight.device
+    ids, long_ids = prompt(1, 16, model.config, device), prompt(1, 512, model.config, device)
+
+    def measure(m) -> tuple[float, torch.Tensor, torch.Tensor]:
+        t1 = best_time(lambda: generate(m, ids, max_new_tokens=1), repeats)
+        tn = best_time(lambda: generate(m, ids, max_new_tokens=n), repeats)
+        with torch.no_grad():
+            logits = m(long_ids, last_logits_only=True)[0][:, -1].double()
+        return (n - 1) / (tn - t1), logits, generate(m, ids, max_new_tokens=n).tokens
+
+    rate, logits, tokens = measure(model)
+    rows.append(dict(impl=str(model.lm_head.weight.dtype).removeprefix("torch."), metric="quantized", batch=1, tok_per_s=rate))
+    print(f"quantize {rows[-1]['impl']:<8} batch 1: {rate:9.1f} tok/s", flush=True)
+    for method in methods:
+        row = dict(impl=method, metric="quantized", batch=1)
+        try:
+            quantized = quantize(copy.deepcopy(model), method)
+        except (ValueError, ImportError) as e:  # not on this device or dtype, or no torchao: the other rows stand
+            rows.append(row | dict(error=f"{type(e).__name__}: {e}"[:300]))
+            print(f"quantize {method:<8} batch 1: {rows[-1]['error']}", flush=True)
+            continue
+        q_rate, q_logits, q_tokens = measure(quantized)
+        del quantized
+        row.update(tok_per_s=q_rate, speedup=q_rate / rate, logits_rel_err=((q_logits - logits).norm() / logits.norm()).item(),
+                   same_greedy_tokens=(q_tokens == tokens).double().mean().item())
+        rows.append(row)
+        print(f"quantize {method:<8} batch 1: {q_rate:9.1f} tok/s ({row['speedup']:.2f}x), logits {row['logits_rel_err']:.1e} "
+              f"from the unquantised model's, {100 * row['same_greedy_tokens']:.0f} % of its greedy tokens", flush=True)
 
 
 def official_model(ours, state_dtype: str):
@@ -231,7 +293,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel)
         ax.set_xticks(xs, [str(v) for v in xs])
         ax.minorticks_off()
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.suptitle(f"generate, {result['preset']} preset, {result['dtype']}, {result['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -40,11 +40,13 @@ from pathlib import Path
 import torch
 
 from xlstm7b import XLSTM, ModelConfig, generate
+from xlstm7b.quantize import METHODS
 from xlstm7b.decode import cuda_compiled_step, decoding_state, step_compilations, step_runner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoding import (LiveRows, cached_official, count_kernels, cpu_name, inductor_kernel_profile, official_graphed_generate,  # noqa: E402
-                      official_model, plot, version, weight_floor_ms)
+from decoding import (LiveRows, best_time, bench_quantized, cached_official, count_kernels, cpu_name,  # noqa: E402
+                      inductor_kernel_profile, official_graphed_generate, official_model, plot, prompt, version,
+                      weight_floor_ms)
 from profiling import profile_kernels  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,25 +89,6 @@ def forward_fn(impl: str, model, ids: torch.Tensor) -> torch.Tensor:
         if impl.startswith("official"):
             return model(ids)[0][:, -1]
         return model(ids, last_logits_only=True)[0][:, -1]
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def prompt(batch: int, length: int, config: ModelConfig, device) -> torch.Tensor:
-    ids = torch.randint(2, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length)).to(device)
-    ids[:, 0] = config.bos_token_id
-    return ids
 
 
 def decode_plan(args) -> list[tuple[int, str, str]]:
@@ -252,6 +235,18 @@ def bench_profile(models: dict, args, config: ModelConfig, device, rows: list[di
         rows.append(row)
 
 
+def bench_in_process(ours: XLSTM, official, args, rows: list[dict]) -> None:
+    """Every measurement but the memory rows, most important first."""
+    bench_decode(ours, official, args, args.device, rows)
+    if args.kernels_per_token:
+        bench_kernels_per_token(ours, args, args.device, rows)
+    bench_prefill(ours, official, args, args.device, rows)
+    if args.profile:
+        models = {i: ours for i in ("ours", "compiled") if i in args.impls}
+        models |= {"official": official(args.state_dtypes[0])} if "official" in args.impls else {}
+        bench_profile(models, args, ours.config, args.device, rows)
+
+
 def memory_child(impl: str, n: int, args) -> dict:
     """In a fresh process: peak memory while generating n tokens, and its excess over the memory in
     use before (the model, and buffers kept from a warm-up run). CUDA: the allocator's peak; CPU: the
@@ -329,6 +324,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compiled", action="store_true", help="skip the compiled decode step (its compilation "
                    "takes half a minute on CPU, more for the 7B on CUDA: e.g. for a quick check of the script)")
     p.add_argument("--kernels-per-token", action="store_true", help="the kernels one decode step runs, per mode")
+    p.add_argument("--quantize", nargs="+", choices=METHODS, help="instead of the rest: batch-1 decoding with these "
+                   "weight-only quantisations next to the unquantised model, and their logits' error against it "
+                   "(writes generate_<device>_quantized.json)")
     p.add_argument("--profile", action="store_true", help="also the device time per kernel of a forward pass over "
                    "the longest prompt (each model) and of a decode step at batch 1 (ours: eager, graph, compiled)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and PNG")
@@ -357,7 +355,7 @@ def main(argv=None) -> None:
         print(json.dumps(memory_child(args.memory_child[0], int(args.memory_child[1]), args)))
         return
 
-    with_official = any(i.startswith("official") for i in args.impls)
+    with_official = any(i.startswith("official") for i in args.impls) and not args.quantize
     ours, _ = build(args.preset, args.device, DTYPES[args.dtype], official=False)
     officials = {}  # state dtype -> the official model on our weights
     official = functools.partial(cached_official, officials, ours)
@@ -385,27 +383,25 @@ def main(argv=None) -> None:
         dtype=args.dtype, state_dtypes=args.state_dtypes, impls=args.impls, threads=args.threads, repeats=args.repeats,
         same_greedy_tokens=agree, logits_rel_diff=logits_diff,
     )
-    out = args.out / f"generate_{'cuda' if cuda else 'cpu'}.json"
+    out = args.out / f"generate_{'cuda' if cuda else 'cpu'}{'_quantized' if args.quantize else ''}.json"
     rows, interrupted = LiveRows(out, header), False
     try:  # interrupted (Ctrl-C, or `timeout --signal=INT` in benchmarks/gpu.sh): the rows so far are written
-        bench_decode(ours, official, args, args.device, rows)
-        if args.kernels_per_token:
-            bench_kernels_per_token(ours, args, args.device, rows)
-        bench_prefill(ours, official, args, args.device, rows)
-        models = {}
-        if args.profile:
-            models = {i: ours for i in ("ours", "compiled") if i in args.impls}
-            models |= {"official": official(args.state_dtypes[0])} if "official" in args.impls else {}
-            bench_profile(models, args, c, args.device, rows)
-        del ours, officials
-        gc.collect()
-        rows += bench_memory([i for i in ("ours", "official") if i in args.impls], args)
+        if args.quantize:
+            bench_quantized(ours, args.quantize, args.decode_tokens, args.repeats, rows)
+        else:
+            bench_in_process(ours, official, args, rows)
+            del ours, official  # the memory rows' fresh processes need the device's memory
+            officials.clear()
+            gc.collect()
+            torch.cuda.empty_cache()
+            rows += bench_memory([i for i in ("ours", "official") if i in args.impls], args)
     except KeyboardInterrupt:
         interrupted = True
         print(f"interrupted: writing the {len(rows)} rows measured so far", flush=True)
     rows.write(interrupted=interrupted)
     print(f"wrote {out}")
-    plot(dict(header, rows=list(rows)), out.with_suffix(".png"))
+    if not args.quantize:
+        plot(dict(header, rows=list(rows)), out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
