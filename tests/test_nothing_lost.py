@@ -131,6 +131,9 @@ COMMAND_CASES = {
                                     ["tokenizer.json"], 1, ["tokenizer.json", "--overwrite"]),
     "train-into-a-users-folder": (["train", "debug", "--run.dir={tmp}/mine", "--data.source={tmp}/text.txt", "--run.progress=false"],
                                   ["mine/thesis.tex"], 1, ["run.dir", "thesis.tex", "not a training run's folder", "new or empty"]),
+    "train-export-over-a-foreign-model": (["train", "debug", "--run.dir={tmp}/old", "--data.source={tmp}/text.txt"],
+                                          ["old/train.lock", "old/model/model.safetensors"], 1,
+                                          ["model.safetensors", "not written by xlstm7b", "Move it away"]),
 }
 
 

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from xlstm7b.written import foreign_files
+
 
 class RunDirBusy(RuntimeError):
     """Another process holds the run directory's lock."""
@@ -32,8 +34,12 @@ def describe_holder(text: str) -> str:
 
 def check_run_dir(run_dir: Path) -> None:
     """A ValueError if `run_dir` holds files but no train.lock: every run creates its lock file first
-    and never deletes it, so such a folder is someone else's, whose files a run would overwrite."""
+    and never deletes it, so such a folder is someone else's, whose files a run would overwrite. Also
+    if its export folder, RUN_DIR/model, holds a file xlstm7b did not write."""
     if (run_dir / "train.lock").exists():
+        if foreign := foreign_files(run_dir / "model"):  # found now, not when the export fails after training
+            raise ValueError(f"{foreign[0]} was not written by xlstm7b (an export of an older version, or a file of "
+                             f"yours); the run's export into {run_dir / 'model'} would not replace it. Move it away, then rerun")
         return
     entries = sorted(p.name for p in run_dir.iterdir())
     if entries:
