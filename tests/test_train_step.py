@@ -100,7 +100,8 @@ def test_the_optimizer_implementation_is_chosen_by_device():
 
 
 def test_every_optimizer_implementation_gives_the_same_training():
-    """Three steps from the same weights: foreach and fused equal the tensor-by-tensor loop up to float rounding."""
+    """Three steps from the same weights: foreach gives the tensor-by-tensor loop's weights exactly,
+    fused up to float rounding."""
     weights = {}
     for impl in ("loop", "foreach", "fused"):
         j, model, plain = debug_model(optimizer_impl=f'"{impl}"')
@@ -115,8 +116,10 @@ def test_every_optimizer_implementation_gives_the_same_training():
     start = torch.cat([p.detach().flatten() for p in debug_model()[1].parameters()])
     moved = (weights["loop"] - start).norm()
     assert moved > 0
-    for impl in ("foreach", "fused"):
-        assert (weights[impl] - weights["loop"]).norm() <= 1e-5 * moved, impl
+    # On CPU foreach computes every tensor's update with the loop's operations in the loop's order:
+    # the same bits, so the CPU loss curves of earlier runs (which used the loop) are unchanged.
+    assert torch.equal(weights["foreach"], weights["loop"])
+    assert (weights["fused"] - weights["loop"]).norm() <= 1e-5 * moved
 
 
 def test_the_trainer_logs_its_optimizer(tmp_path, corpus, cache, capsys):
