@@ -2,13 +2,18 @@
 requests run one by one through `generate`, and the effect of a bfloat16 state on bits-per-byte.
 
     python benchmarks/serve.py --checkpoint runs/toy/model          # CPU: concurrency 1, 8, 64, 256
+    python benchmarks/serve.py --checkpoint runs/toy/model --mix decode   # short prompts, long outputs
     python benchmarks/serve.py --device cuda --preset 7b --concurrency 64 256 512
     python benchmarks/serve.py --state-bpb --checkpoint runs/toy/model   # float32 vs bfloat16 state
 
 Throughput: a closed loop of C clients (C = the concurrency), each sending its next request when the
 previous one finished, over a fixed mix of prompt and output lengths (every request runs to its
 max_tokens: EOS ignored); the engine has C state slots. Output tok/s = generated tokens / wall time;
-time to first token (TTFT) is from submission, queueing included, p50 and p99 over the requests.
+time to first token (TTFT) is from submission, queueing included, p50, p90 and p99 over the requests;
+inter-token latency (ITL), the time between consecutive tokens of a request, p50, p90 and p99 over
+every such gap. Two mixes (--mix): "prefill" (prompts of 32-1,024 tokens, 32-128 output tokens: 5.7
+prompt tokens per output token) and "decode" (prompts of 16-64 tokens, 256-512 output tokens: where
+the decode step's batching and its stalls behind prefill passes show).
 The baseline runs the first `--baseline-requests` requests of the same mix one after another through
 `generate` (TTFT: the time to its first token). The engine is measured in-process (no HTTP), so the
 figures are the scheduler's and the model's. Writes benchmarks/results/serve_<device>.json + PNG.
@@ -33,20 +38,22 @@ from tokenizers import Tokenizer
 
 from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate, preset_path
 from xlstm7b.serve import Engine, EngineConfig, SamplingParams
-from xlstm7b.serve.engine import STATE_DTYPES
+from xlstm7b.serve.config import STATE_DTYPES
 from xlstm7b.train.config import load_config
 from xlstm7b.train.evaluate import source_documents, token_bytes_tensor, tokenized_documents
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROMPT_LENGTHS = (32, 128, 512, 1024)
-OUTPUT_LENGTHS = (32, 64, 128)
+MIXES = {"prefill": ((32, 128, 512, 1024), (32, 64, 128)), "decode": ((16, 32, 64), (256, 512))}
+"""name -> (prompt lengths, output lengths): a request mix is every pair of them."""
 
 
-def workload(n: int, vocab_size: int, seed: int = 0) -> list[tuple[list[int], int]]:
-    """n (prompt ids, max_tokens) pairs cycling through every (prompt length, output length) pair."""
+def workload(n: int, vocab_size: int, mix: str = "prefill", seed: int = 0) -> list[tuple[list[int], int]]:
+    """n (prompt ids, max_tokens) pairs cycling through every (prompt length, output length) pair of the mix."""
     g = torch.Generator().manual_seed(seed)
-    mix = [(p, o) for p in PROMPT_LENGTHS for o in OUTPUT_LENGTHS]
-    return [(torch.randint(2, vocab_size, (mix[k % len(mix)][0],), generator=g).tolist(), mix[k % len(mix)][1]) for k in range(n)]
+    prompts, outputs = MIXES[mix]
+    pairs = [(p, o) for p in prompts for o in outputs]
+    return [(torch.randint(2, vocab_size, (pairs[k % len(pairs)][0],), generator=g).tolist(), pairs[k % len(pairs)][1])
+            for k in range(n)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -81,24 +88,30 @@ def bench_engine(model: XLSTM, requests, concurrency: int, args) -> dict:
     if failed:  # e.g. a prefill pass out of memory: the engine fails the requests, not the run
         return dict(impl="engine", concurrency=concurrency, error=f"{len(failed)} requests failed: {failed[0]}")
     ttfts = [r.ttft for r in done]
+    gaps = [b - a for r in done for a, b in zip(r.token_times, r.token_times[1:])]
     tokens = sum(len(r.output_ids) for r in done)
     return dict(impl="engine", concurrency=concurrency, requests=len(done), output_tokens=tokens, wall_s=wall,
-                tok_per_s=tokens / wall, ttft_p50_s=percentile(ttfts, 0.5), ttft_p99_s=percentile(ttfts, 0.99))
+                tok_per_s=tokens / wall, **latencies("ttft", ttfts), **latencies("itl", gaps))
+
+
+def latencies(name: str, values: list[float]) -> dict:
+    """{name_p50_s, name_p90_s, name_p99_s} of `values` (seconds)."""
+    return {f"{name}_p{q}_s": percentile(values, q / 100) for q in (50, 90, 99)} if values else {}
 
 
 def bench_one_by_one(model: XLSTM, requests, args) -> dict:
-    ttfts, tokens = [], 0
+    ttfts, gaps, tokens = [], [], 0
     generate(model, [requests[0][0][:8]], max_new_tokens=2, compile=args.compile)  # warm-up (and compilation)
     t0 = time.perf_counter()
     for ids, n in requests:
-        start, first = time.perf_counter(), []
-        out = generate(model, [ids], max_new_tokens=n, compile=args.compile,
-                       streamer=lambda t: first.append(time.perf_counter()) if not first else None)
-        ttfts.append(first[0] - start)
+        start, times = time.perf_counter(), []
+        out = generate(model, [ids], max_new_tokens=n, compile=args.compile, streamer=lambda t: times.append(time.perf_counter()))
+        ttfts.append(times[0] - start)
+        gaps += [b - a for a, b in zip(times, times[1:])]
         tokens += int(out.lengths[0])
     wall = time.perf_counter() - t0
     return dict(impl="generate, one by one", concurrency=1, requests=len(requests), output_tokens=tokens, wall_s=wall,
-                tok_per_s=tokens / wall, ttft_p50_s=percentile(ttfts, 0.5), ttft_p99_s=percentile(ttfts, 0.99))
+                tok_per_s=tokens / wall, **latencies("ttft", ttfts), **latencies("itl", gaps))
 
 
 def state_bpb(model: XLSTM, args) -> dict:
@@ -153,7 +166,7 @@ def plot(result: dict, path: Path) -> None:
     engine = sorted((r for r in result["rows"] if r["impl"] == "engine" and "error" not in r), key=lambda r: r["concurrency"])
     base = next(r for r in result["rows"] if r["impl"] != "engine")
     xs = [r["concurrency"] for r in engine]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
     a.plot(xs, [r["tok_per_s"] for r in engine], marker="o", label="xlstm7b serve engine")
     a.axhline(base["tok_per_s"], color="C1", linestyle="--", label="generate, one by one")
     a.set(xlabel="concurrent requests", ylabel="output tok/s", xscale="log")
@@ -161,11 +174,16 @@ def plot(result: dict, path: Path) -> None:
     b.plot(xs, [r["ttft_p99_s"] for r in engine], marker="o", label="engine p99")
     b.axhline(base["ttft_p50_s"], color="C2", linestyle="--", label="generate alone, p50")
     b.set(xlabel="concurrent requests", ylabel="time to first token (s)", xscale="log", yscale="log")
-    for ax in (a, b):
+    c.plot(xs, [r["itl_p50_s"] * 1000 for r in engine], marker="o", label="engine p50")
+    c.plot(xs, [r["itl_p99_s"] * 1000 for r in engine], marker="o", label="engine p99")
+    c.axhline(base["itl_p50_s"] * 1000, color="C2", linestyle="--", label="generate alone, p50")
+    c.set(xlabel="concurrent requests", ylabel="inter-token latency (ms)", xscale="log", yscale="log")
+    for ax in (a, b, c):
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
         ax.legend()
-    fig.suptitle(f"serving, {result['model_name']}, {result['state_dtype']} state, {result['device_name']}")
+    fig.suptitle(f"serving ({result.get('mix', 'prefill')} mix), {result['model_name']}, {result['state_dtype']} state, "
+                 f"{result['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
@@ -180,6 +198,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=0,
                    help="requests per concurrency level (default: 2 C, at least 12, rounded up to whole mixes of 12)")
     p.add_argument("--baseline-requests", type=int, default=12)
+    p.add_argument("--mix", choices=list(MIXES), default="prefill", help="the request mix (the docstring gives both)")
     p.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="float32")
     p.add_argument("--compile", action="store_true", help="CPU: the compiled decode step, in both the engine and generate")
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
@@ -215,18 +234,21 @@ def main() -> None:
         print(f"wrote {out}")
         return
     rows = []
-    result |= dict(state_dtype=args.state_dtype, compile=args.compile, prompt_lengths=PROMPT_LENGTHS,
-                   output_lengths=OUTPUT_LENGTHS, rows=rows)
-    out = args.out / f"serve_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
-    baseline = workload(args.baseline_requests, model.config.vocab_size)
+    prompts, outputs = MIXES[args.mix]
+    result |= dict(state_dtype=args.state_dtype, compile=args.compile, mix=args.mix, prompt_lengths=prompts,
+                   output_lengths=outputs, rows=rows)
+    mix = "" if args.mix == "prefill" else f"_{args.mix}"
+    out = args.out / f"serve{mix}_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
+    baseline = workload(args.baseline_requests, model.config.vocab_size, args.mix)
     rows.append(bench_one_by_one(model, baseline, args))
-    print(f"generate one by one: {rows[-1]['tok_per_s']:.1f} tok/s, TTFT p50 {rows[-1]['ttft_p50_s'] * 1000:.0f} ms", flush=True)
+    print(f"generate one by one: {rows[-1]['tok_per_s']:.1f} tok/s, TTFT p50 {rows[-1]['ttft_p50_s'] * 1000:.0f} ms, "
+          f"ITL p50 {rows[-1]['itl_p50_s'] * 1000:.1f} ms", flush=True)
     for c in args.concurrency:
         out.write_text(json.dumps(result | dict(loadavg_after=os.getloadavg()), indent=1) + "\n")  # what a cut run keeps
-        mixes = len(PROMPT_LENGTHS) * len(OUTPUT_LENGTHS)
+        mixes = len(prompts) * len(outputs)
         n = args.requests or -(-max(2 * c, mixes) // mixes) * mixes
         try:
-            rows.append(bench_engine(model, workload(n, model.config.vocab_size), c, args))
+            rows.append(bench_engine(model, workload(n, model.config.vocab_size, args.mix), c, args))
         except torch.OutOfMemoryError:  # the state pool of this many slots does not fit next to the weights
             rows.append(dict(impl="engine", concurrency=c, error="out of memory"))
             print(f"engine, {c:>4} concurrent: out of memory", flush=True)
@@ -237,7 +259,8 @@ def main() -> None:
             print(f"engine, {c:>4} concurrent: {r['error']}", flush=True)
             continue
         print(f"engine, {c:>4} concurrent: {r['tok_per_s']:.1f} tok/s ({r['tok_per_s'] / rows[0]['tok_per_s']:.1f}x), "
-              f"TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, p99 {r['ttft_p99_s'] * 1000:.0f} ms", flush=True)
+              f"TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, p99 {r['ttft_p99_s'] * 1000:.0f} ms; "
+              f"ITL p50 {r['itl_p50_s'] * 1000:.1f} ms, p99 {r['itl_p99_s'] * 1000:.1f} ms", flush=True)
     out.write_text(json.dumps(result | dict(loadavg_after=os.getloadavg()), indent=1) + "\n")
     print(f"wrote {out}")
     plot(result, out.with_suffix(".png"))
