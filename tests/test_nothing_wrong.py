@@ -192,3 +192,15 @@ def test_serve_takes_threads(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--checkpoint", "x", "--threads", "-2"])
     assert e.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+def test_a_gated_hub_dataset_says_to_log_in(checkpoint_dir, capsys, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def gated(*args, **kwargs):
+        raise datasets.exceptions.DatasetNotFoundError("Dataset 'org/gated' is a gated dataset on the Hub. You must be authenticated")
+
+    monkeypatch.setattr(datasets, "load_dataset", gated)
+    code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--data", "org/gated", "--no-progress")
+    assert code == 2 and "data.source='org/gated'" in err and "gated dataset" in err and "HF_TOKEN" in err, err
+    assert "Traceback" not in err

@@ -29,6 +29,8 @@ from .trainer import TrainingError, train
 
 def os_error(e: OSError) -> str:
     """An error of the file system as one line naming the path and the fix."""
+    if e.filename is None:  # not a file of ours: a full disk under a library's write, a network error
+        return f"{e.strerror or e}"
     return f"cannot use {e.filename}: {e.strerror or e}; check that the path exists and is readable (and writable where output goes)"
 
 

@@ -100,7 +100,14 @@ class Corpus:
 
         # Streamed, local files too: rows are read as they are tokenized, never converted to a copy first.
         if self.kind == "hub":
-            ds = datasets.load_dataset(c.source, c.hub_config or None, split=c.hub_split, streaming=True)
+            try:
+                ds = datasets.load_dataset(c.source, c.hub_config or None, split=c.hub_split, streaming=True)
+            except Exception as e:  # datasets and huggingface_hub raise their own kinds (missing, gated, offline)
+                text = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no message"
+                raise ValueError(
+                    f"data.source={c.source!r} (hub_config={c.hub_config!r}, hub_split={c.hub_split!r}) cannot be opened "
+                    f"({type(e).__name__}: {text}). Check the name; for a gated or private dataset log in (`hf auth "
+                    "login`, or set HF_TOKEN); or point data.source at a local file or folder") from e
         else:
             ds = datasets.load_dataset(self.kind, data_files=[str(f) for f in self.files], split="train", streaming=True)
         for n, row in enumerate(ds):
