@@ -66,5 +66,14 @@ def test_7b_on_one_gpu_with_cpu_offload():
     assert 2 * block_bf16 < plan.parts_gb["parameters"] < 2 * block_bf16 + 1  # + the root group (embedding, lm_head)
     assert 4 < plan.total_gb < 12  # a small part of the card: the micro-batch could grow
     assert estimate(load_config("7b", ["--train.cpu_offload=true", "--train.micro_batch=0"]), 1, CUDA, 80).micro_batch > 1
+    assert plan.host_problem(1, 128) is None and estimate(cfg, 8, CUDA, 80).host_problem(8, 128) is None  # 8 shards
+    assert "1 process(es) need 104.3 GiB" in plan.host_problem(1, 64) and "this machine has 64.0 GiB" in plan.host_problem(1, 64)
     no_offload = estimate(load_config("7b"), 1, CUDA, 80)
     assert not no_offload.fits and no_offload.total_gb > 16 * P / GiB
+
+
+def test_the_trainer_refuses_an_offload_the_host_cannot_hold(tmp_path, corpus, cache, monkeypatch):
+    monkeypatch.setattr(trainer, "device_capacity_gb", lambda device, override: 1.0)  # a 1 GiB machine
+    with pytest.raises(trainer.TrainingError, match=r"does not fit in host memory: 1 process\(es\) need 2.0 GiB"):
+        trainer.train(job(corpus, cache, tmp_path / "r", "--train.cpu_offload=true"))
+    assert not (tmp_path / "r").exists()

@@ -75,6 +75,16 @@ class Plan:
         lines.append("fits         yes" if self.fits else "fits         NO: " + self.advice(job))
         return "\n".join(lines)
 
+    def host_problem(self, processes: int, host_capacity_gb: float) -> str | None:
+        """Why `processes` such processes with cpu_offload do not fit a machine of
+        `host_capacity_gb` of memory (95 % of it), or None."""
+        need = processes * self.host_gb
+        if need <= 0.95 * host_capacity_gb:
+            return None
+        return (f"{processes} process(es) need {need:.1f} GiB ({self.host_gb:.1f} GiB each: 16 bytes per parameter of "
+                f"its shard with cpu_offload, + {HOST_RUNTIME_GB:g} GiB), this machine has {host_capacity_gb:.1f} GiB; "
+                "use more machines (FSDP shards the offloaded state over them) or leave train.cpu_offload off")
+
     def advice(self, job: JobConfig) -> str:
         t = job.train
         tips = []

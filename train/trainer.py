@@ -29,7 +29,7 @@ from .lock import RunDirBusy, RunLock
 from .metrics import MetricsLog, peak_flops, peak_memory_gb, run_facts, train_flops_per_token
 from .optim import build_optimizer, describe, lr_at
 from .parallel import Dist, mixed_precision_dtype, init_distributed, build_model
-from .plan import estimate, with_micro_batch
+from .plan import device_capacity_gb, estimate, with_micro_batch
 from .tokenizer import token_bytes
 
 
@@ -163,6 +163,9 @@ def train(job: JobConfig) -> int:
         plan = estimate(job, d.world, d.device)
         if not plan.fits:
             raise TrainingError(f"this config does not fit in memory:\n{plan.report(job)}")
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if job.train.cpu_offload and (problem := plan.host_problem(processes, device_capacity_gb(torch.device("cpu"), 0))):
+            raise TrainingError(f"this config does not fit in host memory: {problem}")
         if plan.picked and d.is_main:
             print(f"micro_batch  {plan.picked}", flush=True)
         job = with_micro_batch(job, plan.micro_batch)  # the config the run records: the picked micro-batch
