@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..sampling import SamplingError, SamplingParams
 from ..state import STORAGE_DTYPES
 
 STATE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in STORAGE_DTYPES}
@@ -55,3 +56,18 @@ class EngineConfig:
             raise ValueError("compile=True on CUDA compiles the step that the CUDA graph replays; leave cuda_graph on")
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {device}")
+
+    def check_params(self, params: SamplingParams, vocab_size: int, has_tokenizer: bool) -> None:
+        """Raises a SamplingError (a ValueError) naming the parameter at fault and its valid range,
+        or the limit of this configuration it exceeds (and the flag of `xlstm7b serve` that sets it)."""
+        params.validate(vocab_size, max_tokens=(1, self.max_new_tokens))
+        if len(params.stop) > self.max_stop_strings:
+            raise SamplingError("stop", f"at most {self.max_stop_strings} strings (this server's limit, --max-stop-strings)",
+                                f"{len(params.stop)} strings")
+        longest = max(map(len, params.stop), default=0)
+        if longest > self.max_stop_chars:
+            raise SamplingError("stop", f"strings of at most {self.max_stop_chars} characters (this server's "
+                                "limit, --max-stop-chars)", f"one of {longest}")
+        if params.stop and not has_tokenizer:
+            raise SamplingError("stop", "empty: stop strings need a tokenizer and this engine has none (use stop_token_ids)",
+                                params.stop)

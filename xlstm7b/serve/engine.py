@@ -41,12 +41,12 @@ import torch
 
 from ..decode import check_finite, step_runner
 from ..model import XLSTM
-from ..sampling import LogitsProcessor, SamplingError, SamplingParams
+from ..sampling import LogitsProcessor, SamplingParams
 from ..state import State
 from ..streaming import TextStreamer
 from .config import EngineConfig
 from .prefix_cache import PrefixCache, prefix_keys
-from .request import EngineStopped, Event, Logprob, Overloaded, Request
+from .request import EngineStopped, Event, Logprob, Overloaded, Request, check_prompt
 from .scoring import sample_requests, score_prompt
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Engine:
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None] | None = None) -> Request:
         """Queues a request for `prompt` (token ids); raises ValueError for a bad prompt or bad
         parameters, Overloaded when the queue is full, EngineStopped when shutting down."""
-        prompt = self._check_prompt(prompt)
+        prompt = check_prompt(prompt, self.config.max_prompt_tokens, self.model.config.vocab_size)
         self.check_params(params)
         with self._cond:
             if not self._accepting:
@@ -155,17 +155,7 @@ class Engine:
     def check_params(self, params: SamplingParams) -> None:
         """Raises a SamplingError (a ValueError) naming the parameter at fault and its valid range,
         or the limit of this engine it exceeds."""
-        params.validate(self.model.config.vocab_size, max_tokens=(1, self.config.max_new_tokens))
-        if len(params.stop) > self.config.max_stop_strings:
-            raise SamplingError("stop", f"at most {self.config.max_stop_strings} strings (this server's limit, --max-stop-strings)",
-                                f"{len(params.stop)} strings")
-        longest = max(map(len, params.stop), default=0)
-        if longest > self.config.max_stop_chars:
-            raise SamplingError("stop", f"strings of at most {self.config.max_stop_chars} characters (this server's "
-                                "limit, --max-stop-chars)", f"one of {longest}")
-        if params.stop and self.tokenizer is None:
-            raise SamplingError("stop", "empty: stop strings need a tokenizer and this engine has none (use stop_token_ids)",
-                                params.stop)
+        self.config.check_params(params, self.model.config.vocab_size, self.tokenizer is not None)
 
     def health(self) -> dict:
         """{"healthy", "nonfinite_logits" (requests ended by them), "error" (the last cause, or None)}:
@@ -183,20 +173,6 @@ class Engine:
             "tokens_per_s": sum(n for _, n in recent) / RATE_WINDOW_S,
             "prefix_cache": self.cache.stats(),
         }
-
-    def _check_prompt(self, prompt) -> list[int]:
-        if not isinstance(prompt, Sequence) or isinstance(prompt, str) or not all(isinstance(t, int) for t in prompt):
-            raise ValueError("the prompt must be a list of integer token ids")
-        if not prompt:
-            raise ValueError("the prompt is empty; give at least one token")
-        if len(prompt) > self.config.max_prompt_tokens:
-            raise ValueError(f"the prompt has {len(prompt)} tokens, more than this server's limit of "
-                             f"{self.config.max_prompt_tokens} (max_prompt_tokens)")
-        V = self.model.config.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < V), None)
-        if bad is not None:
-            raise ValueError(f"the prompt contains token id {bad}, outside the vocabulary [0, {V})")
-        return list(prompt)
 
     # --- the scheduler (its own thread) ---------------------------------------------------------
 
