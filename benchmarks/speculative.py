@@ -11,17 +11,17 @@ Two kinds of rows:
   and whether greedy speculative tokens equal plain greedy tokens. Meaningful acceptance needs a
   trained pair (random weights accept ~nothing, so their speedup is < 1 by construction).
 - "cost_model": the parts of a block timed alone, each run as generate runs it (a target step and a
-  draft step, replayed from a CUDA graph on CUDA; the target's chunkwise pass over K+1 positions and
-  the cells-only re-advance of its state, eager) and the speedup they predict
+  draft step, on CUDA compiled and replayed from a CUDA graph; the target's chunkwise pass over K+1
+  positions, on CUDA replayed from its own graph, `VerifyGraph`; the cells-only re-advance of its
+  state, eager) and the speedup they predict
   at per-token acceptance a = 0.5..0.9: tokens per block E = (1 - a^(K+1)) / (1 - a) over block time
   K * draft_step + verify(K+1) + P(some rejection) * readvance(K+1) + 2 state copies, against E
   target steps. This is what random weights can tell (e.g. for the 7B shape on a GPU).
-Writes benchmarks/results/speculative_<device>.json (--out: another folder).
+Writes benchmarks/results/speculative_<device>.json (--out: another folder), a row at a time.
 """
 
 import argparse
 import datetime
-import json
 import sys
 import sysconfig
 import time
@@ -31,11 +31,11 @@ import torch
 
 from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate
 from xlstm7b.decode import step_runner
-from xlstm7b.speculative import readvance
+from xlstm7b.speculative import VerifyGraph, readvance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoding import cpu_name, version  # noqa: E402
+from decoding import LiveRows, cpu_name, version  # noqa: E402
 
 
 def sync(device):
@@ -79,8 +79,8 @@ def code_prompts(tokenizer, n: int, length: int, bos: int) -> list[list[int]]:
     return prompts
 
 
-def measured_rows(target, draft, prompts, ks, args, device) -> list[dict]:
-    rows = []
+def measured_rows(target, draft, prompts, ks, args, device, rows: list[dict]) -> None:
+    """Appends the plain and speculative generate timings per temperature and K."""
     for temperature in args.temperatures:
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=temperature, seed=0)
 
@@ -109,11 +109,11 @@ def measured_rows(target, draft, prompts, ks, args, device) -> list[dict]:
                   f"{n_tokens / blocks:.2f} tok/block, "
                   f"{n_tokens / t:.1f} tok/s, speedup {t_plain / t:.2f}x" + ("" if same is None else f", same tokens: {same}"),
                   flush=True)
-    return rows
 
 
-def cost_model_rows(target, draft, ks, args, device) -> list[dict]:
-    """Times the parts of one block at batch 1 and predicts the speedup at several acceptance rates."""
+def cost_model_rows(target, draft, ks, args, device, rows: list[dict]) -> None:
+    """Times the parts of one block at batch 1 and predicts the speedup at several acceptance rates;
+    appends a row per K."""
     reps = 20 if device.type == "cuda" else 10
 
     def per_call(fn) -> float:
@@ -128,21 +128,24 @@ def cost_model_rows(target, draft, ks, args, device) -> list[dict]:
     tok = torch.tensor([5], device=device)
     st, sd = State.zeros(target.config, 1, device=device), State.zeros(draft.config, 1, device=device)
     spare, draft_spare = st.clone(), sd.clone()
-    rows = []
     with torch.no_grad():
         graph = device.type == "cuda"
-        target_step = step_runner(target, st, cuda_graph=graph, compile=False)
-        draft_step = step_runner(draft, sd, cuda_graph=graph, compile=False)
+        target_step = step_runner(target, st, cuda_graph=graph)  # compiled where captured, as generate's default
+        draft_step = step_runner(draft, sd, cuda_graph=graph)
         t_step = per_call(lambda: target_step(tok))
         d_step = per_call(lambda: draft_step(tok))
         t_copy = per_call(lambda: spare.copy_(st)) + per_call(lambda: draft_spare.copy_(sd))
         for k in ks:
             x = torch.full((1, k + 1), 5, device=device)
             cells = target.cell_inputs_buffer(1, k + 1)
-            verify = per_call(lambda: target(x, st, cell_inputs=cells))
+            if graph:
+                verify_graph, mask = VerifyGraph(target, st, cells), torch.ones(1, k + 1, dtype=torch.bool, device=device)
+                verify = per_call(lambda: verify_graph(x, mask))
+            else:
+                verify = per_call(lambda: target(x, st, cell_inputs=cells, check_ids=False))
             keep = torch.tensor([(k + 1) // 2], device=device)
             t_readvance = per_call(lambda: readvance(target.config, cells, spare, keep, out=st))  # cells only
-            row = dict(kind="cost_model", K=k, target_step_ms=1e3 * t_step, draft_step_ms=1e3 * d_step,
+            row = dict(kind="cost_model", K=k, graphs=graph, target_step_ms=1e3 * t_step, draft_step_ms=1e3 * d_step,
                        verify_ms=1e3 * verify, readvance_ms=1e3 * t_readvance, state_copies_ms=1e3 * t_copy,
                        draft_over_target_step=d_step / t_step, predicted_speedup={})
             for a in (0.5, 0.6, 0.7, 0.8, 0.9):
@@ -153,7 +156,6 @@ def cost_model_rows(target, draft, ks, args, device) -> list[dict]:
             print(f"K={k}: target step {1e3 * t_step:.2f} ms, draft step {1e3 * d_step:.2f} ms, verify {1e3 * verify:.2f} ms, "
                   f"re-advance {1e3 * t_readvance:.2f} ms; predicted speedup at acceptance 0.7: "
                   f"{row['predicted_speedup']['0.7']:.2f}x, 0.9: {row['predicted_speedup']['0.9']:.2f}x", flush=True)
-    return rows
 
 
 def main() -> None:
@@ -201,22 +203,20 @@ def main() -> None:
     print(f"target {pair['target']} ({target.num_params():,} params), draft {pair['draft']} "
           f"({draft.num_params():,} params), {pair['weights']} weights, {dtype} on {device}", flush=True)
 
-    rows = cost_model_rows(target, draft, args.ks, args, device)
-    if not args.cost_model_only:
-        rows += measured_rows(target, draft, prompts, args.ks, args, device)
-    best = max((r for r in rows if r["kind"] == "measured" and r["K"]), key=lambda r: r["speedup"], default=None)
-    result = dict(
+    header = dict(
         device=args.device, device_name=torch.cuda.get_device_name() if cuda else cpu_name(),
         driver=torch.version.cuda if cuda else None, torch=torch.__version__, triton=version("triton"),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         dtype=str(dtype).removeprefix("torch."), threads=None if cuda else args.threads, repeats=args.repeats,
         batch=1, prompts=len(prompts), prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, **pair,
-        best=best and {key: best[key] for key in ("K", "temperature", "speedup", "acceptance", "token_acceptance")},
-        rows=rows,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"speculative_{'cuda' if cuda else 'cpu'}{'' if trained else '_random_' + pair['target']}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    rows = LiveRows(out, header)
+    cost_model_rows(target, draft, args.ks, args, device, rows)
+    if not args.cost_model_only:
+        measured_rows(target, draft, prompts, args.ks, args, device, rows)
+    best = max((r for r in rows if r["kind"] == "measured" and r["K"]), key=lambda r: r["speedup"], default=None)
+    rows.write(best=best and {key: best[key] for key in ("K", "temperature", "speedup", "acceptance", "token_acceptance")})
     print(f"wrote {out}")
 
 

@@ -11,6 +11,7 @@ from conftest import assert_states_close, decoding_heap_growth, heap_bytes_in_us
 from xlstm7b import XLSTM, ModelConfig, State, generate
 from xlstm7b import speculative
 from xlstm7b.cli import generate_main
+from xlstm7b.decode import batch_prompts
 from xlstm7b.sampling import sample_from, sampling_probs
 
 
@@ -217,6 +218,59 @@ def test_cli_draft_flags(checkpoint_dir, capsys):
     assert out.out == plain and "acceptance" in out.err
     assert generate_main(args + ["--draft", str(checkpoint_dir), "--speculate-k", "0"]) == 2
     assert "--speculate-k: must be an integer >= 1" in capsys.readouterr().err
+
+
+class EagerVerify:
+    """VerifyGraph's interface on the CPU, counting its calls: the eager pass on the same buffers."""
+
+    calls = 0
+
+    def __init__(self, model, state, cells):
+        self.run = lambda x, mask: model(x, state, mask=mask, cell_inputs=cells, check_ids=False)
+
+    def __call__(self, x, mask):
+        EagerVerify.calls += 1
+        return self.run(x, mask)
+
+
+def test_graphed_verification_where_blocks_are_full(target, drafts, monkeypatch):
+    """With graphs, the verification pass goes through the captured pass (here its CPU stand-in) in
+    every block of the full K and eagerly in a shorter last block, with plain greedy's tokens; the
+    draft's steps run as captured steps do (always with the mask)."""
+    monkeypatch.setattr(speculative, "VerifyGraph", EagerVerify)
+    monkeypatch.setattr(speculative, "step_runner", lambda model, state, *, cuda_graph, compile, cell_inputs:
+                        lambda token, active=None: model.step(token, state, active, cell_inputs))
+    EagerVerify.calls = 0
+    prompts = [prompt(5, 15), prompt(9, 16)]
+    plain = generate(target, prompts, max_new_tokens=11)
+    ids, mask = batch_prompts(prompts, target.config, "cpu")
+    state, draft_state = (State.zeros(m.config, 2) for m in (target, drafts["perfect"]))
+    with torch.no_grad():
+        tokens, lengths, stats = speculative.speculative_decode(
+            target, drafts["perfect"], ids, mask, state, draft_state, max_new_tokens=11, speculate_k=4, temperature=0.0,
+            top_k=None, top_p=None, eos_token_id=None, generator=None, stream=None, prefill_chunk_size=64,
+            use_graph=True, compile=False)
+    assert torch.equal(tokens, plain.tokens)
+    # The perfect draft commits 5 tokens per block: blocks of K = 4, 4, then 11 - 10 - 1 = 0 drafts.
+    assert (stats["blocks"], EagerVerify.calls) == (3, 2)
+
+
+@pytest.mark.gpu
+def test_cuda_verify_graph_equals_the_eager_pass(target):
+    """The captured verification pass gives the eager pass's logits, state and cell inputs, and
+    leaves the state it starts from untouched."""
+    model = copy.deepcopy(target).cuda()
+    state = model(torch.tensor([prompt(7, 2)], device="cuda"))[1]
+    before = state.clone()
+    cells, eager_cells = model.cell_inputs_buffer(1, 5), model.cell_inputs_buffer(1, 5)
+    x, mask = torch.tensor([prompt(5, 3)], device="cuda"), torch.tensor([[True] * 4 + [False]], device="cuda")
+    with torch.no_grad():
+        verify = speculative.VerifyGraph(model, state, cells)
+        logits, verified = verify(x, mask)
+        want, want_state = model(x, state, mask=mask, cell_inputs=eager_cells)
+    assert torch.allclose(logits, want, atol=1e-5) and torch.allclose(cells, eager_cells, atol=1e-6)
+    assert_states_close(verified, want_state, 1e-5)
+    assert_states_close(state, before, 0.0)
 
 
 @pytest.mark.gpu

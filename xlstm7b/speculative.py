@@ -32,6 +32,13 @@ max_new_tokens); the token after them becomes the new `last`:
 The alternative, snapshots of per-step states, costs K+1 state copies per block and K+1 state-sized
 buffers (for the 7B, 128 MiB per row each: 1 GiB per row at K = 7).
 
+With CUDA graphs (generate's default on CUDA) the draft's step is replayed from its graph (compiled
+by default) and the verification pass over K+1 positions from a graph of its own (`VerifyGraph`,
+captured once per call at the fixed K; a last block with fewer drafts runs eagerly): at the 7B shape
+an eager pass launches hundreds of small kernels, which would cost more than the steps it saves.
+The model's forward reads no values back to the host (check_ids=False: the ids are the model's and
+the draft's own tokens), so it can be captured.
+
 Finished rows (EOS, max_new_tokens) are masked in every pass, so ragged batches advance each row by
 its own accepted count. At the end the pending `last` token of every row is fed with one step, so
 the returned states cover the prompt and every generated token, as with plain decoding.
@@ -90,6 +97,7 @@ def speculative_decode(
     step_cells = draft.cell_inputs_buffer(B)  # what the draft's step runner fills each step
     draft_step = (step_runner(draft, draft_state, cuda_graph=use_graph, compile=compile, cell_inputs=step_cells)
                   if max_new_tokens > 0 else None)
+    verify = VerifyGraph(model, state, cells) if use_graph and max_new_tokens > K else None
 
     # Room for one whole block past max_new_tokens, so writes never collide; cut at the end.
     tokens = token_buffer(B, max_new_tokens + K + 1, pad, device)
@@ -127,7 +135,10 @@ def speculative_decode(
         # 2. Target: one chunkwise pass over the k + 1 positions; `state` stays the pre-block state.
         rows = None if active is None else active[:, None].expand(B, k + 1)
         block_cells = cells[:, :, : k + 1]
-        logits, verified = model(x, state, mask=rows, cell_inputs=block_cells)  # [B, k + 1, V]
+        if verify is not None and k == K:
+            logits, verified = verify(x, rows)  # [B, k + 1, V]; static buffers, read before the next replay
+        else:
+            logits, verified = model(x, state, mask=rows, cell_inputs=block_cells, check_ids=False)
         # Non-finite logits are an error, never tokens: NaN would be accepted or drawn as token 0.
         where = f"in speculative block {stats['blocks'] + 1}"
         check_finite(~logits.isfinite().all(), model, where)
@@ -185,6 +196,41 @@ def speculative_decode(
     stats["token_acceptance"] = stats["accepted"] / max(stats["accepted"] + stats["rejected"], 1)
     stats["tokens_per_block"] = int(lengths.sum()) / max(stats["blocks"], 1) / B
     return tokens[:, :max_new_tokens], lengths, stats
+
+
+class VerifyGraph:
+    """The target's verification pass `model(x, state, mask=mask, cell_inputs=cells)` over the K+1
+    positions of `cells` ([num_blocks, B, K+1, W]), captured once in a CUDA graph on these buffers
+    and replayed per block: `verify(x [B, K+1], mask [B, K+1]) -> (logits [B, K+1, V], state after
+    the block)`, both overwritten by the next replay. `state` is read, never written; `cells` is
+    filled by every replay."""
+
+    def __init__(self, model: XLSTM, state: State, cells: torch.Tensor):
+        B, K1, device = cells.shape[1], cells.shape[2], cells.device
+        self.x = torch.zeros(B, K1, dtype=torch.long, device=device)
+        self.mask = torch.ones(B, K1, dtype=torch.bool, device=device)
+
+        def run():
+            return model(self.x, state, mask=self.mask, cell_inputs=cells, check_ids=False)
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream (kernels tuned and compiled), as capture requires
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, self.verified = run()
+
+    def __call__(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+        self.x.copy_(x)
+        if mask is None:
+            self.mask.fill_(True)
+        else:
+            self.mask.copy_(mask)
+        self.graph.replay()
+        return self.logits, self.verified
 
 
 def _accept_greedy(logits: torch.Tensor, drafted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
