@@ -53,7 +53,7 @@ CONFIG_CASES = [
     ("lr-string", "--train.lr=fast", "train.lr must be a positive number, got 'fast'"),
     ("beta1-one", "--train.beta1=1", "train.beta1 must be a number in [0, 1), got 1"),
     ("beta2-negative", "--train.beta2=-0.5", "train.beta2 must be a number in [0, 1), got -0.5"),
-    ("threads-negative", "--train.threads=-1", "train.threads must be an integer >= 0 (0 = all cores), got -1"),
+    ("threads-negative", "--train.threads=-1", "train.threads must be an integer >= 0 (0 = the idle cores), got -1"),
     ("steps-zero", "--train.steps=0", "train.steps must be a positive integer, got 0"),
     ("steps-float", "--train.steps=3.5", "train.steps must be a positive integer, got 3.5"),
     ("compile-as-string", "--train.compile=yes", "train.compile must be true or false, got 'yes'"),

@@ -204,3 +204,16 @@ def test_a_gated_hub_dataset_says_to_log_in(checkpoint_dir, capsys, monkeypatch)
     code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--data", "org/gated", "--no-progress")
     assert code == 2 and "data.source='org/gated'" in err and "gated dataset" in err and "HF_TOKEN" in err, err
     assert "Traceback" not in err
+
+
+def test_training_threads_default_to_the_idle_cores(monkeypatch):
+    monkeypatch.setattr(trainer, "default_threads", lambda: 3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    before = torch.get_num_threads()
+    try:
+        trainer.set_threads(0)
+        assert torch.get_num_threads() == 3
+        trainer.set_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -111,7 +111,8 @@ class TrainConfig:
     """Compute the output logits and the loss this many tokens at a time, recomputing them in the
     backward pass, so the [tokens, vocab] logits are never held whole (0 = all at once)."""
     threads: int = 0
-    """CPU threads per process for torch (0 = all cores divided by local processes)."""
+    """CPU threads per process for torch (0 = the cores other processes do not keep busy, divided by
+    the local processes: on a busy machine a thread whose core is taken stalls every step)."""
 
     section: ClassVar[str] = "train"
     bounds: ClassVar[dict] = {
@@ -120,7 +121,7 @@ class TrainConfig:
         "min_lr_ratio": Bound(0, 1), "warmup_steps": NON_NEGATIVE, "cooldown_steps": NON_NEGATIVE,
         "weight_decay": NON_NEGATIVE, "beta1": Bound(0, 1, hi_open=True), "beta2": Bound(0, 1, hi_open=True),
         "grad_clip": Bound(0, off="0 = off"), "loss_chunk_tokens": Bound(0, off="0 = all at once"),
-        "threads": Bound(0, off="0 = all cores"),
+        "threads": Bound(0, off="0 = the idle cores"),
     }
 
     def __post_init__(self):

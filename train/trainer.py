@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from xlstm7b import XLSTM, generate, save_pretrained
 from xlstm7b.hub import save_for_hub
+from xlstm7b.threads import default_threads
 
 from . import checkpointing
 from .config import JobConfig, user_path, writable_folder
@@ -56,7 +57,7 @@ class StopSignal:
 
 def set_threads(threads: int) -> None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
+    torch.set_num_threads(threads or max(1, default_threads() // local))
 
 
 def sequence_loss(model, head, inputs, targets, reset, autocast, chunk_tokens: int = 0) -> torch.Tensor:
