@@ -204,8 +204,9 @@ def test_non_finite_logits_end_the_request_with_an_error_and_fail_health(tokeniz
 
 
 def test_oversized_requests_are_refused_before_work_while_others_are_served(server):
-    """An 11 MB prompt (over the 8 MiB body limit), a 1 MB one (over the characters limit) and a
-    flood of stop strings each get their 4xx within seconds, and a normal request meanwhile too."""
+    """An 11 MB prompt (over the 8 MiB body limit; also sent chunked, without a Content-Length), a
+    1 MB one (over the characters limit) and a flood of stop strings each get their 4xx within
+    seconds, and a normal request meanwhile too."""
     abuse = {
         "body": ({"model": MODEL, "prompt": "x" * (11 << 20), "max_tokens": 4}, 413, "--max-body-mb"),
         "chars": ({"model": MODEL, "prompt": "the quick brown fox " * 50_000, "max_tokens": 4}, 400, "--max-prompt-chars"),
@@ -218,13 +219,27 @@ def test_oversized_requests_are_refused_before_work_while_others_are_served(serv
         r = post(server, "/v1/completions", body)
         results[name] = (r, time.perf_counter() - t0)
 
+    def chunked():  # no Content-Length: the limit applies as the bytes arrive
+        yield b'{"model": "toy", "max_tokens": 4, "prompt": "'
+        for _ in range(9):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    def send_chunked():
+        t0 = time.perf_counter()
+        r = httpx.post(server.url + "/v1/completions", content=chunked(), timeout=30,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        results["chunked"] = (r, time.perf_counter() - t0)
+
+    abuse_chunked = {"chunked": (None, 413, "--max-body-mb")}
     threads = [threading.Thread(target=send, args=(name, body)) for name, (body, _, _) in abuse.items()]
+    threads.append(threading.Thread(target=send_chunked))
     threads.append(threading.Thread(target=send, args=("normal", {"model": MODEL, "prompt": "hello", "max_tokens": 4})))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    for name, (_, status, flag) in abuse.items():
+    for name, (_, status, flag) in (abuse | abuse_chunked).items():
         r, seconds = results[name]
         assert r.status_code == status and flag in r.json()["error"]["message"], (name, r.text[:300])
         assert seconds < 10, f"{name}: {seconds:.1f} s"
