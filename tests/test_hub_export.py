@@ -59,3 +59,19 @@ def test_eval_of_the_export_on_its_corpus_scores_the_validation_split(exported, 
     assert main(["eval", "--checkpoint", str(exported / "model"), "--data", str(corpus), "--no-progress", "--split", "all",
                  "--out", str(out)]) == 0
     assert json.loads(out.read_text())["documents"] > result["documents"]
+
+
+def test_a_chat_template_beside_the_source_tokenizer_is_kept(tokenizer, tmp_path):
+    from conftest import random_model
+    from xlstm7b.hub import save_for_hub
+
+    source = tmp_path / "released"
+    source.mkdir()
+    tokenizer.save(str(source / "tokenizer.json"))
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
+    (source / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    model = random_model(xlstm7b.ModelConfig.from_preset("debug").replace(vocab_size=tokenizer.get_vocab_size()))
+    xlstm7b.save_pretrained(model, tmp_path / "out")
+    save_for_hub(tmp_path / "out", model, source / "tokenizer.json")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == template
+    assert "Not recorded" in (tmp_path / "out" / "README.md").read_text()

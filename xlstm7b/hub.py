@@ -79,7 +79,7 @@ def model_card(model: XLSTM, training: dict | None) -> str:
         lines.append("Not recorded: this folder was written by `save_pretrained` outside a training run.")
     lines += ["", "## Use", "", "With xlstm7b:", "", "```python", "import xlstm7b", "",
               'model = xlstm7b.from_pretrained("PATH")', "```", "",
-              "or `xlstm7b generate --checkpoint PATH --prompt '...'`. With transformers (>= 4.55, xLSTMForCausalLM):", "",
+              "or `xlstm7b generate --checkpoint PATH --prompt '...'`. With transformers (its xLSTMForCausalLM):", "",
               "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               'tokenizer = AutoTokenizer.from_pretrained("PATH")  # adds the BOS token every input starts with',
               'model = AutoModelForCausalLM.from_pretrained("PATH")', "```", "",
