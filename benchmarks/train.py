@@ -19,6 +19,7 @@ its own. JSON goes to benchmarks/results/train-<device>.json.
 """
 
 import argparse
+import dataclasses
 import json
 import lzma
 import platform
@@ -53,8 +54,11 @@ def time_training(preset: str, device: torch.device, steps: int, micro_batch: in
     extra += ["--train.compile=true"] if compile else []
     extra += [f"--train.seq_len={seq_len}", f"--train.global_batch_tokens={seq_len * (micro_batch or 512)}"] if seq_len else []
     job = load_config(preset, [*extra, f"--train.optimizer_impl={optimizer}", *overrides])
+    trainer_plan = estimate(job, 1, device)  # with train.micro_batch = 0, the trainer's pick for the preset's global batch
+    job = with_micro_batch(job, trainer_plan.micro_batch)
+    # A timed step is one micro-batch (no accumulation): the plan of exactly that.
+    job = dataclasses.replace(job, train=dataclasses.replace(job.train, global_batch_tokens=job.train.micro_batch * job.train.seq_len))
     plan = estimate(job, 1, device)
-    job = with_micro_batch(job, plan.micro_batch)
     t = job.train
     model, plain, parallel = build_model(job.model, t, Dist(device=device), seed=0)
     opt = build_optimizer(model, t)
@@ -88,7 +92,7 @@ def time_training(preset: str, device: torch.device, steps: int, micro_batch: in
     row = {
         "preset": preset, "overrides": list(overrides), "parameters": plain.num_params(), "dtype": str(dtype).removeprefix("torch."),
         "compile": t.compile, "optimizer": describe(opt), "parallel": parallel, "cpu_offload": t.cpu_offload,
-        "micro_batch": B, "micro_batch_picked": plan.picked, "seq_len": S, "steps": steps, "step_s": dt,
+        "micro_batch": B, "micro_batch_picked": trainer_plan.picked, "seq_len": S, "steps": steps, "step_s": dt,
         "first_step_s": first, "compile_s": max(0.0, first - dt) if t.compile else None, "tokens_per_s": tps,
         "flops_per_token": train_flops_per_token(job.model), "mfu": tps * train_flops_per_token(job.model) / peak if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None,

@@ -6,7 +6,9 @@ The estimate (bytes; P parameters, e the compute dtype's size, T = micro_batch *
                  two blocks (the one running and the one prefetched) and the root group (embedding,
                  out norm, lm_head), which FSDP keeps unsharded for the whole step
     gradients    4P fp32 (/N with FSDP); with FSDP also the gradients of the largest group (a block or
-                 the root) in flight: unsharded in the compute dtype, reduced to fp32 (/N)
+                 the root) in flight: unsharded in the compute dtype, reduced to fp32 (/N); and with
+                 FSDP and gradient accumulation 4P more: between reductions (the trainer reduces
+                 once per step) FSDP accumulates every gradient unsharded in fp32 on the device
     optimizer    8P (AdamW's two fp32 moments; /N with FSDP)
     with cpu_offload the 16P/N of fp32 state lives in host memory (pinned) and only the unsharded
     groups and gradients in flight stay on the device; host memory adds 2 GiB for the process itself
@@ -146,6 +148,8 @@ def _estimate(job: JobConfig, devices: int, device: torch.device, cap: float, mi
     if fsdp:
         state["parameters"] += e * (2 * block + root)
         state["gradients"] += (e + 4 / shard) * max(block, root)
+        if t.global_batch_tokens // t.seq_len > micro_batch * devices:  # accumulation
+            state["gradients"] += 4 * P
     T = micro_batch * t.seq_len
     cell = 4 * (4 * NH + NH * c.qk_head_dim * c.v_head_dim / c.chunk_size + 2 * NH * c.chunk_size)
     per_block = T * (e * (4 * D + 2 * Dqk + 4 * Dv + 3 * Dff) + cell)
