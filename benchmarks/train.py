@@ -3,7 +3,8 @@
     python benchmarks/train.py                      # GPU: 125m/350m/1.3b tokens/s + MFU; CPU: toy tokens/s
     python benchmarks/train.py --run-dir runs/toy   # also: the run's val bpb next to xz -9 on the same files
 
-    python benchmarks/train.py --presets 1.3b --micro-batch-sweep 4 8 16 32 --optimizer fused --compile
+    python benchmarks/train.py --presets 1.3b --optimizer foreach fused --compile both   # 4 rows, one process
+    python benchmarks/train.py --presets 1.3b --micro-batch-sweep 4 8 16 32 --optimizer fused
     python benchmarks/train.py --presets 7b --micro-batch 1 --set train.cpu_offload=true   # 7B on one GPU
 
 On a GPU each preset trains a few steps in bf16 (one process, one micro-batch of micro_batch x
@@ -106,22 +107,28 @@ def time_training(preset: str, device: torch.device, steps: int, micro_batch: in
 
 
 def time_rows(preset: str, device: torch.device, args) -> tuple[list[dict], list[dict]]:
-    """The rows of one preset: one, or one per micro-batch of --micro-batch-sweep; and the sizes of
-    the sweep that ran out of memory (the first ends it), each with its error."""
+    """The rows of one preset, in one process so that they compare: each of eager and compiled
+    (--compile), each optimizer (--optimizer) and each micro-batch (--micro-batch-sweep, or the one
+    of --micro-batch); and the sizes of a sweep that ran out of memory (the first ends its sweep),
+    each with its error."""
     rows, failed = [], []
-    for m in args.micro_batch_sweep or [args.micro_batch]:
-        try:
-            rows.append(time_training(preset, device, args.steps or (10 if device.type == "cuda" else 3), m, args.seq_len or None,
-                                      args.profile, args.compile, args.optimizer, [f"--{o}" for o in args.set]))
-        except torch.OutOfMemoryError as e:
-            if not args.micro_batch_sweep:
-                raise
-            failed.append({"preset": preset, "micro_batch": m, "error": f"out of memory: {str(e).splitlines()[0]}"})
-            print(f"{preset:>6} micro_batch {m}: {failed[-1]['error']}", flush=True)
-            break
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    steps = args.steps or (10 if device.type == "cuda" else 3)
+    for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+        for optimizer in args.optimizer:
+            for m in args.micro_batch_sweep or [args.micro_batch]:
+                try:
+                    rows.append(time_training(preset, device, steps, m, args.seq_len or None, args.profile, compiled, optimizer,
+                                              [f"--{o}" for o in args.set]))
+                except torch.OutOfMemoryError as e:
+                    if not args.micro_batch_sweep:
+                        raise
+                    failed.append({"preset": preset, "compile": compiled, "optimizer": optimizer, "micro_batch": m,
+                                   "error": f"out of memory: {str(e).splitlines()[0]}"})
+                    print(f"{preset:>6} micro_batch {m}: {failed[-1]['error']}", flush=True)
+                    break
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
     return rows, failed
 
 
@@ -177,13 +184,16 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=None, help="override train.micro_batch (0: the largest the plan fits)")
     p.add_argument("--micro-batch-sweep", type=int, nargs="*", help="one row per micro-batch, until one runs out of memory")
     p.add_argument("--seq-len", type=int, default=0, help="override train.seq_len")
-    p.add_argument("--optimizer", default="auto", choices=["auto", "fused", "foreach", "loop"], help="train.optimizer_impl")
+    p.add_argument("--optimizer", nargs="+", default=["auto"], choices=["auto", "fused", "foreach", "loop"],
+                   help="train.optimizer_impl; several: a row each (foreach is what CUDA ran before 'auto' took fused)")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                    help="config overrides, e.g. --set train.cpu_offload=true model.num_blocks=4")
     p.add_argument("--profile", action="store_true",
                    help="also the device time per kernel of one step, and per step the time in matrix products, "
                         "mLSTM kernels, elementwise work, the optimizer, copies and idle gaps")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block (train.compile; the warm-up step compiles)")
+    p.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                   help="torch.compile each block (train.compile; the warm-up step compiles, compile_s is its excess); "
+                        "'both': an eager and a compiled row each")
     p.add_argument("--run-dir", type=Path, help="a finished toy run: report its val bpb next to xz -9")
     p.add_argument("--output", type=Path, help="default benchmarks/results/train-<cpu|gpu>.json")
     args = p.parse_args(argv)
