@@ -418,6 +418,12 @@ def test_cli_errors(tmp_path, checkpoint_dir, capsys):
     assert "no such folder" in capsys.readouterr().err
     assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--max-batch", "0"]) == 2
     assert "max_batch must be a positive integer" in capsys.readouterr().err
+    assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--max-n", "0"]) == 2
+    assert "--max-n must be a positive integer" in capsys.readouterr().err
+    assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--max-body-mb", "0"]) == 2
+    assert "--max-body-mb must be a positive number" in capsys.readouterr().err
+    assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--max-stop-strings", "0"]) == 2
+    assert "max_stop_strings must be a positive integer" in capsys.readouterr().err
     assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--tokenizer", str(tmp_path / "t.json")]) == 2
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
