@@ -54,7 +54,8 @@ class NoHostReads(TorchDispatchMode):
 
 
 def debug_model(**train):
-    j = load_config("debug", [f"--train.{k}={v}" for k, v in train.items()])
+    """The debug preset built as the trainer builds it; keys are train.KEY, or SECTION.KEY in full."""
+    j = load_config("debug", [f"--{k if '.' in k else 'train.' + k}={v}" for k, v in train.items()])
     model, plain, _ = build_model(j.model, j.train, Dist(), seed=0)
     return j, model, plain
 
@@ -65,10 +66,13 @@ def batch(vocab: int, B=2, S=40, seed=0):
     return ids[:, :-1], ids[:, 1:], ids[:, :-1] == 0
 
 
-@pytest.mark.parametrize("chunk", [0, 16], ids=["whole-loss", "loss-in-pieces"])
-def test_a_training_step_reads_no_value_back_to_the_host(chunk):
-    j, model, plain = debug_model(activation_checkpointing="true")
-    inputs, targets, reset = batch(j.model.vocab_size)
+@pytest.mark.parametrize("backend,chunk", [("torch", 0), ("torch", 16), ("triton", 0)],
+                         ids=["whole-loss", "loss-in-pieces", "triton-kernels"])
+def test_a_training_step_reads_no_value_back_to_the_host(backend, chunk):
+    """Forward and backward of the model and the loss, with activation checkpointing, on the
+    PyTorch mLSTM and on the Triton kernels (here in Triton's interpreter)."""
+    j, model, plain = debug_model(activation_checkpointing="true", **{"model.mlstm_backend": f'"{backend}"'})
+    inputs, targets, reset = batch(j.model.vocab_size, S=40 if backend == "torch" else 16)
     with NoHostReads():
         loss = trainer.sequence_loss(model, plain.logits, inputs, targets, reset, contextlib.nullcontext(), chunk).mean()
         loss.backward()
@@ -152,3 +156,29 @@ def test_compiled_blocks_keep_each_mlstm_kernel_one_node():
     assert sum("mlstm_chunkwise_fwd" in t for t in ops["forward"][0]) == 1
     assert sum("mlstm_chunkwise_bwd" in t for t in ops["backward"][0]) == 1
     assert not any("triton" in t for kind in ops.values() for g in kind for t in g)  # no kernel internals traced
+
+
+@pytest.mark.gpu
+def test_a_cuda_training_step_never_synchronizes():
+    """On CUDA (bf16 autocast, Triton kernels, fused AdamW): forward, backward, clipping and the
+    optimizer step run with CUDA's sync debug mode set to raise on any synchronizing call."""
+    j = load_config("debug")
+    model, plain, _ = build_model(j.model, j.train, Dist(device=torch.device("cuda")), seed=0)
+    optimizer = build_optimizer(model, j.train)
+    assert describe(optimizer) == "AdamW (fused)"
+    inputs, targets, reset = (t.cuda() for t in batch(j.model.vocab_size, S=64))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def step():
+        trainer.sequence_loss(model, plain.logits, inputs, targets, reset, autocast).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # outside the check: the kernels' autotuning times them, and the optimizer state is allocated
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
