@@ -31,8 +31,8 @@ def profile_kernels(run, device: str, top: int = 12) -> dict:
 
 # Kernel (CUDA) or op (CPU) name fragments, lower case, by category; the first match wins.
 CATEGORIES = {
-    "mlstm": ("mlstm", "_states_fwd", "_output_fwd", "_fused_fwd", "_states_bwd", "_scores_bwd", "_dqk_bwd", "_dv_bwd",
-              "_gates_bwd", "_step_kernel", "_step_nm"),
+    # the kernels of kernels/ are named _*_fwd_kernel, _*_bwd_kernel, _step*_kernel (Inductor's are triton_*)
+    "mlstm": ("mlstm", "_fwd_kernel", "_bwd_kernel", "_step_kernel", "_step_nm_kernel"),
     "optimizer": ("adam", "_foreach_", "multi_tensor_apply"),
     "matmul": ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
                "aten::_scaled_mm"),
