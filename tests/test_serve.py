@@ -170,7 +170,7 @@ BAD = {  # id: (endpoint, body, status, words in the message)
     "malformed_json": ("/v1/completions", b'{"model": "toy", "prompt": ', 400, "not valid JSON"),
     "max_tokens_str": ("/v1/completions", GOOD | {"max_tokens": "2"}, 400, "max_tokens"),
     "max_tokens_neg": ("/v1/completions", GOOD | {"max_tokens": -1}, 400, "max_tokens"),
-    "max_tokens_huge": ("/v1/completions", GOOD | {"max_tokens": 10**9}, 400, "max_tokens must be an integer in [1, 64]"),
+    "max_tokens_huge": ("/v1/completions", GOOD | {"max_tokens": 10**9}, 400, "max_tokens must be an integer in [1, 64] (this server's limit, --max-tokens)"),
     "temperature_neg": ("/v1/completions", GOOD | {"temperature": -0.1}, 400, "temperature"),
     "top_p_0": ("/v1/completions", GOOD | {"top_p": 0}, 400, "top_p must be a number in (0, 1]"),
     "top_p_big": ("/v1/completions", GOOD | {"top_p": 1.5}, 400, "top_p"),

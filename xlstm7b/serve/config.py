@@ -60,7 +60,12 @@ class EngineConfig:
     def check_params(self, params: SamplingParams, vocab_size: int, has_tokenizer: bool) -> None:
         """Raises a SamplingError (a ValueError) naming the parameter at fault and its valid range,
         or the limit of this configuration it exceeds (and the flag of `xlstm7b serve` that sets it)."""
-        params.validate(vocab_size, max_tokens=(1, self.max_new_tokens))
+        try:
+            params.validate(vocab_size, max_tokens=(1, self.max_new_tokens))
+        except SamplingError as e:
+            if e.name != "max_tokens":
+                raise
+            raise SamplingError("max_tokens", f"{e.requirement} (this server's limit, --max-tokens)", e.value) from None
         if len(params.stop) > self.max_stop_strings:
             raise SamplingError("stop", f"at most {self.max_stop_strings} strings (this server's limit, --max-stop-strings)",
                                 f"{len(params.stop)} strings")

@@ -117,4 +117,4 @@ def log_request(rid: str, endpoint: str, status: int, requests: list[Request], u
     reasons = ",".join(r.finish_reason or "running" for r in requests)
     access_log.info("%s %s status=%d prompt_tokens=%d output_tokens=%d ttft=%s total=%s finish=%s%s", rid, endpoint, status,
                     usage["prompt_tokens"], usage["completion_tokens"], ttft, total, reasons,
-                    f" user={user!r}" if user else "")
+                    f" user={user[:64]!r}" if user else "")  # a client's string: bounded in the log
