@@ -211,15 +211,16 @@ def build_app(engine: Engine, *, model_name: str, chat_template: ChatTemplate | 
         if app.state.shutting_down:
             raise APIError(503, "the server is shutting down and accepts no new requests", "server_error", code="shutting_down")
         job.submit(prompts, params)
-        app.state.jobs.add(job)
         if body.stream:
             async def events():
+                app.state.jobs.add(job)  # once it runs (a client gone before never starts it)
                 try:
                     async for event in job.stream():
                         yield event
                 finally:
                     app.state.jobs.discard(job)
             return StreamingResponse(events(), media_type="text/event-stream")
+        app.state.jobs.add(job)
         try:
             if not await job.wait(request):
                 return Response(status_code=499)  # nobody waits for the answer
