@@ -298,9 +298,10 @@ class XLSTM(nn.Module):
             the logits; `logits(hidden)` maps them, so a loss can compute the logits piece by piece.
         check_ids: check that every id lies in the vocabulary (`check_token_ids`: a clear error in
             place of an embedding's index error, or a CUDA device-side assert that ends the process,
-            at the cost of one host synchronization). Training, evaluation and `generate` check
-            their ids once where the data enters and pass False, so their steps never wait on the
-            host; shapes and types are checked either way.
+            at the cost of one host synchronization). A caller that checked its ids where they
+            entered passes False, so its steps never wait on the host: the trainer (TokenData
+            checks its tokens when it opens them), speculative decoding's verification. Shapes and
+            types are checked either way.
         """
         self.validate_inputs(input_ids, state, reset, mask, cell_inputs)
         if check_ids:
