@@ -111,3 +111,17 @@ def test_off_values_and_the_seed_of_each_choice():
     assert SamplingParams(top_k=-1, top_p=1.0).draw_args() == {"temperature": 0.0, "top_k": None, "top_p": None, "min_p": 0.0}
     assert [sequence_seed(5, j) for j in range(3)] == [5, 6, 7] and sequence_seed(None, 2) is None
     assert sequence_seed(2**64 - 1, 1) == 0
+
+
+def test_the_generate_command_passes_the_penalties_and_min_p(checkpoint_dir, tokenizer, capsys):
+    from xlstm7b import from_pretrained
+    from xlstm7b.cli import generate_main
+
+    flags = ["--repetition-penalty", "1.5", "--presence-penalty", "0.5", "--frequency-penalty", "0.5",
+             "--temperature", "0.8", "--min-p", "0.05", "--top-k", "-1", "--seed", "4"]
+    assert generate_main(["--checkpoint", str(checkpoint_dir), "--prompt", "hello", "--max-new-tokens", "10", "--ignore-eos",
+                          "--no-stream", *flags]) == 0
+    model = from_pretrained(checkpoint_dir)
+    out = generate(model, [[0] + tokenizer.encode("hello").ids], max_new_tokens=10, repetition_penalty=1.5, presence_penalty=0.5,
+                   frequency_penalty=0.5, temperature=0.8, min_p=0.05, top_k=-1, seed=4)
+    assert capsys.readouterr().out == tokenizer.decode(out.tokens[0].tolist()) + "\n"
