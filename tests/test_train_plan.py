@@ -38,8 +38,8 @@ def test_plan_command_reports_the_pick_or_why_none_fits(capsys):
     assert plan_main(["7b", "--gpu-memory-gb", "80", "--train.micro_batch=0"]) == 1
     out = capsys.readouterr().out
     assert "none fits (train.micro_batch = 0): even 1 sequence of 8192 tokens needs" in out and "--train.cpu_offload=true" in out
-    with pytest.raises(ValueError, match="not a multiple of the 3 process"):
-        estimate(load_config("debug", ["--train.micro_batch=0"]), 3, CUDA, 80)
+    assert plan_main(["debug", "--gpus", "3", "--train.micro_batch=0"]) == 2
+    assert "is 8 sequences of 64, not a multiple of the 3 process(es)" in capsys.readouterr().err
 
 
 def test_the_trainer_trains_with_the_micro_batch_it_picked(tmp_path, corpus, cache, capsys):

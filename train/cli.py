@@ -118,7 +118,11 @@ def plan_main(argv: list[str]) -> int:
         return 2
     device = torch.device("cuda")
     capacity = args.gpu_memory_gb or job.run.gpu_memory_gb or (device_capacity_gb(device, 0) if torch.cuda.is_available() else 80.0)
-    plan = estimate(job, args.gpus, device, capacity)
+    try:
+        plan = estimate(job, args.gpus, device, capacity)
+    except ValueError as e:  # train.micro_batch = 0 with a global batch the processes cannot share
+        print(f"xlstm7b plan: {e}", file=sys.stderr)
+        return 2
     print(plan.report(job))
     return 0 if plan.fits else 1
 
