@@ -15,6 +15,7 @@ from xlstm7b import XLSTM, ModelConfig
 from xlstm7b.model import check_token_ids
 from xlstm7b.train import trainer
 from xlstm7b.train.config import load_config
+from xlstm7b.train.data import TokenData, prepare_data
 from xlstm7b.train.optim import build_optimizer, describe, optimizer_impl
 from xlstm7b.train.parallel import Dist, build_model, compile_blocks
 from test_train import job
@@ -90,6 +91,18 @@ def test_a_plain_forward_checks_the_ids_and_the_check_is_the_only_read():
         model(ids % 512)
     with NoHostReads():
         model(ids % 512, check_ids=False)
+
+
+def test_training_ids_are_checked_once_where_they_enter(tmp_path, corpus, cache):
+    """The trainer's steps leave the ids unchecked because TokenData checks every token of a split
+    against the model's vocabulary when it opens it."""
+    j = job(corpus, cache, tmp_path / "r")
+    folder, _, _ = prepare_data(j.data, j.model)
+    data = TokenData(folder, "train", 32, 0, j.model.vocab_size)
+    top = max(int(s.max()) for s in data.shards)
+    assert 0 < top < j.model.vocab_size
+    with pytest.raises(ValueError, match=f"token id {top} in .* exceeds model.vocab_size={top}"):
+        TokenData(folder, "train", 32, 0, top)
 
 
 def test_the_optimizer_implementation_is_chosen_by_device():
