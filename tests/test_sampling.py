@@ -117,11 +117,14 @@ def test_the_generate_command_passes_the_penalties_and_min_p(checkpoint_dir, tok
     from xlstm7b import from_pretrained
     from xlstm7b.cli import generate_main
 
-    flags = ["--repetition-penalty", "1.5", "--presence-penalty", "0.5", "--frequency-penalty", "0.5",
-             "--temperature", "0.8", "--min-p", "0.05", "--top-k", "-1", "--seed", "4"]
-    assert generate_main(["--checkpoint", str(checkpoint_dir), "--prompt", "hello", "--max-new-tokens", "10", "--ignore-eos",
+    # Values under which leaving out any one of the four changes these 16 tokens (negative presence
+    # and frequency penalties make the random model repeat itself, so they matter).
+    sampling = dict(repetition_penalty=1.3, presence_penalty=-2.0, frequency_penalty=-1.0, min_p=0.05, temperature=0.8, top_k=-1, seed=4)
+    flags = [x for k, v in sampling.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    assert generate_main(["--checkpoint", str(checkpoint_dir), "--prompt", "hello", "--max-new-tokens", "16", "--ignore-eos",
                           "--no-stream", *flags]) == 0
-    model = from_pretrained(checkpoint_dir)
-    out = generate(model, [[0] + tokenizer.encode("hello").ids], max_new_tokens=10, repetition_penalty=1.5, presence_penalty=0.5,
-                   frequency_penalty=0.5, temperature=0.8, min_p=0.05, top_k=-1, seed=4)
-    assert capsys.readouterr().out == tokenizer.decode(out.tokens[0].tolist()) + "\n"
+    model, ids = from_pretrained(checkpoint_dir), [[0] + tokenizer.encode("hello").ids]
+    out = generate(model, ids, max_new_tokens=16, **sampling).tokens[0].tolist()
+    assert capsys.readouterr().out == tokenizer.decode(out).rstrip("\ufffd") + "\n"  # a cut last character is not printed
+    for name, off in [("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("min_p", 0.0)]:
+        assert generate(model, ids, max_new_tokens=16, **(sampling | {name: off})).tokens[0].tolist() != out, name
