@@ -154,7 +154,8 @@ def test_a_changed_setting_on_resume_is_announced_and_recorded(tmp_path, corpus,
     run_dir = tmp_path / "r"
     assert trainer.train(job(corpus, cache, run_dir, "--train.steps=2", "--train.lr=0.001")) == 0
     assert trainer.train(job(corpus, cache, run_dir, "--train.steps=3", "--train.lr=0.002")) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "AdamW (foreach), 1 CPU thread\n" in out, out
     assert "notice: resuming step_00000002 with changed settings" in err and "train.lr: 0.001 -> 0.002" in err, err
     history = [json.loads(line) for line in (run_dir / "config_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [0, 2]
@@ -175,13 +176,17 @@ def test_wandb_without_credentials_is_one_line_that_says_what_to_do(tmp_path, co
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("cores,load,expected", [(2, 0.0, 2), (2, 1.2, 1), (2, 7.0, 1), (16, 3.4, 13)])
-def test_default_threads_leave_out_the_busy_cores(monkeypatch, cores, load, expected):
+@pytest.mark.parametrize("cores,machine,load,processes,expected", [
+    (2, 2, 0.0, 1, 2), (2, 2, 1.2, 1, 1), (2, 2, 7.0, 1, 1), (16, 16, 3.4, 1, 13), (16, 16, 3.4, 4, 3), (2, 2, 0.0, 4, 1),
+    (4, 64, 10.0, 1, 3),  # a cpuset of 4 cores: their share of the machine's load average, not all of it
+])
+def test_default_threads_leave_out_the_busy_cores(monkeypatch, cores, machine, load, processes, expected):
     from xlstm7b import threads
 
     monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: machine)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
-    assert threads.default_threads() == expected
+    assert threads.default_threads(processes) == expected
 
 
 def test_serve_takes_threads(capsys):
@@ -204,16 +209,3 @@ def test_a_gated_hub_dataset_says_to_log_in(checkpoint_dir, capsys, monkeypatch)
     code, _, err = run(capsys, "eval", "--checkpoint", checkpoint_dir, "--data", "org/gated", "--no-progress")
     assert code == 2 and "data.source='org/gated'" in err and "gated dataset" in err and "HF_TOKEN" in err, err
     assert "Traceback" not in err
-
-
-def test_training_threads_default_to_the_idle_cores(monkeypatch):
-    monkeypatch.setattr(trainer, "default_threads", lambda: 3)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    before = torch.get_num_threads()
-    try:
-        trainer.set_threads(0)
-        assert torch.get_num_threads() == 3
-        trainer.set_threads(2)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)

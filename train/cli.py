@@ -52,7 +52,7 @@ def train_main(argv: list[str]) -> int:
                "Several processes: torchrun --nproc-per-node N -m xlstm7b train CONFIG")
     p.add_argument("config", help="preset name (debug, toy, 125m, 350m, 1.3b, 7b) or a .toml path")
     p.add_argument("--threads", type=threads_value, metavar="N", help="CPU threads per process, as --train.threads=N "
-                   "(0: the cores divided among the processes on this machine)")
+                   "(0: the cores other processes do not keep busy, divided among this machine's processes of the run)")
     args, overrides = p.parse_known_args(argv)
     if args.threads is not None:
         overrides.append(f"--train.threads={args.threads}")

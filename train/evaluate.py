@@ -25,6 +25,7 @@ import torch
 from tokenizers import Tokenizer
 
 from xlstm7b import XLSTM, __version__
+from xlstm7b.threads import threads_text
 from xlstm7b.written import remember
 
 from .config import DataConfig
@@ -216,7 +217,7 @@ def machine(device: torch.device) -> dict:
 def report(result: dict, threads: int) -> str:
     lines = [f"{result['documents']:,} documents, {result['tokens']:,} tokens, {result['bytes']:,} bytes: "
              f"{result['bpb']:.4f} bits/byte, loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f} "
-             f"({result['tokens_per_s']:,.0f} tokens/s, {threads} CPU thread{'s' if threads > 1 else ''})", f"{'positions':>12} {'tokens':>12} {'bits/byte':>10} {'loss':>8}"]
+             f"({result['tokens_per_s']:,.0f} tokens/s, {threads_text(threads)})", f"{'positions':>12} {'tokens':>12} {'bits/byte':>10} {'loss':>8}"]
     for b in result["by_position"]:
         lines.append(f"{b['bucket']:>12} {b['tokens']:>12,} {b['bpb']:>10.4f} {b['loss']:>8.4f}")
     return "\n".join(lines)

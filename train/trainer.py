@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from xlstm7b import XLSTM, generate, save_pretrained
 from xlstm7b.hub import save_for_hub
-from xlstm7b.threads import default_threads
+from xlstm7b.threads import set_threads, threads_text
 
 from . import checkpointing
 from .config import JobConfig, user_path, writable_folder
@@ -53,11 +53,6 @@ class StopSignal:
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-def set_threads(threads: int) -> None:
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(threads or max(1, default_threads() // local))
 
 
 def sequence_loss(model, head, inputs, targets, reset, autocast, chunk_tokens: int = 0) -> torch.Tensor:
@@ -180,7 +175,7 @@ def train(job: JobConfig) -> int:
 
 def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
     t, r = job.train, job.run
-    set_threads(t.threads)
+    threads = set_threads(t.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.manual_seed(r.seed)
     run_dir = Path(r.dir).expanduser()
 
@@ -220,7 +215,7 @@ def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
         checkpointing.record_config(run_dir, config, step)
         info = (f"{plain.num_params():,} parameters, parallel={parallel} x{d.world}, {grad_accum} micro-batch(es) of "
                 f"{t.micro_batch} x {t.seq_len} per process per step, {train_data.num_windows * t.seq_len:,} training tokens, "
-                f"{describe(optimizer)}")
+                f"{describe(optimizer)}" + (f", {threads_text(threads)}" if d.device.type == "cpu" else ""))
         print(f"resuming {run_dir} at step {step}: {info}" if meta is not None else f"training {run_dir}: {info}", flush=True)
     log = MetricsLog(run_dir, step, t.steps, config, progress=r.progress, wandb_project=r.wandb_project,
                      wandb_mode=r.wandb_mode) if d.is_main else None

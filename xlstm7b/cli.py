@@ -22,7 +22,7 @@ from .quantize import METHODS, quantize
 from .sampling import SamplingError, SamplingParams
 from .state import State
 from .streaming import TextStreamer
-from .threads import add_threads_option, set_threads
+from .threads import add_threads_option, set_threads, threads_text
 
 # name -> one-line help
 SUBCOMMANDS = {
@@ -235,7 +235,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(streamer.text, flush=True)
     n = int(out.lengths[0])
     spec = "" if out.stats is None else f", draft acceptance {out.stats['acceptance_rate']:.2f} at K={args.speculate_k}"
-    print(f"[{len(ids)} prompt + {n} generated tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {device}{spec}, {threads} CPU thread{'s' if threads > 1 else ''}]", file=sys.stderr)
+    print(f"[{len(ids)} prompt + {n} generated tokens in {dt:.2f} s, {n / dt:.1f} tok/s on {device}{spec}, {threads_text(threads)}]", file=sys.stderr)
     return 0
 
 

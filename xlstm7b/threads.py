@@ -1,9 +1,12 @@
-"""CPU threads of the inference commands (`--threads` of generate, serve and eval).
+"""CPU threads of the commands (`--threads` of generate, serve, eval and train).
 
 torch's default, one OpenMP thread per core, collapses when another process keeps a core busy:
 every small op of a decoding step waits for the thread whose core is taken (measured in
 benchmarks/results/threads_cpu.json). The default therefore counts only the cores not already
-busy: the cores this process may run on, less the load average of the last minute.
+busy: the cores this process may run on, less their share of the machine's load average over the
+last minute (rounded), at least 1. It is read once, when a command starts; the load average moves,
+so two runs can get different counts, and CPU results that depend on the thread count (the
+rounding of parallel reductions) can differ with them: pass `--threads N` for reproducible runs.
 """
 
 import argparse
@@ -16,19 +19,25 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_threads() -> int:
-    """The cores this process may use that other processes are not already keeping busy (at least 1)."""
+def default_threads(processes: int = 1) -> int:
+    """The cores this process may use that other processes are not already keeping busy, divided
+    among `processes` processes of the same job on this machine (at least 1).
+
+    The load average is the whole machine's: where this process may use only some of its cores
+    (an affinity mask, a container's cpuset), the busy cores counted are their share of it."""
     cores = usable_cores()
     try:
-        busy = round(os.getloadavg()[0])
+        load = os.getloadavg()[0]
     except OSError:  # no load average on this system
-        busy = 0
-    return max(1, min(cores, cores - busy))
+        load = 0.0
+    busy = round(load * min(1.0, cores / (os.cpu_count() or cores)))
+    return max(1, (cores - busy) // max(1, processes))
 
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=threads_value, default=0, metavar="N",
-                   help="CPU threads (default 0: the cores not busy with other processes, at least 1)")
+                   help="CPU threads (default 0: the cores not busy with other processes, at least 1; "
+                        "pass N for reproducible CPU results)")
 
 
 def threads_value(text: str) -> int:
@@ -41,8 +50,13 @@ def threads_value(text: str) -> int:
     return value
 
 
-def set_threads(threads: int) -> int:
-    """Sets torch's CPU threads (0: `default_threads()`); returns the number set."""
-    n = threads or default_threads()
+def threads_text(n: int) -> str:
+    """'1 CPU thread', '2 CPU threads': how the commands' reports name the count."""
+    return f"{n} CPU thread{'s' if n != 1 else ''}"
+
+
+def set_threads(threads: int, processes: int = 1) -> int:
+    """Sets torch's CPU threads (0: `default_threads(processes)`); returns the number set."""
+    n = threads or default_threads(processes)
     torch.set_num_threads(n)
     return n
