@@ -110,3 +110,12 @@ def test_eval_command(tmp_path, texts_dir, checkpoint_dir, capsys):
     with pytest.raises(SystemExit):
         eval_main(["--checkpoint", str(checkpoint_dir), "--data", str(texts_dir), "--out", str(tmp_path)])
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_clear_error(checkpoint_dir, tokenizer):
+    """The ids are checked once on the host (the forwards run with check_ids=False)."""
+    model = xlstm7b.from_pretrained(checkpoint_dir)
+    tbytes = token_bytes_tensor(tokenizer, model.config.vocab_size, "cpu")
+    doc = np.asarray([0, 5, model.config.vocab_size, 7])
+    with pytest.raises(ValueError, match=f"token id {model.config.vocab_size} outside"):
+        evaluate_documents(model, [doc], tbytes, batch_size=1, piece_tokens=16)

@@ -155,3 +155,10 @@ def test_harness_command_line_error_is_one_line(task_dir, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"xlstm7b.harness: {tmp_path / 'nope'}: no such folder" in err, err
     assert "Traceback" not in err
+
+
+def test_a_token_id_outside_the_vocabulary_is_a_clear_error(checkpoint_dir):
+    """Scoring checks its ids once on the host (the forwards run with check_ids=False)."""
+    lm = XLSTMLM(str(checkpoint_dir), device="cpu")
+    with pytest.raises(ValueError, match="token id -1 outside"):
+        lm.score_batch([[0, 5, 6], [0, -1]], [1, 1])

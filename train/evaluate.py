@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from xlstm7b import XLSTM, __version__
+from xlstm7b import XLSTM, __version__, check_token_ids
 from xlstm7b.threads import threads_text
 from xlstm7b.written import remember
 
@@ -149,12 +149,16 @@ def evaluate_documents(
             # The last token stays: it is the input that predicts the next piece's first target
             # (a token left alone at the end of the documents predicts nothing and goes).
             lane.drop(n - 1 if n > 1 else n)
-        ids_t, pos_t = torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device)
+        ids_t = torch.from_numpy(ids)
+        check_token_ids(ids_t, c.vocab_size)  # once, on the host copy: the forward need not check them
+        ids_t, pos_t = ids_t.to(device), torch.from_numpy(pos).to(device)
         inputs, targets = ids_t[:, :-1], ids_t[:, 1:]
         in_pos, target_pos = pos_t[:, :-1], pos_t[:, 1:]
         mask = in_pos >= 0
         scored = mask & (target_pos > 0)  # a target at position 0 is the next document's BOS
-        hidden, state = model(inputs, state, reset=in_pos == 0, mask=None if mask.all() else mask, return_hidden=True)
+        padded = bool((pos[:, :-1] < 0).any())  # from the host copy
+        hidden, state = model(inputs, state, reset=in_pos == 0, mask=mask if padded else None, return_hidden=True,
+                              check_ids=False)
         t = targets[scored]
         nats = hidden_nats(model.logits, hidden[scored], t, loss_chunk_tokens).double()
         nbytes = tbytes[t]

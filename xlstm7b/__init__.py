@@ -3,7 +3,7 @@
 from .pretrained import CheckpointError, from_pretrained, save_pretrained
 from .config import ModelConfig, preset_names, preset_path
 from .generate import generate
-from .model import XLSTM
+from .model import XLSTM, check_token_ids
 from .state import State
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "ModelConfig",
     "State",
     "XLSTM",
+    "check_token_ids",
     "from_pretrained",
     "generate",
     "preset_names",

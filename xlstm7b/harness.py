@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from .generate import generate
-from .model import XLSTM
+from .model import XLSTM, check_token_ids
 from .pretrained import CheckpointError, check_device, from_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,8 +160,10 @@ class XLSTMLM(TemplateLM):
         ids = torch.full((B, S), self.config.pad_token_id, dtype=torch.long)
         for b, r in enumerate(rows):  # right padding: every row starts at position 0 from the empty state
             ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        check_token_ids(ids, self.config.vocab_size)  # once, on the host copy: the forwards need not check them
         ids = ids.to(self._device)
         lengths = torch.tensor([len(r) for r in rows], device=self._device)
+        shortest = min(len(r) for r in rows)
         first = torch.tensor(starts, device=self._device)
         logprob = torch.zeros(B, dtype=torch.float64, device=self._device)
         wrong = torch.zeros(B, dtype=torch.long, device=self._device)
@@ -169,9 +171,10 @@ class XLSTMLM(TemplateLM):
         for a in range(0, S - 1, self.piece_tokens):
             inputs, targets = ids[:, a : a + self.piece_tokens], ids[:, a + 1 : a + self.piece_tokens + 1]
             j = torch.arange(a, a + inputs.shape[1], device=self._device)
-            mask = j < lengths[:, None]
+            padded = shortest < a + inputs.shape[1]  # from the lengths on the host
+            mask = j < lengths[:, None] if padded else None
             targets = F.pad(targets, (0, inputs.shape[1] - targets.shape[1]), value=self.config.pad_token_id)
-            hidden, state = self.model(inputs, state, mask=None if mask.all() else mask, return_hidden=True)
+            hidden, state = self.model(inputs, state, mask=mask, return_hidden=True, check_ids=False)
             scored = (j + 1 >= first[:, None]) & (j + 1 < lengths[:, None])  # the position predicts token j + 1
             row = torch.arange(B, device=self._device)[:, None].expand(B, inputs.shape[1])[scored]
             h, t = hidden[scored], targets[scored]

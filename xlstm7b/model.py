@@ -300,8 +300,9 @@ class XLSTM(nn.Module):
             place of an embedding's index error, or a CUDA device-side assert that ends the process,
             at the cost of one host synchronization). A caller that checked its ids where they
             entered passes False, so its steps never wait on the host: the trainer (TokenData
-            checks its tokens when it opens them), speculative decoding's verification. Shapes and
-            types are checked either way.
+            checks its tokens when it opens them), speculative decoding's verification, `xlstm7b
+            eval` and the lm-eval harness (they check each batch on the host). Shapes and types are
+            checked either way.
         """
         self.validate_inputs(input_ids, state, reset, mask, cell_inputs)
         if check_ids:
