@@ -75,3 +75,17 @@ def test_a_chat_template_beside_the_source_tokenizer_is_kept(tokenizer, tmp_path
     save_for_hub(tmp_path / "out", model, source / "tokenizer.json")
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == template
     assert "Not recorded" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_tokenizer_that_already_adds_the_bos_gets_no_second_one(exported, tmp_path):
+    """save_for_hub from an exported tokenizer.json (which prepends the BOS) keeps one BOS."""
+    from tokenizers import Tokenizer
+
+    from xlstm7b.hub import save_for_hub
+
+    model = xlstm7b.from_pretrained(exported / "model")
+    xlstm7b.save_pretrained(model, tmp_path / "again")
+    save_for_hub(tmp_path / "again", model, exported / "model" / "tokenizer.json")
+    bos = model.config.bos_token_id
+    ids = Tokenizer.from_file(str(tmp_path / "again" / "tokenizer.json")).encode("def f(x):").ids
+    assert ids[0] == bos and ids[1] != bos, ids

@@ -25,10 +25,14 @@ FILES = ("tokenizer.json", "tokenizer_config.json", "README.md")
 
 
 def hub_tokenizer(tokenizer: Tokenizer, bos_token: str) -> Tokenizer:
-    """A copy of `tokenizer` whose post-processor prepends `bos_token` (after what it did before)."""
+    """A copy of `tokenizer` whose post-processor prepends `bos_token` (after what it did before),
+    unless it already does (an exported tokenizer.json, a released one that adds it): never two."""
     out = Tokenizer.from_str(tokenizer.to_str())
+    bos_id = tokenizer.token_to_id(bos_token)
+    if tokenizer.encode("a").ids[:1] == [bos_id] != tokenizer.encode("a", add_special_tokens=False).ids[:1]:
+        return out
     bos = processors.TemplateProcessing(single=f"{bos_token} $A", pair=f"{bos_token} $A $B:1",
-                                        special_tokens=[(bos_token, tokenizer.token_to_id(bos_token))])
+                                        special_tokens=[(bos_token, bos_id)])
     out.post_processor = bos if tokenizer.post_processor is None else processors.Sequence([tokenizer.post_processor, bos])
     return out
 
