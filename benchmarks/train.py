@@ -46,6 +46,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profiling import profile_kernels, step_breakdown  # noqa: E402
 
 
+def reset_host_peak() -> None:
+    """Starts the process's peak resident memory (Linux's VmHWM) afresh, so that each row reports
+    its own peak, not the largest of the rows before it (getrusage's ru_maxrss never goes down)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: host_peak_gb falls back to the process's peak so far
+        pass
+
+
+def host_peak_gb() -> float:
+    """Peak resident memory of this process since `reset_host_peak`, in GiB."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20  # kB
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def time_training(preset: str, device: torch.device, steps: int, micro_batch: int | None, seq_len: int | None,
                   profile: bool = False, compile: bool = False, optimizer: str = "auto", overrides: list[str] = ()) -> dict:
     """One row: `steps` timed training steps of `preset` (after a warm-up step, which compiles with
@@ -61,6 +79,7 @@ def time_training(preset: str, device: torch.device, steps: int, micro_batch: in
     job = dataclasses.replace(job, train=dataclasses.replace(job.train, global_batch_tokens=job.train.micro_batch * job.train.seq_len))
     plan = estimate(job, 1, device)
     t = job.train
+    reset_host_peak()
     model, plain, parallel = build_model(job.model, t, Dist(device=device), seed=0)
     opt = build_optimizer(model, t)
     dtype = mixed_precision_dtype(t, device)
@@ -97,7 +116,7 @@ def time_training(preset: str, device: torch.device, steps: int, micro_batch: in
         "first_step_s": first, "compile_s": max(0.0, first - dt) if t.compile else None, "tokens_per_s": tps,
         "flops_per_token": train_flops_per_token(job.model), "mfu": tps * train_flops_per_token(job.model) / peak if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None,
-        "peak_host_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
+        "peak_host_gb": host_peak_gb(),
         "plan_gb": round(plan.total_gb, 3), "plan_host_gb": round(plan.host_gb, 3),
     }
     if profile:  # where the step's time goes, after the timed steps (their peak memory is recorded)
@@ -185,7 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch-sweep", type=int, nargs="*", help="one row per micro-batch, until one runs out of memory")
     p.add_argument("--seq-len", type=int, default=0, help="override train.seq_len")
     p.add_argument("--optimizer", nargs="+", default=["auto"], choices=["auto", "fused", "foreach", "loop"],
-                   help="train.optimizer_impl; several: a row each (foreach is what CUDA ran before 'auto' took fused)")
+                   help="train.optimizer_impl; several: a row each (foreach is torch's own default on CUDA)")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                    help="config overrides, e.g. --set train.cpu_offload=true model.num_blocks=4")
     p.add_argument("--profile", action="store_true",

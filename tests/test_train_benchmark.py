@@ -34,6 +34,15 @@ def test_auto_micro_batch_row(tmp_path, monkeypatch):
     assert row["micro_batch"] == 8 and "picked" in row["micro_batch_picked"]  # all 8 sequences of the debug step fit
 
 
+def test_each_row_reports_its_own_host_peak(monkeypatch):
+    bench = load_script("train", monkeypatch)
+    big = bench.torch.ones(2**27, dtype=bench.torch.uint8)  # 128 MiB touched, then freed
+    del big
+    before = bench.host_peak_gb()
+    bench.reset_host_peak()
+    assert bench.host_peak_gb() < before - 0.1
+
+
 def test_profile_categories():
     profiling = load_script("profiling", pytest.MonkeyPatch())
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32": "matmul", "nvjet_tst_128x256": "matmul", "aten::addmm": "matmul",
