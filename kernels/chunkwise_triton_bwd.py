@@ -53,7 +53,7 @@ def _states_bwd_kernel(
 ):
     """From the final state's gradient (float32): DCS[:, c] = gradient of C at the end of chunk c
     (in the chunk states' dtype) and DC0 = the initial state's (float32). Likewise, in float32,
-    DNS[:, c] for the end of chunk c and DN0, and the gradient of
+    DNS[:, c] for the end of chunk c - 1 (the final one at index NC) and DN0, and the gradient of
     the chunk-boundary stabilizer DMK[:, c] (m at the end of chunk c - 1): the final m's own,
     less dC . C + dn . n (the final state is exp(-m) times its unstabilized value), carried back
     through each chunk where the carried state attained the chunk-end max, plus the gradient of
@@ -75,7 +75,7 @@ def _states_bwd_kernel(
         i_c = NC - 1 - j
         tl.store(DCS + (i_bh * NC + i_c) * DK * DV + c_off, dC.to(DCS.dtype.element_ty), mask=mkv)
         if i_v == 0:
-            tl.store(DNS + (i_bh * NC + i_c) * DK + offs_k, dn, mask=mk)
+            tl.store(DNS + (i_bh * (NC + 1) + i_c + 1) * DK + offs_k, dn, mask=mk)
             if i_k == 0:
                 tl.store(DMK + i_bh * (NC + 1) + i_c + 1, dmk)
         _, _, _, carry, _, _, g, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
@@ -123,7 +123,7 @@ def _scores_bwd_kernel(
     den (DDEN) and m_t, and 1 / Dn (RDEN), for the other launches. m_t's gradient goes where its max
     came from: the carried state (DMTC, summed per chunk by _states_bwd_kernel), the zeroed state
     after a reset (DMTV) or the row's largest log D_tj (here)."""
-    i_c, i_r = program_ids(L // RB, TILES_FIRST)
+    i_c, i_r = program_ids(TILES_FIRST)
     i_bh = tl.program_id(2)
     i_b = i_bh // NH
     rows = i_r * RB + tl.arange(0, RB)
@@ -196,7 +196,7 @@ def _dqk_bwd_kernel(
     """dq, dk of one chunk and DK tile, and per DK tile the gate-gradient partial sums dcarry_t
     (through the entry state's weight), da_j (through the end state's weights) and dg (through the
     entry state's decay)."""
-    i_c, i_k = program_ids(tl.cdiv(DK, BK), TILES_FIRST)
+    i_c, i_k = program_ids(TILES_FIRST)
     i_bh = tl.program_id(2)
     i_b = i_bh // NH
     offs_t = i_c * L + tl.arange(0, L)
@@ -230,8 +230,8 @@ def _dqk_bwd_kernel(
         dq_s += tl.dot(dnum.to(DT), tl.trans(C).to(DT), input_precision=PREC)
         dk_s += tl.dot(vt, tl.trans(dCe).to(DT), input_precision=PREC)
         dg_acc += tl.sum(dCe * C, 1)
-    n = tl.load(NS + (i_bh * NC + i_c) * DK + offs_k, mask=mk, other=0.0)
-    dne = tl.load(DNS + (i_bh * NC + i_c) * DK + offs_k, mask=mk, other=0.0)
+    n = tl.load(NS + st_in * DK + offs_k, mask=mk, other=0.0)
+    dne = tl.load(DNS + (st_in + 1) * DK + offs_k, mask=mk, other=0.0)
     dq_s += dden[:, None] * n[None, :]
     dk_s += dne[None, :]
     dg_acc += dne * n
@@ -262,7 +262,7 @@ def _dv_bwd_kernel(
     HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, TILES_FIRST: tl.constexpr,
 ):
     """dv of one chunk and DV tile: through the chunk's own outputs and through its end state."""
-    i_c, i_v = program_ids(tl.cdiv(DV, BV), TILES_FIRST)
+    i_c, i_v = program_ids(TILES_FIRST)
     i_bh = tl.program_id(2)
     i_b = i_bh // NH
     offs_t = i_c * L + tl.arange(0, L)

@@ -40,14 +40,13 @@ KiB, at 128 its [L, DK] tiles exceed shared memory; on sm_80 it spills at 16 alr
 
 
 @triton.jit
-def program_ids(NT, TILES_FIRST: tl.constexpr):
-    """(outer index, tile index) of this program in a grid (outer, NT tiles, batch*head) with the
-    outer index (a chunk, or a chunk's row block) on axis 0 and the head-dim tile on axis 1 (grid
-    order "chunks"), or in a grid (outer * NT, 1, batch*head) with the tile index fastest (order
-    "tiles": the programs that read the same chunk's operands run next to each other, while those
-    operands are still in L2)."""
+def program_ids(TILES_FIRST: tl.constexpr):
+    """(outer index, tile index) of this program: the grid is (outer, tiles, batch*head), the outer
+    index (a chunk, or a chunk's row block) on the fastest axis (grid order "chunks"), or (tiles,
+    outer, batch*head) with the head-dim tile's index fastest (order "tiles": the programs that read
+    the same chunk's operands run next to each other, while those operands are still in L2)."""
     if TILES_FIRST:
-        i_o, i_t = tl.program_id(0) // NT, tl.program_id(0) % NT
+        i_o, i_t = tl.program_id(1), tl.program_id(0)
     else:
         i_o, i_t = tl.program_id(0), tl.program_id(1)
     return i_o, i_t
@@ -130,7 +129,7 @@ def _states_fwd_kernel(
         # the state chunk i_c starts from; n and m are written by one program column only
         tl.store(CS + (i_bh * NC + i_c) * DK * DV + c_off, C.to(CS.dtype.element_ty), mask=mkv)
         if i_v == 0:
-            tl.store(NS + (i_bh * NC + i_c) * DK + offs_k, n, mask=mk)
+            tl.store(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, n, mask=mk)
             if i_k == 0:
                 tl.store(MS + i_bh * (NC + 1) + i_c, m)
         _, _, _, _, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
@@ -147,6 +146,7 @@ def _states_fwd_kernel(
         m = m_new
     tl.store(CF + i_bh * DK * DV + c_off, C, mask=mkv)
     if i_v == 0:
+        tl.store(NS + (i_bh * (NC + 1) + NC) * DK + offs_k, n, mask=mk)
         tl.store(NF + i_bh * DK + offs_k, n, mask=mk)
         if i_k == 0:
             tl.store(MS + i_bh * (NC + 1) + NC, m)
@@ -167,7 +167,7 @@ def _output_fwd_kernel(
 ):
     """Outputs of RB rows of chunk i_c for one DV tile (the program of the chunk's row block i_r:
     see program_ids)."""
-    i_cr, i_v = program_ids(tl.cdiv(DV, BV), TILES_FIRST)
+    i_cr, i_v = program_ids(TILES_FIRST)
     i_c, i_r = i_cr // (L // RB), i_cr % (L // RB)
     i_bh = tl.program_id(2)
     i_b = i_bh // NH
@@ -185,7 +185,7 @@ def _output_fwd_kernel(
         qr = tl.load(Q + i_bh * s_k_bh + offs_r[:, None] * s_k_t + offs_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
         kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
         C = tl.load(CS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-        n = tl.load(NS + (i_bh * NC + i_c) * DK + offs_k, mask=mk, other=0.0)
+        n = tl.load(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, mask=mk, other=0.0)
         qk += tl.dot(qr.to(DT), tl.trans(kt.to(DT)), input_precision=PREC)
         q_c += tl.dot(qr.to(DT), C.to(DT), input_precision=PREC)
         q_n += tl.sum(qr.to(tl.float32) * n[None, :], 1)
@@ -297,15 +297,16 @@ def state_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg, dtype: torch.dtype):
-    """Entry states of every chunk, C [B*NH, NC, DK, DV] in `dtype`, n [B*NH, NC, DK] and m
-    [B*NH, NC+1] (the final m at index NC) in float32, and the final state: C [B, NH, DK, DV],
-    n [B, NH, DK] and m [B, NH, 1] in float32. `cfg` is launch_config(...)["states"]."""
+    """Entry states of every chunk, C [B*NH, NC, DK, DV] in `dtype`, n [B*NH, NC+1, DK] and m
+    [B*NH, NC+1] (index NC: the final n, m; the per-chunk launches index both alike) in float32, and
+    the final state: C [B, NH, DK, DV], n [B, NH, DK] and m [B, NH, 1] in float32. `cfg` is
+    launch_config(...)["states"]."""
     B, NH, _, DK = k.shape
     DV = v.shape[-1]
     S_pad = b.shape[-1]
     NC = S_pad // cfg["L"]
     CS = k.new_empty(B * NH, NC, DK, DV, dtype=dtype)
-    NS = k.new_empty(B * NH, NC, DK, dtype=torch.float32)
+    NS = k.new_empty(B * NH, NC + 1, DK, dtype=torch.float32)
     MS = k.new_empty(B * NH, NC + 1, dtype=torch.float32)
     CF, NF, MF = final_state(k, DV)
     grid = (triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]), B * NH)

@@ -81,6 +81,9 @@ and the backward's own states pass; "output" the forward's output pass; "scores"
 the backward's other passes. "grid_order" (see GRID_ORDERS) is the launch order of the programs
 that share a chunk's operand tiles."""
 
+MAX_GRID_Y = 65535
+"""The largest grid size CUDA takes on a launch's second and third axes."""
+
 GRID_ORDERS = ("chunks", "tiles")
 """Launch orders of the per-chunk launches (output, scores, dqk, dv): "chunks" puts the chunk index on
 the fastest grid axis, so the head-dim tiles (or row blocks) of one chunk, which read the same q, k, v
@@ -144,7 +147,13 @@ def launch_overrides(**kernels: dict[str, int]):
 
 def grid_meta(cfg: dict, outer: int, tiles: int, BH: int) -> tuple[tuple[int, int, int], dict]:
     """The grid of a per-chunk launch with `outer` chunks (or chunk row blocks) and `tiles`
-    head-dim tiles per head, in cfg's grid_order (see program_ids), and the kernel's meta-parameters."""
+    head-dim tiles per head, in cfg's grid_order (see chunkwise_triton_fwd.program_ids), and the
+    kernel's meta-parameters. The order "tiles" puts `outer` on the grid's second axis, which CUDA
+    caps at 65,535."""
     meta = dict(cfg)
-    tiles_first = meta.pop("grid_order") == "tiles"
-    return ((outer * tiles, 1, BH) if tiles_first else (outer, tiles, BH)), dict(meta, TILES_FIRST=tiles_first)
+    if meta.pop("grid_order") == "chunks":
+        return (outer, tiles, BH), dict(meta, TILES_FIRST=False)
+    if outer > MAX_GRID_Y:
+        raise ValueError(f"mlstm: grid_order 'tiles' takes at most {MAX_GRID_Y:,} chunks (or chunk row blocks) per "
+                         f"sequence, got {outer:,}: use a longer chunk_size or grid_order 'chunks'")
+    return (tiles, outer, BH), dict(meta, TILES_FIRST=True)

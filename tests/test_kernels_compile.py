@@ -16,6 +16,7 @@ compile errors of either would show on sm_90 already.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -33,12 +34,18 @@ ARCHS = (90, 80)
 HEAD_SHAPES = sorted({(c.qk_head_dim, c.v_head_dim) for c in map(ModelConfig.from_preset, preset_names())})
 SPILL_FREE = {(c.qk_head_dim, c.v_head_dim) for c in map(ModelConfig.from_preset, ("7b", "1.3b"))}
 
-def cases(shapes, resets=(False, True)) -> list[aot.Case]:
-    return [aot.Case(DK, DV, L, dtype, reset) for DK, DV in shapes for L in CHUNK_SIZES for dtype in aot.DTYPES for reset in resets]
+def cases(shapes, resets=(False, True), dtypes=tuple(aot.DTYPES), grid_order="chunks") -> list[aot.Case]:
+    return [aot.Case(DK, DV, L, dtype, reset, grid_order) for DK, DV in shapes for L in CHUNK_SIZES for dtype in dtypes
+            for reset in resets]
+
+
+# The launches with the tile index fastest (grid_order "tiles") differ from the default only in how a
+# program finds its chunk and tile: compiled at the large shapes in bf16, the dtype they are for.
+TILES_FIRST = cases(sorted(SPILL_FREE), resets=(False,), dtypes=("bf16",), grid_order="tiles")
 
 KERNELS = {
     "_fused_fwd_kernel", "_states_fwd_kernel", "_output_fwd_kernel", "_states_bwd_kernel", "_scores_bwd_kernel",
-    "_dqk_bwd_kernel", "_dv_bwd_kernel", "_step_kernel", "_step_nm_kernel",
+    "_dqk_bwd_kernel", "_dv_bwd_kernel", "_gates_bwd_kernel", "_step_kernel", "_step_nm_kernel",
 }
 
 
@@ -53,7 +60,8 @@ def as_report(d: dict) -> aot.KernelReport:
 
 @pytest.fixture(scope="module")
 def reports() -> list[dict]:
-    return aot.compile_matrix({90: cases(HEAD_SHAPES), 80: cases(sorted(SPILL_FREE), resets=(False,))}, jobs=2)
+    return aot.compile_matrix({90: cases(HEAD_SHAPES) + TILES_FIRST, 80: cases(sorted(SPILL_FREE), resets=(False,)) + TILES_FIRST},
+                              jobs=2)
 
 
 def test_matrix_covers_the_presets():
@@ -71,6 +79,38 @@ def test_every_kernel_compiles(reports):
 def test_shared_memory_fits_and_no_spills_at_the_large_shapes(reports):
     found = [v for r in reports if "error" not in r for v in aot.violations(as_report(r), spill_free(r["tag"]))]
     assert not found, "\n".join(found)
+
+
+def test_tiles_first_launches_compiled(reports):
+    """Every per-chunk launch of the tiles-first cases compiled as such: the tile index decoded from
+    the flattened first grid axis, for both archs and every chunk size."""
+    tiles = [r for r in reports if "error" not in r and r["constexprs"].get("TILES_FIRST") == "True"]
+    for arch in ARCHS:
+        for L in CHUNK_SIZES:
+            found = {r["kernel"] for r in tiles if r["arch"] == arch and f"-L{L}-bf16-tiles" in r["tag"]}
+            assert found == {"_output_fwd_kernel", "_scores_bwd_kernel", "_dqk_bwd_kernel", "_dv_bwd_kernel"}, (arch, L)
+    assert all(tag.endswith("-tiles") for r in tiles for tag in r["tag"].split(","))  # no default launch among them
+    for r in tiles:  # the tile index on the first grid axis
+        c = {k: int(v) for k, v in r["constexprs"].items() if k in ("L", "RB", "BK", "BV")}
+        DK, DV = (int(x) for x in re.match(r"DK(\d+)-DV(\d+)-", r["tag"]).groups())
+        tiles_of = {"_output_fwd_kernel": -(-DV // c["BV"]), "_dv_bwd_kernel": -(-DV // c["BV"]),
+                    "_dqk_bwd_kernel": -(-DK // c["BK"]), "_scores_bwd_kernel": c["L"] // c.get("RB", 1)}
+        assert r["constexprs"]["TILES_FIRST"] == "True" and r["grid"][0] == tiles_of[r["kernel"]], r
+
+
+def test_launches_per_layer():
+    """The backward is six Triton launches with no per-position PyTorch op around them (the gate
+    vectors' autograd aside); the forward two. Counted on meta tensors in a process without the
+    interpreter."""
+    spec = json.dumps([dict(DK=256, DV=512, L=64, dtype="bf16", reset=r) for r in (False, True)])
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-m", "xlstm7b.kernels.aot", "--count"], input=spec, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for counts in json.loads(run.stdout):
+        assert counts["forward"]["triton"] == 2 and counts["backward"]["triton"] == 6, counts
+        assert counts["backward"]["torch"] <= 8, counts["backward"]["ops"]  # the gate vectors' autograd
+        assert counts["forward"]["torch"] <= 14, counts["forward"]["ops"]  # the gate vectors
 
 
 def test_hopper_state_products_use_wgmma(reports):
@@ -159,3 +199,24 @@ def test_cost_model_matches_the_anchors(monkeypatch):
     model = kr.roofline(s, kr.Design("bf16 C", 64, c_bytes=2))
     assert all(r["bound"] == "memory" for r in model["forward"])  # the states dominate: memory-bound
     assert model["forward+backward_ms"] > model["forward_ms"] > sum(b for *_, b in bf16) / kr.PEAK_BYTES * 1e3 - 1e-9
+
+
+def test_l2_model_reproduces_the_slowdown_with_s(monkeypatch):
+    """At B*S = 65,536 the H200 measured the as-built kernels (chunk index fastest) 9 % slower in the
+    forward at S 65,536 than at 8,192: between the tiles of a chunk a whole head's chunks run, 8x more
+    of them at the longer S, past the L2. The model predicts that direction from the grid order and
+    L2 size alone, no slowdown with the tile index fastest, and none with an L2 that holds everything."""
+    kr = load_script("kernel_resources", monkeypatch)
+    built, tiles = (next(d for d in kr.DESIGNS if d.L == 64 and d.c_bytes == 2 and d.grid_order == o and not d.fused_forward)
+                    for o in ("chunks", "tiles"))
+    for phase in ("forward_ms", "forward+backward_ms"):
+        short, long = (kr.roofline(kr.Shape(S=S), built, kr.H200)[phase] for S in (8192, 65536))
+        assert long > 1.05 * short
+        measured = kr.H200_MEASURED_MS[65536][phase[:-3]] / kr.H200_MEASURED_MS[8192][phase[:-3]]
+        assert measured > 1 and long / short > 1  # the same direction as measured
+        flat = [kr.roofline(kr.Shape(S=S), tiles, kr.H200)[phase] for S in (8192, 65536)]
+        assert flat[0] == flat[1] == short
+    huge = kr.Device("all-L2", kr.H200.flops, kr.H200.bytes_per_s, 1e15)
+    assert not any(kr.rereads(kr.Shape(), built, huge).values())
+    again = kr.rereads(kr.Shape(), built, kr.H200)
+    assert again["output"] == 7 * 2 * 65536 * 8 * 256 * 2  # q and k read by 8 DV tiles (BV 64), 1024 programs apart

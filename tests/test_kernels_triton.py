@@ -149,14 +149,17 @@ def test_chunk_end_max_from_the_zeroed_state(variant):
 
 
 def test_grid_orders():
-    """"tiles" puts the tile index on the fastest grid axis (flattened with the chunk's: no 65,535
-    limit on axis 1); "chunks" keeps the chunk index there. Both reach every (chunk, tile) pair."""
+    """"tiles" puts the tile index on the grid's first axis, which CUDA runs fastest, and the chunks on
+    its second (at most 65,535: a clear error past that); "chunks" the other way round."""
     xs, _ = make_inputs(1, 2, 70, 16, 48)
     with launch_overrides(dv=dict(BV=16, grid_order="tiles")):
-        grid, meta = grid_meta(launch_config(xs[0], xs[2], 16)["dv"], 5, 3, 2)
-        assert grid == (15, 1, 2) and meta["TILES_FIRST"] and "grid_order" not in meta
-    grid, meta = grid_meta(launch_config(xs[0], xs[2], 16)["dv"], 5, 3, 2)
-    assert grid == (5, 3, 2) and not meta["TILES_FIRST"]
+        cfg = launch_config(xs[0], xs[2], 16)["dv"]
+        grid, meta = grid_meta(cfg, 5, 3, 2)
+        assert grid == (3, 5, 2) and meta["TILES_FIRST"] and "grid_order" not in meta
+        with pytest.raises(ValueError, match="at most 65,535 chunks.*grid_order 'chunks'"):
+            grid_meta(cfg, 65536, 3, 2)
+    grid, meta = grid_meta(launch_config(xs[0], xs[2], 16)["dv"], 65536, 3, 2)
+    assert grid == (65536, 3, 2) and not meta["TILES_FIRST"]
     assert set(GRID_LAUNCHES) == {"output", "scores", "dqk", "dv"}
 
 
@@ -442,6 +445,21 @@ def test_benchmark_dry_run(tmp_path, monkeypatch):
     assert {r["kernel"] for r in report["rows"]} == {"chunkwise", "step", "profile"}
     assert all(r["kernels"] and r["total_us"] > 0 for r in report["rows"] if r["kernel"] == "profile")
     assert all("error" not in r for r in report["rows"])
+
+
+def test_benchmark_rows_of_the_tiles_order(monkeypatch):
+    """benchmarks/kernels.py's "-tiles" rows run every per-chunk launch, forward and backward, with
+    the tile index fastest; its plain rows with the default order."""
+    kb = load_script("kernels", monkeypatch)
+    seen = []
+    for module in (chunkwise_triton_fwd, chunkwise_triton_bwd):
+        original = module.grid_meta
+        monkeypatch.setattr(module, "grid_meta", lambda cfg, *a, f=original: seen.append(cfg["grid_order"]) or f(cfg, *a))
+    for order in ("chunks", "tiles"):
+        seen.clear()
+        x = kb.mlstm_inputs(1, 2, 40, 16, 16, torch.float32, DEVICE, grad=True)
+        kb.provider_ours("triton", 16, order)(x)().sum().backward()
+        assert seen == [order] * 4  # output; scores, dqk, dv
 
 
 # ---------------------------------------------------------------------------------------------
