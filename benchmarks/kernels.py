@@ -6,12 +6,15 @@
 
 Chunkwise kernels: forward and forward+backward time and peak memory at a fixed token count
 B*S = 65,536 (S from 512 to 65,536) for the xLSTM 7B head shape (NH 8, DK 256, DV 512, bf16) and
-for NH 16 (DK 128, DV 256). Peers, each skipped with a message when missing: the official TFLA
-kernel (mlstm_kernels, "chunkwise--triton_xl_chunk"), flash-linear-attention's chunk_simple_gla,
+for NH 16 (DK 128, DV 256); ours at chunk 64 and 128, each also with the L2-aware launch order
+(rows "-tiles": grid_order "tiles" on every per-chunk launch). Peers, each skipped with a message
+when missing: the official TFLA kernel (mlstm_kernels, "chunkwise--triton_xl_chunk"),
+flash-linear-attention's chunk_simple_gla,
 and causal flash attention through torch SDPA (32 heads x 128, same token count).
 Step kernel: latency at batch 1, 8, 64 with the 7B per-layer state, and the HBM bandwidth it reaches
 (state bytes read + written per step / time). With --profile: the device time per kernel of our
-forward and forward+backward at the longest S (where the time goes, next to the roofline).
+forward and forward+backward at the longest S (where the time goes, next to the roofline), for
+both grid orders.
 With --tune, only a sweep of our kernels' tiles, warps and pipeline stages against launch_config's
 (bench_tune; results in tune-<date>.json; --dry-run runs it in Triton's interpreter).
 Results go to benchmarks/results/kernels-<date>.json and .png (--out: another folder). Ours, the
@@ -85,9 +88,21 @@ def mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad):
     return [t.detach().requires_grad_(grad) for t in (q, k, v, i, f)]
 
 
-def provider_ours(backend: str, chunk: int):
+def provider_ours(backend: str, chunk: int, grid_order: str = "chunks"):
+    """Our kernels; the Triton ones with their per-chunk launches in `grid_order` (launch_settings.
+    GRID_ORDERS; the backward takes the forward's settings)."""
+    if grid_order == "chunks":
+        return lambda x: lambda: mlstm(*x, backend=backend, chunk_size=chunk)[0]
+    from xlstm7b.kernels.launch_settings import GRID_LAUNCHES, launch_overrides  # Triton: only for these rows
+
+    overrides = {launch: dict(grid_order=grid_order) for launch in GRID_LAUNCHES}
+
     def make(x):
-        return lambda: mlstm(*x, backend=backend, chunk_size=chunk)[0]
+        def run():
+            with launch_overrides(**overrides):
+                return mlstm(*x, backend=backend, chunk_size=chunk)[0]
+
+        return run
 
     return make
 
@@ -139,34 +154,43 @@ def provider_sdpa(device: str):
 
 def bench_profile(args, device, dtype, record) -> None:
     """Where the time of our chunkwise forward and forward+backward goes, at the first head shape and
-    the longest S (profile_kernels)."""
+    the longest S (profile_kernels); on a GPU for both grid orders of the per-chunk launches."""
     NH, DK, DV = args.heads[0]
     S = max(args.seq_lens)
     B = max(1, args.tokens // S)
-    make = provider_ours("torch" if args.dry_run else "triton", args.chunk_size)
-    for phase, grad in (("forward", False), ("forward+backward", True)):
-        out = make(mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad=grad))
+    backend = "torch" if args.dry_run else "triton"
+    for order in ("chunks",) if args.dry_run else ("chunks", "tiles"):
+        make = provider_ours(backend, args.chunk_size, order)
+        provider = f"xlstm7b-{backend}" + ("" if order == "chunks" else f"-{order}")
+        for phase, grad in (("forward", False), ("forward+backward", True)):
+            out = make(mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad=grad))
 
-        def run():
-            with torch.set_grad_enabled(grad):
-                y = out()
-                if grad:
-                    y.backward(torch.ones_like(y))
+            def run():
+                with torch.set_grad_enabled(grad):
+                    y = out()
+                    if grad:
+                        y.backward(torch.ones_like(y))
 
-        record(dict(kernel="profile", provider=f"xlstm7b-{'torch' if args.dry_run else 'triton'}", phase=phase,
-                    B=B, S=S, NH=NH, DK=DK, DV=DV, **profile_kernels(run, device)))
+            record(dict(kernel="profile", provider=provider, phase=phase, B=B, S=S, NH=NH, DK=DK, DV=DV,
+                        **profile_kernels(run, device)))
 
 
 # Meta-parameters to try against launch_config's, per launch, each a change of its defaults. Every
 # one compiles for sm_90 without spills at the 7B head shape, chunk 64 and 128, bf16 (kernels.aot,
 # Triton 3.7.1); RB 32 with 4 warps lowers to mma.sync, the rest to wgmma.
+# The L2-aware launch order first: every per-chunk launch with the tile index fastest (the row
+# "per-chunk" sets it on all of them at once), then each launch's.
+TILES_FIRST = dict(grid_order="tiles")
 TUNE_CANDIDATES = {
+    "per-chunk": [TILES_FIRST],
     "states": [dict(num_warps=4), dict(BV=32), dict(BV=32, num_warps=4), dict(BK=128), dict(BV=128),
                dict(num_stages=2), dict(num_stages=4)],
-    "output": [dict(RB=32, num_warps=4), dict(BV=128), dict(BV=32), dict(BK=32), dict(num_stages=2), dict(num_stages=4)],
-    "dqk": [dict(BK=64), dict(BK=16), dict(BV=32), dict(BV=128), dict(num_warps=4), dict(num_stages=2)],
-    "dv": [dict(BV=32), dict(BV=128), dict(BK=32), dict(num_warps=4), dict(num_stages=2)],
-    "scores": [dict(RB=32, num_warps=4), dict(BK=32), dict(num_stages=2)],
+    "output": [TILES_FIRST, dict(RB=32, num_warps=4), dict(BV=128), dict(BV=32), dict(BK=32), dict(num_stages=2),
+               dict(num_stages=4), dict(TILES_FIRST, BV=128)],
+    "dqk": [TILES_FIRST, dict(BK=64), dict(BK=16), dict(BV=32), dict(BV=128), dict(num_warps=4), dict(num_stages=2)],
+    "dv": [TILES_FIRST, dict(BV=32), dict(BV=128), dict(BK=32), dict(num_warps=4), dict(num_stages=2),
+           dict(TILES_FIRST, BV=128)],
+    "scores": [TILES_FIRST, dict(RB=32, num_warps=4), dict(BK=32), dict(num_stages=2)],
 }
 # The one-pass forward (off by default), first in the sweep, at the chunk it is built for
 # (FUSED_MAX_CHUNK = 16), against the two-pass forward at 16 and (in the summary) at 64.
@@ -187,7 +211,7 @@ def bench_tune(args, device, dtype, record) -> None:
     for the backward's ("states" runs in both), next to the defaults at the same chunk measured in
     the same run (a "defaults" row per chunk), and the relative difference of the output (h, or dq
     for the backward's launches) from the defaults' (summation order and rounding only)."""
-    from xlstm7b.kernels.chunkwise_triton_fwd import launch_config, launch_overrides
+    from xlstm7b.kernels.launch_settings import GRID_LAUNCHES, launch_config, launch_overrides
 
     NH, DK, DV = args.heads[0]
     S = max(args.seq_lens)
@@ -227,14 +251,16 @@ def bench_tune(args, device, dtype, record) -> None:
                         settings={k: {p: v for p, v in cfg.items() if p not in ("L", "DT", "PREC")}
                                   for k, cfg in defaults[chunk].items()},
                         fwd_ms=bases[chunk]["fwd_ms"], fwdbwd_ms=bases[chunk]["fwdbwd_ms"]))
-        with launch_overrides(**{launch: change}):
-            if launch_config(fwd_x[0], fwd_x[2], chunk)[launch] == defaults[chunk][launch]:
+        overrides = {k: change for k in GRID_LAUNCHES} if launch == "per-chunk" else {launch: change}
+        with launch_overrides(**overrides):
+            if all(launch_config(fwd_x[0], fwd_x[2], chunk)[k] == defaults[chunk][k] for k in overrides):
                 continue  # the default already (RB capped at the chunk, say)
         base = bases[chunk]
-        phases = {"states": ("fwd", "fwdbwd"), "output": ("fwd",), "fused": ("fwd", "fwdbwd")}.get(launch, ("fwdbwd",))
+        phases = {"states": ("fwd", "fwdbwd"), "output": ("fwd",), "fused": ("fwd", "fwdbwd"),
+                  "per-chunk": ("fwd", "fwdbwd")}.get(launch, ("fwdbwd",))
         row = dict(kernel="tune", launch=launch, chunk=chunk, change=change)
         try:
-            got = run(chunk, {launch: change}, phases)
+            got = run(chunk, overrides, phases)
             for phase in phases:
                 key = f"{phase}_ms"
                 row[key], row[f"{phase}_vs_default"] = got[key], base[key] / got[key]
@@ -245,8 +271,9 @@ def bench_tune(args, device, dtype, record) -> None:
         record(row)
 
 
-PROVIDERS = ("xlstm7b-triton", "xlstm7b-triton-chunk128", "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128",
-             "xlstm7b-torch")
+PROVIDERS = ("xlstm7b-triton", "xlstm7b-triton-chunk128", "xlstm7b-triton-tiles", "xlstm7b-triton-chunk128-tiles",
+             "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128", "xlstm7b-torch")
+
 
 
 def bench_chunkwise(args, device, dtype, record, names: tuple[str, ...]) -> None:
@@ -255,6 +282,9 @@ def bench_chunkwise(args, device, dtype, record, names: tuple[str, ...]) -> None
     if not args.dry_run:  # the peers before our PyTorch form: the run may be cut short
         providers["xlstm7b-triton"] = lambda: provider_ours("triton", args.chunk_size)
         providers["xlstm7b-triton-chunk128"] = lambda: provider_ours("triton", 128)  # TFLA's chunk
+        # the L2-aware launch order: every per-chunk launch with the tile index fastest
+        providers["xlstm7b-triton-tiles"] = lambda: provider_ours("triton", args.chunk_size, "tiles")
+        providers["xlstm7b-triton-chunk128-tiles"] = lambda: provider_ours("triton", 128, "tiles")
         providers["tfla-exp-chunk128"] = lambda: provider_tfla(128)
         providers["fla-simple-gla"] = provider_fla
         providers["sdpa-flash-32x128"] = lambda: provider_sdpa(device)
@@ -426,7 +456,8 @@ def main(argv=None) -> dict:
 
     # Most important first, if the run is cut: ours and the official kernel, ours at its chunk, the
     # step kernel and the profile (quick), then the other peers (whose compiling and tuning is slow).
-    first = ("xlstm7b-triton", "tfla-exp-chunk128", "xlstm7b-triton-chunk128")
+    first = ("xlstm7b-triton", "xlstm7b-triton-tiles", "tfla-exp-chunk128", "xlstm7b-triton-chunk128",
+             "xlstm7b-triton-chunk128-tiles")
     try:
         if args.tune:
             bench_tune(args, device, dtype, record)
