@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xlstm7b import XLSTM
+from xlstm7b import XLSTM, ModelConfig
 
 from .config import JobConfig
 from .parallel import resolve_parallel
@@ -116,11 +116,12 @@ def estimate(job: JobConfig, devices: int, device: torch.device, capacity_gb: fl
     run.gpu_memory_gb, else the device's). With train.micro_batch = 0, that of the largest
     micro-batch that fits (`Plan.picked` says which, or, if none does, why: the plan of 1)."""
     cap = capacity_gb if capacity_gb is not None else device_capacity_gb(device, job.run.gpu_memory_gb)
+    counts = parameter_counts(job.model)
     if job.train.micro_batch:
-        return _estimate(job, devices, device, cap, job.train.micro_batch)
+        return _estimate(job, devices, device, cap, job.train.micro_batch, counts)
     per_rank = job.sequences_per_rank(devices)
     for m in sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True):
-        plan = _estimate(job, devices, device, cap, m)
+        plan = _estimate(job, devices, device, cap, m, counts)
         if plan.fits:
             plan.picked = (f"{m} picked (train.micro_batch = 0): the largest divisor of the {per_rank} sequences per "
                            f"process per step whose plan fits 95 % of {cap:.1f} GiB")
@@ -129,14 +130,19 @@ def estimate(job: JobConfig, devices: int, device: torch.device, capacity_gb: fl
     return plan
 
 
-def _estimate(job: JobConfig, devices: int, device: torch.device, cap: float, micro_batch: int) -> Plan:
+def parameter_counts(c: ModelConfig) -> tuple[int, int]:
+    """The model's parameters and those of one block, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = XLSTM(c)
+    return model.num_params(), sum(p.numel() for p in model.backbone.blocks[0].parameters())
+
+
+def _estimate(job: JobConfig, devices: int, device: torch.device, cap: float, micro_batch: int,
+              counts: tuple[int, int]) -> Plan:
     c, t = job.model, job.train
     parallel = resolve_parallel(t, devices)
     D, Dqk, Dv, Dff, NH, V = c.embedding_dim, c.qk_dim, c.v_dim, c.ffn_dim, c.num_heads, c.vocab_size
-    with torch.device("meta"):
-        model = XLSTM(c)
-    P = model.num_params()
-    block = sum(p.numel() for p in model.backbone.blocks[0].parameters())
+    P, block = counts
     root = P - c.num_blocks * block  # embedding, out norm, lm_head: the outermost FSDP group
     e = 2 if (t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")) else 4
     fsdp = parallel == "fsdp"
