@@ -13,7 +13,8 @@ from xlstm7b.train import trainer
 from xlstm7b.train.cli import eval_main
 from xlstm7b.train.config import load_config
 from xlstm7b.train.data import TokenData, prepare_data
-from xlstm7b.train.evaluate import evaluate_documents, source_documents, token_bytes_tensor, tokenized_documents
+from xlstm7b.train.evaluate import evaluate_documents, source_documents, tokenized_documents
+from xlstm7b.train.tokenizer import token_bytes_tensor
 from xlstm7b.train.parallel import Dist
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,7 +19,7 @@ from xlstm7b.pretrained import unfuse
 from xlstm7b.train import trainer
 from xlstm7b.train.config import load_config
 from xlstm7b.train.data import TokenData, prepare_data
-from xlstm7b.train.evaluate import token_bytes_tensor
+from xlstm7b.train.tokenizer import token_bytes_tensor
 from xlstm7b.train.tokenizer import train_bpe
 from xlstm7b.train.parallel import Dist, build_model
 

@@ -20,10 +20,10 @@ from xlstm7b.written import check_overwrite, remember
 from .checkpointing import SaveError
 from .config import SECTIONS, DataConfig, load_config, writable_folder
 from .data import Corpus
-from .evaluate import evaluate_documents, forward_positions, machine, report, source_documents, token_bytes_tensor, tokenized_documents, write_outputs
+from .evaluate import evaluate_documents, forward_positions, machine, report, source_documents, tokenized_documents, write_outputs
 from .plan import device_capacity_gb, estimate
 from .plot import plot
-from .tokenizer import MIN_BPE_VOCAB, load_tokenizer, train_bpe
+from .tokenizer import MIN_BPE_VOCAB, load_tokenizer, token_bytes_tensor, train_bpe
 from .trainer import TrainingError, train
 
 

@@ -31,7 +31,7 @@ from xlstm7b.written import remember
 from .config import DataConfig
 from .data import Corpus
 from .plot import plot_by_position
-from .tokenizer import token_bytes
+from .tokenizer import token_bytes_tensor  # noqa: F401 (benchmarks/serve.py imports it from here)
 from .trainer import hidden_nats
 
 BUCKET_EDGES = (1024, 4096, 16384, 65536, 262144)
@@ -81,6 +81,20 @@ class Lane:
 
     def drop(self, n: int) -> None:
         self.tokens, self.positions = self.tokens[n:], self.positions[n:]
+
+
+def take_piece(lanes: list[Lane], P: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next P + 1 tokens of every lane [B, P + 1] and their positions in their documents (after a
+    lane's last document: `pad`, position -1), taken from the lanes but for the last token."""
+    ids = np.full((len(lanes), P + 1), pad, dtype=np.int64)
+    pos = np.full((len(lanes), P + 1), -1, dtype=np.int64)
+    for b, lane in enumerate(lanes):
+        n = min(P + 1, lane.tokens.size)
+        ids[b, :n], pos[b, :n] = lane.tokens[:n], lane.positions[:n]
+        # The last token stays: it is the input that predicts the next piece's first target
+        # (a token left alone at the end of the documents predicts nothing and goes).
+        lane.drop(n - 1 if n > 1 else n)
+    return ids, pos
 
 
 def bucket_names(edges: tuple[int, ...]) -> list[str]:
@@ -141,14 +155,7 @@ def evaluate_documents(
         if len(keep) < len(lanes):
             lanes = [lanes[b] for b in keep]
             state = None if state is None else state.select(keep)
-        ids = np.full((len(lanes), P + 1), c.pad_token_id, dtype=np.int64)
-        pos = np.full((len(lanes), P + 1), -1, dtype=np.int64)  # -1: padding after the lane's last document
-        for b, lane in enumerate(lanes):
-            n = min(P + 1, lane.tokens.size)
-            ids[b, :n], pos[b, :n] = lane.tokens[:n], lane.positions[:n]
-            # The last token stays: it is the input that predicts the next piece's first target
-            # (a token left alone at the end of the documents predicts nothing and goes).
-            lane.drop(n - 1 if n > 1 else n)
+        ids, pos = take_piece(lanes, P, c.pad_token_id)
         ids_t = torch.from_numpy(ids)
         check_token_ids(ids_t, c.vocab_size)  # once, on the host copy: the forward need not check them
         ids_t, pos_t = ids_t.to(device), torch.from_numpy(pos).to(device)
@@ -194,16 +201,6 @@ def source_documents(data: DataConfig, split: str) -> Iterator[str]:
     if split == "all":  # with no validation share, every document falls in the training split
         data, split = DataConfig(**{**data.__dict__, "val_fraction": 0.0}), "train"
     return (text for _, text in Corpus(data).documents(split))
-
-
-def token_bytes_tensor(tok: Tokenizer, vocab_size: int, device) -> torch.Tensor:
-    """`token_bytes` padded to the model's vocabulary (ids past the tokenizer stand for no text)."""
-    tb = token_bytes(tok)
-    if tb.size > vocab_size:
-        raise ValueError(f"the tokenizer has {tb.size} tokens but the model's vocab_size is {vocab_size}: they do not belong together")
-    out = np.zeros(vocab_size, dtype=np.int64)
-    out[: tb.size] = tb
-    return torch.from_numpy(out).to(device)
 
 
 def machine(device: torch.device) -> dict:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]
@@ -63,3 +64,13 @@ def token_bytes(tok: Tokenizer) -> np.ndarray:
         # A byte-level token spells one byte per character; otherwise decode it.
         out[i] = len(piece) if byte_level else len(tok.decode([i]).encode("utf-8"))
     return out
+
+
+def token_bytes_tensor(tok: Tokenizer, vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """`token_bytes` padded to the model's vocabulary (ids past the tokenizer stand for no text)."""
+    tb = token_bytes(tok)
+    if tb.size > vocab_size:
+        raise ValueError(f"the tokenizer has {tb.size} tokens but the model's vocab_size is {vocab_size}: they do not belong together")
+    out = np.zeros(vocab_size, dtype=np.int64)
+    out[: tb.size] = tb
+    return torch.from_numpy(out).to(device)

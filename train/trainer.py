@@ -14,9 +14,9 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from torch.utils.checkpoint import checkpoint
 
 from xlstm7b import XLSTM, generate, save_pretrained
@@ -24,14 +24,14 @@ from xlstm7b.hub import save_for_hub
 from xlstm7b.threads import set_threads, threads_text
 
 from . import checkpointing
-from .config import JobConfig, user_path, writable_folder
+from .config import JobConfig, TrainConfig, user_path, writable_folder
 from .data import TokenData, prepare_data
 from .lock import RunDirBusy, RunLock
 from .metrics import MetricsLog, peak_flops, peak_memory_gb, run_facts, train_flops_per_token
 from .optim import build_optimizer, describe, lr_at
 from .parallel import Dist, mixed_precision_dtype, init_distributed, build_model
 from .plan import device_capacity_gb, estimate, with_micro_batch
-from .tokenizer import token_bytes
+from .tokenizer import token_bytes_tensor
 
 
 class TrainingError(RuntimeError):
@@ -173,13 +173,10 @@ def train(job: JobConfig) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
-    t, r = job.train, job.run
-    threads = set_threads(t.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.manual_seed(r.seed)
-    run_dir = Path(r.dir).expanduser()
-
-    # A resumed run keeps its tokenizer and checks that its corpus is the one it trained on.
+def run_data(job: JobConfig, d: Dist, run_dir: Path) -> tuple[Path, Path, Tokenizer]:
+    """The run's token shards, tokenizer path and tokenizer (prepare_data), the tokenizer copied into
+    the run directory. A resumed run keeps its tokenizer and checks that its corpus is the one it
+    trained on."""
     run_tokenizer, saved = run_dir / "tokenizer.json", checkpointing.newest_meta(run_dir)
     folder, tokenizer_path, tok = prepare_data(
         job.data, job.model, d.rank, d.barrier, run_tokenizer=run_tokenizer if saved and run_tokenizer.is_file() else None,
@@ -187,12 +184,58 @@ def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
     if d.is_main and tokenizer_path != run_tokenizer:
         shutil.copyfile(tokenizer_path, run_tokenizer.with_suffix(".tmp"))
         os.replace(run_tokenizer.with_suffix(".tmp"), run_tokenizer)
+    return folder, tokenizer_path, tok
+
+
+def resume(run_dir: Path, model, optimizer, config: dict, d: Dist) -> dict | None:
+    """The newest intact checkpoint's metadata, its state loaded into model and optimizer; None for a
+    new run. A TrainingError if there are checkpoints and none is intact."""
+    meta, damaged = checkpointing.resume(run_dir, model, optimizer, config, d)
+    if damaged and meta is None:
+        raise TrainingError(
+            "no intact checkpoint to resume from:\n  " + "\n  ".join(damaged) +
+            f"\nRestore them from a backup, or move {run_dir / 'checkpoints'} away to start the run over.")
+    return meta
+
+
+def accumulate_gradients(model, plain: XLSTM, parallel: str, data: TokenData, step: int, grad_accum: int, t: TrainConfig, d: Dist,
+                         autocast) -> torch.Tensor:
+    """Forward and backward over the step's `grad_accum` micro-batches, the gradients reduced across
+    ranks after the last only; returns this rank's mean loss (float64, on the device, not read)."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+    for micro in range(grad_accum):
+        last = micro == grad_accum - 1
+        inputs, targets, reset = (x.to(d.device) for x in data.train_batch(step, micro, grad_accum, t.micro_batch, d.rank, d.world))
+        if parallel == "fsdp":
+            model.set_requires_gradient_sync(last)
+        sync = model.no_sync() if parallel == "ddp" and not last else contextlib.nullcontext()
+        with sync:
+            loss = sequence_loss(model, plain.logits, inputs, targets, reset, autocast, t.loss_chunk_tokens).mean() / grad_accum
+            loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def check_finite(loss: float, grad_norm: float, step: int, run_dir: Path) -> None:
+    """A TrainingError, before the optimizer step, if step `step`'s loss or gradient norm is not finite."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    good = checkpointing.checkpoints(run_dir)
+    where = f"the last good checkpoint {good[-1]} is intact" if good else "no checkpoint was saved yet"
+    raise TrainingError(
+        f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; training stopped without saving, "
+        f"{where}. Lower train.lr, raise train.warmup_steps or set train.grad_clip, then rerun.")
+
+
+def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
+    t, r = job.train, job.run
+    threads = set_threads(t.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.manual_seed(r.seed)
+    run_dir = Path(r.dir).expanduser()
+    folder, tokenizer_path, tok = run_data(job, d, run_dir)
     train_data = TokenData(folder, "train", t.seq_len, r.seed, job.model.vocab_size)
     val_data = TokenData(folder, "val", t.seq_len, r.seed, job.model.vocab_size)
-    tbytes = np.zeros(job.model.vocab_size, dtype=np.int64)
-    tb = token_bytes(tok)
-    tbytes[: len(tb)] = tb
-    tbytes = torch.from_numpy(tbytes).to(d.device)
+    tbytes = token_bytes_tensor(tok, job.model.vocab_size, d.device)
 
     # A resumed run restores its own checkpoint: the init_from weights are read at the start only.
     init_from = "" if checkpointing.checkpoints(run_dir) else job.model.init_from
@@ -203,14 +246,8 @@ def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
                 else contextlib.nullcontext())
 
     config = job.to_dict()
-    step, tokens_seen = 0, 0
-    meta, damaged = checkpointing.resume(run_dir, model, optimizer, config, d)
-    if damaged and meta is None:
-        raise TrainingError(
-            "no intact checkpoint to resume from:\n  " + "\n  ".join(damaged) +
-            f"\nRestore them from a backup, or move {run_dir / 'checkpoints'} away to start the run over.")
-    if meta is not None:
-        step, tokens_seen = meta["step"], meta["tokens_seen"]
+    meta = resume(run_dir, model, optimizer, config, d)
+    step, tokens_seen = (meta["step"], meta["tokens_seen"]) if meta is not None else (0, 0)
     if d.is_main:
         checkpointing.record_config(run_dir, config, step)
         info = (f"{plain.num_params():,} parameters, parallel={parallel} x{d.world}, {grad_accum} micro-batch(es) of "
@@ -239,27 +276,12 @@ def _train(job: JobConfig, d: Dist, grad_accum: int) -> int:
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
-            for micro in range(grad_accum):
-                last = micro == grad_accum - 1
-                inputs, targets, reset = (x.to(d.device) for x in train_data.train_batch(step, micro, grad_accum, t.micro_batch, d.rank, d.world))
-                if parallel == "fsdp":
-                    model.set_requires_gradient_sync(last)
-                sync = model.no_sync() if parallel == "ddp" and not last else contextlib.nullcontext()
-                with sync:
-                    loss = sequence_loss(model, plain.logits, inputs, targets, reset, autocast, t.loss_chunk_tokens).mean() / grad_accum
-                    loss.backward()
-                loss_sum += loss.detach()
+            loss_sum = accumulate_gradients(model, plain, parallel, train_data, step, grad_accum, t, d, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             # The step's one read back to the host (the loss and the norm together), for the check below.
             loss_value, norm_value = torch.stack([d.all_reduce(loss_sum) / d.world, grad_norm.double()]).tolist()
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                good = checkpointing.checkpoints(run_dir)
-                where = f"the last good checkpoint {good[-1]} is intact" if good else "no checkpoint was saved yet"
-                raise TrainingError(
-                    f"non-finite loss ({loss_value}) or gradient norm ({norm_value}) at step {step + 1}; training "
-                    f"stopped without saving, {where}. Lower train.lr, raise train.warmup_steps or set train.grad_clip, then rerun.")
+            check_finite(loss_value, norm_value, step + 1, run_dir)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
