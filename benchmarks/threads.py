@@ -1,7 +1,8 @@
-"""Decoding speed by CPU thread count, on an idle machine and with one core kept busy by another
-process: the measurement behind `--threads`' default (xlstm7b/threads.py).
+"""Decoding speed by CPU thread count, with no core, one core (by default), or more kept busy by
+other processes: the measurement behind `--threads`' default (xlstm7b/threads.py).
 
     python benchmarks/threads.py --preset debug --tokens 200
+    python benchmarks/threads.py --busy 0 1 2     # also with both cores of a 2-core machine taken
 
 Writes benchmarks/results/threads_cpu.json (tokens/s per threads x busy cores, and the machine).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from xlstm7b import XLSTM, ModelConfig, generate
+from xlstm7b.threads import usable_cores
 
 
 def spin(stop) -> None:
@@ -32,17 +34,18 @@ def tokens_per_s(model: XLSTM, threads: int, tokens: int) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="debug")
     p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--busy", type=int, nargs="+", default=[0, 1], help="cores kept busy by spinning processes, a pass each")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "threads_cpu.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     model = XLSTM(ModelConfig.from_preset(args.preset)).eval()
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     rows = []
-    for busy in (0, 1):
+    for busy in args.busy:
         stop = mp.Event()
         spinners = [mp.Process(target=spin, args=(stop,)) for _ in range(busy)]
         for s in spinners:

@@ -41,6 +41,7 @@ EVAL_CASES = {  # name: (extra arguments, words the message must contain)
     "val-fraction-1": (["--val-fraction", "1"], ["--val-fraction", "'1'"]),
     "max-documents--1": (["--max-documents", "-1"], ["--max-documents", "'-1'", ">= 0"]),
     "threads--1": (["--threads", "-1"], ["--threads", "'-1'"]),
+    "threads-absurd": (["--threads", "100000"], ["--threads", "'100000'", "per core"]),
     "device-nonsense": (["--device", "tpu9"], ["tpu9", "'cpu'"]),
     "absurd-sizes": (["--batch-size", "100000000", "--piece-tokens", "100000"], ["--batch-size 100000000", "--piece-tokens 100000",
                                                                                "lower either"]),

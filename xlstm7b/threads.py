@@ -40,13 +40,21 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
                         "pass N for reproducible CPU results)")
 
 
+MAX_THREADS_PER_CORE = 16
+"""--threads may ask for at most this many threads per core of the machine (more is a typo)."""
+
+
 def threads_value(text: str) -> int:
+    """An argparse type: a thread count >= 0 (0: `default_threads`), at most MAX_THREADS_PER_CORE
+    per core of the machine."""
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of threads >= 1, or 0 for the idle cores; got {text!r}")
+    cores = os.cpu_count() or 1
+    if not 0 <= value <= MAX_THREADS_PER_CORE * cores:
+        raise argparse.ArgumentTypeError(f"must be a number of threads from 1 to {MAX_THREADS_PER_CORE * cores} ({MAX_THREADS_PER_CORE} "
+                                         f"per core of this machine's {cores}), or 0 for the idle cores; got {text!r}")
     return value
 
 
