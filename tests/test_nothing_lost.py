@@ -86,6 +86,14 @@ def test_save_pretrained_replaces_its_own_earlier_save(model, tmp_path):
                                                          "model.safetensors"]
 
 
+def test_a_record_cut_short_by_a_kill_is_not_a_foreign_file(model, tmp_path):
+    folder = tmp_path / "out"
+    xlstm7b.save_pretrained(model, folder)
+    (folder / ".xlstm7b-written.json.tmp").write_text('{"model.safeten')  # killed while remember() wrote it
+    xlstm7b.save_pretrained(model, folder)
+    assert not (folder / ".xlstm7b-written.json.tmp").exists()
+
+
 def test_a_file_of_ours_edited_by_the_user_is_theirs(model, tmp_path):
     folder = tmp_path / "out"
     xlstm7b.save_pretrained(model, folder)

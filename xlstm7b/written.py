@@ -56,7 +56,8 @@ def foreign_files(folder: Path, names: Iterable[str] | None = None, writer: str 
     folder = Path(folder)
     record = read_record(folder)
     paths = [folder / n for n in names] if names is not None else (sorted(folder.iterdir()) if folder.is_dir() else [])
-    return [p for p in paths if p.name != RECORD and (p.exists() or p.is_symlink()) and not recorded(record, p, writer)]
+    return [p for p in paths if p.name not in (RECORD, RECORD + ".tmp") and (p.exists() or p.is_symlink())
+            and not recorded(record, p, writer)]
 
 
 def check_overwrite(path: Path, writer: str, fix: str) -> None:
