@@ -202,8 +202,9 @@ OTHER_COMMAND_CASES = [
      "data.val_fraction must be a number in [0, 1), got 2"),
     ("tokenizer-source-missing", ["tokenizer", "train", "debug", "-o", "{tmp}/t.json", "--data.source={tmp}/none"], 1,
      "data.source='{tmp}/none' does not exist"),
-    ("plan-zero-gpus", ["plan", "debug", "--gpus", "0"], 2, "--gpus must be >= 1 (got 0)"),
-    ("plan-negative-memory", ["plan", "debug", "--gpu-memory-gb", "-1"], 2, "--gpu-memory-gb a finite number >= 0"),
+    ("plan-zero-gpus", ["plan", "debug", "--gpus", "0"], 2, "argument --gpus: must be an integer >= 1, got '0'"),
+    ("plan-negative-memory", ["plan", "debug", "--gpu-memory-gb", "-1"], 2, "argument --gpu-memory-gb: must be a finite number of GiB >= 0 (0: the device's), got '-1'"),
+    ("plan-nan-memory", ["plan", "debug", "--gpu-memory-gb", "nan"], 2, "argument --gpu-memory-gb: must be a finite number"),
     ("plot-missing-run", ["plot", "{tmp}/nothing"], 1, "{tmp}/nothing/metrics.jsonl not found; pass a run directory"),
     ("plot-output-is-a-folder", ["plot", "{tmp}/run", "-o", "{tmp}"], 1, "--output {tmp} is a folder"),
 ]

@@ -108,11 +108,10 @@ def tokenizer_main(argv: list[str]) -> int:
 def plan_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="xlstm7b plan", description="parameter count and per-GPU memory of a training config")
     p.add_argument("config", help="preset name or .toml path")
-    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (processes) to plan for")
-    p.add_argument("--gpu-memory-gb", type=float, default=0, help="memory per GPU (default: this machine's GPU, else 80)")
+    p.add_argument("--gpus", type=POSITIVE_INT, default=1, help="number of GPUs (processes) to plan for")
+    p.add_argument("--gpu-memory-gb", type=number(float, 0, what="a finite number of GiB >= 0 (0: the device's)"), default=0,
+                   help="memory per GPU (default: this machine's GPU, else 80)")
     args, overrides = p.parse_known_args(argv)
-    if args.gpus < 1 or not 0 <= args.gpu_memory_gb < float("inf"):
-        p.error(f"--gpus must be >= 1 (got {args.gpus}) and --gpu-memory-gb a finite number >= 0, 0 = the device's (got {args.gpu_memory_gb})")
     job = load_job("plan", args.config, overrides)
     if job is None:
         return 2
