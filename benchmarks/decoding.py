@@ -108,9 +108,11 @@ def bench_quantized(model, methods: list[str], n: int, repeats: int, rows: list[
     device = model.lm_head.weight.device
     ids, long_ids = prompt(1, 16, model.config, device), prompt(1, 512, model.config, device)
 
+    graph = True if device.type == "cuda" else None  # both calls capture (and compile) alike: their difference is decoding
+
     def measure(m) -> tuple[float, torch.Tensor, torch.Tensor]:
-        t1 = best_time(lambda: generate(m, ids, max_new_tokens=1), repeats)
-        tn = best_time(lambda: generate(m, ids, max_new_tokens=n), repeats)
+        t1 = best_time(lambda: generate(m, ids, max_new_tokens=1, cuda_graph=graph), repeats)
+        tn = best_time(lambda: generate(m, ids, max_new_tokens=n, cuda_graph=graph), repeats)
         with torch.no_grad():
             logits = m(long_ids, last_logits_only=True)[0][:, -1].double()
         return (n - 1) / (tn - t1), logits, generate(m, ids, max_new_tokens=n).tokens

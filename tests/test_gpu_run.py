@@ -12,7 +12,8 @@ from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SH = ROOT / "benchmarks" / "gpu.sh"
-STAGES = ["tests", "kernels", "generate", "train", "serve", "speculative"]  # and tune, with --only
+STAGES = ["tests", "kernels", "tune", "generate", "train", "train-compiled"]
+SECOND = ["serve", "serve-decode", "speculative", "quantize", "offload"]  # with --second
 
 
 # Packages the GPU machine lacks (the serve and eval extras, the test tools, datasets, wandb): the
@@ -20,7 +21,7 @@ STAGES = ["tests", "kernels", "generate", "train", "serve", "speculative"]  # an
 ABSENT_ON_GPU = ("datasets", "wandb", "fastapi", "uvicorn", "openai", "lm_eval")
 
 
-def run_gpu_sh(*args, timeout=300, hide_in: Path | None = None):
+def run_gpu_sh(*args, timeout=600, hide_in: Path | None = None):
     """gpu.sh in a subprocess; with hide_in, a sitecustomize.py there hides ABSENT_ON_GPU from it."""
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("TRITON_INTERPRET", None)  # the stages decide for themselves, as on the GPU machine
@@ -31,30 +32,50 @@ def run_gpu_sh(*args, timeout=300, hide_in: Path | None = None):
     return subprocess.run(["bash", str(GPU_SH), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def test_dry_run(tmp_path):
-    """Every stage runs its benchmark's tiny-shape mode, without the packages the GPU machine lacks,
-    writes its JSON, and the summary prints last."""
-    out = tmp_path / "out"
-    done = run_gpu_sh("--dry-run", out, hide_in=tmp_path / "hide")
+def check_run(done, out: Path, expected: set[str], stages: list[str]) -> str:
+    """The run exited 0 with `expected` files (JSON stamped with the machine), at most 8, exactly
+    `stages` ran, each ok in the summary, which prints last; returns the summary."""
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
-    expected = {"gpu.log", "tests.json", "kernels-dry-run.json", "generate_cpu.json", "train.json", "serve_cpu.json",
-                "speculative_cpu_random_toy.json"}
-    assert expected <= names, sorted(names)
-    assert len(names) <= 8
+    assert expected <= names and len(names) <= 8, sorted(names)
     for name in expected - {"gpu.log"}:
         stamp = json.loads((out / name).read_text())["gpu_run"]
         assert {"device", "driver", "torch", "triton", "date"} <= stamp.keys(), name
-    assert json.loads((out / "tests.json").read_text())["failed"] == 0
     summary = done.stdout[done.stdout.index("== GPU run:"):]
-    for stage in STAGES:
+    table = [line.split() for line in summary.split("targets:")[0].splitlines()[2:]]
+    ran = [cells[0] for cells in table if len(cells) >= 4 and cells[1].isdigit() and cells[2].isdigit()]
+    assert ran == stages, summary
+    for stage in stages:
         assert any(line.split()[:1] == [stage] and line.endswith(" ok") for line in summary.splitlines()), (stage, summary)
-    assert "(tune: no results)" in summary and not any(line.startswith("tune ") for line in summary.splitlines())
-    assert "profile ours, decode step, batch 1: wall" in summary and "profile official, forward, 16 tokens" in summary
-    assert "profile of a step: wall" in summary  # train
     assert summary.rstrip().splitlines()[-1].lstrip().startswith("1.3B training MFU")  # the table is printed last
     assert "LIMIT" not in summary
     assert (out / "gpu.log").read_text().rstrip().endswith(summary.rstrip().splitlines()[-1])
+    return summary
+
+
+def test_dry_run(tmp_path):
+    """Every stage of the first call runs its benchmark's tiny-shape mode, without the packages the
+    GPU machine lacks, writes its JSON, and the summary prints last."""
+    out = tmp_path / "out"
+    done = run_gpu_sh("--dry-run", out, hide_in=tmp_path / "hide")
+    summary = check_run(done, out, {"gpu.log", "tests.json", "kernels-dry-run.json", "tune-dry-run.json", "generate_cpu.json",
+                                    "train.json", "train_compiled.json"}, STAGES)
+    assert json.loads((out / "tests.json").read_text())["failed"] == 0
+    assert "profile ours, decode step, batch 1: wall" in summary and "profile official, forward, 16 tokens" in summary
+    assert "decode batch   2, bfloat16 state (tok/s): ours" in summary and "kernels per token, batch 1: eager" in summary
+    assert "profile of a step: wall" in summary  # train
+
+
+def test_second_call_dry_run(tmp_path):
+    """--second runs the engine (both mixes), speculative, quantised and offload stages alone; on a
+    CPU int4 leaves its reason in the quantised rows."""
+    out = tmp_path / "out"
+    done = run_gpu_sh("--dry-run", "--second", out, hide_in=tmp_path / "hide")
+    summary = check_run(done, out, {"gpu.log", "serve_cpu.json", "serve_decode_cpu.json", "speculative_cpu_random_toy.json",
+                                    "generate_cpu_quantized.json", "train_7b_offload.json"}, SECOND)
+    assert "serve engine, random debug, decode-heavy mix" in summary
+    assert "int4: ValueError: quantize='int4' runs on CUDA only" in summary
+    assert "speculative cost model, toy + toy-draft draft, speedup at acceptance 0.6 / 0.8" in summary
 
 
 @pytest.mark.parametrize("args, message", [
@@ -75,15 +96,15 @@ def test_bad_arguments(tmp_path, args, message):
 
 
 def test_only_some_stages(tmp_path):
-    """A rerun of some stages runs those alone (tune, which a full run skips, among them); the summary
-    reports the others as without results."""
+    """A rerun of some stages runs those alone, of either call; the summary reports the others as
+    without results."""
     out = tmp_path / "out"
-    done = run_gpu_sh("--dry-run", "--only", "train,tune", out)
+    done = run_gpu_sh("--dry-run", "--only", "train,tune,quantize", out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} == {"gpu.log", "train.json", "tune-dry-run.json"}
+    assert {p.name for p in out.iterdir()} == {"gpu.log", "train.json", "tune-dry-run.json", "generate_cpu_quantized.json"}
     summary = done.stdout[done.stdout.index("== GPU run:"):]
     table = summary.split("targets:")[0]
-    assert [line.split()[0] for line in table.splitlines()[2:] if line.split()[-1:] == ["ok"]] == ["train", "tune"]
+    assert [line.split()[0] for line in table.splitlines()[2:] if line.split()[-1:] == ["ok"]] == ["tune", "train", "quantize"]
     assert "tune, chunk 16, S 64: defaults" in summary and "tune, fused forward, chunk 16" in summary
 
 
