@@ -105,7 +105,8 @@ def safetensors_file(path, entries: dict, data_len: int) -> None:
     ({"a": (0, 8), "b": (4, 8)}, 12, ["overlaps key a"]),
     ({"a": (0, 8), "b": (12, 8)}, 20, ["4 bytes", "before key b", "belong to no tensor"]),
     ({"a": (4, 8)}, 12, ["4 bytes", "before key a"]),
-], ids=["overlap", "gap", "gap-at-start"])
+    ({"a": (0, 8)}, 12, ["last 4 bytes", "after key a", "belong to no tensor"]),
+], ids=["overlap", "gap", "gap-at-start", "gap-at-end"])
 def test_safetensors_whose_tensors_overlap_or_leave_gaps_are_refused(tmp_path, entries, data_len, words):
     from xlstm7b.safetensors_io import read_header
 
@@ -149,6 +150,45 @@ def test_disk_full_during_training_says_so_and_keeps_the_last_checkpoint(tmp_pat
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert [p.name for p in checkpointing.checkpoints(run_dir)] == ["step_00000001"]
     assert not (run_dir / "checkpoints" / "step_00000002.tmp").exists()
+
+
+def test_a_failed_write_after_the_shards_stops_with_the_last_checkpoint(tmp_path, corpus, cache, capsys, monkeypatch):
+    """The disk fills while the RNG state is saved (after DCP's shards): the same one-line stop."""
+    run_dir = tmp_path / "r"
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith("rng_rank0.pt"):
+            saves.append(f)
+            if len(saves) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.torch, "save", save)
+    code, _, err = run(capsys, "train", "debug", *overrides(corpus, cache, run_dir, "--train.steps=2", "--run.ckpt_every=1"))
+    assert code == 1 and "No space left on device" in err and "step_00000001 is intact" in err, err
+    assert [p.name for p in checkpointing.checkpoints(run_dir)] == ["step_00000001"]
+    assert not (run_dir / "checkpoints" / "step_00000002.tmp").exists()
+
+
+def test_a_save_that_fails_on_another_rank_stops_every_rank(tmp_path, monkeypatch):
+    """Rank 0's own writes succeed, another rank's fail: rank 0 learns it at the stage's agreement
+    (no barrier the failed rank never reaches), stops with a SaveError and removes the partial folder."""
+    from xlstm7b.train.parallel import Dist
+
+    class OtherRankFails(Dist):
+        def all_reduce(self, t, op=None):
+            return torch.ones_like(t)  # the sum of the ranks' failure flags: another rank's is 1
+
+        def barrier(self):
+            raise AssertionError("a barrier after a failed stage would wait forever")
+
+    monkeypatch.setattr(checkpointing, "write_state", lambda *args: None)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(checkpointing.SaveError, match="another process failed to write its part"):
+        checkpointing.save(tmp_path, 1, model, torch.optim.SGD(model.parameters()), {}, OtherRankFails(world=2), keep=2)
+    assert not (tmp_path / "checkpoints" / "step_00000001.tmp").exists()
+    assert checkpointing.checkpoints(tmp_path) == []
 
 
 def test_a_changed_setting_on_resume_is_announced_and_recorded(tmp_path, corpus, cache, capsys):

@@ -61,16 +61,25 @@ class SaveError(RuntimeError):
 
 
 def save(run_dir: Path, step: int, model, optimizer, meta: dict, d: Dist, keep: int) -> Path:
+    """The checkpoint of `step`, written under step_N.tmp and renamed once every rank's part is
+    written; the oldest beyond `keep` removed. A SaveError on every rank if any rank's write fails
+    (the ranks agree after each stage, so none waits at a barrier the others never reach)."""
     final = run_dir / "checkpoints" / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
-    try:
-        write_checkpoint(tmp, step, model, optimizer, meta, d)
-    except (OSError, CheckpointException) as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # the space it took goes back; the finished checkpoints stay
-        good = checkpoints(run_dir)
-        kept = f"the last good checkpoint {good[-1]} is intact" if good else "no earlier checkpoint exists"
-        raise SaveError(f"cannot write the checkpoint of step {step} to {tmp}: {describe_error(e)}; training stopped, "
-                        f"{kept}. Free space (or fix the file system) and rerun the same command to resume.") from e
+    for stage in (prepare_folder, write_state, write_local_files):
+        error = None
+        try:
+            stage(tmp, step, model, optimizer, meta, d)
+        except (OSError, CheckpointException) as e:
+            error = e
+        if d.all_reduce(torch.tensor(int(error is not None), device=d.device)).item():
+            if d.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # the space it took goes back; the finished checkpoints stay
+            good = checkpoints(run_dir)
+            kept = f"the last good checkpoint {good[-1]} is intact" if good else "no earlier checkpoint exists"
+            why = describe_error(error) if error is not None else "another process failed to write its part (its message says why)"
+            raise SaveError(f"cannot write the checkpoint of step {step} to {tmp}: {why}; training stopped, "
+                            f"{kept}. Free space (or fix the file system) and rerun the same command to resume.") from error
     if d.is_main:
         if final.exists():  # a checkpoint of this step from an earlier, interrupted attempt
             shutil.rmtree(final)
@@ -81,18 +90,24 @@ def save(run_dir: Path, step: int, model, optimizer, meta: dict, d: Dist, keep: 
     return final
 
 
-def write_checkpoint(tmp: Path, step: int, model, optimizer, meta: dict, d: Dist) -> None:
-    """Every rank's DCP shards and RNG state, and rank 0's trainer.json, into the folder `tmp`."""
+def prepare_folder(tmp: Path, step: int, model, optimizer, meta: dict, d: Dist) -> None:
+    """Rank 0 makes the empty folder `tmp`."""
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    d.barrier()
+
+
+def write_state(tmp: Path, step: int, model, optimizer, meta: dict, d: Dist) -> None:
+    """Every rank's DCP shards of the model and optimizer state (a collective save)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with single_process_quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
+
+
+def write_local_files(tmp: Path, step: int, model, optimizer, meta: dict, d: Dist) -> None:
+    """Every rank's RNG state, and rank 0's trainer.json."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save(rng, tmp / f"rng_rank{d.rank}.pt")
-    d.barrier()
     if d.is_main:
         (tmp / "trainer.json").write_text(json.dumps({**meta, "step": step, "world_size": d.world}, indent=2))
 
