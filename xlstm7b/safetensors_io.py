@@ -47,14 +47,15 @@ def read_header(file: Path) -> tuple[int, dict[str, tuple[torch.dtype, list[int]
     for name, (_, _, _, end) in entries.items():
         if start + end > size:
             raise CheckpointError(f"{file}: truncated: key {name} ends at byte {start + end} of {size}")
-    check_tiling(file, entries)
+    check_tiling(file, entries, size - start)
     return start, entries
 
 
-def check_tiling(file: Path, entries: dict[str, tuple[torch.dtype, list[int], int, int]]) -> None:
-    """The tensors' byte ranges must follow one another from the start of the data with no overlap
-    and no gap (the format's rule): overlapping tensors would alias each other's bytes, and a gap
-    means the header does not describe the data it sits on."""
+def check_tiling(file: Path, entries: dict[str, tuple[torch.dtype, list[int], int, int]], data_len: int) -> None:
+    """The tensors' byte ranges must follow one another from the start of the data to its end
+    (`data_len` bytes) with no overlap and no gap (the format's rule, which the safetensors library
+    enforces too): overlapping tensors would alias each other's bytes, and a gap means the header
+    does not describe the data it sits on."""
     at, previous = 0, None
     for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if begin < at:
@@ -66,6 +67,10 @@ def check_tiling(file: Path, entries: dict[str, tuple[torch.dtype, list[int], in
                                   f"{at}-{begin}) belong to no tensor; the file is damaged or was not written by a "
                                   "safetensors writer")
         at, previous = end, name
+    if at < data_len:
+        raise CheckpointError(f"{file}: corrupt header: the last {data_len - at} bytes of the data (after "
+                              f"{f'key {previous}' if previous else 'the header'}) belong to no tensor; the file is damaged or "
+                              "was not written by a safetensors writer")
 
 
 def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
