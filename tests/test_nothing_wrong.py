@@ -230,6 +230,16 @@ def test_default_threads_leave_out_the_busy_cores(monkeypatch, cores, machine, l
     assert threads.default_threads(processes) == expected
 
 
+@pytest.mark.parametrize("cpu_max,expected", [("150000 100000\n", 2), ("max 100000\n", 2), ("50000 100000", 1), ("junk", 2)])
+def test_usable_cores_follow_a_containers_cpu_quota(tmp_path, monkeypatch, cpu_max, expected):
+    from xlstm7b import threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    monkeypatch.setattr(threads, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert threads.usable_cores() == expected
+
+
 def test_serve_takes_threads(capsys):
     pytest.importorskip("uvicorn")
     from xlstm7b.serve.cli import parse_args

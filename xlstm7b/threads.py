@@ -3,20 +3,34 @@
 torch's default, one OpenMP thread per core, collapses when another process keeps a core busy:
 every small op of a decoding step waits for the thread whose core is taken (measured in
 benchmarks/results/threads_cpu.json). The default therefore counts only the cores not already
-busy: the cores this process may run on, less their share of the machine's load average over the
+busy: the cores this process may run on (its affinity, within a container's CPU quota), less their share of the machine's load average over the
 last minute (rounded), at least 1. It is read once, when a command starts; the load average moves,
 so two runs can get different counts, and CPU results that depend on the thread count (the
 rounding of parallel reductions) can differ with them: pass `--threads N` for reproducible runs.
 """
 
 import argparse
+import math
 import os
+from pathlib import Path
 
 import torch
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+"""cgroup v2's CPU quota of this process's group (a container's CPU limit): 'QUOTA PERIOD' or 'max PERIOD'."""
+
+
 def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on (its affinity mask), capped by a container's CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 quota here
+        pass
+    return cores
 
 
 def default_threads(processes: int = 1) -> int:
