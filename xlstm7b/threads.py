@@ -3,10 +3,11 @@
 torch's default, one OpenMP thread per core, collapses when another process keeps a core busy:
 every small op of a decoding step waits for the thread whose core is taken (measured in
 benchmarks/results/threads_cpu.json). The default therefore counts only the cores not already
-busy: the cores this process may run on (its affinity, within a container's CPU quota), less their share of the machine's load average over the
-last minute (rounded), at least 1. It is read once, when a command starts; the load average moves,
-so two runs can get different counts, and CPU results that depend on the thread count (the
-rounding of parallel reductions) can differ with them: pass `--threads N` for reproducible runs.
+busy: the cores this process may run on (its affinity, within a container's CPU quota), less their
+share of the machine's load average over the last minute (rounded), at least 1. It is read once,
+when a command starts; the load average moves, so two runs can get different counts, and CPU
+results that depend on the thread count (the rounding of parallel reductions) can differ with
+them: pass `--threads N` for reproducible runs.
 """
 
 import argparse
