@@ -107,16 +107,18 @@ def mlstm_step_(
     *,
     backend: str = "auto",
     eps: float = EPS,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`mlstm_step` writing the new state into `state` (contiguous float32 C, n, m); returns h.
     No allocation besides h, no host synchronization and no gradient through the state, so a
     decoding step can be captured in a CUDA graph or compiled. Shapes are the caller's promise: it
-    runs once per token and layer, so it validates nothing."""
+    runs once per token and layer, so it validates nothing. slots (int64 [B], optional): token b
+    steps row slots[b] of a state with any number of rows (a serving pool); no other row is touched."""
     if resolve_backend(backend, q.device, q, v) == "triton":
         from .step_triton import mlstm_step_triton
 
-        return mlstm_step_triton(q, k, v, i, f, state, eps=eps)[0]
-    return mlstm_step_torch_(q, k, v, i, f, state, eps=eps).to(v.dtype)
+        return mlstm_step_triton(q, k, v, i, f, state, eps=eps, slots=slots)[0]
+    return mlstm_step_torch_(q, k, v, i, f, state, eps=eps, slots=slots).to(v.dtype)
 
 
 __all__ = [

@@ -57,9 +57,18 @@ def mlstm_step_torch_(
     state: MLSTMState,
     *,
     eps: float = EPS,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`mlstm_step_torch` writing the new state into `state`: one pass over C and no temporary of
-    its size, which is what decoding at large batch spends its time on. Returns h."""
+    its size, which is what decoding at large batch spends its time on. Returns h.
+    slots (int64 [B], optional): token b steps state row slots[b] of a larger state (the rows are
+    gathered, stepped and scattered back; the other rows are not touched)."""
+    if slots is not None:
+        rows = tuple(t.index_select(0, slots) for t in state)
+        h = mlstm_step_torch_(q, k, v, i, f, rows, eps=eps)
+        for t, new in zip(state, rows):
+            t.index_copy_(0, slots, new)
+        return h
     if torch.compiler.is_compiling():
         # Inductor fuses the pointwise form (no temporary there) and writes the copies in place.
         h, new = mlstm_step_torch(q, k, v, i, f, state, eps=eps)

@@ -8,6 +8,8 @@ batch 1 (the 7B has 8 heads). Each program recomputes its head's small n and m u
 values and owns one [DK, BV] tile of C; a second, tiny launch then writes n and m, so no program
 reads an n or m that another has already overwritten. No host synchronisation and no allocation
 besides h (or none with `h_out`): the step can be captured in a CUDA graph. Forward only.
+With `slots` the B tokens step B rows of a larger state (a serving pool): each program offsets its
+state pointers by its token's slot index, so only those rows are read and written, with no copy.
 C and n may be stored in bfloat16 (half the state traffic, which dominates decoding at large batch);
 the update and readout run in float32 either way, and m, an exponent, stays float32.
 """
@@ -20,41 +22,50 @@ from .common import EPS, MLSTMState
 
 
 @triton.jit
-def _head_update(K, I_, F_, N, M, i_bh, offs_k, mk, s_k, DK):
+def _state_row(SLOTS, i_bh, NH, HAS_SLOTS: tl.constexpr):
+    """The state's batch*head row that the token row i_bh updates: its own, or its slot's head."""
+    if HAS_SLOTS:
+        return tl.load(SLOTS + i_bh // NH) * NH + i_bh % NH  # int64: a large pool's offsets do not wrap
+    return i_bh
+
+
+@triton.jit
+def _head_update(K, I_, F_, N, M, i_bh, s_bh, offs_k, mk, s_k, DK):
     """The head's new stabilizer m, the decay of its old state, the write weight of the token and
-    the new normalizer n, all from the old n and m."""
+    the new normalizer n, all from the old n and m (token row i_bh, state row s_bh)."""
     k = tl.load(K + i_bh * s_k + offs_k, mask=mk, other=0.0).to(tl.float32)
     ig = tl.load(I_ + i_bh).to(tl.float32)
     f = tl.load(F_ + i_bh).to(tl.float32)
     lf = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))  # logsigmoid without overflow
-    m = tl.load(M + i_bh)
+    m = tl.load(M + s_bh)
     m_new = tl.maximum(lf + m, ig)
     decay = tl.exp(lf + m - m_new)
     write = tl.exp(ig - m_new)
-    n = decay * tl.load(N + i_bh * DK + offs_k, mask=mk, other=0.0).to(tl.float32) + write * k
+    n = decay * tl.load(N + s_bh * DK + offs_k, mask=mk, other=0.0).to(tl.float32) + write * k
     return k, m_new, decay, write, n
 
 
 @triton.jit
 def _step_kernel(
     # pointers
-    Q, K, V, I_, F_, C, N, M, H,
+    Q, K, V, I_, F_, C, N, M, H, SLOTS,
     # dims
-    DK, DV, scale, eps,
+    NH, DK, DV, scale, eps,
     # strides (per batch*head row; the head dims are contiguous)
     s_q, s_k, s_v, s_h,
     # meta-parameters
-    BK: tl.constexpr, BV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_SLOTS: tl.constexpr,
 ):
     """C tile [DK, BV] of head i_bh: update in place, emit h for those BV columns."""
     i_bh, i_v = tl.program_id(0), tl.program_id(1)
+    s_bh = _state_row(SLOTS, i_bh, NH, HAS_SLOTS)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     mk, mv = offs_k < DK, offs_v < DV
-    k, m_new, decay, write, n = _head_update(K, I_, F_, N, M, i_bh, offs_k, mk, s_k, DK)
+    k, m_new, decay, write, n = _head_update(K, I_, F_, N, M, i_bh, s_bh, offs_k, mk, s_k, DK)
     q = tl.load(Q + i_bh * s_q + offs_k, mask=mk, other=0.0).to(tl.float32) * scale
     rden = 1.0 / (tl.maximum(tl.abs(tl.sum(q * n, 0)), tl.exp(-m_new)) + eps)
-    c_ptr = C + i_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+    c_ptr = C + s_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
     v = tl.load(V + i_bh * s_v + offs_v, mask=mv, other=0.0).to(tl.float32)
     c = decay * tl.load(c_ptr, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32) + (write * k)[:, None] * v[None, :]
     tl.store(c_ptr, c.to(C.dtype.element_ty), mask=mk[:, None] & mv[None, :])
@@ -63,14 +74,15 @@ def _step_kernel(
 
 
 @triton.jit
-def _step_nm_kernel(K, I_, F_, N, M, DK, s_k, BK: tl.constexpr):
+def _step_nm_kernel(K, I_, F_, N, M, SLOTS, NH, DK, s_k, BK: tl.constexpr, HAS_SLOTS: tl.constexpr):
     """Writes the new n and m of head i_bh, after every C tile has read the old ones."""
     i_bh = tl.program_id(0)
+    s_bh = _state_row(SLOTS, i_bh, NH, HAS_SLOTS)
     offs_k = tl.arange(0, BK)
     mk = offs_k < DK
-    _, m_new, _, _, n = _head_update(K, I_, F_, N, M, i_bh, offs_k, mk, s_k, DK)
-    tl.store(N + i_bh * DK + offs_k, n.to(N.dtype.element_ty), mask=mk)
-    tl.store(M + i_bh, m_new)
+    _, m_new, _, _, n = _head_update(K, I_, F_, N, M, i_bh, s_bh, offs_k, mk, s_k, DK)
+    tl.store(N + s_bh * DK + offs_k, n.to(N.dtype.element_ty), mask=mk)
+    tl.store(M + s_bh, m_new)
 
 
 def _rows(x: torch.Tensor, BH: int) -> torch.Tensor:
@@ -89,13 +101,18 @@ def mlstm_step_triton(
     *,
     eps: float = EPS,
     h_out: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, MLSTMState]:
     """One token: q, k [B, NH, DK], v [B, NH, DV], i, f [B, NH]. Updates `state` (contiguous C, n, m;
     C and n both float32 or both bfloat16, m float32) in place and returns h [B, NH, DV] in v's dtype
-    (written into `h_out` when given)."""
+    (written into `h_out` when given). slots (int64 [B], optional): token b steps state row
+    slots[b] of a state with any number of rows; the others are not touched. Rows that share a
+    slot race, so only rows that leave the state as it is (inactive: i = -inf, f = +inf) may."""
     C, n, m = state
     B, NH, DK = q.shape
     DV = v.shape[-1]
+    if slots is not None and (slots.dtype != torch.int64 or slots.shape != (B,) or not slots.is_contiguous()):
+        raise ValueError(f"mlstm_step: slots must be a contiguous int64 tensor of shape [{B}], got {slots.dtype} {tuple(slots.shape)}")
     if not all(t.is_contiguous() for t in state):
         raise ValueError("mlstm_step: the triton backend updates the state in place; C, n and m must be contiguous")
     if C.dtype not in (torch.float32, torch.bfloat16) or n.dtype != C.dtype or m.dtype != torch.float32:
@@ -109,11 +126,13 @@ def mlstm_step_triton(
     i, f = i.reshape(BH).contiguous(), f.reshape(BH).contiguous()
     BK = triton.next_power_of_2(DK)
     BV = max(16, min(triton.next_power_of_2(DV), 8192 // BK))  # a [BK, BV] fp32 tile of C per program
+    has_slots = slots is not None
+    slots = slots if has_slots else i  # not read without HAS_SLOTS
     _step_kernel[(BH, triton.cdiv(DV, BV))](
-        q, k, v, i, f, C, n, m, h,
-        DK, DV, DK**-0.5, eps,
+        q, k, v, i, f, C, n, m, h, slots,
+        NH, DK, DV, DK**-0.5, eps,
         q.stride(0), k.stride(0), v.stride(0), DV,
-        BK=BK, BV=BV, num_warps=4,
+        BK=BK, BV=BV, HAS_SLOTS=has_slots, num_warps=4,
     )
-    _step_nm_kernel[(BH,)](k, i, f, n, m, DK, k.stride(0), BK=BK, num_warps=1)
+    _step_nm_kernel[(BH,)](k, i, f, n, m, slots, NH, DK, k.stride(0), BK=BK, HAS_SLOTS=has_slots, num_warps=1)
     return h, state

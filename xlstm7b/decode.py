@@ -117,22 +117,24 @@ def check_finite(nonfinite: torch.Tensor, model: XLSTM, where: str, *, role: str
 
 
 def step_runner(model: XLSTM, state: State, *, cuda_graph: bool, compile: bool | None = None,
-                cell_inputs: torch.Tensor | None = None):
+                cell_inputs: torch.Tensor | None = None, batch: int | None = None):
     """`model.step` on `state` as `step(token, active=None) -> logits`: captured, compiled or eager.
     With `cell_inputs` (a `model.cell_inputs_buffer(B)`), every step fills it. compile=None: compiled
     where the step is captured in a CUDA graph (on CUDA the compiled graph replays far fewer kernels),
-    eager elsewhere (on CPU compilation is opt-in: seconds to a minute for a faster step)."""
+    eager elsewhere (on CPU compilation is opt-in: seconds to a minute for a faster step).
+    With `batch`, it steps `batch` tokens on the rows of `state` (a pool of any size) that each call
+    names: `step(token, active, slots)`, slots int64 [batch] as `XLSTM.step` takes them."""
     if compile is None:
         compile = cuda_graph and state.device.type == "cuda"
     if cuda_graph:
-        return CUDAGraphStep(model, state, cell_inputs, compile=compile)
+        return CUDAGraphStep(model, state, cell_inputs, compile=compile, batch=batch)
     if compile and state.device.type == "cuda":
         raise ValueError("on CUDA the compiled step is captured in a CUDA graph: pass cuda_graph=True with compile=True")
     if compile:
-        return CompiledStep(model, state, cell_inputs)
+        return CompiledStep(model, state, cell_inputs, batch=batch)
 
-    def eager_step(token: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        return model.step(token, state, active, cell_inputs)
+    def eager_step(token: torch.Tensor, active: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        return model.step(token, state, active, cell_inputs, slots)
 
     return eager_step
 
@@ -149,21 +151,21 @@ class StepCompilation:
         self.cache_hits = 0
         self.error: Exception | None = None
 
-    def __call__(self, model: XLSTM, token, state: State, active=None, cell_inputs=None) -> torch.Tensor:
+    def __call__(self, model: XLSTM, token, state: State, active=None, cell_inputs=None, slots=None) -> torch.Tensor:
         if self.error is not None:
-            return XLSTM.step(model, token, state, active, cell_inputs)
+            return XLSTM.step(model, token, state, active, cell_inputs, slots)
         if self.compile_seconds is not None:
-            return self.fn(model, token, state, active, cell_inputs)
+            return self.fn(model, token, state, active, cell_inputs, slots)
         hits = _cache_hits()
         t0 = time.perf_counter()
         try:
-            logits = self.fn(model, token, state, active, cell_inputs)
+            logits = self.fn(model, token, state, active, cell_inputs, slots)
         except Exception as e:  # inductor, Triton or the C++ toolchain: the step itself still runs
             self.error = e
             first = (str(e).strip().splitlines() or [""])[0][:200]
             warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {first}); decoding uncompiled",
                           RuntimeWarning, stacklevel=2)
-            return XLSTM.step(model, token, state, active, cell_inputs)
+            return XLSTM.step(model, token, state, active, cell_inputs, slots)
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)
         self.compile_seconds = time.perf_counter() - t0
@@ -198,13 +200,13 @@ class CompiledStep:
     GEMM_TEMPLATE_MAX_BATCH = 16
     _compiled: "weakref.WeakKeyDictionary[XLSTM, tuple[tuple, dict[bool, StepCompilation]]]" = weakref.WeakKeyDictionary()
 
-    def __init__(self, model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None):
+    def __init__(self, model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None, batch: int | None = None):
         self.model, self.state, self.cell_inputs = model, state, cell_inputs
         fingerprint = tuple((p.data_ptr(), p._version) for p in model.parameters())
         entry = self._compiled.get(model)
         if entry is None or entry[0] != fingerprint:
             entry = self._compiled[model] = fingerprint, {}
-        templates = state.batch_size <= self.GEMM_TEMPLATE_MAX_BATCH
+        templates = (state.batch_size if batch is None else batch) <= self.GEMM_TEMPLATE_MAX_BATCH
         if templates not in entry[1]:
             options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
             if templates:
@@ -212,24 +214,25 @@ class CompiledStep:
             entry[1][templates] = StepCompilation(options)
         self.compilation = entry[1][templates]
 
-    def __call__(self, token: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, token: torch.Tensor, active: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         # Freezing is read when dynamo hands the graph over, which torch.compile's options do not reach.
         with torch._inductor.config.patch(freezing=True):
-            return self.compilation(self.model, token, self.state, active, self.cell_inputs)
+            return self.compilation(self.model, token, self.state, active, self.cell_inputs, slots)
 
 
 _cuda_compiled: "weakref.WeakKeyDictionary[XLSTM, dict[tuple, StepCompilation]]" = weakref.WeakKeyDictionary()
 
 
-def cuda_compiled_step(model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None) -> StepCompilation:
-    """`model.step` compiled by inductor for CUDA, once per model and kind of call (batch size, state
-    dtype, with or without `cell_inputs`): each kind has its own copy of the function, so a server's
+def cuda_compiled_step(model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None,
+                       batch: int | None = None) -> StepCompilation:
+    """`model.step` compiled by inductor for CUDA, once per model and kind of call (batch size, rows
+    stepped by slot index, state dtype, with or without `cell_inputs`): each kind has its own copy of the function, so a server's
     many batch buckets never meet dynamo's recompile limit (8 graphs per code object), past which it
     would run the step uncompiled. Unlike the CPU compilation the weights are not frozen: they stay
     inputs, so an in-place update of them is seen. The Triton step kernel is traced as a user-defined
     kernel. The cache holds compiled functions, not the model, so a model nobody holds is freed."""
     kinds = _cuda_compiled.setdefault(model, {})
-    kind = (state.batch_size, state.dtype, cell_inputs is not None)
+    kind = (state.batch_size, batch, state.dtype, cell_inputs is not None)
     if kind not in kinds:
         kinds[kind] = StepCompilation()
     return kinds[kind]
@@ -249,30 +252,41 @@ class CUDAGraphStep:
 
     With compile=True the captured step is inductor's compilation of it (`cuda_compiled_step`): the
     norms, gate activations, casts and residual adds fused into a few kernels, so the graph replays
-    far fewer of them (the eager step has dozens of small elementwise kernels per block)."""
+    far fewer of them (the eager step has dozens of small elementwise kernels per block).
 
-    def __init__(self, model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None, compile: bool = False):
-        self.compilation = cuda_compiled_step(model, state, cell_inputs) if compile else None
+    With `batch` (at most the state's rows) it steps `batch` tokens on the rows of `state` named by a
+    `slots` buffer, which persists between calls as `active` does: one graph serves any rows. Its
+    warm-up and capture run with every row inactive, which leaves the state as it is, so a large pool
+    is never copied."""
+
+    def __init__(self, model: XLSTM, state: State, cell_inputs: torch.Tensor | None = None, compile: bool = False,
+                 batch: int | None = None):
+        self.compilation = cuda_compiled_step(model, state, cell_inputs, batch) if compile else None
         step = model.step if self.compilation is None else lambda *args: self.compilation(model, *args)
-        B, device = state.batch_size, state.device
+        B, device = state.batch_size if batch is None else batch, state.device
         self.token = torch.zeros(B, dtype=torch.long, device=device)
-        self.active = torch.ones(B, dtype=torch.bool, device=device)
-        # Warm-up and capture run the step on the real state buffers; restore them afterwards.
-        saved = state.clone()
+        self.active = torch.full((B,), batch is None, dtype=torch.bool, device=device)
+        self.slots = None if batch is None else torch.arange(B, device=device)
+        # Warm-up and capture run the step on the real state buffers: restore them afterwards.
+        saved = state.clone() if batch is None else None
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture requires
             for _ in range(2):  # with compile, the first compiles
-                step(self.token, state, self.active, cell_inputs)
+                step(self.token, state, self.active, cell_inputs, self.slots)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = step(self.token, state, self.active, cell_inputs)
-        state.copy_(saved)
+            self.logits = step(self.token, state, self.active, cell_inputs, self.slots)
+        if saved is not None:
+            state.copy_(saved)
+        self.active.fill_(True)
 
-    def __call__(self, token: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, token: torch.Tensor, active: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
         self.token.copy_(token)
         if active is not None:
             self.active.copy_(active)
+        if slots is not None:
+            self.slots.copy_(slots)
         self.graph.replay()
         return self.logits  # overwritten by the next replay: sample from it before that

@@ -151,9 +151,10 @@ class mLSTMLayer(nn.Module):
         )
         return self.output(h.transpose(1, 2), o), state  # h [B, NH, S, DV] -> [B, S, NH, DV]
 
-    def step(self, x, state, active=None, cell_inputs=None):
+    def step(self, x, state, active=None, cell_inputs=None, slots=None):
         """One token x [B, 1, D] -> y [B, 1, D] through the fused step kernel, which writes the new
-        state into `state`. Rows where active [B] is False leave it untouched."""
+        state into `state` (its rows `slots` [B] where given). Rows where active [B] is False
+        leave it untouched."""
         c = self.config
         B = x.shape[0]
         q, k, v, o, i, f = self.project(x, None if active is None else active[:, None])
@@ -161,7 +162,7 @@ class mLSTMLayer(nn.Module):
         # [B, 1, NH*DH] -> [B, NH, DH]
         h = mlstm_step_(
             q.view(B, c.num_heads, -1), k.view(B, c.num_heads, -1), v.view(B, c.num_heads, -1),
-            i.view(B, c.num_heads), f.view(B, c.num_heads), state, backend=c.mlstm_backend, eps=c.eps,
+            i.view(B, c.num_heads), f.view(B, c.num_heads), state, backend=c.mlstm_backend, eps=c.eps, slots=slots,
         )
         return self.output(h.view(B, 1, c.num_heads, -1), o)  # [B, NH, DV] -> [B, 1, NH, DV]
 
@@ -179,8 +180,8 @@ class Block(nn.Module):
         x = x + y
         return x + self.ffn(self.norm_ffn(x)), state
 
-    def step(self, x, state, active=None, cell_inputs=None):
-        x = x + self.mlstm_layer.step(self.norm_mlstm(x), state, active, cell_inputs)
+    def step(self, x, state, active=None, cell_inputs=None, slots=None):
+        x = x + self.mlstm_layer.step(self.norm_mlstm(x), state, active, cell_inputs, slots)
         return x + self.ffn(self.norm_ffn(x))
 
 
@@ -324,17 +325,21 @@ class XLSTM(nn.Module):
         state: State,
         active: torch.Tensor | None = None,
         cell_inputs: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One decoding step: token [B] -> logits [B, V], writing the new state into `state`
         (contiguous float32 tensors, e.g. `State.zeros`; no gradient flows through it). Rows where
         active [B] is False leave the state untouched. cell_inputs: a `cell_inputs_buffer(B, 1)`,
         filled as in `forward`.
+        slots: int64 [B], token b's row of `state`, which may then have any number of rows (a
+        serving pool): only those rows are read and written, so the step costs B rows however large
+        the state. Distinct slots, except rows that are inactive (they may share a scratch row).
 
         Nothing is validated (no host synchronization), so the step can be captured in a CUDA graph
         or compiled; the caller guarantees ids in range and matching shapes."""
         x = self.backbone.embeddings(token[:, None])  # [B, 1, D]
         for n, block in enumerate(self.backbone.blocks):
-            x = block.step(x, state[n], active, None if cell_inputs is None else cell_inputs[n])
+            x = block.step(x, state[n], active, None if cell_inputs is None else cell_inputs[n], slots)
         return self.logits(self.backbone.out_norm(x))[:, 0]
 
     def cell_inputs_buffer(self, batch_size: int, seq_len: int = 1) -> torch.Tensor:

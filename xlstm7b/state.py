@@ -90,6 +90,14 @@ class State:
             raise ValueError(f"State.select: rows must be 1-D indices in [0, {self.batch_size}), got {rows!r}")
         return self._map(lambda t: t.index_select(0, index))
 
+    def index_copy_(self, rows: torch.Tensor, other: "State") -> "State":
+        """Writes `other`'s batch rows into this state's rows `rows` (int64 [other's batch size]) in
+        place, in this state's dtypes; the other rows are not touched."""
+        for mine, theirs in zip(self.layers, other.layers):
+            for a, b in zip(mine, theirs):
+                a.index_copy_(0, rows, b.to(a.dtype))
+        return self
+
     def copy_(self, other: "State") -> "State":
         """Overwrites this state in place with `other` (same shapes); keeps the tensors' storage."""
         if len(other) != len(self):
