@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from xlstm7b import CheckpointError, from_pretrained
-from xlstm7b.cli import NON_NEGATIVE_INT, POSITIVE_INT, number, parse
+from xlstm7b.arguments import NON_NEGATIVE_INT, POSITIVE_INT, number, parse
 from xlstm7b.pretrained import check_device, read_config
 from xlstm7b.threads import add_threads_option, set_threads, threads_value
 from xlstm7b.written import check_overwrite, remember

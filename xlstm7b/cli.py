@@ -5,7 +5,6 @@ imported only when one of them runs, so `xlstm7b info` never loads the training 
 import argparse
 import contextlib
 import importlib
-import math
 import os
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from .arguments import NON_NEGATIVE_INT, POSITIVE_INT, number, parse
 from .pretrained import CheckpointError, check_device, from_pretrained, read_config
 from .config import ModelConfig, preset_names, preset_path
 from .generate import check_decoding, generate
@@ -49,33 +49,6 @@ def fail(command: str, message: str, code: int = 2) -> int:
     """Prints `xlstm7b COMMAND: message` to stderr; returns the exit code (2: bad input)."""
     print(f"xlstm7b {command}: {message}", file=sys.stderr)
     return code
-
-
-def parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
-    """The parsed arguments, or the exit code of argparse's own message (--help: 0, a bad argument: 2)."""
-    try:
-        return p.parse_args(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 2
-
-
-def number(kind: type, low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False, what: str):
-    """An argparse type: a finite `kind` (int or float) in [low, high] (an end excluded with low_open, high_open)."""
-
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or value > high or value < low or (low_open and value == low) or (high_open and value == high):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
-    return convert
-
-
-NON_NEGATIVE_INT = number(int, 0, what="an integer >= 0")
-POSITIVE_INT = number(int, 1, what="an integer >= 1")
 
 
 def info_main(argv: list[str]) -> int:
