@@ -171,6 +171,13 @@ def test_a_failed_write_after_the_shards_stops_with_the_last_checkpoint(tmp_path
     assert not (run_dir / "checkpoints" / "step_00000002.tmp").exists()
 
 
+def test_a_full_disk_under_a_named_file_says_to_free_space():
+    from xlstm7b.train.cli import os_error
+
+    message = os_error(OSError(errno.ENOSPC, "No space left on device", "/runs/r/model/model.safetensors.tmp"))
+    assert "No space left on device" in message and "free space" in message and "exists and is readable" not in message
+
+
 def test_a_save_that_fails_on_another_rank_stops_every_rank(tmp_path, monkeypatch):
     """Rank 0's own writes succeed, another rank's fail: rank 0 learns it at the stage's agreement
     (no barrier the failed rank never reaches), stops with a SaveError and removes the partial folder."""

@@ -3,6 +3,7 @@ through `main(command, argv)`."""
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -31,6 +32,8 @@ def os_error(e: OSError) -> str:
     """An error of the file system as one line naming the path and the fix."""
     if e.filename is None:  # not a file of ours: a full disk under a library's write, a network error
         return f"{e.strerror or e}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write {e.filename}: {e.strerror}; free space (or raise the quota) and rerun"
     return f"cannot use {e.filename}: {e.strerror or e}; check that the path exists and is readable (and writable where output goes)"
 
 
