@@ -14,6 +14,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 openai = pytest.importorskip("openai", reason="needs the test extra (openai)")
 uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra (uvicorn, FastAPI)")
@@ -66,7 +67,7 @@ def server(tokenizer):
     one = State.zeros(config, 1).nbytes
     with serving(random_model(config, seed=1), tokenizer, EngineConfig(
             max_batch=16, max_prompt_tokens=2048, max_new_tokens=64, prefill_chunk=64, prefill_tokens=1024,
-            prefix_cache_bytes=8 * one)) as s:
+            prefix_cache_bytes=8 * one, state_dtype=torch.float32)) as s:  # float32, as generate() alone
         yield s
 
 

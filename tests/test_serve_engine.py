@@ -1,5 +1,9 @@
 """The serving engine without HTTP: continuous batching == generate() alone, the prefix state cache
-(hit == cold, eviction, its memory bound), cancellation, the bounded queue, a bfloat16 state."""
+(hit == cold, eviction, its memory bound), cancellation, the bounded queue, the bfloat16 state by
+default, decoding by slot index (buckets by the number of decoding requests, the scratch row).
+
+Tests that compare with generate() token for token keep the state in float32 (F32), as generate does;
+with the default bfloat16 state, near-tied logits of the random model may pick other tokens."""
 
 import copy
 import threading
@@ -13,6 +17,8 @@ from xlstm7b.serve import Engine, EngineConfig, EngineStopped, Overloaded, Prefi
 from xlstm7b.serve.prefix_cache import prefix_keys
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+F32 = dict(state_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,7 @@ def alone(model, ids, params: SamplingParams) -> list[int]:
 
 def test_batched_requests_equal_generate_alone(model):
     """More requests than slots, prompts over several prefill pieces, greedy and seeded sampling."""
-    engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk=32, prefill_tokens=96)).start()
+    engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk=32, prefill_tokens=96, **F32)).start()
     prompts = [prompt(n, seed=n) for n in (1, 3, 31, 32, 33, 100, 250, 7, 64)]
     params = [SamplingParams(max_tokens=4 + i, temperature=0.0 if i % 2 else 1.0, top_p=0.9 if i % 2 == 0 else None,
                              seed=None if i % 2 else i) for i in range(len(prompts))]
@@ -51,8 +57,8 @@ def test_prefix_cache_hit_equals_cold_prefill(model):
     prefix = prompt(100, seed=1)
     first, second = prefix + prompt(9, seed=2), prefix + prompt(20, seed=3)
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=5)
-    cached = Engine(model, EngineConfig(max_batch=2, prefill_chunk=16)).start()
-    cold = Engine(model, EngineConfig(max_batch=2, prefill_chunk=16, prefix_cache_bytes=0)).start()
+    cached = Engine(model, EngineConfig(max_batch=2, prefill_chunk=16, **F32)).start()
+    cold = Engine(model, EngineConfig(max_batch=2, prefill_chunk=16, prefix_cache_bytes=0, **F32)).start()
     cached.generate(first, params)
     hit = cached.generate(second, params)
     assert hit.cached_tokens == 96  # the longest piece boundary of the shared prefix
@@ -71,7 +77,7 @@ def test_prefix_cache_hit_equals_cold_prefill(model):
 
 def test_prefix_cache_evicts_recomputes_and_stays_within_its_bound(model):
     one = State.zeros(model.config, 1).nbytes
-    engine = Engine(model, EngineConfig(max_batch=1, prefill_chunk=16, prefix_cache_bytes=3 * one)).start()
+    engine = Engine(model, EngineConfig(max_batch=1, prefill_chunk=16, prefix_cache_bytes=3 * one, **F32)).start()
     params = SamplingParams(max_tokens=5)
     prompts = [prompt(40, seed=10 + i) for i in range(4)]  # two boundaries each (16, 32)
     first = engine.generate(prompts[0], params).output_ids
@@ -151,8 +157,9 @@ def test_bad_prompts(model, ids, match):
         engine.submit(ids, SamplingParams())
 
 
-def test_bfloat16_state(model):
-    engine = Engine(model, EngineConfig(max_batch=2, state_dtype=torch.bfloat16)).start()
+def test_bfloat16_state_by_default(model):
+    assert EngineConfig().state_dtype == torch.bfloat16
+    engine = Engine(model, EngineConfig(max_batch=2)).start()
     assert engine.pool.dtype == torch.bfloat16
     C, n, m = engine.pool[0]
     assert (C.dtype, n.dtype, m.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)  # m: an exponent
@@ -199,7 +206,7 @@ def test_non_finite_logits_while_decoding_end_that_request_only(model):
     broken = copy.deepcopy(model)
     with torch.no_grad():
         broken.backbone.embeddings.weight[7] = float("nan")
-    engine = Engine(broken, EngineConfig(max_batch=2)).start()
+    engine = Engine(broken, EngineConfig(max_batch=2, **F32)).start()
     ok = engine.submit([5, 6], ok_params)
     bad = engine.submit([5, 6], SamplingParams(max_tokens=6, ignore_eos=True, logit_bias={7: 100.0}))
     assert ok.done.wait(30) and bad.done.wait(30)
@@ -213,7 +220,7 @@ def test_non_finite_logits_while_decoding_end_that_request_only(model):
 
 def test_prompt_logprobs_skip_the_prefix_cache_and_equal_a_cold_pass(model):
     ids = prompt(70, seed=9)
-    engine = Engine(model, EngineConfig(max_batch=2, prefill_chunk=16)).start()
+    engine = Engine(model, EngineConfig(max_batch=2, prefill_chunk=16, **F32)).start()
     engine.generate(ids, SamplingParams(max_tokens=1))  # caches the prefixes of 16, 32, 48 and 64 tokens
     scored = engine.generate(ids, SamplingParams(max_tokens=2, prompt_logprobs=2, logprobs=1))
     engine.stop()
@@ -225,3 +232,40 @@ def test_prompt_logprobs_skip_the_prefix_cache_and_equal_a_cold_pass(model):
     assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected, atol=1e-4)
     assert [len(e.top) for e in scored.prompt_logprobs[1:]] == [2] * 69 and [len(e.top) for e in scored.logprobs] == [1, 1]
     assert scored.cumulative_logprob == pytest.approx(sum(e.logprob for e in scored.logprobs))
+
+
+def test_one_request_in_the_last_slot_steps_a_bucket_of_one(model):
+    """Seven requests take slots 0-6 and end at their first token; the eighth, in the last slot,
+    decodes alone: every step is a bucket of one row, not of the eight rows up to its slot."""
+    engine = Engine(model, EngineConfig(max_batch=8, **F32))  # started once all are queued: admitted in order
+    short = [engine.submit([5 + i], SamplingParams(max_tokens=1)) for i in range(7)]
+    slots = []
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    long = engine.submit([3, 4], params, lambda e: slots.append(long.slot))
+    engine.start()
+    assert long.done.wait(30) and all(r.done.wait(30) for r in short)
+    engine.stop()
+    assert slots[0] == 7 and long.output_ids == alone(model, [3, 4], params)
+    assert engine.stats()["decode_steps"] == {1: 9, 2: 0, 4: 0, 8: 0} and engine.stats()["decode_rows"] == 9
+
+
+def test_scratch_row_never_leaks_into_a_request(model):
+    """The pool's extra row, poisoned with NaN: requests in every slot, buckets padded onto it, give
+    generate()'s tokens, and the row is never admitted to or written (still all NaN)."""
+    engine = Engine(model, EngineConfig(max_batch=4, prefill_chunk=16, **F32))
+    assert engine.pool.batch_size == 5 and engine.stats()["slots"] == 4
+    for C, n, m in engine.pool:
+        for t in (C, n, m):
+            t[engine.scratch] = float("nan")
+    engine.start()
+    prompts = [prompt(n, seed=n) for n in (3, 20, 5, 40, 9, 2)]
+    params = [SamplingParams(max_tokens=t, ignore_eos=True) for t in (12, 3, 7, 5, 9, 4)]
+    requests = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
+    assert all(r.done.wait(30) for r in requests)
+    engine.stop()
+    for p, sp, r in zip(prompts, params, requests):
+        assert r.finish_reason == "length" and r.output_ids == alone(model, p, sp)
+    stats = engine.stats()
+    padding = sum(b * n for b, n in stats["decode_steps"].items()) - stats["decode_rows"]
+    assert padding > 0 and stats["nonfinite"] == 0  # some buckets were padded onto the scratch row
+    assert all(bool(t[engine.scratch].isnan().all()) for layer in engine.pool for t in layer)

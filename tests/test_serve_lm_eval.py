@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("uvicorn", reason="needs the serve extra (uvicorn, FastAPI)")
+import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 import xlstm7b  # noqa: E402
@@ -60,7 +61,8 @@ def test_local_completions_through_the_server_equal_the_xlstm7b_type(tokenizer, 
     ours = lm_eval.simple_evaluate(model="xlstm7b", model_args=f"pretrained={folder}", tasks=[MC, ROLLING], task_manager=tasks,
                                    batch_size=4, device="cpu", log_samples=True)
     served = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    with serving(xlstm7b.from_pretrained(folder), served, EngineConfig(max_batch=4, prefill_chunk=16), api_key=None) as server:
+    with serving(xlstm7b.from_pretrained(folder), served, EngineConfig(max_batch=4, prefill_chunk=16, state_dtype=torch.float32),
+                 api_key=None) as server:  # float32 prefix states, as the xlstm7b type's
         # The server takes token ids as they come: lm-eval puts the BOS first itself, for the
         # multiple-choice contexts with add_bos_token and for rolling windows as their prefix token.
         args = f"model={MODEL},base_url={server.url}/v1/completions,tokenizer_backend=huggingface,tokenizer={folder},max_retries=1"

@@ -30,7 +30,8 @@ def server(tokenizer):
     config = ModelConfig.from_preset("debug").replace(vocab_size=tokenizer.get_vocab_size())
     limits = Limits(max_body_bytes=8 << 20, max_prompt_chars=20_000)
     with serving(random_model(config, seed=1), tokenizer, EngineConfig(max_batch=8, max_prompt_tokens=2048, max_new_tokens=64,
-                                                                        prefill_chunk=32), limits=limits) as s:
+                                                                        prefill_chunk=32, state_dtype=torch.float32),  # as generate()
+                 limits=limits) as s:
         yield s
 
 

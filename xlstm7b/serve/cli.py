@@ -63,8 +63,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="prompt tokens a request prefills per scheduler iteration (also the prefix cache's granularity)")
     p.add_argument("--prefill-tokens", type=int, default=4096, help="padded prompt tokens one prefill pass may run")
     p.add_argument("--prefix-cache-mb", type=float, default=1024, help="memory for cached prefix states (0: no prefix cache)")
-    p.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="float32",
-                   help="dtype of the state slots' C and n (bfloat16 halves their memory and traffic; m stays float32)")
+    p.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="bfloat16",
+                   help="dtype of the state slots' C and n (bfloat16, the default, halves their memory and traffic "
+                        "against float32; m stays float32)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights: auto is bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
@@ -133,7 +134,7 @@ def main(argv: list[str]) -> int:
     logging.getLogger("xlstm7b.serve").addHandler(handler)
     logging.getLogger("xlstm7b.serve.access").setLevel(logging.INFO if args.access_log else logging.WARNING)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({device}, {config.max_batch} state slots of "
-          f"{engine.pool.nbytes / config.max_batch / 2**20:.2f} MiB, {args.state_dtype})", file=sys.stderr, flush=True)
+          f"{engine.slot_bytes / 2**20:.2f} MiB, {args.state_dtype})", file=sys.stderr, flush=True)
     # Draining happens before uvicorn's own graceful shutdown begins: it only closes what is left.
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5),
                     engine, args.shutdown_timeout)

@@ -26,9 +26,10 @@ class EngineConfig:
     """Padded positions (rows x piece length) one prefill pass may run: bounds the stall of decoding."""
     prefix_cache_bytes: int = 1 << 30
     """Bytes of prefix states the cache may hold (0: no prefix cache)."""
-    state_dtype: torch.dtype = torch.float32
-    """dtype of the slots' C and n (bfloat16 halves state memory and traffic, which dominates the
-    decode step at large batch; the step still computes in float32).
+    state_dtype: torch.dtype = torch.bfloat16
+    """dtype of the slots' C and n: bfloat16 (the default) halves state memory and traffic against
+    float32, which dominate the decode step at large batch; the step still computes in float32, and
+    prompts are prefilled in float32. float32 keeps decoding bit-faithful to `generate`'s default.
     The stabilizer m stays float32: it is an exponent, which bfloat16 would round by up to 0.03 near 15."""
     compile: bool = False
     """Run the decode step compiled by inductor (one compilation per batch bucket): on CPU its C++

@@ -7,19 +7,22 @@ No HTTP here (api.py puts an OpenAI-style API in front of it).
     engine.stop(timeout=30)
 
 Every request's memory is one fixed-size state, so the pool is `max_batch` states allocated once
-(one `State` with batch `max_batch`); a request holds one row ("slot") from admission to its end.
+(one `State` with batch `max_batch`, and one scratch row that no request owns); a request holds one
+row ("slot") from admission to its end.
 The scheduler runs on one thread (torch releases the GIL inside its kernels), in iterations:
 1. Cancelled requests free their slots. Waiting requests are admitted into free slots (the lowest
-   free row first, so the rows in use stay packed at the top of the pool), each starting from the
-   longest cached prefix of its prompt (prefix_cache.py) or from the zero state.
+   free row first), each starting from the longest cached prefix of its prompt (prefix_cache.py)
+   or from the zero state.
 2. Prefill, bounded: one chunkwise forward pass over the next piece (at most `prefill_chunk`
    positions) of the oldest prefilling requests, as many of them as fit in `prefill_tokens` padded
    positions (left padding, masked). A request whose prompt ends in this piece samples its first
    token from the last position's logits and starts decoding.
-3. Decode: one batched `model.step` over the first `bucket` rows of the pool (the smallest power of
-   two that covers every decoding row), with the `active` mask leaving free and prefilling rows
-   untouched; every decoding request then samples its next token with its own parameters and its
-   own generator (so a seeded request gets the same tokens whatever else is in the batch).
+3. Decode: one batched `model.step` over the decoding rows alone, named by their slot indices (as
+   vLLM's state cache does), padded to a bucket (the smallest power of two at least the number of
+   decoding requests, wherever their slots are) with inactive rows on the scratch row; free and
+   prefilling rows are neither read nor written. Every decoding request then samples its next
+   token with its own parameters and its own generator (so a seeded request gets the same tokens
+   whatever else is in the batch).
 A long prompt is thus prefilled over several iterations while the decoding requests still get one
 token per iteration: a prompt delays everybody's next token by at most one bounded prefill pass.
 
@@ -67,7 +70,10 @@ class Engine:
         mc = model.config
         self.piece = max(mc.chunk_size, self.config.prefill_chunk // mc.chunk_size * mc.chunk_size)
         N = self.config.max_batch
-        self.pool = State.zeros(mc, N, device=self.device, dtype=self.config.state_dtype).stored_as(self.config.state_dtype)
+        # Row N is the scratch row: the padding rows of a bucket step it, inactive, so never a request's.
+        self.pool = State.zeros(mc, N + 1, device=self.device, dtype=self.config.state_dtype).stored_as(self.config.state_dtype)
+        self.scratch = N
+        self.slot_bytes = self.pool.nbytes // (N + 1)
         self.cache = PrefixCache(self.config.prefix_cache_bytes)
         self.use_graph = self.device.type == "cuda" if self.config.cuda_graph is None else self.config.cuda_graph
         self.buckets = sorted({min(N, 1 << k) for k in range(N.bit_length() + 1)})
@@ -82,7 +88,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) per iteration
         self.counts = {"requests": 0, "prompt_tokens": 0, "prefilled_tokens": 0, "generated_tokens": 0, "nonfinite": 0,
-                       "finished": {r: 0 for r in ("stop", "length", "cancelled", "error")}}
+                       "finished": {r: 0 for r in ("stop", "length", "cancelled", "error")},
+                       "decode_steps": {b: 0 for b in self.buckets},  # batched decode steps, by bucket size
+                       "decode_rows": 0}  # the requests' rows among them (the rest: padding on the scratch row)
         self.nonfinite_error: str | None = None
         """Why the model last produced non-finite logits (None: it never did)."""
         self.weights_finite = True
@@ -101,9 +109,10 @@ class Engine:
 
     @torch.no_grad()
     def warmup(self) -> None:
-        for b in self.buckets:  # all rows inactive: the state is left as it is
+        for b in self.buckets:  # all rows inactive, on the scratch row: the state is left as it is
             self._runner(b)(torch.full((b,), self.model.config.pad_token_id, device=self.device),
-                            torch.zeros(b, dtype=torch.bool, device=self.device))
+                            torch.zeros(b, dtype=torch.bool, device=self.device),
+                            torch.full((b,), self.scratch, device=self.device))
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, on_event: Callable[[Event], None] | None = None) -> Request:
         """Queues a request for `prompt` (token ids); raises ValueError for a bad prompt or bad
@@ -169,7 +178,7 @@ class Engine:
         return {
             **{k: (dict(v) if isinstance(v, dict) else v) for k, v in self.counts.items()},
             "waiting": len(self._waiting), "prefilling": len(self._prefilling), "decoding": len(self._decoding),
-            "slots": self.config.max_batch, "slot_bytes": self.pool.nbytes // self.config.max_batch,
+            "slots": self.config.max_batch, "slot_bytes": self.slot_bytes,
             "tokens_per_s": sum(n for _, n in recent) / RATE_WINDOW_S,
             "prefix_cache": self.cache.stats(),
         }
@@ -268,9 +277,7 @@ class Engine:
         scored = batch[0].params.prompt_logprobs is not None
         logits, new = self.model(ids.to(self.device), start, mask=None if bool(mask.all()) else mask.to(self.device),
                                  last_logits_only=not scored)
-        for mine, theirs in zip(self.pool, new):
-            for t, x in zip(mine, theirs):
-                t.index_copy_(0, rows, x.to(t.dtype))
+        self.pool.index_copy_(rows, new)
         self.counts["prefilled_tokens"] += sum(lengths)
         if scored:
             score_prompt(batch[0], logits[0], ids[0].to(self.device))
@@ -298,18 +305,21 @@ class Engine:
             self._emit(request, token, logprob)
 
     def _decode_step(self) -> None:
-        """One batched step over the decoding rows (those of the smallest bucket covering them)."""
+        """One batched step over the decoding rows, by slot index, padded to the smallest bucket
+        that holds them with inactive rows on the scratch row."""
         if not self._decoding:
             return
-        bucket = next(b for b in self.buckets if b > max(self._decoding))
-        token = torch.full((bucket,), self.model.config.pad_token_id, dtype=torch.long)
-        active = torch.zeros(bucket, dtype=torch.bool)
         requests = list(self._decoding.values())
-        for request in requests:
-            token[request.slot], active[request.slot] = request.last_token, True
-        logits = self._runner(bucket)(token.to(self.device), active.to(self.device))
-        rows = torch.tensor([r.slot for r in requests], device=self.device)
-        logits = logits.index_select(0, rows)
+        B = len(requests)
+        bucket = next(b for b in self.buckets if b >= B)
+        token = torch.full((bucket,), self.model.config.pad_token_id, dtype=torch.long)
+        token[:B] = torch.tensor([r.last_token for r in requests])
+        slots = torch.full((bucket,), self.scratch, dtype=torch.long)
+        slots[:B] = torch.tensor([r.slot for r in requests])
+        active = torch.arange(bucket) < B
+        logits = self._runner(bucket)(token.to(self.device), active.to(self.device), slots.to(self.device))[:B]
+        self.counts["decode_steps"][bucket] += 1
+        self.counts["decode_rows"] += B
         bad = self._nonfinite_rows(logits, requests, "while decoding")
         keep = [b for b in range(len(requests)) if b not in bad]
         if bad:
@@ -338,10 +348,10 @@ class Engine:
         return bad
 
     def _runner(self, bucket: int):
-        """The step on the pool's first `bucket` rows (views: the step writes into the pool)."""
+        """The step of `bucket` tokens on the pool's rows that each call names by slot index."""
         if bucket not in self._runners:
-            self._runners[bucket] = step_runner(self.model, self.pool.select(slice(0, bucket)),
-                                                cuda_graph=self.use_graph, compile=self.config.compile)
+            self._runners[bucket] = step_runner(self.model, self.pool, cuda_graph=self.use_graph,
+                                                compile=self.config.compile, batch=bucket)
         return self._runners[bucket]
 
     def _emit(self, request: Request, token: int, logprob: Logprob | None) -> None:
