@@ -40,7 +40,8 @@ from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate, preset
 from xlstm7b.serve import Engine, EngineConfig, SamplingParams
 from xlstm7b.serve.config import STATE_DTYPES
 from xlstm7b.train.config import load_config
-from xlstm7b.train.evaluate import source_documents, token_bytes_tensor, tokenized_documents
+from xlstm7b.train.evaluate import source_documents, tokenized_documents
+from xlstm7b.train.tokenizer import token_bytes_tensor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIXES = {"prefill": ((32, 128, 512, 1024), (32, 64, 128)), "decode": ((16, 32, 64), (256, 512))}

@@ -31,7 +31,6 @@ from xlstm7b.written import remember
 from .config import DataConfig
 from .data import Corpus
 from .plot import plot_by_position
-from .tokenizer import token_bytes_tensor  # noqa: F401 (benchmarks/serve.py imports it from here)
 from .trainer import hidden_nats
 
 BUCKET_EDGES = (1024, 4096, 16384, 65536, 262144)
