@@ -1,6 +1,7 @@
-"""What benchmarks/generate.py needs besides the timing: the kernels a decode step runs, the official
-model in its fastest documented decoding mode, the weight-read floor of a card, and rows that are
-written to their JSON file as soon as each is measured.
+"""What benchmarks/generate.py needs besides its decode and prefill timings: the kernels a decode
+step runs (`bench_kernels_per_token`), batch-1 decoding with weight-only quantisation
+(`bench_quantized`), the official model in its fastest documented decoding mode, the weight-read
+floor of a card, and rows that are written to their JSON file as soon as each is measured.
 
 Kernels per token (`count_kernels`): on CUDA the kernels the profiler sees the device run in one step
 (memory copies and sets included); on CPU the operators that compute (`NO_KERNEL` excludes views,
@@ -15,6 +16,7 @@ state captured in a CUDA graph that every step replays (the forward copies the n
 state it was given, so the graph's buffers carry it).
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -29,6 +31,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from xlstm7b import generate
+from xlstm7b.decode import cuda_compiled_step, decoding_state, step_runner
 from xlstm7b.quantize import quantize
 
 NO_KERNEL = frozenset(f"aten::{op}" for op in (
@@ -97,6 +100,41 @@ def prompt(batch: int, length: int, config, device) -> torch.Tensor:
     ids = torch.randint(2, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(length)).to(device)
     ids[:, 0] = config.bos_token_id
     return ids
+
+
+def bench_kernels_per_token(ours, args, device: str, rows: list[dict]) -> None:
+    """Appends a row per decode mode with the kernels one step at batch 1 runs (count_kernels): eager
+    and compiled, and on CUDA both replayed from their graphs (what the profiler sees of a graph)."""
+    cuda = device.startswith("cuda")
+    token = torch.ones(1, dtype=torch.long, device=device)
+    modes = [("eager", False, False)] + ([] if args.no_compiled else [("compiled", False, True)])
+    modes += [(f"{name}, CUDA graph", True, compiled) for name, _, compiled in modes] if cuda else []
+    for name, graph, compiled in modes:
+        state = decoding_state(None, ours.config, 1, device)
+        row = dict(impl=name, metric="kernels_per_token", batch=1)
+        try:
+            with torch.no_grad(), inductor_kernel_profile() if compiled and not cuda else contextlib.nullcontext():
+                row.update(count_kernels(step_call(ours, state, token, graph, compiled), device))
+            print(f"kernels  {name:<20} batch 1: {row['kernels']} per token; most frequent: "
+                  + ", ".join(f"{k['name'][:30]} x{k['calls']}" for k in row["top"][:3]), flush=True)
+        except Exception as e:  # the other modes' counts stand
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+            print(f"kernels  {name:<20} batch 1: {row['error']}", flush=True)
+        rows.append(row)
+
+
+def step_call(ours, state, token: torch.Tensor, graph: bool, compiled: bool):
+    """One decode step as a call without arguments. Compiled outside a graph: on CPU a copy of the
+    model compiles anew (inside inductor_kernel_profile, its kernels are recorded); on CUDA the
+    compiled step itself, called outside a graph."""
+    if compiled and not graph:
+        if ours.lm_head.weight.is_cuda:
+            fn = cuda_compiled_step(ours, state)
+            return lambda: fn(ours, token, state)
+        step = step_runner(copy.deepcopy(ours), state, cuda_graph=False, compile=True)
+    else:
+        step = step_runner(ours, state, cuda_graph=graph, compile=compiled)
+    return lambda: step(token)
 
 
 def bench_quantized(model, methods: list[str], n: int, repeats: int, rows: list[dict]) -> None:

@@ -26,8 +26,6 @@ beside it (when matplotlib is installed).
 """
 
 import argparse
-import contextlib
-import copy
 import datetime
 import functools
 import gc
@@ -41,12 +39,11 @@ import torch
 
 from xlstm7b import XLSTM, ModelConfig, generate
 from xlstm7b.quantize import METHODS
-from xlstm7b.decode import cuda_compiled_step, decoding_state, step_compilations, step_runner
+from xlstm7b.decode import decoding_state, step_compilations, step_runner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoding import (LiveRows, best_time, bench_quantized, cached_official, count_kernels, cpu_name,  # noqa: E402
-                      inductor_kernel_profile, official_graphed_generate, official_model, plot, prompt, version,
-                      weight_floor_ms)
+from decoding import (LiveRows, bench_kernels_per_token, bench_quantized, best_time, cached_official, cpu_name,  # noqa: E402
+                      official_graphed_generate, official_model, plot, prompt, version, weight_floor_ms)
 from profiling import profile_kernels  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -115,9 +112,10 @@ def bench_decode(ours: XLSTM, official, args, device: str, rows: list[dict]) -> 
         try:
             t1 = best_time(lambda: run_fn(impl, model, ids, 1, graph, sd), args.repeats)
             tn = best_time(lambda: run_fn(impl, model, ids, args.decode_tokens, graph, sd), args.repeats)
-        except torch.OutOfMemoryError:  # the recurrent state grows with the batch: keep the other rows
-            print(f"decode   {impl:<17} batch {B:>3}, {sd} state: out of memory", flush=True)
-            rows.append(row | dict(error="out of memory"))
+        except Exception as e:  # out of memory (the state grows with the batch), a peer's compilation: the other rows stand
+            row["error"] = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {e}"[:300]
+            print(f"decode   {impl:<17} batch {B:>3}, {sd} state: {row['error']}", flush=True)
+            rows.append(row)
             gc.collect()
             torch.cuda.empty_cache()
             continue
@@ -172,32 +170,6 @@ def bench_prefill(ours: XLSTM, official, args, device: str, rows: list[dict]) ->
             ttft = f", TTFT {row['ttft_s'] * 1e3:9.1f} ms" if "ttft_s" in row else ""
             print(f"prefill  {impl:<8} {S:>6} tokens: {S / forward:9.0f} tok/s (forward {forward * 1e3:.1f} ms){ttft}", flush=True)
             gc.collect()
-
-
-def bench_kernels_per_token(ours: XLSTM, args, device: str, rows: list[dict]) -> None:
-    """Appends a row per decode mode with the kernels one step at batch 1 runs (count_kernels): eager
-    and compiled, and on CUDA both replayed from their graphs (what the profiler sees of a graph)."""
-    cuda = device.startswith("cuda")
-    token = torch.ones(1, dtype=torch.long, device=device)
-    modes = [("eager", False, False)] + ([] if args.no_compiled else [("compiled", False, True)])
-    modes += [(f"{name}, CUDA graph", True, compiled) for name, _, compiled in modes] if cuda else []
-    for name, graph, compiled in modes:
-        state = decoding_state(None, ours.config, 1, device)
-        row = dict(impl=name, metric="kernels_per_token", batch=1)
-        with torch.no_grad(), inductor_kernel_profile() if compiled and not cuda else contextlib.nullcontext():
-            if compiled and not graph:
-                # Compiled for this count: on CPU a copy of the model compiles anew, with the kernels
-                # recorded; on CUDA the compiled step itself, called outside a graph.
-                model = copy.deepcopy(ours) if not cuda else ours
-                fn = (cuda_compiled_step(model, state) if cuda else step_runner(model, state, cuda_graph=False, compile=True))
-                run = (lambda: fn(model, token, state)) if cuda else (lambda: fn(token))
-            else:
-                step = step_runner(ours, state, cuda_graph=graph, compile=compiled)
-                run = lambda: step(token)  # noqa: E731
-            row.update(count_kernels(run, device))
-        rows.append(row)
-        print(f"kernels  {name:<20} batch 1: {row['kernels']} per token; most frequent: "
-              + ", ".join(f"{k['name'][:30]} x{k['calls']}" for k in row["top"][:3]), flush=True)
 
 
 def bench_profile(models: dict, args, config: ModelConfig, device, rows: list[dict]) -> None:
