@@ -24,9 +24,10 @@ from .common import EPS, MLSTMState
 @triton.jit
 def _state_row(SLOTS, i_bh, NH, HAS_SLOTS: tl.constexpr):
     """The state's batch*head row that the token row i_bh updates: its own, or its slot's head."""
-    if HAS_SLOTS:
-        return tl.load(SLOTS + i_bh // NH) * NH + i_bh % NH  # int64: a large pool's offsets do not wrap
-    return i_bh
+    s_bh = i_bh
+    if HAS_SLOTS:  # resolved at compile time, so s_bh may change type
+        s_bh = tl.load(SLOTS + i_bh // NH) * NH + i_bh % NH  # int64: a large pool's offsets do not wrap
+    return s_bh
 
 
 @triton.jit
