@@ -10,19 +10,16 @@ Every request's memory is one fixed-size state, so the pool is `max_batch` state
 (one `State` with batch `max_batch`, and one scratch row that no request owns); a request holds one
 row ("slot") from admission to its end.
 The scheduler runs on one thread (torch releases the GIL inside its kernels), in iterations:
-1. Cancelled requests free their slots. Waiting requests are admitted into free slots (the lowest
-   free row first), each starting from the longest cached prefix of its prompt (prefix_cache.py)
-   or from the zero state.
+1. Cancelled requests free their slots. Waiting requests are admitted into free slots, each
+   starting from the longest cached prefix of its prompt (prefix_cache.py) or from the zero state.
 2. Prefill, bounded: one chunkwise forward pass over the next piece (at most `prefill_chunk`
    positions) of the oldest prefilling requests, as many of them as fit in `prefill_tokens` padded
    positions (left padding, masked). A request whose prompt ends in this piece samples its first
    token from the last position's logits and starts decoding.
-3. Decode: one batched `model.step` over the decoding rows alone, named by their slot indices (as
-   vLLM's state cache does), padded to a bucket (the smallest power of two at least the number of
-   decoding requests, wherever their slots are) with inactive rows on the scratch row; free and
-   prefilling rows are neither read nor written. Every decoding request then samples its next
-   token with its own parameters and its own generator (so a seeded request gets the same tokens
-   whatever else is in the batch).
+3. Decode: one batched `model.step` over the decoding rows alone, by slot index (as vLLM's state
+   cache does), padded with inactive rows on the scratch row to a bucket: the smallest power of two
+   at least the number of decoding requests. Each samples its next token with its own parameters
+   and generator (a seeded request gets the same tokens whatever else is in the batch).
 A long prompt is thus prefilled over several iterations while the decoding requests still get one
 token per iteration: a prompt delays everybody's next token by at most one bounded prefill pass.
 
@@ -70,10 +67,8 @@ class Engine:
         mc = model.config
         self.piece = max(mc.chunk_size, self.config.prefill_chunk // mc.chunk_size * mc.chunk_size)
         N = self.config.max_batch
-        # Row N is the scratch row: the padding rows of a bucket step it, inactive, so never a request's.
         self.pool = State.zeros(mc, N + 1, device=self.device, dtype=self.config.state_dtype).stored_as(self.config.state_dtype)
-        self.scratch = N
-        self.slot_bytes = self.pool.nbytes // (N + 1)
+        self.scratch, self.slot_bytes = N, self.pool.nbytes // (N + 1)  # row N: the padding's, never a request's
         self.cache = PrefixCache(self.config.prefix_cache_bytes)
         self.use_graph = self.device.type == "cuda" if self.config.cuda_graph is None else self.config.cuda_graph
         self.buckets = sorted({min(N, 1 << k) for k in range(N.bit_length() + 1)})
@@ -312,16 +307,14 @@ class Engine:
         requests = list(self._decoding.values())
         B = len(requests)
         bucket = next(b for b in self.buckets if b >= B)
-        token = torch.full((bucket,), self.model.config.pad_token_id, dtype=torch.long)
-        token[:B] = torch.tensor([r.last_token for r in requests])
-        slots = torch.full((bucket,), self.scratch, dtype=torch.long)
-        slots[:B] = torch.tensor([r.slot for r in requests])
-        active = torch.arange(bucket) < B
-        logits = self._runner(bucket)(token.to(self.device), active.to(self.device), slots.to(self.device))[:B]
+        pad = bucket - B
+        token, slots = torch.tensor([[r.last_token for r in requests] + [self.model.config.pad_token_id] * pad,
+                                     [r.slot for r in requests] + [self.scratch] * pad]).to(self.device)  # one copy
+        logits = self._runner(bucket)(token, torch.arange(bucket, device=self.device) < B, slots)[:B]
         self.counts["decode_steps"][bucket] += 1
         self.counts["decode_rows"] += B
         bad = self._nonfinite_rows(logits, requests, "while decoding")
-        keep = [b for b in range(len(requests)) if b not in bad]
+        keep = [b for b in range(B) if b not in bad]
         if bad:
             requests, logits = [requests[b] for b in keep], logits[keep]
         if keep:
