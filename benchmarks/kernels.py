@@ -178,12 +178,12 @@ def bench_profile(args, device, dtype, record) -> None:
 # Meta-parameters to try against launch_config's, per launch, each a change of its defaults. Every
 # one compiles for sm_90 without spills at the 7B head shape, chunk 64 and 128, bf16 (kernels.aot,
 # Triton 3.7.1); RB 32 with 4 warps lowers to mma.sync, the rest to wgmma.
-# The L2-aware launch order first: every per-chunk launch with the tile index fastest (the row
-# "per-chunk" sets it on all of them at once), then each launch's.
+# The variants first: the L2-aware launch order (the row "per-chunk" sets it on every per-chunk
+# launch at once) and the states pass at each chunk's own stabilizer, then each launch's settings.
 TILES_FIRST = dict(grid_order="tiles")
 TUNE_CANDIDATES = {
     "per-chunk": [TILES_FIRST],
-    "states": [dict(num_warps=4), dict(BV=32), dict(BV=32, num_warps=4), dict(BK=128), dict(BV=128),
+    "states": [dict(local_max=1), dict(num_warps=4), dict(BV=32), dict(BV=32, num_warps=4), dict(BK=128), dict(BV=128),
                dict(num_stages=2), dict(num_stages=4)],
     "output": [TILES_FIRST, dict(RB=32, num_warps=4), dict(BV=128), dict(BV=32), dict(BK=32), dict(num_stages=2),
                dict(num_stages=4), dict(TILES_FIRST, BV=128)],

@@ -226,24 +226,29 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One cell of the matrix: a head shape, chunk size, input dtype, whether there are resets, and the
-    grid order of the launches that take one (launch_settings.GRID_ORDERS)."""
+    """One cell of the matrix: a head shape, chunk size, input dtype, whether there are resets, and
+    the variant of the kernels (a key of VARIANTS)."""
 
     DK: int
     DV: int
     L: int
     dtype: str
     reset: bool
-    grid_order: str = "chunks"
+    variant: str = "default"
 
     @property
     def tag(self) -> str:
         tag = f"DK{self.DK}-DV{self.DV}-L{self.L}-{self.dtype}" + ("-reset" if self.reset else "")
-        return tag if self.grid_order == "chunks" else f"{tag}-{self.grid_order}"
+        return tag if self.variant == "default" else f"{tag}-{self.variant}"
 
-    def overrides(self) -> dict[str, dict]:
-        """The launch_overrides of this case's grid order."""
-        return {} if self.grid_order == "chunks" else {k: dict(grid_order=self.grid_order) for k in GRID_LAUNCHES}
+
+VARIANTS = {
+    "default": {},
+    "tiles": {launch: dict(grid_order="tiles") for launch in GRID_LAUNCHES},
+    "local-max": dict(states=dict(local_max=1)),
+}
+"""The selectable variants of the chunkwise kernels besides the one-pass forward, as launch_overrides:
+the per-chunk launches with the tile index fastest, the states pass at each chunk's own stabilizer."""
 
 
 def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH: int = 2, S: int = 1031) -> list[Launch]:
@@ -261,7 +266,7 @@ def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH:
         L = triton_chunk_size(case.L, S, dt)  # the chunk this case really runs with
         b, ig, virt, cnt = chunk_gates(i, f, reset, L)
         C0, n0, m0 = torch.empty(B, NH, case.DK, case.DV, **meta), torch.empty(B, NH, case.DK, **meta), torch.empty(B, NH, 1, **meta)
-        with record_launches(target, case.tag) as recorded, launch_overrides(**case.overrides()):
+        with record_launches(target, case.tag) as recorded, launch_overrides(**VARIANTS[case.variant]):
             if dt != torch.float32 and L <= FUSED_MAX_CHUNK and target.arch >= 90:  # the one-pass forward, where built for
                 with launch_overrides(fused=dict(enabled=1)):
                     forward(q, k, v, b, ig, virt, cnt, C0, n0, m0, L, 1e-6)
@@ -269,9 +274,11 @@ def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH:
             backward(q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS,
                      torch.empty_like(h), torch.empty_like(C), torch.empty_like(n), torch.empty_like(m), L, 1e-6)
             step = [t[:, :, 0] for t in (q, k, v, i, f)]
-            mlstm_step_triton(*step, (C.clone(), n.clone(), m.clone()))
-            if dt == torch.bfloat16:  # serving's bfloat16 state slots
-                mlstm_step_triton(*step, (C.to(dt), n.to(dt), m.clone()))
+            slots = torch.empty(B, dtype=torch.int64, **meta)  # a serving pool's rows, by slot index
+            for by_slot in (None, slots):
+                mlstm_step_triton(*step, (C.clone(), n.clone(), m.clone()), slots=by_slot)
+                if dt == torch.bfloat16:  # serving's bfloat16 state slots
+                    mlstm_step_triton(*step, (C.to(dt), n.to(dt), m.clone()), slots=by_slot)
         launches += recorded
     return launches
 

@@ -113,8 +113,11 @@ def _states_fwd_kernel(
     s_k_bh, s_k_t, s_v_bh, s_v_t,
     # meta-parameters
     NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, LOCAL_MAX: tl.constexpr,
 ):
+    """The chunk-entry states. With LOCAL_MAX the chunk's own product k^T (w v) is taken at the
+    chunk's own max log weight and scaled to the running stabilizer after it, so the product does
+    not wait on the carried m: the chain from one chunk to the next is a scale and an add."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bh // NH
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -135,14 +138,21 @@ def _states_fwd_kernel(
         _, _, _, _, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
         m_new = tl.maximum(g + m, tl.maximum(tl.max(a, 0), virt_last))
         decay = tl.exp(g + m - m_new)
-        w = tl.exp(a - m_new)  # [L] weight of each token in the chunk-end state
+        m_loc = tl.max(a, 0)
+        m_loc = tl.where(m_loc == float("-inf"), 0.0, m_loc)  # -inf: no token reaches the chunk's end
+        w = tl.exp(a - m_loc) if LOCAL_MAX else tl.exp(a - m_new)  # [L] weight of each token
         offs_t = i_c * L + tl.arange(0, L)
         mt = offs_t < S
         kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
         vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32)
         kw = kt * w[:, None]
-        C = decay * C + tl.dot(tl.trans(kw).to(DT), vt.to(DT), input_precision=PREC)
-        n = decay * n + tl.sum(kw, 0)
+        if LOCAL_MAX:  # the chunk's product, then to the running stabilizer
+            to_new = tl.exp(m_loc - m_new)
+            C = decay * C + to_new * tl.dot(tl.trans(kw).to(DT), vt.to(DT), input_precision=PREC)
+            n = decay * n + to_new * tl.sum(kw, 0)
+        else:
+            C = decay * C + tl.dot(tl.trans(kw).to(DT), vt.to(DT), input_precision=PREC)
+            n = decay * n + tl.sum(kw, 0)
         m = m_new
     tl.store(CF + i_bh * DK * DV + c_off, C, mask=mkv)
     if i_v == 0:
@@ -309,12 +319,14 @@ def chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg, dtype: torch.dtype)
     NS = k.new_empty(B * NH, NC + 1, DK, dtype=torch.float32)
     MS = k.new_empty(B * NH, NC + 1, dtype=torch.float32)
     CF, NF, MF = final_state(k, DV)
+    meta = dict(cfg)
+    local_max = meta.pop("local_max")
     grid = (triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]), B * NH)
     _states_fwd_kernel[grid](
         k, v, b, ig, virt, cnt, C0, n0, m0, CS, NS, MS, CF, NF, MF,
         S, S_pad, NC, DK, DV,
         k.stride(1), k.stride(2), v.stride(1), v.stride(2),
-        HAS_RESET=cnt is not None, NH=NH, **cfg,
+        HAS_RESET=cnt is not None, NH=NH, LOCAL_MAX=bool(local_max), **meta,
     )
     return CS, NS, MS, (CF, NF, MF)
 

@@ -58,7 +58,7 @@ def default_config(dtype: torch.dtype, DK: int, DV: int, L: int, interpreter: bo
         # off until measured on a GPU (benchmarks/kernels.py --tune): one pass with the state on chip
         "fused": dict(common, enabled=0, BK=triton.next_power_of_2(DK), BV=16, num_warps=8, num_stages=1),
         # 64-row state tiles in half precision: the state products then lower to wgmma
-        "states": dict(common, BK=BK if half else tk, BV=tv),
+        "states": dict(common, BK=BK if half else tk, BV=tv, local_max=0),
         "output": dict(common, RB=min(L, wide), BK=tk, BV=tv, grid_order="chunks"),
         "scores": dict(common, RB=min(L, wide), BK=tk, BV=tv, grid_order="chunks"),
         "dqk": dict(common, BK=tk if L < 64 else min(tk, 32), BV=tv, grid_order="chunks"),
@@ -68,7 +68,7 @@ def default_config(dtype: torch.dtype, DK: int, DV: int, L: int, interpreter: bo
 
 TUNABLE = {
     "fused": ("enabled", "BV", "num_warps", "num_stages"),
-    "states": ("BK", "BV", "num_warps", "num_stages"),
+    "states": ("BK", "BV", "num_warps", "num_stages", "local_max"),
     "output": ("RB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
     "scores": ("RB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
     "dqk": ("BK", "BV", "num_warps", "num_stages", "grid_order"),
@@ -79,7 +79,9 @@ forward in one pass (_fused_fwd_kernel; `enabled=1` selects it over the states a
 "states" the forward's states pass (which the backward reruns to recompute the chunk-entry states)
 and the backward's own states pass; "output" the forward's output pass; "scores", "dqk" and "dv"
 the backward's other passes. "grid_order" (see GRID_ORDERS) is the launch order of the programs
-that share a chunk's operand tiles."""
+that share a chunk's operand tiles; "local_max" 1 has the chunk-entry states pass (forward, and its
+rerun in the backward) take each chunk's product at the chunk's own stabilizer, off the carried
+one's sequential chain (_states_fwd_kernel)."""
 
 MAX_GRID_Y = 65535
 """The largest grid size CUDA takes on a launch's second and third axes."""
@@ -106,7 +108,7 @@ def _allowed(name: str, value) -> bool:
         return value in (1, 2, 4, 8)
     if name == "num_stages":
         return 1 <= value <= 6
-    if name == "enabled":
+    if name in ("enabled", "local_max"):
         return value in (0, 1)
     return value >= 16 and value & (value - 1) == 0  # a tile: tl.dot takes powers of two >= 16
 
@@ -123,7 +125,7 @@ def launch_overrides(**kernels: dict[str, int]):
     launch_config's, e.g. `with launch_overrides(states=dict(BV=32, num_warps=4)):`, to measure
     other tiles, warps and pipeline stages (benchmarks/kernels.py --tune). Tiles are powers of two
     >= 16 (the launches mask DK and DV tails; RB is capped at the chunk), warps 1, 2, 4 or 8, stages
-    1 to 6, enabled 0 or 1, grid_order one of GRID_ORDERS. Results change by summation order and rounding only. Nested blocks add to
+    1 to 6, enabled and local_max 0 or 1, grid_order one of GRID_ORDERS. Results change by summation order and rounding only. Nested blocks add to
     the outer one's settings. A backward runs with its forward's settings (see chunkwise_triton)."""
     for kernel, params in kernels.items():
         if kernel not in TUNABLE:
@@ -133,7 +135,7 @@ def launch_overrides(**kernels: dict[str, int]):
                 raise ValueError(f"launch_overrides: {kernel} takes {', '.join(TUNABLE[kernel])}, not {name!r}")
             if not _allowed(name, value):
                 raise ValueError(f"launch_overrides: {kernel} {name}={value!r} is not allowed (tiles: powers of two "
-                                 ">= 16; num_warps: 1, 2, 4 or 8; num_stages: 1 to 6; enabled: 0 or 1; "
+                                 ">= 16; num_warps: 1, 2, 4 or 8; num_stages: 1 to 6; enabled, local_max: 0 or 1; "
                                  f"grid_order: one of {', '.join(map(repr, GRID_ORDERS))})")
     merged = {k: dict(v) for k, v in _OVERRIDES.get().items()}
     for kernel, params in kernels.items():

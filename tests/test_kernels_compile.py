@@ -34,14 +34,14 @@ ARCHS = (90, 80)
 HEAD_SHAPES = sorted({(c.qk_head_dim, c.v_head_dim) for c in map(ModelConfig.from_preset, preset_names())})
 SPILL_FREE = {(c.qk_head_dim, c.v_head_dim) for c in map(ModelConfig.from_preset, ("7b", "1.3b"))}
 
-def cases(shapes, resets=(False, True), dtypes=tuple(aot.DTYPES), grid_order="chunks") -> list[aot.Case]:
-    return [aot.Case(DK, DV, L, dtype, reset, grid_order) for DK, DV in shapes for L in CHUNK_SIZES for dtype in dtypes
+def cases(shapes, resets=(False, True), dtypes=tuple(aot.DTYPES), variant="default") -> list[aot.Case]:
+    return [aot.Case(DK, DV, L, dtype, reset, variant) for DK, DV in shapes for L in CHUNK_SIZES for dtype in dtypes
             for reset in resets]
 
 
-# The launches with the tile index fastest (grid_order "tiles") differ from the default only in how a
-# program finds its chunk and tile: compiled at the large shapes in bf16, the dtype they are for.
-TILES_FIRST = cases(sorted(SPILL_FREE), resets=(False,), dtypes=("bf16",), grid_order="tiles")
+# The variants (aot.VARIANTS) differ from the default in a few lines of the launches they change:
+# compiled at the large shapes in bf16, the dtype they are for.
+VARIANT_CASES = [c for v in aot.VARIANTS if v != "default" for c in cases(sorted(SPILL_FREE), (False,), ("bf16",), v)]
 
 KERNELS = {
     "_fused_fwd_kernel", "_states_fwd_kernel", "_output_fwd_kernel", "_states_bwd_kernel", "_scores_bwd_kernel",
@@ -60,7 +60,7 @@ def as_report(d: dict) -> aot.KernelReport:
 
 @pytest.fixture(scope="module")
 def reports() -> list[dict]:
-    return aot.compile_matrix({90: cases(HEAD_SHAPES) + TILES_FIRST, 80: cases(sorted(SPILL_FREE), resets=(False,)) + TILES_FIRST},
+    return aot.compile_matrix({90: cases(HEAD_SHAPES) + VARIANT_CASES, 80: cases(sorted(SPILL_FREE), resets=(False,)) + VARIANT_CASES},
                               jobs=2)
 
 
@@ -98,6 +98,15 @@ def test_tiles_first_launches_compiled(reports):
         assert r["constexprs"]["TILES_FIRST"] == "True" and r["grid"][0] == tiles_of[r["kernel"]], r
 
 
+def test_local_max_states_pass_compiled(reports):
+    """The states pass at each chunk's own stabilizer, for both archs and every chunk size."""
+    local = [r for r in reports if "error" not in r and r["constexprs"].get("LOCAL_MAX") == "True"]
+    for arch in ARCHS:
+        for L in CHUNK_SIZES:
+            assert {r["kernel"] for r in local if r["arch"] == arch and f"-L{L}-bf16-local-max" in r["tag"]} == {"_states_fwd_kernel"}
+    assert all(tag.endswith("-local-max") for r in local for tag in r["tag"].split(","))
+
+
 def test_launches_per_layer():
     """The backward is six Triton launches with no per-position PyTorch op around them (the gate
     vectors' autograd aside); the forward two. Counted on meta tensors in a process without the
@@ -111,6 +120,15 @@ def test_launches_per_layer():
         assert counts["forward"]["triton"] == 2 and counts["backward"]["triton"] == 6, counts
         assert counts["backward"]["torch"] <= 8, counts["backward"]["ops"]  # the gate vectors' autograd
         assert counts["forward"]["torch"] <= 14, counts["forward"]["ops"]  # the gate vectors
+
+
+def test_step_by_slot_index_compiled(reports):
+    """The decoding step on a serving pool's rows by slot index (both kernels), for both archs and
+    every head shape compiled there; its spills and shared memory are checked with the others."""
+    for arch in ARCHS:
+        by_slot = [r for r in reports if "error" not in r and r["arch"] == arch and r["constexprs"].get("HAS_SLOTS") == "True"]
+        assert {r["kernel"] for r in by_slot} == {"_step_kernel", "_step_nm_kernel"}, arch
+        assert any("DK256-DV512-" in r["tag"] for r in by_slot), arch
 
 
 def test_hopper_state_products_use_wgmma(reports):

@@ -17,7 +17,7 @@ from xlstm7b.kernels import (  # noqa: E402
     mlstm, mlstm_parallel, mlstm_step, mlstm_step_, mlstm_step_torch, mlstm_step_torch_, resolve_backend,
 )
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
-from xlstm7b.kernels import chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
+from xlstm7b.kernels import aot, chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import FUSED_MAX_CHUNK, state_dtype  # noqa: E402
 from xlstm7b.kernels.launch_settings import GRID_LAUNCHES, grid_meta, launch_config, launch_overrides  # noqa: E402
 from xlstm7b.kernels.step_triton import mlstm_step_triton  # noqa: E402
@@ -110,14 +110,11 @@ def case_id(c):
     return f"B{B}-NH{NH}-S{S}-DK{DK}-DV{DV}-L{L}" + "-init" * init + "-reset" * reset + f"-{gates}"
 
 
-VARIANTS = {
-    "two-pass": {},
-    "fused": dict(fused=dict(enabled=1)),
-    "tiles-first": {launch: dict(grid_order="tiles") for launch in GRID_LAUNCHES},
-}
+VARIANTS = {"two-pass": {}, "fused": dict(fused=dict(enabled=1))} | {k: v for k, v in aot.VARIANTS.items() if k != "default"}
 """The selectable forms of the kernels, as launch_overrides: the default (states and output passes,
 each per-chunk launch with the chunk index fastest), the one-pass forward (at the chunks it takes),
-and every per-chunk launch with the head-dim tile (or row block) index fastest."""
+and the variants of aot.VARIANTS (the per-chunk launches with the tile index fastest, the states
+pass at each chunk's own stabilizer)."""
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -135,7 +132,7 @@ def test_chunkwise_matches_oracle(case, variant):
         check_against_oracle(xs, rs, L, state_grads=gates != "limits")
 
 
-@pytest.mark.parametrize("variant", ["two-pass", "tiles-first"])
+@pytest.mark.parametrize("variant", ["two-pass", "tiles", "local-max"])
 def test_chunk_end_max_from_the_zeroed_state(variant):
     """A reset followed by input gates at -15 to the end of the chunk: the zeroed state (m = 0)
     outweighs every token, so the chunk-end m, the final state's, took its max from the zeroed
@@ -146,6 +143,18 @@ def test_chunk_end_max_from_the_zeroed_state(variant):
     rs[:, 36] = True
     with launch_overrides(**VARIANTS[variant]):
         check_against_oracle(xs, rs, 16)
+
+
+def test_local_max_with_a_chunk_no_token_reaches():
+    """Input gates of -inf over a whole chunk (as padding has): the chunk's own max is -inf, its
+    product zero; the states pass at the chunk's own stabilizer gives what the default gives."""
+    xs, _ = make_inputs(1, 2, 48, 16, 16, init=True)
+    xs[3][..., 16:32] = float("-inf")
+    default = mlstm_chunkwise_triton(*xs[:5], tuple(xs[5:]), chunk_size=16)
+    with launch_overrides(**VARIANTS["local-max"]):
+        local = mlstm_chunkwise_triton(*xs[:5], tuple(xs[5:]), chunk_size=16)
+    for a, b in zip((default[0], *default[1]), (local[0], *local[1])):
+        assert torch.isfinite(b).all() and rel_err(b, a) < 1e-6
 
 
 def test_grid_orders():
@@ -251,6 +260,8 @@ def test_the_backward_runs_with_the_forwards_launch_settings(monkeypatch):
     (dict(dqk=dict(grid_order="rows")), "grid_order: one of 'chunks', 'tiles'"),
     (dict(dv=dict(grid_order=1)), "grid_order: one of 'chunks', 'tiles'"),
     (dict(states=dict(grid_order="tiles")), "states takes"),
+    (dict(states=dict(local_max=2)), "local_max: 0 or 1"),
+    (dict(dv=dict(local_max=1)), "dv takes"),
 ])
 def test_launch_overrides_reject_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
