@@ -87,7 +87,7 @@ def test_greedy_generate_with_penalties_equals_a_loop_over_full_forward_passes()
 
 @pytest.mark.parametrize("field, value, words", [
     ("temperature", math.nan, "temperature must be a finite number >= 0"),
-    ("top_k", 0, "top_k must be an integer >= 1, or -1 for no limit"),
+    ("top_k", -2, "top_k must be an integer >= 1, or 0 or -1 for no limit"),
     ("top_p", 0.0, "top_p must be a number in (0, 1]"),
     ("min_p", 1.5, "min_p must be a number in [0, 1]"),
     ("presence_penalty", 2.5, "presence_penalty must be a number in [-2, 2]"),
@@ -108,7 +108,8 @@ def test_validate_names_the_field_and_its_range(field, value, words):
 
 def test_off_values_and_the_seed_of_each_choice():
     SamplingParams(top_k=-1, top_p=1.0, temperature=0.0, min_p=0.2).validate(512)  # greedy with filters: allowed, as in vLLM
-    assert SamplingParams(top_k=-1, top_p=1.0).draw_args() == {"temperature": 0.0, "top_k": None, "top_p": None, "min_p": 0.0}
+    for off in (-1, 0):  # vLLM's two spellings of no limit
+        assert SamplingParams(top_k=off, top_p=1.0).draw_args() == {"temperature": 0.0, "top_k": None, "top_p": None, "min_p": 0.0}
     assert [sequence_seed(5, j) for j in range(3)] == [5, 6, 7] and sequence_seed(None, 2) is None
     assert sequence_seed(2**64 - 1, 1) == 0
 

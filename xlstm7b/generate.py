@@ -34,14 +34,13 @@ that committed fewer); a stop request drops the rest of the block.
 """
 
 import functools
-import numbers
 from collections.abc import Sequence
 
 import torch
 
 from .decode import batch_prompts, check_finite, decoding_state, prefill, step_runner, token_buffer
 from .model import XLSTM
-from .sampling import LogitsProcessor, SamplingParams, sample
+from .sampling import LogitsProcessor, SamplingParams, is_int, sample
 from .speculative import speculative_decode
 from .state import State
 from .streaming import end_stream, stream
@@ -250,16 +249,12 @@ def _generate_speculative(model, draft, ids, mask, state, draft_state, *, specul
     return GenerateOutput(tokens, state, lengths, draft_state, stats)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def check_decoding(max_new_tokens, eos_token_id, prefill_chunk_size, vocab_size) -> None:
     """A ValueError naming max_new_tokens, eos_token_id or prefill_chunk_size when it is of the wrong
     type or out of range (the sampling arguments are SamplingParams.validate's)."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if eos_token_id is not None and (not _is_int(eos_token_id) or not 0 <= eos_token_id < vocab_size):
+    if eos_token_id is not None and (not is_int(eos_token_id) or not 0 <= eos_token_id < vocab_size):
         raise ValueError(f"eos_token_id must be a token id in the vocabulary [0, {vocab_size}) or None, got {eos_token_id!r}")
-    if not _is_int(prefill_chunk_size) or prefill_chunk_size < 1:
+    if not is_int(prefill_chunk_size) or prefill_chunk_size < 1:
         raise ValueError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size!r}")

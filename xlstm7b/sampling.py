@@ -43,7 +43,8 @@ class SamplingError(ValueError):
         super().__init__(f"{name} must be {requirement}, got {value!r}")
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+    """An integer that is not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
@@ -62,7 +63,7 @@ class SamplingParams:
     top_p: float | None = None
     """Nucleus sampling: the smallest set of most likely tokens whose probability reaches top_p (None or 1: off)."""
     top_k: int | None = None
-    """Sample among the top_k most likely tokens only (None or -1: off, vLLM's convention)."""
+    """Sample among the top_k most likely tokens only (None, 0 or -1: off, as in vLLM)."""
     min_p: float = 0.0
     """Drop the tokens whose probability is below min_p times the most likely one's (0: off)."""
     presence_penalty: float = 0.0
@@ -94,14 +95,14 @@ class SamplingParams:
         """Raises a SamplingError naming the first field of the wrong type or out of range;
         `max_tokens` is the range the caller allows for the field of that name."""
         lo, hi = max_tokens
-        if not _is_int(self.max_tokens) or not lo <= self.max_tokens <= hi:
+        if not is_int(self.max_tokens) or not lo <= self.max_tokens <= hi:
             raise SamplingError("max_tokens", f"an integer in [{lo}, {hi}]", self.max_tokens)
         if not _is_real(self.temperature) or self.temperature < 0:
             raise SamplingError("temperature", "a finite number >= 0 (0 is greedy)", self.temperature)
         if self.top_p is not None and (not _is_real(self.top_p) or not 0 < self.top_p <= 1):
             raise SamplingError("top_p", "a number in (0, 1]", self.top_p)
-        if self.top_k is not None and (not _is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1)):
-            raise SamplingError("top_k", "an integer >= 1, or -1 for no limit", self.top_k)
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < -1):
+            raise SamplingError("top_k", "an integer >= 1, or 0 or -1 for no limit", self.top_k)
         if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
             raise SamplingError("min_p", "a number in [0, 1]", self.min_p)
         for name in ("presence_penalty", "frequency_penalty"):
@@ -111,13 +112,13 @@ class SamplingParams:
         if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise SamplingError("repetition_penalty", "a finite number > 0 (1 is no penalty)", self.repetition_penalty)
         self._validate_ids(vocab_size)
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise SamplingError("seed", "an integer in [0, 2**64)", self.seed)
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingError("stop", "a list of non-empty strings", self.stop)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+            if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise SamplingError(name, f"an integer in [0, {MAX_LOGPROBS}] or None", value)
 
     def _validate_ids(self, vocab_size: int) -> None:
@@ -125,11 +126,11 @@ class SamplingParams:
             if not isinstance(self.logit_bias, Mapping):
                 raise SamplingError("logit_bias", "a mapping of token ids to numbers", self.logit_bias)
             for token, bias in self.logit_bias.items():
-                if not _is_int(token) or not 0 <= token < vocab_size:
+                if not is_int(token) or not 0 <= token < vocab_size:
                     raise SamplingError("logit_bias", f"keyed by token ids in the vocabulary [0, {vocab_size})", token)
                 if not _is_real(bias) or abs(bias) > MAX_LOGIT_BIAS:
                     raise SamplingError("logit_bias", f"valued in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", bias)
-        bad = [t for t in self.stop_token_ids if not _is_int(t) or not 0 <= t < vocab_size]
+        bad = [t for t in self.stop_token_ids if not is_int(t) or not 0 <= t < vocab_size]
         if bad:
             raise SamplingError("stop_token_ids", f"token ids in the vocabulary [0, {vocab_size})", bad[0])
 
@@ -148,7 +149,7 @@ class SamplingParams:
 
     def draw_args(self) -> dict:
         """The keyword arguments of `sample` (off values as None)."""
-        return {"temperature": self.temperature, "top_k": None if self.top_k in (None, -1) else self.top_k,
+        return {"temperature": self.temperature, "top_k": None if self.top_k in (None, 0, -1) else self.top_k,
                 "top_p": None if self.top_p in (None, 1) else self.top_p, "min_p": self.min_p}
 
 
