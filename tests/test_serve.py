@@ -174,6 +174,7 @@ BAD = {  # id: (endpoint, body, status, words in the message)
     "empty_ids": ("/v1/completions", GOOD | {"prompt": []}, 400, "empty"),
     "id_outside_vocab": ("/v1/completions", GOOD | {"prompt": [5, 10_000]}, 400, "outside the vocabulary"),
     "negative_id": ("/v1/completions", GOOD | {"prompt": [-3]}, 400, "outside the vocabulary"),
+    "negative_id_echoed": ("/v1/completions", GOOD | {"prompt": [[5], [6, -3]], "echo": True}, 400, "outside the vocabulary"),
     "n_above_max": ("/v1/completions", GOOD | {"n": 17}, 400, "--max-n"),
     "best_of_below_n": ("/v1/completions", GOOD | {"n": 2, "best_of": 1}, 400, "best_of must be >= n"),
     "best_of_streamed": ("/v1/completions", GOOD | {"n": 1, "best_of": 2, "stream": True}, 400, "best_of must equal n"),
@@ -191,9 +192,12 @@ BAD = {  # id: (endpoint, body, status, words in the message)
                                    400, "continue_final_message"),
     "suffix": ("/v1/completions", GOOD | {"suffix": "def"}, 400, "suffix"),
     "logprobs_above_20": ("/v1/completions", GOOD | {"logprobs": 21}, 400, "logprobs must be an integer in [0, 20]"),
-    "top_k_0": ("/v1/completions", GOOD | {"top_k": 0}, 400, "top_k must be an integer >= 1, or -1"),
+    "top_k_below_minus_1": ("/v1/completions", GOOD | {"top_k": -2}, 400, "top_k must be an integer >= 1, or 0 or -1"),
+    "seed_over_64_bits": ("/v1/completions", GOOD | {"seed": 2**64}, 400, "seed"),
+    "max_tokens_0_without_echo": ("/v1/completions", GOOD | {"max_tokens": 0}, 400, "max_tokens must be an integer in [1, 64]"),
     "penalty_out_of_range": ("/v1/completions", GOOD | {"presence_penalty": 2.5}, 400, "presence_penalty must be a number in [-2, 2]"),
     "logit_bias_key": ("/v1/completions", GOOD | {"logit_bias": {"x": 1.0}}, 400, "logit_bias must map token ids"),
+    "logit_bias_digit_key": ("/v1/completions", GOOD | {"logit_bias": {"\u00b2": 1.0}}, 400, "logit_bias must map token ids"),
     "logit_bias_id": ("/v1/completions", GOOD | {"logit_bias": {"99999": 1.0}}, 400, "logit_bias must be keyed by token ids"),
     "lone_surrogate": ("/v1/completions", b'{"model": "toy", "prompt": "ab\\ud800c", "max_tokens": 2}', 400, "lone surrogate"),
     "lone_surrogate_chat": ("/v1/chat/completions", b'{"model": "toy", "messages": [{"role": "user", "content": "\\udc00"}]}',
@@ -287,6 +291,7 @@ def test_chat_template_from_the_checkpoint(tmp_path):
     template = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": {"content": "<s>"}}))
     chat = ChatTemplate.from_checkpoint(tmp_path)
-    assert chat.render([{"role": "user", "content": "hi"}]) == "<s><|user|>hi<|assistant|>" and chat.stop == ()
+    # the template's leading bos_token is left to the server, which puts the BOS id first
+    assert chat.render([{"role": "user", "content": "hi"}]) == "<|user|>hi<|assistant|>" and chat.stop == ()
     plain = ChatTemplate.from_checkpoint(tmp_path / "none")
     assert plain.render([{"role": "user", "content": "hi"}]) == "User: hi\n\nAssistant:" and plain.stop == ("\nUser:",)

@@ -73,6 +73,36 @@ def test_echo_logprobs_equal_the_models_log_softmax(server):
     assert torch.allclose(torch.tensor(lp.token_logprobs[1:len(tokens)], dtype=torch.float64), forward_logprobs(server.model, tokens), atol=1e-4)
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(server):
+    """OpenAI's and vLLM's way to score a text: echo, logprobs and max_tokens 0 give the prompt's
+    tokens and log-probabilities, nothing generated (streamed too)."""
+    ids = [(5 * i) % 200 + 2 for i in range(40)]
+    r = run(server.client().completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=0,
+                                               extra_body={"return_token_ids": True}))
+    c, lp = r.choices[0], r.choices[0].logprobs
+    assert c.text == server.tokenizer.decode(ids) and c.token_ids == [] and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[0] is None
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:], dtype=torch.float64), forward_logprobs(server.model, ids), atol=1e-4)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+
+    async def streamed():
+        return [c async for c in await server.client().completions.create(
+            model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=0, stream=True)]
+
+    chunks = run(streamed())
+    assert "".join(c.choices[0].text for c in chunks) == c.text
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    assert chunks[-1].choices[0].finish_reason is not None
+
+
+def test_vllms_seed_conventions(server):
+    """seed -1 is no seed (vLLM's convention); another negative seed is taken modulo 2**64."""
+    ids = list(range(5, 30))
+    assert single(server, -5, ids) == single(server, 2**64 - 5, ids)
+    unseeded = {tuple(single(server, -1, ids)) for _ in range(3)}
+    assert len(unseeded) > 1  # 8 tokens at temperature 1 from a random model: a repeat of all of them is unlikely
+
+
 def single(server, seed: int, prompt, **kw) -> list[int]:
     r = run(server.client().completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, seed=seed,
                                                extra_body={"return_token_ids": True, "ignore_eos": True}, **kw))
@@ -116,7 +146,7 @@ def test_a_list_of_prompts_and_best_of(server):
 
 @pytest.mark.parametrize("sampling", [
     dict(temperature=0.0, repetition_penalty=1.4, frequency_penalty=0.6, presence_penalty=0.4, logit_bias={9: 4.0}),
-    dict(temperature=0.9, min_p=0.05, top_k=-1, repetition_penalty=0.8, seed=5),
+    dict(temperature=0.9, min_p=0.05, top_k=0, repetition_penalty=0.8, seed=5),
     dict(temperature=0.7, top_k=20, top_p=0.9, presence_penalty=-1.0, logit_bias={3: -100.0}, seed=6),
 ], ids=["greedy_penalties_bias", "min_p_no_top_k", "top_k_top_p_ban"])
 def test_penalties_min_p_and_logit_bias_equal_generate(server, sampling):

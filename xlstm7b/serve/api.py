@@ -31,6 +31,7 @@ from .jobs import Job
 from .limits import BodyLimit, LimitExceeded, Limits, check_text
 from .metrics import Metrics, access_log
 from .protocol import ChatBody, CompletionBody, FieldError, SamplingFields
+from .request import check_prompt
 from .responses import APIError
 
 log = logging.getLogger(__name__)
@@ -123,14 +124,24 @@ def build_app(engine: Engine, *, model_name: str, chat_template: ChatTemplate | 
         for p in prompts:
             if isinstance(p, str):
                 refuse(check_text, p, "prompt", limits)
+            else:
+                try:
+                    check_prompt(p, engine.config.max_prompt_tokens, config.vocab_size)
+                except ValueError as e:
+                    raise APIError(400, str(e), param="prompt") from None
         per_prompt, k = body.best_of or body.n, body.logprobs
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        # echo with max_tokens 0 scores the prompt alone (OpenAI's and vLLM's way): one token is
+        # generated, as vLLM does, and left out of the answer
+        echo_only = body.echo and max_tokens == 0
         # best_of ranks the sequences by their log-probabilities, so they are computed even if not reported
-        params = sequences(body, per_prompt, 16 if body.max_tokens is None else body.max_tokens,
+        params = sequences(body, per_prompt, 1 if echo_only else max_tokens,
                            logprobs=k if k is not None else 0 if per_prompt > body.n else None,
                            prompt_logprobs=k if body.echo else None)
         ids = [await asyncio.to_thread(encode, p) if isinstance(p, str) else p for p in prompts]
-        echo = [p if isinstance(p, str) else decode(p) for p in prompts] if body.echo else None
-        job = make_job(body, chat=False, per_prompt=per_prompt, report_logprobs=k is not None, echo=echo)
+        echo = [p if isinstance(p, str) else await asyncio.to_thread(decode, p) for p in prompts] if body.echo else None
+        job = make_job(body, chat=False, per_prompt=per_prompt, report_logprobs=k is not None, echo=echo,
+                       generated=not echo_only)
         return await answer(job, request, body, ids, params)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
@@ -142,15 +153,15 @@ def build_app(engine: Engine, *, model_name: str, chat_template: ChatTemplate | 
         if sum(len(m["content"]) for m in messages) > limits.max_prompt_chars:
             raise APIError(400, f"the messages are longer than this server's limit of {limits.max_prompt_chars:,} characters "
                                 "(--max-prompt-chars)", param="messages")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        params = sequences(body, body.n, engine.config.max_new_tokens if max_tokens is None else max_tokens,
+                           chat_template.stop, logprobs=k)
         try:
             text = await asyncio.to_thread(chat_template.render, messages, body.add_generation_prompt, body.continue_final_message)
         except ValueError as e:
             raise APIError(400, str(e), param="continue_final_message") from None
         refuse(check_text, text, "the templated chat", limits)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        k = (body.top_logprobs or 0) if body.logprobs else None
-        params = sequences(body, body.n, engine.config.max_new_tokens if max_tokens is None else max_tokens,
-                           chat_template.stop, logprobs=k)
         ids = await asyncio.to_thread(encode, text)
         job = make_job(body, chat=True, per_prompt=body.n, report_logprobs=body.logprobs)
         return await answer(job, request, body, [ids], params)
@@ -182,7 +193,7 @@ def build_app(engine: Engine, *, model_name: str, chat_template: ChatTemplate | 
     def sequences(body: SamplingFields, count: int, max_tokens: int, extra_stop: tuple[str, ...] = (), **kw) -> list[SamplingParams]:
         """The engine's parameters for `count` sequences of a prompt, sequence j seeded with seed + j
         (so choice j is what a single request with seed + j gives), checked before any work."""
-        params = [refuse(body.sampling, max_tokens, extra_stop, seed=sequence_seed(body.seed, j), **kw) for j in range(count)]
+        params = [refuse(body.sampling, max_tokens, extra_stop, seed=sequence_seed(body.first_seed, j), **kw) for j in range(count)]
         try:
             engine.check_params(params[0])
         except ValueError as e:

@@ -47,10 +47,14 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
         """[{"role", "content"}] -> the prompt text, ending where the assistant's reply begins; with
         continue_final_message (and add_generation_prompt False, as in vLLM), ending inside the
-        last message, an assistant's, which the reply continues."""
+        last message, an assistant's, which the reply continues. The text of a template's leading
+        bos_token is left out: the server puts the BOS token first itself (twice would be a prompt
+        the model never saw in training)."""
         if self.template is not None:
             text = self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            if self.bos_token:
+                text = text.removeprefix(self.bos_token)
             if continue_final_message:  # cut what the template puts after the final message's content
                 last = messages[-1]["content"]
                 end = text.rfind(last)

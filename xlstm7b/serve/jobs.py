@@ -18,13 +18,14 @@ from .responses import APIError, chat_logprobs, completion_logprobs, sse, usage
 class Job:
     """`per_prompt` sequences for each prompt; the answer keeps the `n` with the highest cumulative
     log-probability of each prompt (all of them unless best_of > n), choice i * n + j being the
-    j-th of prompt i. `echo`: the prompts' texts, put before the choices' texts (completions)."""
+    j-th of prompt i. `echo`: the prompts' texts, put before the choices' texts (completions);
+    `generated` False: the choices hold the echoed prompt alone (echo with max_tokens 0)."""
 
     def __init__(self, engine: Engine, metrics: Metrics, token_text: Callable[[int], str], *, chat: bool, model_name: str,
-                 n: int, per_prompt: int, report_logprobs: bool, echo: list[str] | None = None,
+                 n: int, per_prompt: int, report_logprobs: bool, echo: list[str] | None = None, generated: bool = True,
                  return_token_ids: bool = False, include_usage: bool = False, user: str | None = None):
         self.engine, self.metrics, self.text = engine, metrics, token_text
-        self.chat, self.n, self.per_prompt, self.echo = chat, n, per_prompt, echo
+        self.chat, self.n, self.per_prompt, self.echo, self.generated = chat, n, per_prompt, echo, generated
         self.report, self.return_token_ids, self.include_usage, self.user = report_logprobs, return_token_ids, include_usage, user
         self.rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.head = {"id": self.rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -91,21 +92,27 @@ class Job:
                 group = sorted(group, key=lambda r: -r.cumulative_logprob)[:self.n]
             for r in group:
                 choices.append(self.choice(len(choices), r, start // self.per_prompt))
-        return {**self.head, "choices": choices, "usage": usage(self.requests, self.per_prompt)}
+        return {**self.head, "choices": choices, "usage": self.usage()}
+
+    def usage(self) -> dict:
+        return usage(self.requests, self.per_prompt, self.generated)
+
+    def output(self, r: Request) -> tuple[list[int], list[Logprob], str]:
+        """What the answer shows of a sequence's output: its ids, log-probabilities and text."""
+        return (r.output_ids, r.logprobs, r.text) if self.generated else ([], [], "")
 
     def choice(self, index: int, r: Request, prompt: int) -> dict:
         if self.chat:
             c = {"index": index, "message": {"role": "assistant", "content": r.text},
                  "logprobs": chat_logprobs(r.output_ids, r.logprobs, self.text) if self.report else None}
         else:
-            ids, entries = r.output_ids, r.logprobs
+            ids, entries, text = self.output(r)
             if self.echo is not None:
-                ids, entries = r.prompt + ids, r.prompt_logprobs + entries
-            c = {"index": index, "text": (self.echo[prompt] if self.echo is not None else "") + r.text,
-                 "logprobs": completion_logprobs(ids, entries, self.text) if self.report else None}
+                ids, entries, text = r.prompt + ids, r.prompt_logprobs + entries, self.echo[prompt] + text
+            c = {"index": index, "text": text, "logprobs": completion_logprobs(ids, entries, self.text) if self.report else None}
         c["finish_reason"] = r.finish_reason
         if self.return_token_ids:
-            c["token_ids"] = r.output_ids
+            c["token_ids"] = self.output(r)[0]
         return c
 
     async def stream(self):
@@ -127,13 +134,13 @@ class Job:
                     started.add(index)
                     r = self.requests[index]
                     yield self.chunk(index, self.echo[index // self.per_prompt], r.prompt, r.prompt_logprobs)
-                if event.token_ids or event.text:
+                if self.generated and (event.token_ids or event.text):
                     yield self.chunk(index, event.text, event.token_ids, event.logprobs)
                 if event.finish_reason is not None:
                     yield self.chunk(index, None, [], [], event.finish_reason)
             else:
                 if self.include_usage:
-                    yield sse(self.head | {"object": self.chunk_object, "choices": [], "usage": usage(self.requests, self.per_prompt)})
+                    yield sse(self.head | {"object": self.chunk_object, "choices": [], "usage": self.usage()})
             yield sse("[DONE]")
         finally:  # also when the client went away (the response was cancelled): free the slots now
             self.close()
@@ -166,4 +173,4 @@ class Job:
             else:
                 self.metrics.observe(r)
         endpoint = "/v1/chat/completions" if self.chat else "/v1/completions"
-        log_request(self.rid, endpoint, self.status, self.requests, usage(self.requests, self.per_prompt), self.user)
+        log_request(self.rid, endpoint, self.status, self.requests, self.usage(), self.user)

@@ -43,7 +43,8 @@ class SamplingFields(Strict):
     top_p: StrictFloat | None = None
     top_k: StrictInt | None = None
     min_p: StrictFloat = 0.0
-    seed: StrictInt | None = None
+    seed: Annotated[int, Field(strict=True, ge=-2**63, lt=2**64)] | None = None
+    """vLLM's range: -1 is no seed; another negative seed is taken modulo 2**64."""
     stop: str | list[str] | None = None
     stop_token_ids: list[StrictInt] = []
     include_stop_str_in_output: StrictBool = False
@@ -64,12 +65,17 @@ class SamplingFields(Strict):
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed with stream=true")
 
+    @property
+    def first_seed(self) -> int | None:
+        """The seed of the first sequence: None for no seed or vLLM's -1 (the others: sampling.sequence_seed)."""
+        return None if self.seed in (None, -1) else self.seed
+
     def sampling(self, max_tokens: int, extra_stop: tuple[str, ...] = (), *, logprobs: int | None = None,
                  prompt_logprobs: int | None = None, seed: int | None = None) -> SamplingParams:
         """The engine's parameters for one sequence (checked by the engine)."""
         bias = None
         if self.logit_bias:
-            bad = next((k for k in self.logit_bias if not k.lstrip("-").isdigit()), None)
+            bad = next((k for k in self.logit_bias if not k.isascii() or not k.lstrip("-").isdigit()), None)
             if bad is not None:
                 raise FieldError("logit_bias", f"logit_bias must map token ids (strings of digits) to numbers, got the key {bad!r}")
             bias = {int(token): value for token, value in self.logit_bias.items()}

@@ -22,13 +22,15 @@ class EngineStopped(RuntimeError):
 
 def check_prompt(prompt, max_prompt_tokens: int, vocab_size: int) -> list[int]:
     """The prompt as a list of token ids, or a ValueError saying what is wrong with it."""
-    if not isinstance(prompt, Sequence) or isinstance(prompt, str) or not all(isinstance(t, int) for t in prompt):
+    if not isinstance(prompt, Sequence) or isinstance(prompt, str):
         raise ValueError("the prompt must be a list of integer token ids")
     if not prompt:
         raise ValueError("the prompt is empty; give at least one token")
-    if len(prompt) > max_prompt_tokens:
+    if len(prompt) > max_prompt_tokens:  # before looking at every id
         raise ValueError(f"the prompt has {len(prompt)} tokens, more than this server's limit of "
                          f"{max_prompt_tokens} (--max-prompt-tokens)")
+    if not all(isinstance(t, int) for t in prompt):
+        raise ValueError("the prompt must be a list of integer token ids")
     bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise ValueError(f"the prompt contains token id {bad}, outside the vocabulary [0, {vocab_size})")

@@ -58,12 +58,13 @@ def chat_logprobs(token_ids: list[int], entries: list[Logprob], text: Callable[[
                         for t, e in zip(token_ids, entries)]}
 
 
-def usage(requests: list[Request], per_prompt: int) -> dict:
+def usage(requests: list[Request], per_prompt: int, generated: bool = True) -> dict:
     """Token counts of an HTTP request whose engine requests are `per_prompt` sequences of each
-    prompt in turn: every prompt once, every sequence generated (best_of's too)."""
+    prompt in turn: every prompt once, every sequence generated (best_of's too; none when the
+    answer leaves out what was `generated`, the echo of a prompt alone)."""
     firsts = requests[::per_prompt]
     prompt, cached = sum(len(r.prompt) for r in firsts), sum(r.cached_tokens for r in firsts)
-    n = sum(len(r.output_ids) for r in requests)
+    n = sum(len(r.output_ids) for r in requests) if generated else 0
     return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
