@@ -148,14 +148,12 @@ def test_other_commands_do_not_import_the_server():
 def test_cli_errors(tmp_path, checkpoint_dir, capsys):
     assert serve_cli.main(["--checkpoint", str(tmp_path / "none")]) == 2
     assert "no such folder" in capsys.readouterr().err
-    assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--max-batch", "0"]) == 2
-    assert "max_batch must be a positive integer" in capsys.readouterr().err
-    assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--max-n", "0"]) == 2
-    assert "--max-n must be a positive integer" in capsys.readouterr().err
-    assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--max-body-mb", "0"]) == 2
-    assert "--max-body-mb must be a positive number" in capsys.readouterr().err
-    assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--max-stop-strings", "0"]) == 2
-    assert "max_stop_strings must be a positive integer" in capsys.readouterr().err
+    for flag, value, words in [("--max-batch", "0", "an integer >= 1"), ("--max-n", "0", "an integer >= 1"),
+                               ("--max-stop-strings", "0", "an integer >= 1"), ("--max-body-mb", "0", "a number > 0"),
+                               ("--prefix-cache-mb", "-1", "a number >= 0"), ("--shutdown-timeout", "nan", "a number >= 0")]:
+        with pytest.raises(SystemExit) as exit_:
+            serve_cli.main(["--checkpoint", str(checkpoint_dir), flag, value])
+        assert exit_.value.code == 2 and f"argument {flag}: must be {words}" in capsys.readouterr().err
     assert serve_cli.main(["--checkpoint", str(checkpoint_dir), "--tokenizer", str(tmp_path / "t.json")]) == 2
     assert "not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from ..arguments import POSITIVE_INT, number
 from ..pretrained import CheckpointError, from_pretrained
 from ..threads import add_threads_option, set_threads
 from .config import STATE_DTYPES, EngineConfig
@@ -47,22 +48,35 @@ def address_problem(host: str, port: int) -> str | None:
                 "or a --host address of this machine")
 
 
+POSITIVE = number(float, 0, low_open=True, what="a number > 0")
+NON_NEGATIVE = number(float, 0, what="a number >= 0")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="xlstm7b serve", description="Serve a checkpoint over an OpenAI-compatible HTTP API.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder (config.json + safetensors [+ tokenizer.json])")
-    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint folder's; without one, prompts must be token ids)")
-    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
-    p.add_argument("--port", type=port, default=8000, help="TCP port, 0 to 65535 (0: any free one)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ requests")
-    p.add_argument("--max-batch", type=int, default=64, help="state slots: requests prefilled or decoded at once")
-    p.add_argument("--max-queue", type=int, default=1024, help="requests that may wait for a slot; more get 503 overloaded")
-    p.add_argument("--max-prompt-tokens", type=int, default=32768, help="longest prompt accepted")
-    p.add_argument("--max-tokens", type=int, default=4096, help="largest max_tokens a request may ask for")
-    p.add_argument("--prefill-chunk", type=int, default=256,
-                   help="prompt tokens a request prefills per scheduler iteration (also the prefix cache's granularity)")
-    p.add_argument("--prefill-tokens", type=int, default=4096, help="padded prompt tokens one prefill pass may run")
-    p.add_argument("--prefix-cache-mb", type=float, default=1024, help="memory for cached prefix states (0: no prefix cache)")
+    p = argparse.ArgumentParser(prog="xlstm7b serve", description="Serve a checkpoint over an OpenAI-compatible HTTP API "
+                                "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics).")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder (config.json + safetensors [+ tokenizer.json])")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="tokenizer.json (default: the checkpoint folder's; without one, prompts must be token ids)")
+    p.add_argument("--model-name", metavar="NAME", help="the model id clients send (default: the checkpoint folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=port, default=8000, help="TCP port, 0 to 65535 (0: any free one; default: %(default)s)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--max-batch", type=POSITIVE_INT, default=64, metavar="N",
+                   help="state slots: requests prefilled or decoded at once (default: %(default)s)")
+    p.add_argument("--max-queue", type=POSITIVE_INT, default=1024, metavar="N",
+                   help="requests that may wait for a slot; more get 503 overloaded (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=POSITIVE_INT, default=32768, metavar="N",
+                   help="longest prompt accepted, in tokens (default: %(default)s)")
+    p.add_argument("--max-tokens", type=POSITIVE_INT, default=4096, metavar="N",
+                   help="largest max_tokens a request may ask for; chat's default max_tokens (default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=POSITIVE_INT, default=256, metavar="N",
+                   help="prompt tokens a request prefills per scheduler iteration, also the prefix cache's granularity "
+                        "(default: %(default)s)")
+    p.add_argument("--prefill-tokens", type=POSITIVE_INT, default=4096, metavar="N",
+                   help="padded prompt tokens one prefill pass may run (default: %(default)s)")
+    p.add_argument("--prefix-cache-mb", type=NON_NEGATIVE, default=1024, metavar="MB",
+                   help="memory for cached prefix states (0: no prefix cache; default: %(default)s)")
     p.add_argument("--state-dtype", choices=list(STATE_DTYPES), default="bfloat16",
                    help="dtype of the state slots' C and n (bfloat16, the default, halves their memory and traffic "
                         "against float32; m stays float32)")
@@ -70,19 +84,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="weights: auto is bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     add_threads_option(p)
-    p.add_argument("--compile", action="store_true", help="compile the decode step (once per batch bucket, at start; on CUDA captured in the bucket's CUDA graph)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")
-    limits = p.add_argument_group("limits on a request (each refusal names its flag)")
-    limits.add_argument("--max-body-mb", type=float, default=Limits.max_body_bytes / 2**20, help="largest request body (413 beyond)")
-    limits.add_argument("--max-prompt-chars", type=int,
-                        help="longest prompt text, checked before tokenizing (default: --max-prompt-tokens times the "
-                             "longest token's text, which no prompt within --max-prompt-tokens exceeds)")
-    limits.add_argument("--max-n", type=int, default=Limits.max_n, help="largest n and best_of")
-    limits.add_argument("--max-prompts", type=int, default=Limits.max_prompts, help="most prompts in one completions request")
-    limits.add_argument("--max-stop-strings", type=int, default=EngineConfig.max_stop_strings, help="most stop strings per request")
-    limits.add_argument("--max-stop-chars", type=int, default=EngineConfig.max_stop_chars, help="longest stop string")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (once per batch bucket, at start; on CUDA captured in the bucket's CUDA graph)")
+    p.add_argument("--shutdown-timeout", type=NON_NEGATIVE, default=30.0, metavar="S",
+                   help="seconds running requests get to finish on SIGTERM (default: %(default)s)")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="one line per request on stderr: id, tokens, time to first token, total time, finish reason")
+    limits = p.add_argument_group("limits on a request (each refusal names its flag)")
+    limits.add_argument("--max-body-mb", type=POSITIVE, default=Limits.max_body_bytes / 2**20, metavar="MB",
+                        help="largest request body, 413 beyond (default: %(default)s)")
+    limits.add_argument("--max-prompt-chars", type=POSITIVE_INT, metavar="N",
+                        help="longest prompt text, checked before tokenizing (default: --max-prompt-tokens times the "
+                             "longest token's text, which no prompt within --max-prompt-tokens exceeds)")
+    limits.add_argument("--max-n", type=POSITIVE_INT, default=Limits.max_n, metavar="N",
+                        help="largest n and best_of (default: %(default)s)")
+    limits.add_argument("--max-prompts", type=POSITIVE_INT, default=Limits.max_prompts, metavar="N",
+                        help="most prompts in one completions request (default: %(default)s)")
+    limits.add_argument("--max-stop-strings", type=POSITIVE_INT, default=EngineConfig.max_stop_strings, metavar="N",
+                        help="most stop strings per request (default: %(default)s)")
+    limits.add_argument("--max-stop-chars", type=POSITIVE_INT, default=EngineConfig.max_stop_chars, metavar="N",
+                        help="longest stop string (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -108,9 +129,6 @@ def main(argv: list[str]) -> int:
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), state_dtype=STATE_DTYPES[args.state_dtype], compile=args.compile,
         max_stop_strings=args.max_stop_strings, max_stop_chars=args.max_stop_chars,
     )
-    if (problem := limits_problem(args)) is not None:
-        print(f"xlstm7b serve: {problem}", file=sys.stderr)
-        return 2
     try:
         model = from_pretrained(folder, device=device, dtype=dtype)
         tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.is_file() else None
@@ -141,15 +159,3 @@ def main(argv: list[str]) -> int:
     server.run()  # the app stops the engine when it shuts down
     return 0
 
-
-def limits_problem(args: argparse.Namespace) -> str | None:
-    """What is wrong with the limit flags, or None."""
-    for flag in ("max_n", "max_prompts", "max_prompt_chars"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            return f"--{flag.replace('_', '-')} must be a positive integer, got {value}"
-    if not args.max_body_mb > 0:
-        return f"--max-body-mb must be a positive number, got {args.max_body_mb}"
-    if args.shutdown_timeout < 0:
-        return f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}"
-    return None
