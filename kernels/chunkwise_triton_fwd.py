@@ -9,7 +9,8 @@ Two launches (spec §2, chunkwise form):
    goes to memory (C in bf16 for bf16 inputs: see state_dtype).
 2. `_output_fwd_kernel`: one program per (chunk and block of its rows, DV tile, batch*head)
    computes those outputs from the chunk's entry state and its own tokens (causal scores against
-   the chunk's L tokens, loop over DK tiles).
+   the chunk's L tokens, loop over DK tiles); the grid's order (chunks or DV tiles fastest) is a
+   launch setting (launch_settings.GRID_ORDERS, program_ids).
 Or one (launch_config's "fused" entry, off by default until a GPU has measured it):
 `_fused_fwd_kernel`: one program per (DV tile, batch*head) walks the chunks in order with its
 columns of the state on chip, computing each chunk's outputs and then its state update.
