@@ -1,4 +1,4 @@
-"""The serving engine's settings (`xlstm7b serve`'s flags of the same names)."""
+"""The serving engine's settings (`xlstm7b serve`'s flags)."""
 
 from dataclasses import dataclass
 
@@ -9,8 +9,13 @@ from ..state import STORAGE_DTYPES
 
 STATE_DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in STORAGE_DTYPES}
 """The slots' state dtypes (State.stored_as), by name."""
+
+
 @dataclass
 class EngineConfig:
+    """How the engine batches, bounds and stores its requests: `xlstm7b serve`'s flags of the same
+    names, but max_new_tokens is --max-tokens and prefix_cache_bytes is --prefix-cache-mb."""
+
     max_batch: int = 64
     """State slots: how many requests are prefilled or decoded at once (the decode batch size)."""
     max_queue: int = 1024
