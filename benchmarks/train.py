@@ -125,30 +125,28 @@ def time_training(preset: str, device: torch.device, steps: int, micro_batch: in
     return row
 
 
-def time_rows(preset: str, device: torch.device, args) -> tuple[list[dict], list[dict]]:
+def time_rows(preset: str, device: torch.device, args, record) -> None:
     """The rows of one preset, in one process so that they compare: each of eager and compiled
     (--compile), each optimizer (--optimizer) and each micro-batch (--micro-batch-sweep, or the one
     of --micro-batch); and the sizes of a sweep that ran out of memory (the first ends its sweep),
-    each with its error."""
-    rows, failed = [], []
+    each with its error. Each goes to `record(kind, row)` as soon as it is measured, so a run cut
+    short by its time budget keeps the rows it took."""
     steps = args.steps or (10 if device.type == "cuda" else 3)
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         for optimizer in args.optimizer:
             for m in args.micro_batch_sweep or [args.micro_batch]:
                 try:
-                    rows.append(time_training(preset, device, steps, m, args.seq_len or None, args.profile, compiled, optimizer,
-                                              [f"--{o}" for o in args.set]))
+                    record("throughput", time_training(preset, device, steps, m, args.seq_len or None, args.profile, compiled,
+                                                       optimizer, [f"--{o}" for o in args.set]))
                 except torch.OutOfMemoryError as e:
                     if not args.micro_batch_sweep:
                         raise
-                    failed.append({"preset": preset, "compile": compiled, "optimizer": optimizer, "micro_batch": m,
-                                   "error": f"out of memory: {str(e).splitlines()[0]}"})
-                    print(f"{preset:>6} micro_batch {m}: {failed[-1]['error']}", flush=True)
+                    record("out_of_memory", {"preset": preset, "compile": compiled, "optimizer": optimizer, "micro_batch": m,
+                                             "error": f"out of memory: {str(e).splitlines()[0]}"})
                     break
                 finally:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    return rows, failed
 
 
 def print_row(row: dict) -> None:
@@ -219,18 +217,23 @@ def main(argv=None) -> int:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     presets = args.presets or (["125m", "350m", "1.3b"] if device.type == "cuda" else ["toy"])
     result = {"machine": machine(device), "throughput": [], "out_of_memory": []}
-    for preset in presets:
-        rows, failed = time_rows(preset, device, args)
-        for row in rows:
+    out = args.output or RESULTS / f"train-{device.type if device.type == 'cpu' else 'gpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(kind: str, row: dict) -> None:
+        if kind == "throughput":
             print_row(row)
-        result["throughput"] += rows
-        result["out_of_memory"] += failed
+        else:
+            print(f"{row['preset']:>6} micro_batch {row['micro_batch']}: {row['error']}", flush=True)
+        result[kind].append(row)
+        out.write_text(json.dumps(result, indent=2))
+
+    for preset in presets:
+        time_rows(preset, device, args, record)
     if args.run_dir:
         result["toy_run"] = run_summary(args.run_dir) | xz_bpb("toy")
         r = result["toy_run"]
         print(f"toy run: val bpb {r['val_bpb']:.3f} after {r['steps']} steps; xz -9 on the same validation files: {r['xz9_bpb']:.3f} bpb")
-    out = args.output or RESULTS / f"train-{device.type if device.type == 'cpu' else 'gpu'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0

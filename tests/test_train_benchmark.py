@@ -51,3 +51,22 @@ def test_profile_categories():
              "aten::_foreach_mul_": "optimizer", "Memcpy HtoD (Pinned -> Device)": "memory", "ncclDevKernel_AllGather": "memory",
              "triton_poi_fused_mul_rms_norm_0": "elementwise", "void at::native::vectorized_elementwise_kernel<4>": "elementwise"}
     assert {n: profiling.category(n) for n in names} == names
+
+
+def test_rows_are_written_as_measured(tmp_path, monkeypatch):
+    """A stage cut by the GPU run's budget keeps the rows it took: the JSON holds the first row
+    before the second is measured."""
+    bench = load_script("train", monkeypatch)
+    out = tmp_path / "train.json"
+    timed = bench.time_training
+
+    def second_row_fails(*args, **kwargs):
+        if out.exists():
+            raise KeyboardInterrupt  # as the budget's kill would end the process
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_training", second_row_fails)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--presets", "debug", "--steps", "1", "--optimizer", "loop", "foreach",
+                    "--set", "model.num_blocks=1", "--output", str(out)])
+    assert [r["optimizer"] for r in json.loads(out.read_text())["throughput"]] == ["AdamW (loop)"]
