@@ -1,9 +1,10 @@
 """What the server reports about itself: Prometheus metrics at /metrics, labelled by model_name
 (as vLLM's are), and one access-log line per request on the logger `xlstm7b.serve.access`.
 
-Histograms, observed when a request ends (cancelled ones included): time to first token,
-inter-token latency (between consecutive tokens of a request), time in the queue (arrival to a
-slot), prefill time (slot to first token), decode time (first token to last), end-to-end latency,
+Histograms, observed for each sequence that has ended when its HTTP request is answered (those the
+shutdown cancelled included; one cancelled because its client went away is not): time to first
+token, inter-token latency (between consecutive tokens of a request), time in the queue (arrival to
+a slot), prefill time (slot to first token), decode time (first token to last), end-to-end latency,
 and the prompt and generation lengths in tokens. Gauges and counters are read from the engine at
 every scrape."""
 
