@@ -98,6 +98,7 @@ def rereads(s: Shape, d: Design, dev: Device) -> dict[str, float]:
     in between touches fit in it (least-recently-used eviction): with grid order "tiles" those
     programs are adjacent, with "chunks" a whole head's chunks apart (S / L programs, or S / RB)."""
     DK, DV, e, L = s.DK, s.DV, s.e, d.L
+    S = min(s.S, s.T)  # a sequence holds at most the T tokens
     cfg = default_config(torch.bfloat16 if e == 2 else torch.float32, DK, DV, L)
     qk_bytes, v_bytes = s.T * s.NH * DK * e, s.T * s.NH * DV * e
     tiles_bytes = s.T * s.NH * L * e  # one [L, L] tile per chunk
@@ -106,12 +107,12 @@ def rereads(s: Shape, d: Design, dev: Device) -> dict[str, float]:
     # launch: (tiles sharing the rows, their bytes over all chunks, programs per head in the grid's
     # outer index, bytes one program touches)
     shared = {
-        "output": (-(-DV // out["BV"]), 2 * qk_bytes, s.S // RB,
+        "output": (-(-DV // out["BV"]), 2 * qk_bytes, S // RB,
                    (RB + L) * DK * e + DK * out["BV"] * d.c_bytes + (L + RB) * out["BV"] * e),
-        "scores": (L // RBs, qk_bytes + v_bytes, s.S // L, (RBs + L) * DK * e + (L + 2 * RBs) * DV * e + 2 * RBs * L * e),
-        "dqk": (-(-DK // dqk["BK"]), 2 * v_bytes + tiles_bytes, s.S // L,
+        "scores": (L // RBs, qk_bytes + v_bytes, S // L, (RBs + L) * DK * e + (L + 2 * RBs) * DV * e + 2 * RBs * L * e),
+        "dqk": (-(-DK // dqk["BK"]), 2 * v_bytes + tiles_bytes, S // L,
                 2 * L * DV * e + dqk["BK"] * DV * (d.c_bytes + d.dc_bytes) + L * L * e + 4 * L * dqk["BK"] * e),
-        "dv": (-(-DV // dv["BV"]), qk_bytes + tiles_bytes, s.S // L, L * DK * e + DK * dv["BV"] * d.dc_bytes + L * L * e + 2 * L * dv["BV"] * e),
+        "dv": (-(-DV // dv["BV"]), qk_bytes + tiles_bytes, S // L, L * DK * e + DK * dv["BV"] * d.dc_bytes + L * L * e + 2 * L * dv["BV"] * e),
     }
     out = {}
     for launch, (tiles, nbytes, outer, per_program) in shared.items():
