@@ -4,7 +4,8 @@ and says nothing about registers or shared memory.
 
 Through the real launchers, so the tiles, warps and dtypes are the ones a GPU gets: the chunkwise
 forward and backward and the decoding step, for every preset's head shape, every chunk size the
-Triton backend takes, with and without resets, bf16, fp16 and fp32 inputs. Fails on any compile
+Triton backend takes, with and without resets, bf16, fp16 and fp32 inputs, and every variant of
+aot.VARIANTS at the 7B and 1.3B head shapes in bf16. Fails on any compile
 error, on shared memory above the target's per-block limit (the launch would fail), and at the 7B
 and 1.3B head shapes on register spills. Each distinct binary is compiled once, in two processes.
 
