@@ -109,7 +109,7 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--max-new-tokens", type=NON_NEGATIVE_INT, default=128)
     # The sampling options are checked by SamplingParams, as generate() and the server check them.
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy decoding (the default)")
-    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (-1: no limit)")
+    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens (0 or -1: no limit)")
     p.add_argument("--top-p", type=float, help="sample in the nucleus of probability P, in (0, 1]")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below P times the most likely one's probability")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], as in OpenAI's API")
