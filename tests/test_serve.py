@@ -295,3 +295,12 @@ def test_chat_template_from_the_checkpoint(tmp_path):
     assert chat.render([{"role": "user", "content": "hi"}]) == "<|user|>hi<|assistant|>" and chat.stop == ()
     plain = ChatTemplate.from_checkpoint(tmp_path / "none")
     assert plain.render([{"role": "user", "content": "hi"}]) == "User: hi\n\nAssistant:" and plain.stop == ("\nUser:",)
+
+
+def test_stop_token_ids_are_kept_once_each():
+    """Each generated token is looked up in them: a body repeating one id cannot make that slow."""
+    from xlstm7b.serve.protocol import CompletionBody
+
+    body = CompletionBody(model=MODEL, prompt="x", stop_token_ids=[3, 5] * 50_000 + [4])
+    assert body.sampling(4).stop_token_ids == (3, 5, 4)
+

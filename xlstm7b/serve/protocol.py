@@ -72,7 +72,8 @@ class SamplingFields(Strict):
 
     def sampling(self, max_tokens: int, extra_stop: tuple[str, ...] = (), *, logprobs: int | None = None,
                  prompt_logprobs: int | None = None, seed: int | None = None) -> SamplingParams:
-        """The engine's parameters for one sequence (checked by the engine)."""
+        """The engine's parameters for one sequence (checked by the engine); stop_token_ids once each,
+        as vLLM keeps them (each generated token is looked up in them)."""
         bias = None
         if self.logit_bias:
             bad = next((k for k in self.logit_bias if not k.isascii() or not k.lstrip("-").isdigit()), None)
@@ -83,7 +84,7 @@ class SamplingFields(Strict):
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature, top_p=self.top_p,
             top_k=self.top_k, min_p=self.min_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty, logit_bias=bias,
-            seed=seed, stop=as_stop(self.stop) + extra_stop, stop_token_ids=tuple(self.stop_token_ids),
+            seed=seed, stop=as_stop(self.stop) + extra_stop, stop_token_ids=tuple(dict.fromkeys(self.stop_token_ids)),
             include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )
