@@ -125,7 +125,7 @@ GENERATE_ARGS = {
     "temperature-inf": (["--temperature", "inf"], "--temperature: must be a finite number >= 0"),
     "top-p-above-1": (["--temperature", "1", "--top-p", "1.5"], "--top-p: must be a number in (0, 1]"),
     "top-p-zero": (["--temperature", "1", "--top-p", "0"], "--top-p: must be a number in (0, 1]"),
-    "top-k-zero": (["--temperature", "1", "--top-k", "0"], "--top-k: must be an integer >= 1"),
+    "top-k-below-minus-1": (["--temperature", "1", "--top-k", "-2"], "--top-k: must be an integer >= 1, or 0 or -1"),
     "repetition-penalty-zero": (["--repetition-penalty", "0"], "--repetition-penalty: must be a finite number > 0"),
     "seed-negative": (["--seed", "-1"], "--seed: must be an integer in [0, 2**64)"),
     "speculate-k-zero": (["--speculate-k", "0"], "--speculate-k: must be an integer >= 1"),

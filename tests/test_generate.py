@@ -142,7 +142,7 @@ def test_zero_new_tokens_runs_the_prompt_only(model):
         (dict(temperature=-0.5), "temperature"),
         (dict(presence_penalty=3.0), "presence_penalty"),
         (dict(temperature=1.0, top_p=0.0), "top_p"),
-        (dict(temperature=1.0, top_k=0), "top_k"),
+        (dict(temperature=1.0, top_k=-2), "top_k"),
         (dict(eos_token_id=512), "eos_token_id"),
         (dict(state="zeros2"), "batch size 1"),
         (dict(cuda_graph=True), "CUDA device"),

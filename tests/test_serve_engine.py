@@ -136,7 +136,7 @@ def test_bounded_queue_and_stop(model):
     (SamplingParams(max_tokens=10**6), "max_tokens"),
     (SamplingParams(temperature=-1.0), "temperature"),
     (SamplingParams(top_p=0.0), "top_p"),
-    (SamplingParams(top_k=0), "top_k"),
+    (SamplingParams(top_k=-2), "top_k"),
     (SamplingParams(stop=("x",)), "tokenizer"),
     (SamplingParams(stop=tuple("abcdefgh") * 9), "--max-stop-strings"),
     (SamplingParams(stop=("x" * 513,)), "--max-stop-chars"),
