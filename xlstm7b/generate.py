@@ -185,7 +185,15 @@ def generate(
         )
     if draft_state is not None:
         raise ValueError("draft_state is given without a draft model")
+    return _generate_plain(model, ids, mask, state, params, eos_token_id=eos_token_id, generator=generator, streamer=streamer,
+                           prefill_chunk_size=prefill_chunk_size, use_graph=use_graph, compile=compile)
 
+
+def _generate_plain(model, ids, mask, state, params: SamplingParams, *, eos_token_id, generator, streamer, prefill_chunk_size,
+                    use_graph, compile) -> GenerateOutput:
+    """Prefill, then one step per token (the module docstring says how)."""
+    config, device, max_new_tokens = model.config, ids.device, params.max_tokens
+    B = ids.shape[0]
     tokens = token_buffer(B, max_new_tokens, config.pad_token_id, device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     with torch.no_grad():
@@ -238,7 +246,7 @@ def _generate_speculative(model, draft, ids, mask, state, draft_state, *, specul
     draft_device = draft.lm_head.weight.device
     if draft_device != ids.device:
         raise ValueError(f"the draft model is on {draft_device} but the target on {ids.device}; put both on one device")
-    if not isinstance(speculate_k, int) or isinstance(speculate_k, bool) or speculate_k < 1:
+    if not is_int(speculate_k) or speculate_k < 1:
         raise ValueError(f"speculate_k must be an integer >= 1, got {speculate_k!r}")
     draft_state = decoding_state(draft_state, draft.config, ids.shape[0], ids.device)
     on_tokens = None if streamer is None else functools.partial(stream, streamer)
