@@ -85,14 +85,20 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(server):
     assert torch.allclose(torch.tensor(lp.token_logprobs[1:], dtype=torch.float64), forward_logprobs(server.model, ids), atol=1e-4)
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
 
-    async def streamed():
+    async def streamed(max_tokens):
         return [c async for c in await server.client().completions.create(
-            model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=0, stream=True)]
+            model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=max_tokens, temperature=0, stream=True,
+            extra_body={"return_token_ids": True})]
 
-    chunks = run(streamed())
+    chunks = run(streamed(0))
     assert "".join(c.choices[0].text for c in chunks) == c.text
     assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
-    assert chunks[-1].choices[0].finish_reason is not None
+    assert chunks[-1].choices[0].finish_reason is not None and [t for c in chunks for t in c.choices[0].token_ids] == []
+    # with tokens generated, a stream's token_ids are those generated, as in the answer not streamed
+    chunks = run(streamed(3))
+    r = run(server.client().completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=3, temperature=0,
+                                               extra_body={"return_token_ids": True}))
+    assert [t for c in chunks for t in c.choices[0].token_ids] == r.choices[0].token_ids and len(r.choices[0].token_ids) > 0
 
 
 def test_vllms_seed_conventions(server):

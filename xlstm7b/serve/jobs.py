@@ -133,7 +133,7 @@ class Job:
                 if self.echo is not None and index not in started:
                     started.add(index)
                     r = self.requests[index]
-                    yield self.chunk(index, self.echo[index // self.per_prompt], r.prompt, r.prompt_logprobs)
+                    yield self.chunk(index, self.echo[index // self.per_prompt], r.prompt, r.prompt_logprobs, echoed=True)
                 if self.generated and (event.token_ids or event.text):
                     yield self.chunk(index, event.text, event.token_ids, event.logprobs)
                 if event.finish_reason is not None:
@@ -150,7 +150,9 @@ class Job:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
     def chunk(self, index: int, text: str | None, token_ids: list[int], logprobs: list[Logprob | None],
-              finish_reason: str | None = None, role: bool = False) -> str:
+              finish_reason: str | None = None, role: bool = False, echoed: bool = False) -> str:
+        """One choice's server-sent event; `echoed`: the prompt's (its ids are not generated ones,
+        so not among the chunk's token_ids, as in the answer that is not streamed)."""
         if self.chat:
             delta = ({"role": "assistant"} if role else {}) | ({} if text is None else {"content": text})
             lp = chat_logprobs(token_ids, logprobs, self.text) if self.report and logprobs else None
@@ -162,7 +164,7 @@ class Job:
                 self.offsets[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
             c = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
         if self.return_token_ids:
-            c["token_ids"] = token_ids
+            c["token_ids"] = [] if echoed else token_ids
         return sse(self.head | {"object": self.chunk_object, "choices": [c]})
 
     def close(self) -> None:
