@@ -8,7 +8,7 @@ import torch
 
 from conftest import HAS_CUDA, rel_err, random_model
 from xlstm7b import ModelConfig, State
-from xlstm7b.decode import step_runner
+from xlstm7b.decode import CompiledStep, step_runner
 from xlstm7b.kernels import mlstm_step_, mlstm_step_torch
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -136,6 +136,27 @@ def test_eager_runner_passes_the_slots(model):
         logits = step(token, None, slots)
     assert logits.shape == (2, model.config.vocab_size)
     assert [bool(t.any()) for t in live[0][0]] == [False, True, False, True]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU compilation (on CUDA the compiled step is captured, below)")
+def test_compiled_runner_with_slots_equals_eager(model):
+    """The CPU compiled step (serve --compile) by slot index, with other slots and an inactive row per
+    call: eager's logits and rows; the rows no call names keep their bits. A bucket above the GEMM
+    templates' batch (they change the matrix products, not the slots' gather and scatter), which
+    compiles in seconds."""
+    B = CompiledStep.GEMM_TEMPLATE_MAX_BATCH + 1
+    compiled_pool, eager_pool = (State.zeros(model.config, 2 * B) for _ in range(2))
+    compiled = step_runner(model, compiled_pool, cuda_graph=False, compile=True, batch=B)
+    eager = step_runner(model, eager_pool, cuda_graph=False, compile=False, batch=B)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for active in (torch.ones(B, dtype=torch.bool), torch.arange(B) != 1, torch.ones(B, dtype=torch.bool)):
+            slots = torch.randperm(2 * B - 1, generator=g)[:B]  # never the last row
+            token = torch.randint(0, model.config.vocab_size, (B,), generator=g)
+            assert rel_err(compiled(token, active, slots), eager(token, active, slots)) < 1e-4
+    assert compiled.compilation.error is None
+    for a, b in zip((t for layer in compiled_pool for t in layer), (t for layer in eager_pool for t in layer)):
+        assert rel_err(a, b) < 1e-4 and not a[-1].any()
 
 
 @pytest.mark.gpu
