@@ -222,6 +222,21 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, case)
     assert post(server, "/v1/completions", GOOD).status_code == 200
 
 
+def test_null_fields_take_their_defaults(server):
+    """OpenAI's fields are nullable (null: the default), and clients send them so."""
+    nulls = dict.fromkeys(["temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "n", "stream",
+                           "stream_options", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                           "ignore_eos", "include_stop_str_in_output", "return_token_ids", "user"])
+    r = post(server, "/v1/completions", GOOD | nulls | {"echo": None, "logprobs": None, "best_of": None, "suffix": None})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = post(server, "/v1/chat/completions", chat | nulls | {"logprobs": None, "top_logprobs": None, "response_format": None,
+                                                              "tools": None, "max_completion_tokens": None})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant", r.text
+    r = post(server, "/v1/completions", GOOD | {"prompt": None})
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+
+
 def test_api_key(server):
     for key in (None, "wrong"):
         r = post(server, "/v1/completions", GOOD, key=key)

@@ -7,7 +7,7 @@ dropped. Known fields are type-checked strictly; their ranges are SamplingParams
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..sampling import SamplingParams, as_stop
 
@@ -27,6 +27,14 @@ class FieldError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_the_default(cls, data):
+        """A known field sent as null takes its default, as OpenAI's nullable fields do (and vLLM's)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
 
 class StreamOptions(Strict):
