@@ -156,19 +156,20 @@ if ((dry_run)); then
     stage offload 60 "$python" benchmarks/train.py --presets debug --steps 1 --micro-batch 1 --seq-len 64 \
         --output "$out/train_7b_offload.json"
 else
-    stage tests 120 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
+    stage tests 110 "$python" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$work/junit.xml"
     [[ ! -e $work/junit.xml ]] || "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
-    # the 7B head shape at 65,536 tokens; the step kernel at batch 1 and 256; then the launch variants
-    stage kernels 80 "$python" benchmarks/kernels.py --seq-lens 65536 --heads 8,256,512 \
-        --providers xlstm7b-triton xlstm7b-triton-chunk128 tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 \
-        --profile --out "$out"
+    # the 7B head shape at 65,536 and 8,192 tokens in both launch orders; the step kernel at batch 1
+    # and 256; then the launch variants
+    stage kernels 90 "$python" benchmarks/kernels.py --seq-lens 65536 8192 --heads 8,256,512 \
+        --providers xlstm7b-triton xlstm7b-triton-tiles xlstm7b-triton-chunk128 xlstm7b-triton-chunk128-tiles \
+        tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 --profile --out "$out"
     stage tune 40 "$python" benchmarks/kernels.py --tune --seq-lens 65536 --heads 8,256,512 --reps 25 --out "$out"
     # 7B shape, random bf16 weights shared with the official model: batch 1 in every mode, then batch 256
     # with float32 and bfloat16 state, kernels per token, the 8k prefill's forward, where a step's time goes
     stage generate 120 "$python" benchmarks/generate.py --device cuda --batches 1 256 --state-dtypes float32 bfloat16 \
         --batch1-only eager compiled official-compiled --decode-tokens 64 --prompt-lengths 8192 --forward-only \
         --memory-tokens --repeats 2 --kernels-per-token --profile "${official[@]}" --out "$out"
-    stage train 50 "$python" benchmarks/train.py --presets 1.3b --steps 5 --micro-batch-sweep 4 8 --optimizer fused \
+    stage train 50 "$python" benchmarks/train.py --presets 1.3b --steps 5 --micro-batch-sweep 4 8 --optimizer fused foreach \
         --profile --output "$out/train.json"
     stage train-compiled 40 "$python" benchmarks/train.py --presets 1.3b --steps 5 --micro-batch 4 --optimizer fused \
         --compile --output "$out/train_compiled.json"
