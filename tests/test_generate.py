@@ -11,7 +11,7 @@ import torch
 from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate
 from conftest import assert_states_close, decoding_heap_growth, heap_bytes_in_use, prompt, random_model
 from xlstm7b.cli import generate_main
-from xlstm7b.decode import CompiledStep, step_compilations
+from xlstm7b.decode import CompiledStep, decoding_state, step_compilations, step_runner
 from xlstm7b.sampling import sample
 from xlstm7b.streaming import TextStreamer
 
@@ -348,6 +348,29 @@ def test_cuda_graph_decoding_equals_eager(compile):
         assert torch.equal(speculative.tokens, eager.tokens)
         with pytest.raises(ValueError, match="leave cuda_graph on"):
             generate(cuda_model, prompts, compile=True, cuda_graph=False, **kw)
+
+
+@pytest.mark.gpu
+def test_graphed_step_without_a_mask_steps_every_row():
+    """A CUDA-graph step called without `active` steps every row, also after a call that masked
+    one (not the earlier call's mask, left in its buffer); slots are refused where the graph was
+    built without them, and required where it was built with them."""
+    model = random_model(ModelConfig.from_preset("debug")).cuda()
+    graphed, eager = (decoding_state(None, model.config, 2, "cuda") for _ in range(2))
+    token, first_only = torch.tensor([3, 4], device="cuda"), torch.tensor([True, False], device="cuda")
+    with torch.no_grad():
+        step = step_runner(model, graphed, cuda_graph=True, compile=False)
+        step(token, first_only)
+        model.step(token, eager, first_only)
+        logits = step(token).clone()
+        reference = model.step(token, eager)
+    assert_states_close(graphed, eager, 1e-5)
+    assert torch.allclose(logits, reference, atol=1e-4)
+    with pytest.raises(ValueError, match="pass batch= to step_runner"):
+        step(token, None, torch.tensor([0, 1], device="cuda"))
+    pool = decoding_state(None, model.config, 3, "cuda")
+    with torch.no_grad(), pytest.raises(ValueError, match="pass slots on every call"):
+        step_runner(model, pool, cuda_graph=True, compile=False, batch=2)(token)
 
 
 @pytest.mark.gpu

@@ -248,7 +248,8 @@ def step_compilations(model: XLSTM) -> list[StepCompilation]:
 class CUDAGraphStep:
     """`model.step` captured once in a CUDA graph over static buffers and replayed per token: one
     launch instead of hundreds of small kernels, which dominate batch-1 decoding time. It always
-    runs with the `active` mask (all True unless given), whose buffer persists between calls.
+    runs with an `active` mask from a buffer of its own: the one given, or all True when a call
+    gives none (never the mask of an earlier call).
 
     With compile=True the captured step is inductor's compilation of it (`cuda_compiled_step`): the
     norms, gate activations, casts and residual adds fused into a few kernels, so the graph replays
@@ -283,8 +284,13 @@ class CUDAGraphStep:
         self.active.fill_(True)
 
     def __call__(self, token: torch.Tensor, active: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        if (slots is None) != (self.slots is None):  # a stale slots buffer would step other rows
+            raise ValueError("this CUDA-graph step runs by slot index (step_runner(batch=...)): pass slots on every call"
+                             if slots is None else "slots given to a CUDA-graph step built without batch=: pass batch= to step_runner")
         self.token.copy_(token)
-        if active is not None:
+        if active is None:
+            self.active.fill_(True)
+        else:
             self.active.copy_(active)
         if slots is not None:
             self.slots.copy_(slots)
