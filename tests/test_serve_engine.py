@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from conftest import assert_states_close, prompt, random_model
+import xlstm7b.serve.engine as engine_module
 from xlstm7b import ModelConfig, State, generate
+from xlstm7b.decode import check_finite
 from xlstm7b.serve import Engine, EngineConfig, EngineStopped, Overloaded, PrefixCache, SamplingParams
 from xlstm7b.serve.prefix_cache import prefix_keys
 
@@ -216,6 +218,21 @@ def test_non_finite_logits_while_decoding_end_that_request_only(model):
     assert ok.finish_reason == "length" and ok.output_ids == expected
     assert engine.health() == {"healthy": False, "nonfinite_logits": 1, "error": bad.error}
     assert engine.stats()["finished"]["error"] == 1
+
+
+def test_weights_found_non_finite_are_scanned_once(model, monkeypatch):
+    """With NaN weights every request fails; the weights are scanned for the cause at the first,
+    not again for each request (a full scan of a 7B's weights per request)."""
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.backbone.embeddings.weight.fill_(float("nan"))
+    scans = []
+    monkeypatch.setattr(engine_module, "check_finite", lambda *a, **k: scans.append(a) or check_finite(*a, **k))
+    engine = Engine(broken, EngineConfig(max_batch=2, **F32)).start()
+    requests = [engine.generate([5, 6], SamplingParams(max_tokens=2), timeout=30) for _ in range(3)]
+    engine.stop()
+    assert [r.finish_reason for r in requests] == ["error"] * 3 and all("embeddings.weight" in r.error for r in requests)
+    assert len(scans) == 1 and engine.health()["healthy"] is False and engine.health()["nonfinite_logits"] == 3
 
 
 def test_prompt_logprobs_skip_the_prefix_cache_and_equal_a_cold_pass(model):

@@ -328,16 +328,16 @@ class Engine:
         """The rows of logits [B, V] holding NaN or inf; their requests end with an error."""
         finite = logits.isfinite().all(dim=-1).tolist()
         bad = {b for b, ok in enumerate(finite) if not ok}
-        if bad:
+        if bad and self.weights_finite:  # weights found non-finite stay so: no rescan of every weight per request
             try:
                 check_finite(torch.tensor(True), self.model, where)
             except FloatingPointError as e:
                 self.nonfinite_error = str(e)
             self.weights_finite = all(bool(p.isfinite().all()) for p in self.model.parameters())
-            for b in bad:
-                self.counts["nonfinite"] += 1
-                log.error("request %d: %s", requests[b].id, self.nonfinite_error)
-                self._finish(requests[b], "error", error=self.nonfinite_error)
+        for b in bad:
+            self.counts["nonfinite"] += 1
+            log.error("request %d: %s", requests[b].id, self.nonfinite_error)
+            self._finish(requests[b], "error", error=self.nonfinite_error)
         return bad
 
     def _runner(self, bucket: int):
