@@ -1,4 +1,5 @@
-"""The Triton mLSTM kernels against the float64 parallel oracle (and the step against its PyTorch twin).
+"""The Triton chunkwise mLSTM kernels against the float64 parallel oracle (the step kernel:
+test_step_kernel.py).
 
 Without CUDA the real kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1):
 fp32, tiny shapes. Tests marked gpu add bf16/fp16, large shapes and long sequences.
@@ -13,14 +14,11 @@ pytest.importorskip("triton")
 from conftest import load_script, random_model, rel_err  # noqa: E402
 
 from xlstm7b import ModelConfig  # noqa: E402
-from xlstm7b.kernels import (  # noqa: E402
-    mlstm, mlstm_parallel, mlstm_step, mlstm_step_, mlstm_step_torch, mlstm_step_torch_, resolve_backend,
-)
+from xlstm7b.kernels import mlstm, mlstm_parallel, resolve_backend  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
 from xlstm7b.kernels import aot, chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import FUSED_MAX_CHUNK, state_dtype  # noqa: E402
 from xlstm7b.kernels.launch_settings import GRID_LAUNCHES, grid_meta, launch_config, launch_overrides  # noqa: E402
-from xlstm7b.kernels.step_triton import mlstm_step_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-2, 1e-2)}  # values, grads
@@ -374,81 +372,6 @@ def test_opcheck():
     torch.library.opcheck(mlstm_chunkwise_fwd, (*args, 16, 1e-6))
 
 
-# B, NH, DK, DV; the last spreads a head over three DV tiles (BV = 8192 // 128 = 64)
-STEP_CASES = [(1, 2, 16, 16), (3, 2, 32, 64), (2, 1, 24, 40), (1, 2, 128, 160)]
-
-
-@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "B{}-NH{}-DK{}-DV{}".format(*c))
-def test_step_matches_torch_in_place(case):
-    B, NH, DK, DV = case
-    g = torch.Generator().manual_seed(0)
-    state = (torch.randn(B, NH, DK, DV, generator=g), torch.randn(B, NH, DK, generator=g), torch.randn(B, NH, 1, generator=g))
-    state = tuple(t.to(DEVICE) for t in state)
-    live = tuple(t.clone() for t in state)
-    ptrs = [t.data_ptr() for t in live]
-    h_out = torch.empty(B, NH, DV, device=DEVICE)
-    for step in range(3):  # carried over several steps; the last at the gate limits
-        q, k = (torch.randn(B, NH, DK, generator=g).to(DEVICE) for _ in range(2))
-        v = torch.randn(B, NH, DV, generator=g).to(DEVICE)
-        i, f = (torch.randn(B, NH, generator=g).to(DEVICE) * 5 for _ in range(2))
-        if step == 2:
-            i, f = torch.full_like(i, 15.0), torch.where(f > 0, 15.0, -15.0)
-        h_ref, state = mlstm_step_torch(q, k, v, i, f, state)
-        h, new = mlstm_step_triton(q, k, v, i, f, live, h_out=h_out)
-        assert h is h_out and all(a is b for a, b in zip(new, live))
-        assert [t.data_ptr() for t in live] == ptrs
-        assert rel_err(h, h_ref) < 1e-5
-        for a, b in zip(live, state):
-            assert rel_err(a, b) < 1e-5
-
-
-@pytest.mark.parametrize("case", STEP_CASES[1:3], ids=lambda c: "B{}-NH{}-DK{}-DV{}".format(*c))
-def test_step_bfloat16_state(case):
-    """C and n stored in bfloat16 (m float32): the kernel updates and reads out in float32 and rounds
-    the state once per step; the in-place PyTorch step rounds the same state but reads out in bfloat16
-    (a coarser h). Both stay within bfloat16 rounding of the float32 step (h: amplified where |n·q| is small)."""
-    B, NH, DK, DV = case
-    g = torch.Generator().manual_seed(1)
-    ref = (torch.randn(B, NH, DK, DV, generator=g), torch.randn(B, NH, DK, generator=g), torch.randn(B, NH, 1, generator=g))
-    ref = tuple(t.to(DEVICE) for t in ref)
-    live = (ref[0].bfloat16(), ref[1].bfloat16(), ref[2].clone())
-    twin = tuple(t.clone() for t in live)
-    for _ in range(3):
-        q, k = (torch.randn(B, NH, DK, generator=g).to(DEVICE) for _ in range(2))
-        v = torch.randn(B, NH, DV, generator=g).to(DEVICE)
-        i, f = (torch.randn(B, NH, generator=g).to(DEVICE) * 5 for _ in range(2))
-        h_ref, ref = mlstm_step_torch(q, k, v, i, f, ref)
-        h, _ = mlstm_step_triton(q, k, v, i, f, live)
-        h_twin = mlstm_step_torch_(q, k, v, i, f, twin)
-        assert [t.dtype for t in live] == [torch.bfloat16, torch.bfloat16, torch.float32]
-        assert h.dtype == torch.float32 and rel_err(h, h_ref) < 3e-2 and rel_err(h_twin, h_ref) < 3e-2
-        for a, b, c in zip(live, twin, ref):
-            assert rel_err(a, c) < 1e-2 and rel_err(a, b) < 1e-2
-
-
-def test_step_rejects_a_state_it_cannot_update():
-    q, k = torch.randn(1, 2, 16, device=DEVICE), torch.randn(1, 2, 16, device=DEVICE)
-    v, i, f = torch.randn(1, 2, 16, device=DEVICE), torch.randn(1, 2, device=DEVICE), torch.randn(1, 2, device=DEVICE)
-    C, n, m = torch.zeros(1, 2, 16, 16, device=DEVICE), torch.zeros(1, 2, 16, device=DEVICE), torch.zeros(1, 2, 1, device=DEVICE)
-    for bad in ((C.half(), n.half(), m), (C.bfloat16(), n, m), (C, n, m.bfloat16()), (C.transpose(-1, -2), n, m)):
-        with pytest.raises(ValueError, match="mlstm_step"):
-            mlstm_step_triton(q, k, v, i, f, bad)
-
-
-def test_step_dispatch_keeps_state_unless_in_place():
-    B, NH, DK, DV = 2, 1, 16, 16
-    g = torch.Generator().manual_seed(0)
-    q, k, v, i, f = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((B, NH, DK),) * 2 + ((B, NH, DV),) + ((B, NH),) * 2)
-    state = tuple(torch.randn(*shape, generator=g).to(DEVICE) for shape in ((B, NH, DK, DV), (B, NH, DK), (B, NH, 1)))
-    before = tuple(t.clone() for t in state)
-    h_t, s_t = mlstm_step(q, k, v, i, f, state, backend="triton")
-    h_c, s_c = mlstm_step(q, k, v, i, f, state, backend="torch")
-    assert all(torch.equal(a, b) for a, b in zip(state, before))
-    assert rel_err(h_t, h_c) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(s_t, s_c))
-    h_i = mlstm_step_(q, k, v, i, f, state, backend="triton")
-    assert rel_err(h_i, h_c) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(state, s_c))
-
-
 def test_benchmark_dry_run(tmp_path, monkeypatch):
     """The GPU benchmark script parses its arguments and runs end to end on tiny CPU shapes."""
     report = load_script("kernels", monkeypatch).main(["--dry-run", "--profile", "--out", str(tmp_path)])
@@ -522,22 +445,3 @@ def test_long_sequence_gpu(S, chunk, gates):
     outs, grads = forward_backward(mlstm_chunkwise_triton, xs, rs, chunk_size=chunk)
     for t in (*outs, *grads[:5]):
         assert torch.isfinite(t).all()
-
-
-@pytest.mark.gpu
-def test_step_cuda_graph():
-    B, NH, DK, DV = 4, 8, 256, 512
-    state = tuple(t.cuda() for t in (torch.zeros(B, NH, DK, DV), torch.zeros(B, NH, DK), torch.zeros(B, NH, 1)))
-    ref = tuple(t.clone() for t in state)
-    q, k = torch.randn(B, NH, DK, device="cuda"), torch.randn(B, NH, DK, device="cuda")
-    v, i, f = torch.randn(B, NH, DV, device="cuda"), torch.randn(B, NH, device="cuda"), torch.randn(B, NH, device="cuda")
-    h = torch.empty(B, NH, DV, device="cuda")
-    mlstm_step_triton(q, k, v, i, f, tuple(t.clone() for t in state), h_out=h)  # compile outside capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        mlstm_step_triton(q, k, v, i, f, state, h_out=h)
-    for _ in range(3):
-        graph.replay()
-        h_ref, ref = mlstm_step_torch(q, k, v, i, f, ref)
-    torch.cuda.synchronize()
-    assert rel_err(h, h_ref) < 1e-4 and rel_err(state[0], ref[0]) < 1e-4
