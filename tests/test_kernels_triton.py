@@ -1,5 +1,5 @@
-"""The Triton chunkwise mLSTM kernels against the float64 parallel oracle (the step kernel:
-test_step_kernel.py).
+"""The Triton chunkwise mLSTM kernels against the float64 parallel oracle (their launch settings:
+test_launch_settings.py; the step kernel: test_step_kernel.py).
 
 Without CUDA the real kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1):
 fp32, tiny shapes. Tests marked gpu add bf16/fp16, large shapes and long sequences.
@@ -11,14 +11,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import load_script, random_model, rel_err  # noqa: E402
+from conftest import random_model, rel_err  # noqa: E402
 
 from xlstm7b import ModelConfig  # noqa: E402
 from xlstm7b.kernels import mlstm, mlstm_parallel, resolve_backend  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
-from xlstm7b.kernels import aot, chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
+from xlstm7b.kernels import aot, chunkwise_triton_fwd  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import FUSED_MAX_CHUNK, state_dtype  # noqa: E402
-from xlstm7b.kernels.launch_settings import GRID_LAUNCHES, grid_meta, launch_config, launch_overrides  # noqa: E402
+from xlstm7b.kernels.launch_settings import launch_overrides  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-2, 1e-2)}  # values, grads
@@ -155,43 +155,6 @@ def test_local_max_with_a_chunk_no_token_reaches():
         assert torch.isfinite(b).all() and rel_err(b, a) < 1e-6
 
 
-def test_grid_orders():
-    """"tiles" puts the tile index on the grid's first axis, which CUDA runs fastest, and the chunks on
-    its second (at most 65,535: a clear error past that); "chunks" the other way round."""
-    xs, _ = make_inputs(1, 2, 70, 16, 48)
-    with launch_overrides(dv=dict(BV=16, grid_order="tiles")):
-        cfg = launch_config(xs[0], xs[2], 16)["dv"]
-        grid, meta = grid_meta(cfg, 5, 3, 2)
-        assert grid == (3, 5, 2) and meta["TILES_FIRST"] and "grid_order" not in meta
-        with pytest.raises(ValueError, match="at most 65,535 chunks.*grid_order 'chunks'"):
-            grid_meta(cfg, 65536, 3, 2)
-    grid, meta = grid_meta(launch_config(xs[0], xs[2], 16)["dv"], 65536, 3, 2)
-    assert grid == (65536, 3, 2) and not meta["TILES_FIRST"]
-    assert set(GRID_LAUNCHES) == {"output", "scores", "dqk", "dv"}
-
-
-OTHER_TILES = dict(
-    states=dict(BK=16, BV=32, num_warps=2, num_stages=2), output=dict(RB=16, BK=16, BV=16, num_warps=2),
-    scores=dict(RB=16, BK=16, num_stages=1), dqk=dict(BK=16, BV=16), dv=dict(BK=16, BV=16, num_warps=2),
-)
-
-
-def test_launch_overrides_match_the_oracle():
-    """Other tiles than launch_config's (head dims that are not multiples of them: masked tails)
-    give the same values and gradients; the block's settings apply inside it only."""
-    xs, rs = make_inputs(1, 2, 70, 40, 48, init=True, reset=True)
-    default = launch_config(xs[0], xs[2], 32)
-    with launch_overrides(**OTHER_TILES):
-        cfg = launch_config(xs[0], xs[2], 32)
-        for kernel, params in OTHER_TILES.items():
-            assert {k: cfg[kernel][k] for k in params} == params, kernel
-        check_against_oracle(xs, rs, 32)
-        with launch_overrides(output=dict(RB=64)):  # nested: added to the outer block's; RB capped at the chunk
-            inner = launch_config(xs[0], xs[2], 32)
-            assert inner["output"]["RB"] == 32 and inner["states"]["BV"] == 32
-    assert launch_config(xs[0], xs[2], 32) == default
-
-
 @pytest.mark.parametrize("case", [(1, 2, 512, 64, 64, 16, False, True, "limits"), (1, 1, 300, 64, 128, 16, True, True, "random")],
                          ids=case_id)
 def test_fused_forward_half_precision_products(case, monkeypatch):
@@ -228,43 +191,6 @@ def test_fused_forward_refuses_what_it_is_not_built_for(monkeypatch):
     monkeypatch.setattr(chunkwise_triton_fwd, "interpreting", lambda: False)  # float32 as on a GPU
     with launch_overrides(fused=dict(enabled=1)), pytest.raises(ValueError, match="half-precision inputs"):
         mlstm_chunkwise_triton(*xs, chunk_size=16)
-
-
-def test_the_backward_runs_with_the_forwards_launch_settings(monkeypatch):
-    """On CUDA autograd runs the backward on a device thread, outside the caller's launch_overrides
-    block: the forward's settings travel with the saved tensors (here: backward after the block)."""
-    seen = []
-    original = chunkwise_triton_bwd.launch_config
-    monkeypatch.setattr(chunkwise_triton_bwd, "launch_config", lambda *args: seen.append(original(*args)) or seen[-1])
-    xs, _ = make_inputs(1, 2, 40, 32, 32)
-    xs = [x.requires_grad_() for x in xs]
-    with launch_overrides(dqk=dict(BK=16)):
-        h, _ = mlstm_chunkwise_triton(*xs, chunk_size=16)
-    assert launch_config(xs[0], xs[2], 16)["dqk"]["BK"] == 32  # the default, outside the block
-    h.sum().backward()
-    assert [cfg["dqk"]["BK"] for cfg in seen] == [16]
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(one_pass=dict(BK=16)), "unknown kernel"),
-    (dict(states=dict(RB=16)), "states takes"),
-    (dict(fused=dict(BK=32)), "fused takes"),
-    (dict(fused=dict(enabled=2)), "not allowed"),
-    (dict(dv=dict(BK=24)), "not allowed"),
-    (dict(dv=dict(BK=8)), "not allowed"),
-    (dict(output=dict(num_warps=3)), "not allowed"),
-    (dict(output=dict(num_stages=0)), "not allowed"),
-    (dict(output=dict(BV=32.0)), "not allowed"),
-    (dict(dqk=dict(grid_order="rows")), "grid_order: one of 'chunks', 'tiles'"),
-    (dict(dv=dict(grid_order=1)), "grid_order: one of 'chunks', 'tiles'"),
-    (dict(states=dict(grid_order="tiles")), "states takes"),
-    (dict(states=dict(local_max=2)), "local_max: 0 or 1"),
-    (dict(dv=dict(local_max=1)), "dv takes"),
-])
-def test_launch_overrides_reject_bad_settings(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        with launch_overrides(**kwargs):
-            pass
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)], ids=str)
@@ -370,30 +296,6 @@ def test_opcheck():
     args = [xs[0], xs[1], xs[2], b, ig, virt, cnt, *xs[5:]]
     args = [a.detach().requires_grad_() if a.is_floating_point() else a for a in args]
     torch.library.opcheck(mlstm_chunkwise_fwd, (*args, 16, 1e-6))
-
-
-def test_benchmark_dry_run(tmp_path, monkeypatch):
-    """The GPU benchmark script parses its arguments and runs end to end on tiny CPU shapes."""
-    report = load_script("kernels", monkeypatch).main(["--dry-run", "--profile", "--out", str(tmp_path)])
-    assert (tmp_path / "kernels-dry-run.json").exists()
-    assert {r["kernel"] for r in report["rows"]} == {"chunkwise", "step", "profile"}
-    assert all(r["kernels"] and r["total_us"] > 0 for r in report["rows"] if r["kernel"] == "profile")
-    assert all("error" not in r for r in report["rows"])
-
-
-def test_benchmark_rows_of_the_tiles_order(monkeypatch):
-    """benchmarks/kernels.py's "-tiles" rows run every per-chunk launch, forward and backward, with
-    the tile index fastest; its plain rows with the default order."""
-    kb = load_script("kernels", monkeypatch)
-    seen = []
-    for module in (chunkwise_triton_fwd, chunkwise_triton_bwd):
-        original = module.grid_meta
-        monkeypatch.setattr(module, "grid_meta", lambda cfg, *a, f=original: seen.append(cfg["grid_order"]) or f(cfg, *a))
-    for order in ("chunks", "tiles"):
-        seen.clear()
-        x = kb.mlstm_inputs(1, 2, 40, 16, 16, torch.float32, DEVICE, grad=True)
-        kb.provider_ours("triton", 16, order)(x)().sum().backward()
-        assert seen == [order] * 4  # output; scores, dqk, dv
 
 
 # ---------------------------------------------------------------------------------------------
