@@ -130,6 +130,37 @@ def test_stage_status(tmp_path, monkeypatch):
         "ok", "cut at its budget (partial or no JSON)", "failed, exit 1 (see gpu.log)", "skipped: no time left"]
 
 
+
+def test_kernel_targets(monkeypatch):
+    """Issue 21's kernel targets from a kernels JSON: ours (the default, at the chunk measured) against
+    TFLA and chunk_simple_gla at every S, and within 1.5x of the byte model for the card measured."""
+    gs = load_script("gpu_summary", monkeypatch)
+    kr = load_script("kernel_resources", monkeypatch)
+    built = next(d for d in kr.DESIGNS if d.name.startswith("as built") and d.L == 64 and not d.fused_forward)
+    model = {S: kr.roofline(kr.Shape(S=S), built, kr.H200) for S in (8192, 65536)}
+
+    def row(provider, S, fwd, fwdbwd):
+        return dict(kernel="chunkwise", provider=provider, S=S, NH=8, DK=256, DV=512, dtype="torch.bfloat16", B=65536 // S,
+                    fwd_ms=fwd, fwdbwd_ms=fwdbwd)
+
+    rows = []
+    for S, m in model.items():
+        ours = (1.4 * m["forward_ms"], 1.6 * m["forward+backward_ms"])  # forward within 1.5x of the model, backward not
+        rows += [row("xlstm7b-triton", S, *ours), row("tfla-exp-chunk128", S, 1.5 * ours[0], 2.5 * ours[1])]
+    rows.append(row("fla-simple-gla", 8192, 1.0, 1.0))  # no row at S 65,536: not measured
+    rep = dict(environment=dict(device="NVIDIA H200"), tokens=65536, chunk_size=64, rows=rows)
+    targets = {}
+    lines = gs.kernel_lines(rep, targets)
+    assert any("byte model of ours, chunk 64 (H200 SXM)" in line for line in lines)
+    got = {name: gs.verdict(name, value) for name, value in targets.items()}
+    assert got == {
+        "kernel forward >= 1.3x TFLA": "met", "kernel forward >= 2x TFLA": "missed",
+        "kernel forward+backward >= 1.3x TFLA": "met", "kernel forward+backward >= 2x TFLA": "met",
+        "kernel forward >= 1.0x chunk_simple_gla": "not measured", "kernel forward+backward >= 1.0x chunk_simple_gla": "not measured",
+        "kernel forward within 1.5x of the byte model": "met", "kernel forward+backward within 1.5x of the byte model": "missed",
+    }
+    assert abs(targets["kernel forward within 1.5x of the byte model"] - 1.4) < 1e-9
+
 # The GPU machine has neither datasets nor wandb: the model, generation, the kernels and the
 # training modules must import and run without them (they are imported only where a command needs
 # them). A None entry in sys.modules makes `import datasets` raise ImportError.
