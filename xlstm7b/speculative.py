@@ -54,23 +54,9 @@ from .state import State
 
 
 def speculative_decode(
-    model: XLSTM,
-    draft: XLSTM,
-    ids: torch.Tensor,
-    mask: torch.Tensor | None,
-    state: State,
-    draft_state: State,
-    *,
-    max_new_tokens: int,
-    speculate_k: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    eos_token_id: int | None,
-    generator: torch.Generator | None,
-    stream,
-    prefill_chunk_size: int,
-    use_graph: bool,
+    model: XLSTM, draft: XLSTM, ids: torch.Tensor, mask: torch.Tensor | None, state: State, draft_state: State, *,
+    max_new_tokens: int, speculate_k: int, temperature: float, top_k: int | None, top_p: float | None,
+    eos_token_id: int | None, generator: torch.Generator | None, stream, prefill_chunk_size: int, use_graph: bool,
     compile: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The speculative decoding loop of `generate`: prompts ids [B, S] (left-padded, `mask`) ->
@@ -87,9 +73,8 @@ def speculative_decode(
     # Prefill all but the last prompt token (every row's last token sits at S - 1): it is the first
     # `last`, fed by the first block.
     if ids.shape[1] > 1:
-        head = None if mask is None else mask[:, :-1]
-        prefill(model, ids[:, :-1], head, state, prefill_chunk_size)
-        prefill(draft, ids[:, :-1], head, draft_state, prefill_chunk_size)
+        for m, st in ((model, state), (draft, draft_state)):
+            prefill(m, ids[:, :-1], None if mask is None else mask[:, :-1], st, prefill_chunk_size)
     last = ids[:, -1].clone()
     draft_saved = draft_state.clone()  # the spare buffer for the draft's rollback
     cells = model.cell_inputs_buffer(B, K + 1)  # the verification pass's cell inputs
@@ -117,60 +102,32 @@ def speculative_decode(
 
         # 1. Draft: k steps from its state over [last, d1 .. d_{k-1}] propose d1 .. dk.
         draft_saved.copy_(draft_state)
-        drafted, q = [], []
-        token = last
-        draft_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        for j in range(k):
-            logits = draft_step(token, active)
-            draft_nonfinite |= ~logits.isfinite().all()
-            draft_cells[:, :, j : j + 1].copy_(step_cells)
-            if greedy:
-                token = logits.argmax(dim=-1)
-            else:
-                q.append(probs(logits))
-                token = sample_from(q[-1], generator)
-            drafted.append(token)
+        drafted, q, draft_nonfinite = _draft(draft_step, last, k, active, draft_cells, step_cells,
+                                             None if greedy else probs, generator)
         x = torch.stack([last, *drafted], dim=1)  # [B, k + 1]
 
         # 2. Target: one chunkwise pass over the k + 1 positions; `state` stays the pre-block state.
         rows = None if active is None else active[:, None].expand(B, k + 1)
         block_cells = cells[:, :, : k + 1]
-        if verify is not None and k == K:
-            logits, verified = verify(x, rows)  # [B, k + 1, V]; static buffers, read before the next replay
-        else:
-            logits, verified = model(x, state, mask=rows, cell_inputs=block_cells, check_ids=False)
+        # [B, k + 1, V] and the state after x; from a graph: static buffers, read before the next replay
+        logits, verified = (verify(x, rows) if verify is not None and k == K else
+                            model(x, state, mask=rows, cell_inputs=block_cells, check_ids=False))
         # Non-finite logits are an error, never tokens: NaN would be accepted or drawn as token 0.
         where = f"in speculative block {stats['blocks'] + 1}"
         check_finite(~logits.isfinite().all(), model, where)
         check_finite(draft_nonfinite, draft, where, role="draft model")
 
         # 3. Acceptance: a accepted draft tokens per row, then the correction / bonus token.
-        if greedy:
-            accepted, nxt = _accept_greedy(logits, x[:, 1:])
-        else:
-            accepted, nxt = _accept(probs(logits), torch.stack(q, dim=1) if q else None, x[:, 1:], generator)
+        accepted, nxt = (_accept_greedy(logits, x[:, 1:]) if greedy else
+                         _accept(probs(logits), torch.stack(q, dim=1) if q else None, x[:, 1:], generator))
         # The committed tokens of the block: d1 .. da, then the correction / bonus token.
         new = torch.cat([x[:, 1:], torch.full_like(last[:, None], pad)], dim=1).scatter(1, accepted[:, None], nxt[:, None])
+        keep = _kept(new, accepted, running, finished, max_new_tokens - lengths, eos_token_id)
+        for key, n in (("blocks", 1), ("drafted", k * running.sum()), ("accepted", torch.where(running, accepted, 0).sum()),
+                       ("rejected", (running & (accepted < k)).sum())):
+            stats[key] += int(n)
+        keep, stopped = _stream_block(stream, new, keep, pad)
         pos = torch.arange(k + 1, device=device)
-        keep = torch.minimum(accepted + 1, max_new_tokens - lengths)
-        if eos_token_id is not None:
-            is_eos = (new == eos_token_id) & (pos < keep[:, None])
-            first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, keep)
-            keep = torch.minimum(keep, first)
-            finished |= is_eos.any(dim=1)
-        keep = torch.where(running, keep, 0)
-        stats["blocks"] += 1
-        stats["drafted"] += k * int(running.sum())
-        stats["accepted"] += int(torch.where(running, accepted, 0).sum())
-        stats["rejected"] += int((running & (accepted < k)).sum())
-
-        # Stream the committed tokens position by position; a stop request cuts the block there.
-        if stream is not None:
-            for j in range(int(keep.max())):
-                if stream(torch.where(pos[j] < keep, new[:, j], pad)):
-                    keep = keep.clamp(max=j + 1)
-                    stopped = True
-                    break
         tokens.scatter_(1, lengths[:, None] + pos, torch.where(pos < keep[:, None], new, pad))
         lengths += keep
         # The newest committed token is the next `last`; rows that committed nothing keep theirs.
@@ -181,21 +138,84 @@ def speculative_decode(
             state.copy_(verified)
         else:
             readvance(model.config, block_cells, state, keep, out=state)
-        if not bool(((keep >= k) | ~running).all()):  # the draft's steps went past a rejection
-            readvance(draft.config, draft_cells[:, :, :k], draft_saved, keep.clamp(max=k), out=draft_state)
-        extra = running & (keep > k)  # rows that keep all k + 1 positions: one more step adds dk
-        if bool(extra.any()):
-            draft_step(x[:, -1], extra)
+        _roll_back_draft(draft, draft_step, draft_state, draft_saved, draft_cells, x, keep, running)
 
     # Feed every row's pending last token, so the states cover everything that was generated.
     check_finite(~model.step(last, state).isfinite().all(), model, "by the last generated token")
     draft.step(last, draft_state)
+    return tokens[:, :max_new_tokens], lengths, _rates(stats, int(lengths.sum()), B)
+
+
+def _roll_back_draft(draft: XLSTM, draft_step, draft_state: State, draft_saved: State, draft_cells: torch.Tensor,
+                     x: torch.Tensor, keep: torch.Tensor, running: torch.Tensor) -> None:
+    """The draft's state to its row's first keep[b] positions of the block's x [B, k+1]: its k steps
+    covered x[:, :k]; rows that kept fewer are re-advanced from `draft_saved`, the state before the
+    block, and rows that kept all k + 1 take one more step over x[:, k]."""
+    k = x.shape[1] - 1
+    if not bool(((keep >= k) | ~running).all()):  # the draft's steps went past a rejection
+        readvance(draft.config, draft_cells[:, :, :k], draft_saved, keep.clamp(max=k), out=draft_state)
+    extra = running & (keep > k)
+    if bool(extra.any()):
+        draft_step(x[:, -1], extra)
+
+
+def _rates(stats: dict, tokens: int, B: int) -> dict:
+    """`stats` (blocks, drafted, accepted, rejected) with the rates derived from them, for `tokens`
+    generated over B rows."""
     stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
     # The probability that a draft token is accepted given that the ones before it were (the alpha of
     # the speculative decoding papers); accepted / drafted falls with K even at a fixed alpha.
     stats["token_acceptance"] = stats["accepted"] / max(stats["accepted"] + stats["rejected"], 1)
-    stats["tokens_per_block"] = int(lengths.sum()) / max(stats["blocks"], 1) / B
-    return tokens[:, :max_new_tokens], lengths, stats
+    stats["tokens_per_block"] = tokens / max(stats["blocks"], 1) / B
+    return stats
+
+
+def _draft(draft_step, last: torch.Tensor, k: int, active: torch.Tensor | None, draft_cells: torch.Tensor,
+           step_cells: torch.Tensor, probs, generator) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """The draft's k steps from its state over [last, d1 .. d_{k-1}]: (d1 .. dk, their distributions
+    q_0 .. q_{k-1} (none when `probs` is None: greedy, the argmax), a device flag of non-finite
+    logits). Step j's cell inputs go to draft_cells[:, :, j]."""
+    drafted, q = [], []
+    token = last
+    nonfinite = torch.zeros((), dtype=torch.bool, device=last.device)
+    for j in range(k):
+        logits = draft_step(token, active)
+        nonfinite |= ~logits.isfinite().all()
+        draft_cells[:, :, j : j + 1].copy_(step_cells)
+        if probs is None:
+            token = logits.argmax(dim=-1)
+        else:
+            q.append(probs(logits))
+            token = sample_from(q[-1], generator)
+        drafted.append(token)
+    return drafted, q, nonfinite
+
+
+def _kept(new: torch.Tensor, accepted: torch.Tensor, running: torch.Tensor, finished: torch.Tensor, room: torch.Tensor,
+          eos_token_id: int | None) -> torch.Tensor:
+    """How many of the block's committed tokens `new` [B, k+1] each row keeps: the accepted ones and
+    the next, at most `room`, up to and including an EOS (which marks the row `finished`, in place);
+    none for rows not running."""
+    keep = torch.minimum(accepted + 1, room)
+    if eos_token_id is not None:
+        pos = torch.arange(new.shape[1], device=new.device)
+        is_eos = (new == eos_token_id) & (pos < keep[:, None])
+        first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, keep)
+        keep = torch.minimum(keep, first)
+        finished |= is_eos.any(dim=1)
+    return torch.where(running, keep, 0)
+
+
+def _stream_block(stream, new: torch.Tensor, keep: torch.Tensor, pad: int) -> tuple[torch.Tensor, bool]:
+    """Streams the block's kept tokens position by position; a stop request cuts the block there.
+    Returns (keep, whether the stream asked to stop)."""
+    if stream is None:
+        return keep, False
+    pos = torch.arange(new.shape[1], device=new.device)
+    for j in range(int(keep.max())):
+        if stream(torch.where(pos[j] < keep, new[:, j], pad)):
+            return keep.clamp(max=j + 1), True
+    return keep, False
 
 
 class VerifyGraph:
