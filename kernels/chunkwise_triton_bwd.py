@@ -323,7 +323,7 @@ def backward(
     DNS = torch.empty_like(NS)
     DMK = torch.empty_like(MS)
     dC0, dn0, dm0 = final_state(q, DV)
-    st = {k: v for k, v in cfg["states"].items() if k != "local_max"}  # of the forward's states pass
+    st = {name: value for name, value in cfg["states"].items() if name != "local_max"}  # local_max: the forward pass's alone
     _states_bwd_kernel[(triton.cdiv(DK, st["BK"]), triton.cdiv(DV, st["BV"]), BH)](
         q, dh, b, ig, virt, cnt, mt, rden, dden, MS, dmtc, C, n, dC, dn, dm, DCS, dC0, DNS, dn0, DMK,
         S, S_pad, NC, DK, DV, DK**-0.5, *strides, **meta, **st,
