@@ -15,7 +15,7 @@ import triton
 from . import chunkwise_triton_bwd, chunkwise_triton_fwd
 from .chunkwise import NEG_INF, in_chunk_cumsum
 from .chunkwise_triton_fwd import CHUNK_SIZES
-from .launch_settings import current_overrides, interpreting, launch_overrides
+from .launch_settings import MAX_GRID_Y, current_overrides, interpreting, launch_overrides
 from .common import EPS, TRITON_DTYPES, TRITON_MIN_HEAD_DIM, MLSTMState, check_inputs, zero_state
 
 mlstm_chunkwise_fwd = torch.library.custom_op("xlstm7b::mlstm_chunkwise_fwd", mutates_args=())(chunkwise_triton_fwd.forward)
@@ -128,6 +128,9 @@ def mlstm_chunkwise_triton(
     DV = v.shape[-1]
     if min(DK, DV) < TRITON_MIN_HEAD_DIM:
         raise ValueError(f"mlstm: the triton backend needs head dims >= {TRITON_MIN_HEAD_DIM}, got DK {DK}, DV {DV}")
+    if B * NH > MAX_GRID_Y:  # every launch puts batch x head on a grid axis CUDA caps
+        raise ValueError(f"mlstm: the triton backend takes at most {MAX_GRID_Y:,} sequences x heads per call, got "
+                         f"{B:,} x {NH} = {B * NH:,}: split the batch")
     L = triton_chunk_size(chunk_size, S, q.dtype)
     b, ig, virt, cnt = chunk_gates(i, f, reset, L)
     if state is None:

@@ -143,6 +143,12 @@ def test_chunk_end_max_from_the_zeroed_state(variant):
         check_against_oracle(xs, rs, 16)
 
 
+def test_more_heads_than_a_grid_axis_takes():
+    """Batch x heads past CUDA's 65,535 on a grid axis is an error saying to split the batch."""
+    xs, _ = make_inputs(65536, 1, 1, 16, 16)
+    with pytest.raises(ValueError, match="at most 65,535 sequences x heads.*split the batch"):
+        mlstm_chunkwise_triton(*xs, chunk_size=16)
+
 def test_local_max_with_a_chunk_no_token_reaches():
     """Input gates of -inf over a whole chunk (as padding has): the chunk's own max is -inf, its
     product zero; the states pass at the chunk's own stabilizer gives what the default gives."""
