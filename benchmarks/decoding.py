@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from xlstm7b import generate
 from xlstm7b.decode import cuda_compiled_step, decoding_state, step_runner
+from xlstm7b.pretrained import package_fused
 from xlstm7b.quantize import quantize
 
 NO_KERNEL = frozenset(f"aten::{op}" for op in (
@@ -197,8 +198,9 @@ def official_model(ours, state_dtype: str):
     )
     with torch.device("meta"):
         theirs = xLSTMLarge(theirs_config)
-    # Same tensors, no copy: only the embedding's name differs.
-    sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v for k, v in ours.state_dict().items()}
+    # Same tensors, no copy: their fused projections are views of ours, the embedding is renamed.
+    sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v
+          for k, v in package_fused(ours.state_dict(), c).items()}
     theirs.load_state_dict(sd, strict=True, assign=True)
     # On the GPU their gate pre-activations in float32, as ours are: in bfloat16 they reach the TFLA
     # prefill kernel as a bfloat16 vecI, whose compilation aborts in Triton 3.6.0's LLVM (an

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from conftest import perturb, rel_err
 from xlstm7b import XLSTM, CheckpointError, ModelConfig, from_pretrained, save_pretrained
-from xlstm7b.pretrained import fuse, unfuse
+from xlstm7b.pretrained import fuse, package_fused, unfuse
 
 SAVED = [".xlstm7b-written.json", "config.json", "generation_config.json", "model.safetensors"]
 """What save_pretrained writes: its record of the files it wrote (`xlstm7b.written`) and the checkpoint."""
@@ -70,12 +70,26 @@ def test_saves_the_released_single_layout(model, tmp_path):
     }
 
 
-def test_fuse_and_unfuse_are_inverse(model):
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_fuse_and_unfuse_are_inverse(model, use_bias):
+    """The model's layout -> the released single one and the xlstm package's fused one -> back, with
+    and without a bias on every projection (then the gates' bias is in_proj's)."""
+    if use_bias:
+        torch.manual_seed(4)
+        model = perturb(XLSTM(ModelConfig(**CONFIG, use_bias=True)), 0.05)
     fused = model.state_dict()
     single = unfuse(fused, model.config)
-    assert "backbone.blocks.1.mlstm_layer.q.weight" in single and not any("qkv_opreact" in k for k in single)
-    back = fuse(dict(single), model.config)
-    assert set(back) == set(fused) and all(torch.equal(back[k], fused[k]) for k in fused)
+    assert "backbone.blocks.1.mlstm_layer.q.weight" in single and not any("in_proj" in k or "gate_bias" in k for k in single)
+    rows = {"q": 64, "k": 64, "v": 128, "ogate_preact": 128, "igate_preact": 2, "fgate_preact": 2}
+    assert {p: single[f"backbone.blocks.1.mlstm_layer.{p}.weight"].shape[0] for p in rows} == rows
+    assert ("backbone.blocks.0.mlstm_layer.q.bias" in single) == use_bias
+    assert torch.equal(single["backbone.blocks.0.mlstm_layer.igate_preact.bias"], model.backbone.blocks[0].mlstm_layer.gate_biases()[:2])
+    package = package_fused(fused, model.config)
+    assert package["backbone.blocks.0.mlstm_layer.qkv_opreact.weight"].shape == (384, 128)
+    assert package["backbone.blocks.0.mlstm_layer.ifgate_preact.bias"].shape == (4,)
+    for other in (single, package):
+        back = fuse(dict(other), model.config)
+        assert set(back) == set(fused) and all(torch.equal(back[k], fused[k]) for k in fused)
 
 
 def test_dtype_and_device_arguments(model, x, tmp_path):
@@ -114,7 +128,7 @@ def test_xlstm_package_layout(model, x, tmp_path, files, weight_mode):
     the package's weight layouts."""
     import yaml
 
-    sd = model.state_dict() if weight_mode == "fused" else unfuse(model.state_dict(), model.config)
+    sd = (package_fused if weight_mode == "fused" else unfuse)(model.state_dict(), model.config)
     sd = {("embedding.weight" if k == "backbone.embeddings.weight" else k): v.contiguous() for k, v in sd.items()}
     names = sorted(sd)
     parts = [names] if len(files) == 1 else [names[::2], names[1::2]]

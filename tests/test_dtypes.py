@@ -150,7 +150,7 @@ def test_matrix_products_get_bf16_activations_under_bf16_autocast(model32, loss_
     with LinearInputs() as seen:
         nats = sequence_loss(model, model.logits, inputs, targets, inputs == 0,
                              torch.autocast("cpu", dtype=torch.bfloat16), loss_chunk)
-    per_block = 5  # [q|k|v|o], [i|f], out_proj, [gate|z], down
+    per_block = 4  # [q|k|v|o|i|f], out_proj, [gate|z], down
     assert len(seen.dtypes) == model.config.num_blocks * per_block + (1 if not loss_chunk else 64 // loss_chunk)
     assert set(seen.dtypes) == {torch.bfloat16}, seen.dtypes
     nats.mean().backward()

@@ -64,19 +64,42 @@ def test_init_statistics():
     model = XLSTM(config)
     small, wang = math.sqrt(2 / (5 * 256)), 2 / (4 * math.sqrt(256))
     layer, ffn = model.backbone.blocks[0].mlstm_layer, model.backbone.blocks[0].ffn
-    q, k, v, o = layer.qkv_opreact.weight.split([128, 128, 256, 256])
+    q, k, v, o, gates = layer.in_proj.weight.split([128, 128, 256, 256, 8])
     gate, z = ffn.proj_up_gate_z.weight.chunk(2)
     for w in (q, k, v, z, gate, model.lm_head.weight):
         assert w.std().item() == pytest.approx(small, rel=0.05) and abs(w.mean().item()) < 0.1 * small
     assert model.backbone.embeddings.weight.std().item() == pytest.approx(small, rel=0.05)
     for w in (layer.out_proj.weight, ffn.proj_down.weight):
         assert w.std().item() == pytest.approx(wang, rel=0.05)
-    for w in (o, layer.ifgate_preact.weight):
+    for w in (o, gates):
         assert torch.count_nonzero(w) == 0
-    assert torch.equal(layer.ifgate_preact.bias[:4], torch.full((4,), -10.0))
-    assert torch.allclose(layer.ifgate_preact.bias[4:], torch.linspace(3, 6, 4))
+    assert layer.in_proj.bias is None and layer.gate_biases() is layer.gate_bias
+    assert torch.equal(layer.gate_bias[:4], torch.full((4,), -10.0))
+    assert torch.allclose(layer.gate_bias[4:], torch.linspace(3, 6, 4))
     assert torch.equal(layer.multihead_norm.weight, torch.ones(256))
     assert torch.equal(model.backbone.blocks[1].norm_ffn.weight, torch.ones(256))
+
+
+def test_one_product_for_all_input_projections_and_gates_in_float32():
+    """project: q, k, v, o and the gates from one product with in_proj (no second weight read); the
+    gates' pre-activations in float32 with their bias added in float32 after the product, also under
+    bf16 autocast, where a bias rounded to bf16 would be off by up to 2^-6 near 4."""
+    model = small_model()
+    layer, c = model.backbone.blocks[0].mlstm_layer, model.config
+    with torch.no_grad():
+        layer.gate_bias.copy_(torch.tensor([-9.9, -10.1, 3.3, 5.7]))
+        layer.in_proj.weight.normal_(std=0.05)
+    x = torch.randn(2, 5, c.embedding_dim)
+    for context, dtype in ((torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16), (torch.no_grad(), torch.float32)):
+        with context, torch.no_grad(), torch.profiler.profile() as prof:
+            q, k, v, o, i, f = layer.project(x)
+        products = [e.name for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::bmm")]
+        assert products == ["aten::mm"], products
+        assert q.dtype == v.dtype == dtype and i.dtype == f.dtype == torch.float32
+        product = (x.to(dtype) @ layer.in_proj.weight.to(dtype).T).float()
+        want = c.gate_soft_cap * torch.tanh((product[..., -4:] + layer.gate_bias) / c.gate_soft_cap)
+        torch.testing.assert_close(torch.cat([i, f], -1), want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(o, product[..., 2 * c.qk_dim + c.v_dim : -4].to(dtype))
 
 
 def test_meta_build_then_init_matches_direct_build():

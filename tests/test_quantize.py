@@ -17,15 +17,15 @@ DEBUG = ModelConfig.from_preset("debug")
 
 
 def test_int8_on_cpu():
-    """int8 replaces the projections' and the head's weights (not the gates' or the embedding's), the
+    """int8 replaces the projections' and the head's weights (not the gates' bias or the embedding), the
     logits stay within 5 % of the float32 model's, and generate decodes with it."""
     pytest.importorskip("torchao.quantization")
     model, reference = random_model(DEBUG, seed=2), random_model(DEBUG, seed=2)
     layers = quantized_layers(model)
-    assert len(layers) == 4 * DEBUG.num_blocks + 1  # qkv+o, out_proj, the feed-forward's two; the head
+    assert len(layers) == 4 * DEBUG.num_blocks + 1  # in_proj, out_proj, the feed-forward's two; the head
     assert quantize(model, "int8") is model
     assert all(type(layer.weight).__name__ == "Int8Tensor" for layer in layers)
-    assert all(type(b.mlstm_layer.ifgate_preact.weight) is torch.nn.Parameter for b in model.backbone.blocks)
+    assert all(type(b.mlstm_layer.gate_bias) is torch.nn.Parameter for b in model.backbone.blocks)
     assert type(model.backbone.embeddings.weight) is torch.nn.Parameter
     ids = torch.tensor([prompt(40, 3), prompt(40, 4)])
     with torch.no_grad():

@@ -105,7 +105,7 @@ def test_weight_decay_groups():
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert "lm_head.weight" in decayed and "backbone.blocks.0.mlstm_layer.qkv_opreact.weight" in decayed
+    assert "lm_head.weight" in decayed and "backbone.blocks.0.mlstm_layer.in_proj.weight" in decayed
     assert "backbone.embeddings.weight" not in decayed
     assert not any(n.endswith("bias") or "norm" in n for n in decayed)
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

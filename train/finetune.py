@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from xlstm7b import CheckpointError
-from xlstm7b.pretrained import FUSED_GROUPS, canonical_name, read_config, read_safetensors, weight_files
+from xlstm7b.pretrained import canonical_name, layout_groups, read_config, read_safetensors, weight_files
 
 RUNTIME_FIELDS = ("mlstm_backend", "chunk_size")
 """[model] keys that choose how the model runs, not what it computes: a run may set its own."""
@@ -58,9 +58,10 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     folder = Path(folder).expanduser()
     config = model.config
     params = dict(model.named_parameters())  # a tied lm_head is listed once, as the embedding
-    # released single projection -> (the model's fused one, the singles it concatenates)
-    groups = {f"backbone.blocks.{n}.{s}.{kind}": (f"backbone.blocks.{n}.{fused}.{kind}", [f"backbone.blocks.{n}.{x}.{kind}" for x in singles])
-              for n in range(config.num_blocks) for fused, singles in FUSED_GROUPS for s in singles for kind in ("weight", "bias")}
+    # a part of the released or the xlstm package's layout -> (the model's fused tensor, the parts it concatenates)
+    groups = {f"backbone.blocks.{n}.{s}": (f"backbone.blocks.{n}.{fused}", [f"backbone.blocks.{n}.{x}" for x in singles])
+              for n in range(config.num_blocks) for layout in ("single", "package")
+              for fused, singles in layout_groups(config, layout) for s in singles}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     loaded = set()
     for file in weight_files(folder):

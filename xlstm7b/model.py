@@ -2,9 +2,11 @@
 block, backbone, language model.
 
 Module names mirror the released Hugging Face checkpoint (`backbone.blocks.0.mlstm_layer...`). The
-weights are in one layout, the xlstm package's fused one: [q|k|v|o] in `qkv_opreact`, [i|f] in
-`ifgate_preact`, [gate|z] in `proj_up_gate_z` (fewer, larger matmuls); pretrained.py converts the
-released single layout (q, k, v, ogate_preact, ...) on load and writes it on save.
+weights are in one fused layout, for fewer, larger matmuls: each mLSTM layer's input projections
+[q|k|v|o|i|f] in `in_proj` (one GEMM per call) with the gates' bias [i|f] in `gate_bias`, and the
+feed-forward's [gate|z] in `proj_up_gate_z`. pretrained.py converts the released single layout (q, k,
+v, ogate_preact, ...) and the xlstm package's fused one (qkv_opreact, ifgate_preact) on load, and
+writes the released layout on save.
 """
 
 import math
@@ -110,8 +112,10 @@ class mLSTMLayer(nn.Module):
         super().__init__()
         self.config = config
         D, Dqk, Dv, NH, bias = config.embedding_dim, config.qk_dim, config.v_dim, config.num_heads, config.use_bias
-        self.qkv_opreact = nn.Linear(D, 2 * Dqk + 2 * Dv, bias=bias)
-        self.ifgate_preact = nn.Linear(D, 2 * NH, bias=True)
+        self.in_proj = nn.Linear(D, 2 * Dqk + 2 * Dv + 2 * NH, bias=bias)  # rows [q | k | v | o | i | f]
+        # The gates are always biased (spec §1): by in_proj's bias where every projection has one,
+        # else by their own, added in float32 after the product.
+        self.gate_bias = None if bias else nn.Parameter(torch.zeros(2 * NH))  # [i | f]
         self.multihead_norm = MultiHeadLayerNorm(NH, config.v_head_dim, config.norm_eps, bias)
         self.out_proj = nn.Linear(Dv, D, bias=bias)
 
@@ -120,12 +124,17 @@ class mLSTMLayer(nn.Module):
         Padding (mask [B, S] False) is made invisible to the cell: i = -inf writes nothing and
         f = +inf (lf = 0) forgets nothing (spec §2)."""
         c = self.config
-        q, k, v, o = self.qkv_opreact(x).split([c.qk_dim, c.qk_dim, c.v_dim, c.v_dim], dim=-1)
-        i, f = soft_cap(self.ifgate_preact(x).float(), c.gate_soft_cap).split(c.num_heads, dim=-1)
+        q, k, v, o, gates = self.in_proj(x).split([c.qk_dim, c.qk_dim, c.v_dim, c.v_dim, 2 * c.num_heads], dim=-1)
+        gates = gates.float() if self.gate_bias is None else gates.float() + self.gate_bias
+        i, f = soft_cap(gates, c.gate_soft_cap).split(c.num_heads, dim=-1)
         if mask is not None:
             i = i.masked_fill(~mask[..., None], float("-inf"))
             f = f.masked_fill(~mask[..., None], float("inf"))
         return q, k, v, o, i, f
+
+    def gate_biases(self) -> torch.Tensor:
+        """The i and f gates' bias [2 NH] ([i | f]): `gate_bias`, or the last rows of in_proj's bias."""
+        return self.in_proj.bias[-2 * self.config.num_heads :] if self.gate_bias is None else self.gate_bias
 
     def record(self, cell_inputs, k, v, i, f) -> None:
         if cell_inputs is not None:
@@ -236,15 +245,14 @@ class XLSTM(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=small)
         for block in self.backbone.blocks:
             layer, ffn = block.mlstm_layer, block.ffn
-            w = layer.qkv_opreact.weight  # rows [q | k | v | o]
+            w = layer.in_proj.weight  # rows [q | k | v | o | i | f]
             nn.init.normal_(w[: 2 * c.qk_dim + c.v_dim], std=small)
-            w[2 * c.qk_dim + c.v_dim :].zero_()
-            layer.ifgate_preact.weight.zero_()
+            w[2 * c.qk_dim + c.v_dim :].zero_()  # the output gate's and the i, f gates' rows
+            bias = layer.gate_biases()
             # On the bias's device, stated: after transformers has loaded a model, a `torch.device(...)`
             # context no longer places torch.linspace (for the rest of the process).
-            bias = layer.ifgate_preact.bias
             i_bias = torch.full((c.num_heads,), -10.0, device=bias.device)
-            layer.ifgate_preact.bias.copy_(torch.cat([i_bias, torch.linspace(3.0, 6.0, c.num_heads, device=bias.device)]))
+            bias.copy_(torch.cat([i_bias, torch.linspace(3.0, 6.0, c.num_heads, device=bias.device)]))
             nn.init.normal_(ffn.proj_up_gate_z.weight, std=small)
             nn.init.normal_(layer.out_proj.weight, std=wang)
             nn.init.normal_(ffn.proj_down.weight, std=wang)

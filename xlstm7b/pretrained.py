@@ -7,8 +7,10 @@ Reads two layouts:
   `embedding.weight` for the embedding.
 Both store the projections one by one (`q`, `k`, `v`, `ogate_preact`, `igate_preact`, `fgate_preact`,
 `proj_up_gate`, `proj_up`: the released single layout); the xlstm package may also write its fused
-layout, which is the model's. Loading converts single to fused, saving fused to single, so every
-file written is in the released layout, which both `from_pretrained` and transformers'
+layout (`qkv_opreact`, `ifgate_preact`, `proj_up_gate_z`). Loading converts either to the model's
+(`in_proj` [q|k|v|o|i|f] and `gate_bias` [i|f], `proj_up_gate_z`; read as it is where a file holds
+it), saving the model's to single, so
+every file written is in the released layout, which both `from_pretrained` and transformers'
 xLSTMForCausalLM load.
 
 Loading builds the model on the meta device and assigns each tensor as it is read, so the weights
@@ -42,12 +44,35 @@ NAME_ALIASES = (
 )
 
 
-# The model's fused projections and the released single ones they concatenate (rows, in order).
-FUSED_GROUPS = (
-    ("mlstm_layer.qkv_opreact", ("mlstm_layer.q", "mlstm_layer.k", "mlstm_layer.v", "mlstm_layer.ogate_preact")),
-    ("mlstm_layer.ifgate_preact", ("mlstm_layer.igate_preact", "mlstm_layer.fgate_preact")),
-    ("ffn.proj_up_gate_z", ("ffn.proj_up_gate", "ffn.proj_up")),
-)
+# The mLSTM layer's input projections of the released single layout, in the rows of the model's in_proj.
+MLSTM_INPUTS = ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact")
+
+
+def layout_groups(config: ModelConfig, layout: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Each fused tensor of the model (its name after `backbone.blocks.N.`) and, in row order, the
+    tensors of another layout it concatenates: `layout` "single" (the release's) or "package" (the
+    xlstm package's fused `qkv_opreact` [q|k|v|o] and `ifgate_preact` [i|f]; its `proj_up_gate_z` is
+    ours). With use_bias the gates' bias is in_proj's last rows, else its own `gate_bias`."""
+    m = "mlstm_layer."
+    if layout == "single":
+        inputs, gates = [m + s for s in MLSTM_INPUTS], [m + "igate_preact", m + "fgate_preact"]
+        ffn = [("ffn.proj_up_gate_z", ("ffn.proj_up_gate", "ffn.proj_up"))]
+    else:
+        inputs, gates, ffn = [m + "qkv_opreact", m + "ifgate_preact"], [m + "ifgate_preact"], []
+    kinds = ("weight", "bias") if config.use_bias else ("weight",)
+    groups = [(f"{m}in_proj.{kind}", tuple(f"{p}.{kind}" for p in inputs)) for kind in kinds]
+    if not config.use_bias:
+        groups.append((m + "gate_bias", tuple(f"{p}.bias" for p in gates)))
+    groups += [(f"{fused}.{kind}", tuple(f"{p}.{kind}" for p in parts)) for fused, parts in ffn for kind in kinds]
+    return groups
+
+
+def part_rows(config: ModelConfig, name: str) -> int:
+    """The rows of `name` (a part in layout_groups) within the fused tensor that concatenates it."""
+    c = config
+    return {"q": c.qk_dim, "k": c.qk_dim, "v": c.v_dim, "ogate_preact": c.v_dim, "igate_preact": c.num_heads,
+            "fgate_preact": c.num_heads, "qkv_opreact": 2 * c.qk_dim + 2 * c.v_dim, "ifgate_preact": 2 * c.num_heads,
+            "proj_up_gate": c.ffn_dim, "proj_up": c.ffn_dim}[name.split(".")[-2]]
 
 
 def checkpoint_path(path, caller: str) -> Path:
@@ -207,36 +232,41 @@ def canonical_name(name: str) -> str:
 
 
 def fuse(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The released single layout -> the model's fused one, in place: the single entries are
-    replaced by their concatenation one group at a time, so peak memory grows by one projection at
-    most. Keys already fused are kept. Returns `state_dict`."""
+    """The released single layout or the xlstm package's fused one -> the model's, in place: the
+    parts are replaced by their concatenation one group at a time, so peak memory grows by one
+    projection at most. Keys already in the model's layout are kept. Returns `state_dict`."""
     out = state_dict
     for n in range(config.num_blocks):
-        for fused, singles in FUSED_GROUPS:
-            for kind in ("weight", "bias"):
-                keys = [f"backbone.blocks.{n}.{s}.{kind}" for s in singles]
+        for layout in ("single", "package"):
+            for fused, parts in layout_groups(config, layout):
+                keys = [f"backbone.blocks.{n}.{p}" for p in parts]
                 if all(k in out for k in keys):
-                    out[f"backbone.blocks.{n}.{fused}.{kind}"] = torch.cat([out.pop(k) for k in keys], dim=0)
+                    out[f"backbone.blocks.{n}.{fused}"] = torch.cat([out.pop(k) for k in keys], dim=0)
+    return out
+
+
+def split(state_dict: dict[str, torch.Tensor], config: ModelConfig, layout: str) -> dict[str, torch.Tensor]:
+    """The model's layout -> `layout` (see layout_groups): each part a view of its rows."""
+    out = dict(state_dict)
+    for n in range(config.num_blocks):
+        for fused, parts in layout_groups(config, layout):
+            key = f"backbone.blocks.{n}.{fused}"
+            if key in out:
+                views = out.pop(key).split([part_rows(config, p) for p in parts], dim=0)
+                out.update((f"backbone.blocks.{n}.{p}", view) for p, view in zip(parts, views))
     return out
 
 
 def unfuse(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model's fused layout -> the released single one (each projection a copy of its rows)."""
-    c = config
-    sizes = {
-        "mlstm_layer.qkv_opreact": [c.qk_dim, c.qk_dim, c.v_dim, c.v_dim],
-        "mlstm_layer.ifgate_preact": [c.num_heads, c.num_heads],
-        "ffn.proj_up_gate_z": [c.ffn_dim, c.ffn_dim],
-    }
-    out = dict(state_dict)
-    for n in range(c.num_blocks):
-        for fused, singles in FUSED_GROUPS:
-            for kind in ("weight", "bias"):
-                key = f"backbone.blocks.{n}.{fused}.{kind}"
-                if key in out:
-                    for s, part in zip(singles, out.pop(key).split(sizes[fused], dim=0)):
-                        out[f"backbone.blocks.{n}.{s}.{kind}"] = part.clone()
-    return out
+    """The model's layout -> the released single one (each projection a copy of its rows)."""
+    single = split(state_dict, config, "single")
+    return {k: v.clone() if k not in state_dict else v for k, v in single.items()}
+
+
+def package_fused(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's layout -> the xlstm package's fused one (`weight_mode="fused"`), as views of the
+    same tensors: an xLSTMLarge loads it with `assign=True` and shares the weights."""
+    return split(state_dict, config, "package")
 
 
 def from_pretrained(
@@ -270,8 +300,8 @@ def from_pretrained(
     with torch.device("meta"):
         model = XLSTM(config)
     expected = model.state_dict()
-    if not any(".qkv_opreact." in name for name in shapes):  # the released single layout
-        expected = unfuse(expected, config)
+    if not any(".mlstm_layer.in_proj." in name for name in shapes):  # not the model's own layout
+        expected = split(expected, config, "package" if any(".qkv_opreact." in name for name in shapes) else "single")
     check_shapes(config, expected, shapes, source, path)
     tensors = {canonical_name(name): t.to(device=device, dtype=dtype or t.dtype) for file in files for name, t in read_safetensors(file)}
     if config.tie_word_embeddings:

@@ -13,9 +13,10 @@ where:
   scale and zero point per group of 128 inputs, or 64 or 32 where 128 does not divide the layer's
   input width: 64 for the 7B's feed-forward down-projection of 10,944 inputs): CUDA (compute
   capability 8.0 or newer), bfloat16 weights.
-Quantised are every block's projections and the output head (unless it is tied to the embedding);
-the gate projection (2 NH outputs: its bytes do not matter, the gates' precision does) and the
-embedding table (a step reads one row of it) stay as they are. A quantised model decodes only:
+Quantised are every block's projections and the output head (unless it is tied to the embedding):
+an mLSTM layer's i and f gate rows with its q, k, v and o (one matrix, one product; each row keeps
+its own scales, and the gates' bias and soft-cap stay in float32). The embedding table (a step reads
+one row of it) stays as it is. A quantised model decodes only:
 training it or saving it as a checkpoint is not supported.
 """
 
@@ -68,11 +69,9 @@ def int4_group_size(in_features: int) -> int | None:
 
 
 def quantized_layers(model: XLSTM) -> list[nn.Linear]:
-    """The linear layers `quantize` quantises: all but the gate projections, and the output head
-    unless it is tied to the embedding table."""
-    skip = {id(block.mlstm_layer.ifgate_preact) for block in model.backbone.blocks}
-    if model.lm_head.weight is model.backbone.embeddings.weight:
-        skip.add(id(model.lm_head))
+    """The linear layers `quantize` quantises: all, the output head unless it is tied to the
+    embedding table."""
+    skip = {id(model.lm_head)} if model.lm_head.weight is model.backbone.embeddings.weight else set()
     return [module for module in model.modules() if isinstance(module, nn.Linear) and id(module) not in skip]
 
 
