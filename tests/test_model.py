@@ -78,6 +78,10 @@ def test_init_statistics():
     assert torch.allclose(layer.gate_bias[4:], torch.linspace(3, 6, 4))
     assert torch.equal(layer.multihead_norm.weight, torch.ones(256))
     assert torch.equal(model.backbone.blocks[1].norm_ffn.weight, torch.ones(256))
+    # With a bias on every projection the gates' is in_proj's last rows: the same values, the rest 0.
+    layer = XLSTM(config.replace(use_bias=True)).backbone.blocks[0].mlstm_layer
+    assert layer.gate_bias is None and torch.equal(layer.gate_biases(), torch.cat([torch.full((4,), -10.0), torch.linspace(3, 6, 4)]))
+    assert torch.count_nonzero(layer.in_proj.bias[:-8]) == 0
 
 
 def test_one_product_for_all_input_projections_and_gates_in_float32():
