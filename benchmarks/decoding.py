@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from xlstm7b import generate
 from xlstm7b.decode import cuda_compiled_step, decoding_state, step_runner
-from xlstm7b.pretrained import package_fused
+from xlstm7b.layouts import package_fused
 from xlstm7b.quantize import quantize
 
 NO_KERNEL = frozenset(f"aten::{op}" for op in (

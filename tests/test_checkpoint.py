@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from conftest import perturb, rel_err
 from xlstm7b import XLSTM, CheckpointError, ModelConfig, from_pretrained, save_pretrained
-from xlstm7b.pretrained import fuse, package_fused, unfuse
+from xlstm7b.layouts import fuse, package_fused, unfuse
 
 SAVED = [".xlstm7b-written.json", "config.json", "generation_config.json", "model.safetensors"]
 """What save_pretrained writes: its record of the files it wrote (`xlstm7b.written`) and the checkpoint."""

@@ -8,7 +8,7 @@ import torch
 
 from conftest import perturb, rel_err
 from xlstm7b import XLSTM, ModelConfig, State, preset_names, preset_path
-from xlstm7b.pretrained import unfuse
+from xlstm7b.layouts import unfuse
 from xlstm7b.kernels import mlstm_advance
 from xlstm7b.model import MultiHeadLayerNorm, RMSNorm, split_cell_inputs
 

@@ -16,7 +16,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from xlstm7b import CheckpointError
-from xlstm7b.pretrained import canonical_name, layout_groups, read_config, read_safetensors, weight_files
+from xlstm7b.layouts import layout_groups
+from xlstm7b.pretrained import canonical_name, read_config, read_safetensors, weight_files
 
 RUNTIME_FIELDS = ("mlstm_backend", "chunk_size")
 """[model] keys that choose how the model runs, not what it computes: a run may set its own."""

@@ -4,9 +4,9 @@ block, backbone, language model.
 Module names mirror the released Hugging Face checkpoint (`backbone.blocks.0.mlstm_layer...`). The
 weights are in one fused layout, for fewer, larger matmuls: each mLSTM layer's input projections
 [q|k|v|o|i|f] in `in_proj` (one GEMM per call) with the gates' bias [i|f] in `gate_bias`, and the
-feed-forward's [gate|z] in `proj_up_gate_z`. pretrained.py converts the released single layout (q, k,
-v, ogate_preact, ...) and the xlstm package's fused one (qkv_opreact, ifgate_preact) on load, and
-writes the released layout on save.
+feed-forward's [gate|z] in `proj_up_gate_z`. Checkpoints (pretrained.py) convert from the released
+single layout (q, k, v, ogate_preact, ...) and the xlstm package's fused one (qkv_opreact,
+ifgate_preact) on load, and to the released layout on save (layouts.py).
 """
 
 import math
