@@ -165,13 +165,13 @@ def test_bfloat16_state(model):
     """C and n decode in bfloat16, m in float32; the prompt runs in float32, so the first token is
     float32's; random weights' near-tied logits let later greedy tokens differ (a broken state
     would agree on about 1 token in 512); the returned state continues."""
-    ids = prompt(30, seed=5)
+    ids = prompt(30, seed=1)
     exact = generate(model, [ids], max_new_tokens=24)
     out = generate(model, [ids], max_new_tokens=24, state_dtype=torch.bfloat16)
     assert [(C.dtype, n.dtype, m.dtype) for C, n, m in out.state] == [(torch.bfloat16, torch.bfloat16, torch.float32)] * 2
     assert out.state.nbytes < 0.51 * exact.state.nbytes
     assert out.tokens[0, 0] == exact.tokens[0, 0]
-    assert (out.tokens == exact.tokens).float().mean() > 0.25  # this draw: its first 9 of 24 agree
+    assert (out.tokens == exact.tokens).float().mean() > 0.5
     before = out.state.clone()
     more = generate(model, out.tokens[:, -1:], max_new_tokens=4, state=out.state, state_dtype=torch.bfloat16)
     assert more.state[0][0].dtype == torch.bfloat16 and more.tokens.shape == (1, 4)
