@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from xlstm7b.written import foreign_files
+from xlstm7b.written import adopt_earlier_export, foreign_files
 
 
 class RunDirBusy(RuntimeError):
@@ -35,8 +35,10 @@ def describe_holder(text: str) -> str:
 def check_run_dir(run_dir: Path) -> None:
     """A ValueError if `run_dir` holds files but no train.lock: every run creates its lock file first
     and never deletes it, so such a folder is someone else's, whose files a run would overwrite. Also
-    if its export folder, RUN_DIR/model, holds a file xlstm7b did not write."""
+    if its export folder, RUN_DIR/model, holds a file xlstm7b did not write (an earlier version's
+    export is adopted first: `xlstm7b.written.adopt_earlier_export`)."""
     if (run_dir / "train.lock").exists():
+        adopt_earlier_export(run_dir / "model")
         if foreign := foreign_files(run_dir / "model"):  # found now, not when the export fails after training
             raise ValueError(f"{foreign[0]} was not written by xlstm7b (an export of an older version, or a file of "
                              f"yours); the run's export into {run_dir / 'model'} would not replace it. Move it away, then rerun")

@@ -9,7 +9,6 @@ last complete checkpoint.
 import contextlib
 import math
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from tokenizers import Tokenizer
 from torch.utils.checkpoint import checkpoint
 
 from xlstm7b import XLSTM, generate, save_pretrained
-from xlstm7b.hub import save_for_hub
+from xlstm7b.hub import copy_tokenizer, save_for_hub
 from xlstm7b.threads import set_threads, threads_text
 
 from . import checkpointing
@@ -175,15 +174,14 @@ def train(job: JobConfig) -> int:
 
 def run_data(job: JobConfig, d: Dist, run_dir: Path) -> tuple[Path, Path, Tokenizer]:
     """The run's token shards, tokenizer path and tokenizer (prepare_data), the tokenizer copied into
-    the run directory. A resumed run keeps its tokenizer and checks that its corpus is the one it
+    the run directory with its chat template. A resumed run keeps its tokenizer and checks that its corpus is the one it
     trained on."""
     run_tokenizer, saved = run_dir / "tokenizer.json", checkpointing.newest_meta(run_dir)
     folder, tokenizer_path, tok = prepare_data(
         job.data, job.model, d.rank, d.barrier, run_tokenizer=run_tokenizer if saved and run_tokenizer.is_file() else None,
         run_tokens=Path(saved["data"]).name if saved and "data" in saved else None)
     if d.is_main and tokenizer_path != run_tokenizer:
-        shutil.copyfile(tokenizer_path, run_tokenizer.with_suffix(".tmp"))
-        os.replace(run_tokenizer.with_suffix(".tmp"), run_tokenizer)
+        copy_tokenizer(tokenizer_path, run_tokenizer)
     return folder, tokenizer_path, tok
 
 

@@ -13,13 +13,14 @@ add_special_tokens=False and places the BOS itself, so it reads the same ids eit
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer, processors
 
 from .config import ModelConfig
 from .model import XLSTM
-from .written import ForeignFileError, foreign_files, remember
+from .written import ForeignFileError, adopt_earlier_export, foreign_files, remember
 
 FILES = ("tokenizer.json", "tokenizer_config.json", "README.md")
 
@@ -64,6 +65,19 @@ def chat_template_beside(tokenizer_file: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def copy_tokenizer(source: Path, dest: Path) -> None:
+    """Copies the tokenizer.json `source` to `dest` (atomically), with its chat template
+    (`chat_template_beside`) in a tokenizer_config.json beside `dest`, so that an export made from the
+    copy alone (a resumed run's) keeps the template."""
+    source, dest = Path(source), Path(dest)
+    shutil.copyfile(source, dest.with_name(dest.name + ".tmp"))
+    os.replace(dest.with_name(dest.name + ".tmp"), dest)
+    config = dest.with_name("tokenizer_config.json")
+    if template := chat_template_beside(source):
+        config.with_name(config.name + ".tmp").write_text(json.dumps({"chat_template": template}, indent=2))
+        os.replace(config.with_name(config.name + ".tmp"), config)
+
+
 def model_card(model: XLSTM, training: dict | None) -> str:
     """README.md: the architecture, its size, what it was trained on and how to load it."""
     c, t = model.config, training or {}
@@ -104,6 +118,7 @@ def save_for_hub(folder: str | os.PathLike, model: XLSTM, tokenizer: Tokenizer |
     folder = Path(folder)
     if not isinstance(model, XLSTM):
         raise TypeError(f"save_for_hub: model must be an xlstm7b.XLSTM, got {type(model).__name__}")
+    adopt_earlier_export(folder)
     if not overwrite and (foreign := foreign_files(folder, FILES)):
         raise ForeignFileError(f"save_for_hub: {foreign[0]} was not written by xlstm7b; it is left untouched. Move it "
                                "away, or pass overwrite=True to replace it")

@@ -28,7 +28,7 @@ from .config import ModelConfig
 from .layouts import fuse, split, unfuse
 from .model import XLSTM
 from .safetensors_io import CheckpointError, read_header, read_safetensors
-from .written import ForeignFileError, foreign_files, forget, remember
+from .written import ForeignFileError, adopt_earlier_export, foreign_files, forget, remember
 
 INDEX = "model.safetensors.index.json"
 EMBEDDING = "backbone.embeddings.weight"
@@ -273,7 +273,8 @@ def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: in
     a final name.
 
     The folder must be new, empty or hold only files xlstm7b wrote (an earlier save's: replaced, and
-    its shards this save does not write removed); otherwise a ForeignFileError names a file that is
+    its shards this save does not write removed; an earlier version's export, which has no record, is
+    adopted where its files prove themselves ours: `xlstm7b.written.adopt_earlier_export`); otherwise a ForeignFileError names a file that is
     not ours. overwrite=True writes anyway: files under the names this save writes are replaced,
     every other file is left as it is (never deleted)."""
     if not isinstance(model, XLSTM):
@@ -287,6 +288,7 @@ def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: in
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:
         raise ValueError(f"save_pretrained: {path} cannot be a folder: {e.filename} is a file; pass another path") from e
+    adopt_earlier_export(path)
     if not overwrite and (foreign := foreign_files(path)):
         raise ForeignFileError(
             f"save_pretrained: {foreign[0]} was not written by xlstm7b{f' (nor {len(foreign) - 1} more file(s))' if len(foreign) > 1 else ''}; "

@@ -7,10 +7,14 @@ project's while it is recorded and unchanged since; any other file (the user's, 
 of ours that the user has since edited) is never overwritten or removed unless the user says so. A
 writer replaces only what the same writer wrote: `eval --out` never replaces a checkpoint's
 config.json, although save_pretrained wrote it.
+
+Folders exported before the record existed (a `save_pretrained` folder, a run's RUN_DIR/model) are
+adopted by `adopt_earlier_export` where their files prove themselves ours; see there.
 """
 
 import json
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -87,3 +91,63 @@ def forget(folder: Path, names: Iterable[str], writer: str) -> None:
         if is_ours(folder / n, writer):
             (folder / n).unlink()
     remember(folder, [], writer)
+
+
+def safetensors_file(path: Path) -> bool:
+    """Whether `path` is a plain file that starts with a safetensors header (length, then a JSON object)."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            return path.is_file() and not path.is_symlink() and 2 <= n <= 100_000_000 and isinstance(json.loads(fh.read(n)), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def json_object(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def earlier_export(folder: Path) -> dict[str, str]:
+    """The files of `folder` that an export of an earlier version (before the record) provably wrote,
+    by name -> writer: a config.json of model_type "xlstm" with the weights it loads (model.safetensors,
+    or the index and every shard it names, each a safetensors file), and a tokenizer.json that is a
+    byte-for-byte copy of the run's (RUN_DIR/model/tokenizer.json beside RUN_DIR/tokenizer.json, as
+    the trainer exported it). Nothing if any part is missing or is not what it claims."""
+    config, index = json_object(folder / "config.json"), json_object(folder / "model.safetensors.index.json")
+    if config is None or config.get("model_type") != "xlstm":
+        return {}
+    if index is not None:
+        shards = index.get("weight_map")
+        if not isinstance(shards, dict) or not shards:
+            return {}
+        weights = ["model.safetensors.index.json", *sorted(set(map(str, shards.values())))]
+    else:
+        weights = ["model.safetensors"]
+    if not all(Path(n).name == n and safetensors_file(folder / n) for n in weights if n != "model.safetensors.index.json"):
+        return {}
+    ours = {n: "save_pretrained" for n in ["config.json", *weights]}
+    tokenizer, runs = folder / "tokenizer.json", folder.parent / "tokenizer.json"
+    try:
+        if tokenizer.is_file() and not tokenizer.is_symlink() and runs.is_file() and tokenizer.read_bytes() == runs.read_bytes():
+            ours["tokenizer.json"] = "save_for_hub"
+    except OSError:
+        pass
+    return ours
+
+
+def adopt_earlier_export(folder: Path) -> list[str]:
+    """Records the files of an earlier version's export in `folder` (see `earlier_export`) as the
+    project's, saying so in one line, when the folder has no record yet; returns their names. Every
+    other file of the folder stays foreign: never replaced or removed."""
+    folder = Path(folder)
+    if (folder / RECORD).exists() or not folder.is_dir() or not (ours := earlier_export(folder)):
+        return []
+    for writer in sorted(set(ours.values())):
+        remember(folder, [n for n, w in ours.items() if w == writer], writer)
+    print(f"{folder}: {len(ours)} file(s) of an export by an earlier xlstm7b version ({', '.join(ours)}) adopted into "
+          f"{RECORD}; they may now be replaced", file=sys.stderr, flush=True)
+    return list(ours)
