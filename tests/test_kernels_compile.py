@@ -47,7 +47,7 @@ VARIANT_CASES = [c for v in aot.VARIANTS if v != "default" for c in cases(sorted
 
 KERNELS = {
     "_fused_fwd_kernel", "_states_fwd_kernel", "_output_fwd_kernel", "_states_bwd_kernel", "_scores_bwd_kernel",
-    "_dqk_bwd_kernel", "_dv_bwd_kernel", "_gates_bwd_kernel", "_step_kernel", "_step_nm_kernel",
+    "_dqk_bwd_kernel", "_dv_bwd_kernel", "_gates_bwd_kernel", "_step_kernel",
 }
 
 
@@ -126,11 +126,11 @@ def test_launches_per_layer():
 
 
 def test_step_by_slot_index_compiled(reports):
-    """The decoding step on a serving pool's rows by slot index (both kernels), for both archs and
+    """The decoding step on a serving pool's rows by slot index (its one kernel), for both archs and
     every head shape compiled there; its spills and shared memory are checked with the others."""
     for arch in ARCHS:
         by_slot = [r for r in reports if "error" not in r and r["arch"] == arch and r["constexprs"].get("HAS_SLOTS") == "True"]
-        assert {r["kernel"] for r in by_slot} == {"_step_kernel", "_step_nm_kernel"}, arch
+        assert {r["kernel"] for r in by_slot} == {"_step_kernel"}, arch
         assert any("DK256-DV512-" in r["tag"] for r in by_slot), arch
 
 

@@ -4,6 +4,11 @@ bfloat16 state, the states it refuses, the dispatch, and (GPU) captured in a CUD
 Without CUDA the kernel runs in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1).
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -12,7 +17,7 @@ pytest.importorskip("triton")
 from conftest import rel_err  # noqa: E402
 
 from xlstm7b.kernels import mlstm_step, mlstm_step_, mlstm_step_torch, mlstm_step_torch_  # noqa: E402
-from xlstm7b.kernels.step_triton import mlstm_step_triton  # noqa: E402
+from xlstm7b.kernels.step_triton import arrivals, mlstm_step_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -89,6 +94,70 @@ def test_step_dispatch_keeps_state_unless_in_place():
     assert rel_err(h_t, h_c) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(s_t, s_c))
     h_i = mlstm_step_(q, k, v, i, f, state, backend="triton")
     assert rel_err(h_i, h_c) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(state, s_c))
+
+
+def test_the_last_tile_of_a_head_writes_n_and_m_and_the_counters_return_to_zero():
+    """One launch per step: a head's DV tiles (three here) each count their arrival and the last
+    writes the head's n and m, after every tile has read the old ones. Inactive rows sharing a
+    scratch slot count its tiles twice; every counter is back at zero after the step."""
+    B, NH, DK, DV = 3, 2, 128, 160
+    g = torch.Generator().manual_seed(5)
+    state = tuple(torch.randn(*s, generator=g).to(DEVICE) for s in ((4, NH, DK, DV), (4, NH, DK), (4, NH, 1)))
+    slots = torch.tensor([2, 0, 0], device=DEVICE)
+    q, k = (torch.randn(B, NH, DK, generator=g).to(DEVICE) for _ in range(2))
+    v = torch.randn(B, NH, DV, generator=g).to(DEVICE)
+    i, f = (torch.randn(B, NH, generator=g).to(DEVICE) * 5 for _ in range(2))
+    i[1:], f[1:] = float("-inf"), float("inf")
+    h_ref, ref = mlstm_step_torch(q[:1], k[:1], v[:1], i[:1], f[:1], tuple(t[2:3] for t in state))
+    before = tuple(t.clone() for t in state)
+    h, _ = mlstm_step_triton(q, k, v, i, f, state, slots=slots)
+    assert rel_err(h[:1], h_ref) < 1e-5 and all(rel_err(a[2:3], b) < 1e-5 for a, b in zip(state, ref))
+    assert all(torch.equal(a[[0, 1, 3]], b[[0, 1, 3]]) for a, b in zip(state, before))
+    assert not arrivals(state[0].device, 4 * NH)[: 4 * NH].any()
+
+
+RECORD_STEP = """
+import json, torch
+from triton.backends.compiler import GPUTarget
+from xlstm7b.kernels.aot import record_launches
+from xlstm7b.kernels.step_triton import mlstm_step_triton
+q, k, v = (torch.empty(1, 8, 512, dtype=torch.bfloat16, device="meta") for _ in range(3))
+i, f = (torch.empty(1, 8, device="meta") for _ in range(2))
+counts = []
+for slots in (None, torch.empty(1, dtype=torch.int64, device="meta")):
+    state = (torch.empty(1, 8, 512, 512, device="meta"), torch.empty(1, 8, 512, device="meta"), torch.empty(1, 8, 1, device="meta"))
+    with record_launches(GPUTarget("cuda", 90, 32)) as launches:
+        mlstm_step_triton(q, k, v, i, f, state, slots=slots)
+    counts.append([(x.name, x.grid) for x in launches])
+print(json.dumps(counts))
+"""
+
+
+def test_a_step_is_one_launch():
+    """At the 7B's heads, with and without slots, as a GPU would see it (recorded on meta tensors in
+    a process without the interpreter): one kernel, 8 heads x 32 DV tiles."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", RECORD_STEP], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.splitlines()[-1]) == [[["_step_kernel", [8, 32]]]] * 2
+
+
+@pytest.mark.gpu
+def test_step_at_the_7b_head_shape_over_many_tiles():
+    """Batch 1 at the 7B's heads (32 DV tiles a head, all resident at once): a race between a
+    head's tiles and its n and m writes would drift from the reference within a few steps."""
+    NH, DK, DV = 8, 512, 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+    state = (torch.zeros(1, NH, DK, DV, device="cuda"), torch.zeros(1, NH, DK, device="cuda"), torch.zeros(1, NH, 1, device="cuda"))
+    ref = tuple(t.clone() for t in state)
+    for _ in range(50):
+        q, k, v = (torch.randn(1, NH, d, device="cuda", generator=g) for d in (DK, DK, DV))
+        i, f = (torch.randn(1, NH, device="cuda", generator=g) * 3 for _ in range(2))
+        h, _ = mlstm_step_triton(q, k, v, i, f, state)
+        h_ref, ref = mlstm_step_torch(q, k, v, i, f, ref)
+        assert rel_err(h, h_ref) < 1e-4
+    assert all(rel_err(a, b) < 1e-4 for a, b in zip(state, ref))
+    assert not arrivals(state[0].device, NH)[:NH].any()
 
 
 @pytest.mark.gpu
