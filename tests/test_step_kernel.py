@@ -121,11 +121,11 @@ import json, torch
 from triton.backends.compiler import GPUTarget
 from xlstm7b.kernels.aot import record_launches
 from xlstm7b.kernels.step_triton import mlstm_step_triton
-q, k, v = (torch.empty(1, 8, 512, dtype=torch.bfloat16, device="meta") for _ in range(3))
+q, k, v = (torch.empty(1, 8, d, dtype=torch.bfloat16, device="meta") for d in (256, 256, 512))
 i, f = (torch.empty(1, 8, device="meta") for _ in range(2))
 counts = []
 for slots in (None, torch.empty(1, dtype=torch.int64, device="meta")):
-    state = (torch.empty(1, 8, 512, 512, device="meta"), torch.empty(1, 8, 512, device="meta"), torch.empty(1, 8, 1, device="meta"))
+    state = (torch.empty(1, 8, 256, 512, device="meta"), torch.empty(1, 8, 256, device="meta"), torch.empty(1, 8, 1, device="meta"))
     with record_launches(GPUTarget("cuda", 90, 32)) as launches:
         mlstm_step_triton(q, k, v, i, f, state, slots=slots)
     counts.append([(x.name, x.grid) for x in launches])
@@ -135,18 +135,18 @@ print(json.dumps(counts))
 
 def test_a_step_is_one_launch():
     """At the 7B's heads, with and without slots, as a GPU would see it (recorded on meta tensors in
-    a process without the interpreter): one kernel, 8 heads x 32 DV tiles."""
+    a process without the interpreter): one kernel, 8 heads x 16 DV tiles."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     run = subprocess.run([sys.executable, "-c", RECORD_STEP], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.splitlines()[-1]) == [[["_step_kernel", [8, 32]]]] * 2
+    assert json.loads(run.stdout.splitlines()[-1]) == [[["_step_kernel", [8, 16]]]] * 2
 
 
 @pytest.mark.gpu
 def test_step_at_the_7b_head_shape_over_many_tiles():
-    """Batch 1 at the 7B's heads (32 DV tiles a head, all resident at once): a race between a
+    """Batch 1 at the 7B's heads (16 DV tiles a head, all resident at once): a race between a
     head's tiles and its n and m writes would drift from the reference within a few steps."""
-    NH, DK, DV = 8, 512, 512
+    NH, DK, DV = 8, 256, 512
     g = torch.Generator(device="cuda").manual_seed(0)
     state = (torch.zeros(1, NH, DK, DV, device="cuda"), torch.zeros(1, NH, DK, device="cuda"), torch.zeros(1, NH, 1, device="cuda"))
     ref = tuple(t.clone() for t in state)
