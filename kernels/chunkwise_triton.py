@@ -14,8 +14,8 @@ import triton
 
 from . import chunkwise_triton_bwd, chunkwise_triton_fwd
 from .chunkwise import NEG_INF, in_chunk_cumsum
-from .chunkwise_triton_fwd import CHUNK_SIZES
-from .launch_settings import MAX_GRID_Y, current_overrides, interpreting, launch_overrides
+from .chunkwise_triton_fwd import CHUNK_SIZES, no_chunk_states, state_dtype
+from .launch_settings import MAX_GRID_Y, current_overrides, interpreting, launch_config, launch_overrides
 from .common import EPS, TRITON_DTYPES, TRITON_MIN_HEAD_DIM, MLSTMState, check_inputs, zero_state
 
 mlstm_chunkwise_fwd = torch.library.custom_op("xlstm7b::mlstm_chunkwise_fwd", mutates_args=())(chunkwise_triton_fwd.forward)
@@ -27,16 +27,21 @@ def _(q, k, v, b, ig, virt, cnt, C0, n0, m0, chunk, eps):
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     S_pad = b.shape[-1]
+    NC = S_pad // chunk
     f32 = dict(dtype=torch.float32, device=q.device)
+    if launch_config(q, v, chunk)["fused"]["enabled"]:
+        states = no_chunk_states(q)
+    else:
+        states = q.new_empty(B * NH, NC, DK, DV, dtype=state_dtype(q)), q.new_empty(B * NH, NC + 1, DK, **f32)
     return (
         torch.empty_like(v), q.new_empty(B, NH, DK, DV, **f32), q.new_empty(B, NH, DK, **f32),
         q.new_empty(B, NH, 1, **f32), q.new_empty(B * NH, S_pad, **f32), q.new_empty(B * NH, S_pad, **f32),
-        q.new_empty(B * NH, S_pad // chunk + 1, **f32),
+        q.new_empty(B * NH, NC + 1, **f32), *states,
     )
 
 
 @mlstm_chunkwise_bwd.register_fake
-def _(q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS, dh, dC, dn, dm, chunk, eps):
+def _(q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS, CS, NS, dh, dC, dn, dm, chunk, eps):
     return (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(b), torch.empty_like(ig),
         torch.empty_like(b), torch.empty_like(C0), torch.empty_like(n0), torch.empty_like(m0),
@@ -45,19 +50,39 @@ def _(q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS, dh, dC, dn, d
 
 def _setup_context(ctx, inputs, output):
     q, k, v, b, ig, virt, cnt, C0, n0, m0, chunk, eps = inputs
-    h, C, n, m, mt, den, MS = output
-    ctx.save_for_backward(q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS)
+    h, C, n, m, mt, den, MS, CS, NS = output
+    # The chunk-entry states outweigh q, k and v at the 7B head shape: the backward recomputes them
+    # rather than hold every layer's from its forward to its backward, except under activation
+    # checkpointing, where they are recomputed with the forward right before the backward anyway
+    keep = CS.numel() > 0 and _checkpointed()
+    ctx.keep_states = keep
+    ctx.save_for_backward(q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS, *((CS, NS) if keep else ()))
     ctx.chunk, ctx.eps = chunk, eps
     # the forward's launch settings for the backward: on CUDA autograd runs it on a device thread,
     # which a launch_overrides block around the forward does not reach
     ctx.overrides = current_overrides()
 
 
+_CHECKPOINT_HOOKS = ("_checkpoint_hook", "_recomputation_hook")  # torch.utils.checkpoint's saved-tensor hooks
+
+
+def _checkpointed() -> bool:
+    """True in a forward whose backward follows a recomputation of it: inside a backward pass (the
+    recomputation of a reentrant checkpoint) or under a non-reentrant checkpoint's saved-tensor hooks
+    (torch.utils.checkpoint and torch.distributed's composable checkpoint), which drop what the first
+    forward saves and keep what the recomputation saves, and need the two to save as many tensors."""
+    if torch._C._current_graph_task_id() != -1:
+        return True
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    return hooks is not None and hooks[0].__qualname__.split(".")[0] in _CHECKPOINT_HOOKS
+
+
 def _backward(ctx, dh, dC, dn, dm, *_):
-    q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS = ctx.saved_tensors
+    q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS, *states = ctx.saved_tensors
+    CS, NS = states if ctx.keep_states else (None, None)
     with launch_overrides(**ctx.overrides):
         dq, dk, dv, db, dig, dvirt, dC0, dn0, dm0 = torch.ops.xlstm7b.mlstm_chunkwise_bwd(
-            q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS,
+            q, k, v, b, ig, virt, cnt, C0, n0, m0, h, C, n, mt, den, MS, CS, NS,
             _or_zeros(dh, h), _or_zeros(dC, C), _or_zeros(dn, n), _or_zeros(dm, m0),
             ctx.chunk, ctx.eps,
         )

@@ -2,7 +2,8 @@
 custom ops and public function: chunkwise_triton.py).
 
 The forward keeps only h, the per-position stabilizer m_t and denominator den, and the chunk-entry
-m; the chunk-entry states C, n are recomputed (one cheap sequential pass) instead of stored.
+m; the chunk-entry states C, n are recomputed (one cheap sequential pass) instead of stored, unless
+the forward ran in a checkpoint's recomputation, right before this backward (chunkwise_triton.py).
 Then, six launches in all and no per-position PyTorch op:
 1. `_scores_bwd_kernel` (per chunk and block of rows) computes the chunk's weighted scores A_tj and
    the gradient dS_tj of the raw products q_t . k_j once, stored as [L, L] tiles in the dot dtype
@@ -292,17 +293,20 @@ def backward(
     b: torch.Tensor, ig: torch.Tensor, virt: torch.Tensor | None, cnt: torch.Tensor | None,
     C0: torch.Tensor, n0: torch.Tensor, m0: torch.Tensor,
     h: torch.Tensor, C: torch.Tensor, n: torch.Tensor, mt: torch.Tensor, den: torch.Tensor, MS: torch.Tensor,
-    dh: torch.Tensor, dC: torch.Tensor, dn: torch.Tensor, dm: torch.Tensor, chunk: int, eps: float,
+    CS: torch.Tensor | None, NS: torch.Tensor | None, dh: torch.Tensor, dC: torch.Tensor, dn: torch.Tensor, dm: torch.Tensor, chunk: int, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv, the gradients of the gate vectors b, ig, virt (zeros without resets), and
     dC0, dn0, dm0. Six launches, nothing else: the chunk states, the scores (with the per-position
-    normalizer terms), the states' gradients, dq and dk, dv, and the gate vectors' gradients."""
+    normalizer terms), the states' gradients, dq and dk, dv, and the gate vectors' gradients. Given
+    the forward's chunk-entry states CS, NS (chunk_states' with the same settings), five: the states
+    pass is not run again."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     BH, S_pad, L = B * NH, b.shape[-1], chunk
     NC = S_pad // L
     cfg = launch_config(q, v, L)
-    CS, NS, _, _ = chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg["states"], state_dtype(q))
+    if CS is None or NS is None:
+        CS, NS, _, _ = chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg["states"], state_dtype(q))
     strides = (k.stride(1), k.stride(2), v.stride(1), v.stride(2))
     meta = dict(HAS_RESET=cnt is not None, NH=NH)
     f32 = dict(dtype=torch.float32)

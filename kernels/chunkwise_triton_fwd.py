@@ -332,6 +332,11 @@ def chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg, dtype: torch.dtype)
     return CS, NS, MS, (CF, NF, MF)
 
 
+def no_chunk_states(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward op's chunk-entry C, n where it computes none (the one-pass forward): empty."""
+    return q.new_empty(0, dtype=state_dtype(q)), q.new_empty(0, dtype=torch.float32)
+
+
 def final_state(k: torch.Tensor, DV: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty float32 C [B, NH, DK, DV], n [B, NH, DK], m [B, NH, 1] for a kernel to write."""
     B, NH, _, DK = k.shape
@@ -343,9 +348,12 @@ def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     b: torch.Tensor, ig: torch.Tensor, virt: torch.Tensor | None, cnt: torch.Tensor | None,
     C0: torch.Tensor, n0: torch.Tensor, m0: torch.Tensor, chunk: int, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward op's body: h, the final (C, n, m), and for the backward m_t, den [B*NH, S_pad]
-    and the chunk-entry m [B*NH, NC+1]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """The forward op's body: h, the final (C, n, m), and for the backward m_t, den [B*NH, S_pad],
+    the chunk-entry m [B*NH, NC+1] and the chunk-entry C, n of chunk_states (empty from the one-pass
+    forward, which stores none; the op keeps them only where the backward follows at once: see
+    chunkwise_triton.py)."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     cfg = launch_config(q, v, chunk)
@@ -373,11 +381,11 @@ def forward(
             q, k, v, b, ig, virt, cnt, C0, n0, m0, h, mt, den, MS, CF, NF, MF,
             S, S_pad, NC, DK, DV, DK**-0.5, eps, *strides, **meta, **fused,
         )
-        return h, CF, NF, MF, mt, den, MS
+        return h, CF, NF, MF, mt, den, MS, *no_chunk_states(q)
     CS, NS, MS, (C, n, m) = chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg["states"], state_dtype(q))
     grid, out = grid_meta(cfg["output"], NC * (chunk // cfg["output"]["RB"]), triton.cdiv(DV, cfg["output"]["BV"]), B * NH)
     _output_fwd_kernel[grid](
         q, k, v, b, ig, virt, cnt, CS, NS, MS, h, mt, den,
         S, S_pad, NC, DK, DV, DK**-0.5, eps, *strides, **meta, **out,
     )
-    return h, C, n, m, mt, den, MS
+    return h, C, n, m, mt, den, MS, CS, NS

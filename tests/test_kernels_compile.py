@@ -110,10 +110,13 @@ def test_local_max_states_pass_compiled(reports):
     assert all(tag.endswith("-local-max") for r in local for tag in r["tag"].split(","))
 
 
+BACKWARD_KERNELS = ("_scores_bwd_kernel", "_states_bwd_kernel", "_dqk_bwd_kernel", "_dv_bwd_kernel", "_gates_bwd_kernel")
+
+
 def test_launches_per_layer():
     """The backward is six Triton launches with no per-position PyTorch op around them (the gate
-    vectors' autograd aside); the forward two. Counted on meta tensors in a process without the
-    interpreter."""
+    vectors' autograd aside); the forward two. A training step runs the states pass twice, with
+    activation checkpointing too. Counted on meta tensors in a process without the interpreter."""
     spec = json.dumps([dict(DK=256, DV=512, L=64, dtype="bf16", reset=r) for r in (False, True)])
     env = dict(os.environ, TRITON_INTERPRET="0")
     run = subprocess.run([sys.executable, "-m", "xlstm7b.kernels.aot", "--count"], input=spec, capture_output=True,
@@ -123,6 +126,13 @@ def test_launches_per_layer():
         assert counts["forward"]["triton"] == 2 and counts["backward"]["triton"] == 6, counts
         assert counts["backward"]["torch"] <= 8, counts["backward"]["ops"]  # the gate vectors' autograd
         assert counts["forward"]["torch"] <= 14, counts["forward"]["ops"]  # the gate vectors
+        # the states pass: in the forward and the backward; under activation checkpointing in the
+        # forward and its recomputation, whose chunk states the backward takes
+        plain, recompute = counts["step"]["plain"], counts["step"]["recompute"]
+        assert plain["_states_fwd_kernel"] == 2 and plain["_output_fwd_kernel"] == 1, plain
+        assert recompute["_states_fwd_kernel"] == 2 and recompute["_output_fwd_kernel"] == 2, recompute
+        assert {k: v for k, v in recompute.items() if k.endswith("_bwd_kernel")} == {
+            k: v for k, v in plain.items() if k.endswith("_bwd_kernel")} == {k: 1 for k in BACKWARD_KERNELS}
 
 
 def test_step_by_slot_index_compiled(reports):

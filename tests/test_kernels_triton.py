@@ -8,6 +8,7 @@ fp32, tiny shapes. Tests marked gpu add bf16/fp16, large shapes and long sequenc
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 pytest.importorskip("triton")
 
@@ -16,7 +17,7 @@ from conftest import random_model, rel_err  # noqa: E402
 from xlstm7b import ModelConfig  # noqa: E402
 from xlstm7b.kernels import mlstm, mlstm_parallel, resolve_backend  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
-from xlstm7b.kernels import aot, chunkwise_triton_fwd  # noqa: E402
+from xlstm7b.kernels import aot, chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import FUSED_MAX_CHUNK, state_dtype  # noqa: E402
 from xlstm7b.kernels.launch_settings import launch_overrides  # noqa: E402
 
@@ -128,6 +129,34 @@ def test_chunkwise_matches_oracle(case, variant):
     # gradient is split differently between equal maxima: compare gradients of h alone there.
     with launch_overrides(**VARIANTS[variant]):
         check_against_oracle(xs, rs, L, state_grads=gates != "limits")
+
+
+@pytest.mark.parametrize("variant, reentrant", [("two-pass", False), ("two-pass", True), ("fused", False)])
+def test_activation_checkpointing_reuses_the_recomputed_chunk_states(variant, reentrant, monkeypatch):
+    """Under torch.utils.checkpoint (either form) the backward takes the chunk states its forward's
+    recomputation produced (the one-pass forward stores none: its backward runs the states pass) and
+    gives the gradients of the plain path, bit for bit."""
+    xs, rs = make_inputs(1, 2, 45, 16, 16, init=True, reset=True)
+    passes = []
+
+    def counted(*args):
+        passes.append(1)
+        return chunkwise_triton_fwd.chunk_states(*args)
+
+    def checkpointed(q, k, v, i, f, state, reset, **kw):
+        def run(*xs):
+            h, state = mlstm_chunkwise_triton(*xs[:5], tuple(xs[5:]), reset=reset, **kw)
+            return h, *state
+        h, *state = checkpoint(run, q, k, v, i, f, *state, use_reentrant=reentrant)
+        return h, tuple(state)
+
+    with launch_overrides(**VARIANTS[variant]):
+        outs, grads = forward_backward(mlstm_chunkwise_triton, xs, rs, chunk_size=16)
+        monkeypatch.setattr(chunkwise_triton_bwd, "chunk_states", counted)
+        ck_outs, ck_grads = forward_backward(checkpointed, xs, rs, chunk_size=16)
+    assert len(passes) == (variant == "fused")
+    for a, b in zip(outs + tuple(grads), ck_outs + tuple(ck_grads)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("variant", ["two-pass", "tiles", "local-max"])
