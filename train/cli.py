@@ -42,6 +42,10 @@ def load_job(command: str, config: str, overrides: list[str]):
     (the caller exits with 2)."""
     try:
         return load_config(config, overrides)
+    except UnicodeDecodeError as e:  # a ValueError whose message names no file
+        print(f"xlstm7b {command}: config {config} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+              "TOML or pass a preset name", file=sys.stderr)
+        return None
     except ValueError as e:
         print(f"xlstm7b {command}: {e}", file=sys.stderr)
         return None
@@ -124,6 +128,11 @@ def plan_main(argv: list[str]) -> int:
         plan = estimate(job, args.gpus, device, capacity)
     except ValueError as e:  # train.micro_batch = 0 with a global batch the processes cannot share
         print(f"xlstm7b plan: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a weight past what torch can index, met building the model on the meta device
+        c = job.model
+        print(f"xlstm7b plan: the [model] section of {args.config} is too large to build (embedding_dim={c.embedding_dim}, "
+              f"num_blocks={c.num_blocks}, vocab_size={c.vocab_size}: {e}); lower them", file=sys.stderr)
         return 2
     print(plan.report(job))
     return 0 if plan.fits else 1
@@ -269,6 +278,8 @@ def main(command: str, argv: list[str]) -> int:
         code = COMMANDS[command](argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
         return code
+    except SystemExit as e:  # argparse's message about a bad argument (2) or --help (0): printed, returned as the code
+        return e.code if isinstance(e.code, int) else 2
     except KeyboardInterrupt:  # training itself turns the first Ctrl-C into a checkpoint and a stop
         print(f"xlstm7b {command}: interrupted", file=sys.stderr)
         return 130

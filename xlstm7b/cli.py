@@ -71,8 +71,12 @@ def info_main(argv: list[str]) -> int:
     except ValueError as e:  # malformed TOML or an invalid [model] section
         return fail("info", str(e))
 
-    with torch.device("meta"):
-        meta_model = XLSTM(config)
+    try:
+        with torch.device("meta"):
+            meta_model = XLSTM(config)
+    except RuntimeError as e:  # a weight past what torch can index: no machine holds such a model
+        return fail("info", f"the [model] section of {args.config} is too large to build (embedding_dim={config.embedding_dim}, "
+                            f"num_blocks={config.num_blocks}, vocab_size={config.vocab_size}: {e}); lower them")
     n_params = meta_model.num_params()
     state_bytes = State.zeros(config, 1, device="meta").nbytes
     print(f"config          {args.config}: D={config.embedding_dim} blocks={config.num_blocks} heads={config.num_heads} "
@@ -83,18 +87,41 @@ def info_main(argv: list[str]) -> int:
         if n_params > 2e9 and not torch.cuda.is_available():
             print("forward         skipped: the model is too large to build on this CPU")
             return 0
-        torch.manual_seed(args.seed)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = XLSTM(config).to(device).eval()
-        ids = torch.randint(0, config.vocab_size, (1, args.seq_len), device=device)
-        ids[:, 0] = config.bos_token_id
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            logits, state = model(ids)
-        dt = time.perf_counter() - t0
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
-        print(f"forward         {args.seq_len} tokens on {device} in {dt * 1000:.1f} ms; logits {list(logits.shape)}, "
-              f"loss on random ids {loss:.3f} (ln V = {torch.log(torch.tensor(float(config.vocab_size))):.3f})")
+        return demo_forward(config, n_params, args.seq_len, args.seed)
+    return 0
+
+
+def free_bytes(device: str) -> int:
+    """Memory free for new tensors on `device`: CUDA's free memory, or the host's MemAvailable."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as fh:
+            return int(next(line for line in fh if line.startswith("MemAvailable:")).split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def demo_forward(config: ModelConfig, n_params: int, seq_len: int, seed: int) -> int:
+    """`xlstm7b info`'s forward pass on random ids, refused before anything is allocated when its
+    float32 weights and logits ([1, S, V], the product and its soft-capped copy) exceed free memory."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    need, free = 4 * n_params + 8 * seq_len * config.vocab_size, free_bytes(device)
+    if need > free:
+        fits = max(0, (free - 4 * n_params) // (8 * config.vocab_size))
+        return fail("info", f"--seq-len {seq_len}: the demo forward pass needs at least {need / 2**30:.1f} GiB (float32 weights "
+                            f"and logits [1, {seq_len}, {config.vocab_size}]), {device} has {free / 2**30:.1f} GiB free; "
+                            f"{f'lower --seq-len (at most about {fits} fits) or ' if fits else ''}pass --seq-len 0 to skip it")
+    torch.manual_seed(seed)
+    model = XLSTM(config).to(device).eval()
+    ids = torch.randint(0, config.vocab_size, (1, seq_len), device=device)
+    ids[:, 0] = config.bos_token_id
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits, state = model(ids)
+    dt = time.perf_counter() - t0
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
+    print(f"forward         {seq_len} tokens on {device} in {dt * 1000:.1f} ms; logits {list(logits.shape)}, "
+          f"loss on random ids {loss:.3f} (ln V = {torch.log(torch.tensor(float(config.vocab_size))):.3f})")
     return 0
 
 
