@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import os
 import re
@@ -276,10 +277,11 @@ def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH:
                      torch.empty_like(h), torch.empty_like(C), torch.empty_like(n), torch.empty_like(m), L, 1e-6)
             step = [t[:, :, 0] for t in (q, k, v, i, f)]
             slots = torch.empty(B, dtype=torch.int64, **meta)  # a serving pool's rows, by slot index
-            for by_slot in (None, slots):
-                mlstm_step_triton(*step, (C.clone(), n.clone(), m.clone()), slots=by_slot)
-                if dt == torch.bfloat16:  # serving's bfloat16 state slots
-                    mlstm_step_triton(*step, (C.to(dt), n.to(dt), m.clone()), slots=by_slot)
+            for by_slot, one_launch in itertools.product((None, slots), (0, 1)):  # both forms of the step
+                with launch_overrides(step=dict(one_launch=one_launch)):
+                    mlstm_step_triton(*step, (C.clone(), n.clone(), m.clone()), slots=by_slot)
+                    if dt == torch.bfloat16:  # serving's bfloat16 state slots
+                        mlstm_step_triton(*step, (C.to(dt), n.to(dt), m.clone()), slots=by_slot)
         launches += recorded
     return launches
 

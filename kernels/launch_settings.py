@@ -1,6 +1,7 @@
 """The launch settings of the Triton chunkwise kernels (chunkwise_triton_fwd.py,
 chunkwise_triton_bwd.py): tiles, warps, pipeline stages, grid order and the one-pass forward's
-switch, per launch; `launch_overrides` replaces them within a block."""
+switch, per launch, and the decoding step's one-launch switch (step_triton.py); `launch_overrides`
+replaces them within a block."""
 
 import contextlib
 import contextvars
@@ -29,7 +30,8 @@ def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
     """
     cfg = default_config(q.dtype, q.shape[-1], v.shape[-1], L, interpreting())
     for kernel, params in _OVERRIDES.get().items():
-        cfg[kernel].update(params)
+        if kernel in cfg:  # the step's switch is read by step_one_launch
+            cfg[kernel].update(params)
     for kernel in ("output", "scores"):
         cfg[kernel]["RB"] = min(cfg[kernel]["RB"], L)
     return cfg
@@ -73,6 +75,7 @@ TUNABLE = {
     "scores": ("RB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
     "dqk": ("BK", "BV", "num_warps", "num_stages", "grid_order"),
     "dv": ("BK", "BV", "num_warps", "num_stages", "grid_order"),
+    "step": ("one_launch",),
 }
 """The meta-parameters of each launch_config entry that `launch_overrides` may set. "fused" is the
 forward in one pass (_fused_fwd_kernel; `enabled=1` selects it over the states and output passes);
@@ -81,7 +84,9 @@ and the backward's own states pass; "output" the forward's output pass; "scores"
 the backward's other passes. "grid_order" (see GRID_ORDERS) is the launch order of the programs
 that share a chunk's operand tiles; "local_max" 1 has the chunk-entry states pass (forward, and its
 rerun in the backward) take each chunk's product at the chunk's own stabilizer, off the carried
-one's sequential chain (_states_fwd_kernel)."""
+one's sequential chain (_states_fwd_kernel). "step" is the decoding step (step_triton.py):
+`one_launch=1` has the last DV tile of each head write its n and m, counted on an atomic counter,
+in place of a second launch."""
 
 MAX_GRID_Y = 65535
 """The largest grid size CUDA takes on a launch's second and third axes."""
@@ -108,7 +113,7 @@ def _allowed(name: str, value) -> bool:
         return value in (1, 2, 4, 8)
     if name == "num_stages":
         return 1 <= value <= 6
-    if name in ("enabled", "local_max"):
+    if name in ("enabled", "local_max", "one_launch"):
         return value in (0, 1)
     return value >= 16 and value & (value - 1) == 0  # a tile: tl.dot takes powers of two >= 16
 
@@ -121,11 +126,11 @@ def current_overrides() -> dict[str, dict[str, int]]:
 
 @contextlib.contextmanager
 def launch_overrides(**kernels: dict[str, int]):
-    """Within the block the chunkwise kernels launch with these meta-parameters in place of
+    """Within the block the chunkwise kernels (and the decoding step) launch with these settings in place of
     launch_config's, e.g. `with launch_overrides(states=dict(BV=32, num_warps=4)):`, to measure
     other tiles, warps and pipeline stages (benchmarks/kernels.py --tune). Tiles are powers of two
     >= 16 (the launches mask DK and DV tails; RB is capped at the chunk), warps 1, 2, 4 or 8, stages
-    1 to 6, enabled and local_max 0 or 1, grid_order one of GRID_ORDERS. Results change by summation order and rounding only. Nested blocks add to
+    1 to 6, enabled, local_max and one_launch 0 or 1, grid_order one of GRID_ORDERS. Results change by summation order and rounding only. Nested blocks add to
     the outer one's settings. A backward runs with its forward's settings (see chunkwise_triton)."""
     for kernel, params in kernels.items():
         if kernel not in TUNABLE:
@@ -135,7 +140,7 @@ def launch_overrides(**kernels: dict[str, int]):
                 raise ValueError(f"launch_overrides: {kernel} takes {', '.join(TUNABLE[kernel])}, not {name!r}")
             if not _allowed(name, value):
                 raise ValueError(f"launch_overrides: {kernel} {name}={value!r} is not allowed (tiles: powers of two "
-                                 ">= 16; num_warps: 1, 2, 4 or 8; num_stages: 1 to 6; enabled, local_max: 0 or 1; "
+                                 ">= 16; num_warps: 1, 2, 4 or 8; num_stages: 1 to 6; enabled, local_max, one_launch: 0 or 1; "
                                  f"grid_order: one of {', '.join(map(repr, GRID_ORDERS))})")
     merged = {k: dict(v) for k, v in _OVERRIDES.get().items()}
     for kernel, params in kernels.items():
@@ -145,6 +150,14 @@ def launch_overrides(**kernels: dict[str, int]):
         yield
     finally:
         _OVERRIDES.reset(token)
+
+
+@torch.compiler.assume_constant_result
+def step_one_launch() -> bool:
+    """Whether the decoding step runs as one launch (`launch_overrides(step=dict(one_launch=1))`);
+    off by default. Under torch.compile it is a constant of the trace: a compiled step keeps the
+    setting in force when it was compiled (torch._dynamo.reset() to compile it again)."""
+    return bool(_OVERRIDES.get().get("step", {}).get("one_launch", 0))
 
 
 def grid_meta(cfg: dict, outer: int, tiles: int, BH: int) -> tuple[tuple[int, int, int], dict]:

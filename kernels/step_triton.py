@@ -2,16 +2,18 @@
 PyTorch twin: mlstm_step_torch in recurrent.py.
 
 Gate activations (logsigmoid of f, exponential input gate with the max stabilizer), the C/n/m
-update, the readout and the normalization are fused in one launch. Decoding is bound by reading and
-writing C, so the work is split over (batch*head, DV tile) programs, enough to keep the SMs streaming
-even at batch 1 (the 7B has 8 heads). Each program recomputes its head's small n and m update from
-the old values and owns one [DK, BV] tile of C. The new n and m may only be written once every tile
-of the head has read the old ones: each program, done, counts itself on its state row's arrival
-counter (an atomic add, acquire-release), and the last to arrive writes them and takes the count
-back to zero. The counters are one int32 per state row and device, allocated once (`arrivals`) and
-zero between launches. No host synchronisation and no allocation besides h (or none with `h_out`):
-the step can be captured in a CUDA graph (after one call outside it). Two steps on the same device
-must not run concurrently on different streams (they would count on the same counters). Forward only.
+update, the readout and the normalization are fused. Decoding is bound by reading and writing C,
+so the work is split over (batch*head, DV tile) programs, enough to keep the SMs streaming even at
+batch 1 (the 7B has 8 heads). Each program recomputes its head's small n and m update from the old
+values and owns one [DK, BV] tile of C. The new n and m may only be written once every tile of the
+head has read the old ones. By default a second, tiny launch writes them. The one-launch variant
+(`launch_overrides(step=dict(one_launch=1))`, off until a GPU measures it) has each program, done,
+count itself on its state row's arrival counter (an atomic add, acquire-release); the last to
+arrive writes them and takes the count back to zero. Its counters are one int32 per state row and
+device, allocated once (`arrivals`) and zero between launches; two of its steps on the same device
+must not run concurrently on different streams (they would count on the same counters). No host
+synchronisation and no allocation besides h (or none with `h_out`): the step can be captured in a
+CUDA graph (the one-launch variant after one call outside it). Forward only.
 With `slots` the B tokens step B rows of a larger state (a serving pool): each program offsets its
 state pointers by its token's slot index, so only those rows are read and written, with no copy.
 C and n may be stored in bfloat16 (half the state traffic, which dominates decoding at large batch);
@@ -23,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .common import EPS, MLSTMState
+from .launch_settings import step_one_launch
 
 
 @triton.jit
@@ -59,10 +62,10 @@ def _step_kernel(
     # strides (per batch*head row; the head dims are contiguous)
     s_q, s_k, s_v, s_h,
     # meta-parameters
-    BK: tl.constexpr, BV: tl.constexpr, HAS_SLOTS: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_SLOTS: tl.constexpr, ONE_LAUNCH: tl.constexpr,
 ):
-    """C tile [DK, BV] of head i_bh: update in place, emit h for those BV columns; the head's last
-    tile to finish writes its new n and m."""
+    """C tile [DK, BV] of head i_bh: update in place, emit h for those BV columns; with ONE_LAUNCH
+    the head's last tile to finish writes its new n and m (else _step_nm_kernel does, after)."""
     i_bh, i_v = tl.program_id(0), tl.program_id(1)
     s_bh = _state_row(SLOTS, i_bh, NH, HAS_SLOTS)
     offs_k = tl.arange(0, BK)
@@ -77,16 +80,29 @@ def _step_kernel(
     tl.store(c_ptr, c.to(C.dtype.element_ty), mask=mk[:, None] & mv[None, :])
     h = tl.sum(q[:, None] * c, 0) * rden
     tl.store(H + i_bh * s_h + offs_v, h.to(H.dtype.element_ty), mask=mv)
-    # Every thread of the program has read the old n and m before the release below publishes it.
-    tl.debug_barrier()
-    tiles = tl.num_programs(1)
-    # Counted modulo the tiles, so inactive rows sharing a scratch row (the same n and m
-    # written twice) still leave the counter at zero.
-    arrived = tl.atomic_add(ARRIVED + s_bh, 1, sem="acq_rel")
-    if arrived % tiles == tiles - 1:
-        tl.store(N + s_bh * DK + offs_k, n.to(N.dtype.element_ty), mask=mk)
-        tl.store(M + s_bh, m_new)
-        tl.atomic_add(ARRIVED + s_bh, -tiles, sem="relaxed")
+    if ONE_LAUNCH:
+        # Every thread of the program has read the old n and m before the release below publishes it.
+        tl.debug_barrier()
+        tiles = tl.num_programs(1)
+        # Counted modulo the tiles, so inactive rows sharing a scratch row (the same n and m
+        # written twice) still leave the counter at zero.
+        arrived = tl.atomic_add(ARRIVED + s_bh, 1, sem="acq_rel")
+        if arrived % tiles == tiles - 1:
+            tl.store(N + s_bh * DK + offs_k, n.to(N.dtype.element_ty), mask=mk)
+            tl.store(M + s_bh, m_new)
+            tl.atomic_add(ARRIVED + s_bh, -tiles, sem="relaxed")
+
+
+@triton.jit
+def _step_nm_kernel(K, I_, F_, N, M, SLOTS, NH, DK, s_k, BK: tl.constexpr, HAS_SLOTS: tl.constexpr):
+    """Writes the new n and m of head i_bh, after every C tile has read the old ones."""
+    i_bh = tl.program_id(0)
+    s_bh = _state_row(SLOTS, i_bh, NH, HAS_SLOTS)
+    offs_k = tl.arange(0, BK)
+    mk = offs_k < DK
+    _, m_new, _, _, n = _head_update(K, I_, F_, N, M, i_bh, s_bh, offs_k, mk, s_k, DK)
+    tl.store(N + s_bh * DK + offs_k, n.to(N.dtype.element_ty), mask=mk)
+    tl.store(M + s_bh, m_new)
 
 
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
@@ -144,10 +160,13 @@ def mlstm_step_triton(
     BV = max(16, min(triton.next_power_of_2(DV), 8192 // BK))  # a [BK, BV] fp32 tile of C per program
     has_slots = slots is not None
     slots = slots if has_slots else i  # not read without HAS_SLOTS
+    one_launch = step_one_launch()
     _step_kernel[(BH, triton.cdiv(DV, BV))](
-        q, k, v, i, f, C, n, m, h, slots, arrivals(C.device, C.shape[0] * NH),
+        q, k, v, i, f, C, n, m, h, slots, arrivals(C.device, C.shape[0] * NH) if one_launch else i,
         NH, DK, DV, DK**-0.5, eps,
         q.stride(0), k.stride(0), v.stride(0), DV,
-        BK=BK, BV=BV, HAS_SLOTS=has_slots, num_warps=4,
+        BK=BK, BV=BV, HAS_SLOTS=has_slots, ONE_LAUNCH=one_launch, num_warps=4,
     )
+    if not one_launch:
+        _step_nm_kernel[(BH,)](k, i, f, n, m, slots, NH, DK, k.stride(0), BK=BK, HAS_SLOTS=has_slots, num_warps=1)
     return h, state

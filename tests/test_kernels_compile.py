@@ -47,7 +47,7 @@ VARIANT_CASES = [c for v in aot.VARIANTS if v != "default" for c in cases(sorted
 
 KERNELS = {
     "_fused_fwd_kernel", "_states_fwd_kernel", "_output_fwd_kernel", "_states_bwd_kernel", "_scores_bwd_kernel",
-    "_dqk_bwd_kernel", "_dv_bwd_kernel", "_gates_bwd_kernel", "_step_kernel",
+    "_dqk_bwd_kernel", "_dv_bwd_kernel", "_gates_bwd_kernel", "_step_kernel", "_step_nm_kernel",
 }
 
 
@@ -136,12 +136,16 @@ def test_launches_per_layer():
 
 
 def test_step_by_slot_index_compiled(reports):
-    """The decoding step on a serving pool's rows by slot index (its one kernel), for both archs and
-    every head shape compiled there; its spills and shared memory are checked with the others."""
+    """The decoding step on a serving pool's rows by slot index (its two kernels), for both archs and
+    every head shape compiled there, and the one-launch step (aot compiles both forms) at the 7B's
+    heads, with and without slots; their spills and shared memory are checked with the others."""
     for arch in ARCHS:
-        by_slot = [r for r in reports if "error" not in r and r["arch"] == arch and r["constexprs"].get("HAS_SLOTS") == "True"]
-        assert {r["kernel"] for r in by_slot} == {"_step_kernel"}, arch
+        ok = [r for r in reports if "error" not in r and r["arch"] == arch]
+        by_slot = [r for r in ok if r["constexprs"].get("HAS_SLOTS") == "True"]
+        assert {r["kernel"] for r in by_slot} == {"_step_kernel", "_step_nm_kernel"}, arch
         assert any("DK256-DV512-" in r["tag"] for r in by_slot), arch
+        one_launch = [r for r in ok if r["constexprs"].get("ONE_LAUNCH") == "True" and "DK256-DV512-" in r["tag"]]
+        assert len(one_launch) >= 4 and {r["constexprs"]["HAS_SLOTS"] for r in one_launch} == {"True", "False"}, arch
 
 
 def test_hopper_state_products_use_wgmma(reports):

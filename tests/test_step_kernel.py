@@ -1,5 +1,6 @@
 """The Triton decoding step kernel against its PyTorch twin: in place over several steps, with a
-bfloat16 state, the states it refuses, the dispatch, and (GPU) captured in a CUDA graph.
+bfloat16 state, the states it refuses, the dispatch, and (GPU) captured in a CUDA graph; each in
+both forms, two launches (the default) and one (launch_overrides(step=dict(one_launch=1))).
 
 Without CUDA the kernel runs in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1).
 """
@@ -17,6 +18,7 @@ pytest.importorskip("triton")
 from conftest import rel_err  # noqa: E402
 
 from xlstm7b.kernels import mlstm_step, mlstm_step_, mlstm_step_torch, mlstm_step_torch_  # noqa: E402
+from xlstm7b.kernels.launch_settings import launch_overrides, step_one_launch  # noqa: E402
 from xlstm7b.kernels.step_triton import arrivals, mlstm_step_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,8 +27,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STEP_CASES = [(1, 2, 16, 16), (3, 2, 32, 64), (2, 1, 24, 40), (1, 2, 128, 160)]
 
 
+@pytest.fixture(params=[0, 1], ids=["two-launch", "one-launch"])
+def one_launch(request):
+    """Runs the test in both forms of the step."""
+    with launch_overrides(step=dict(one_launch=request.param)):
+        yield request.param
+
+
 @pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: "B{}-NH{}-DK{}-DV{}".format(*c))
-def test_step_matches_torch_in_place(case):
+def test_step_matches_torch_in_place(case, one_launch):
     B, NH, DK, DV = case
     g = torch.Generator().manual_seed(0)
     state = (torch.randn(B, NH, DK, DV, generator=g), torch.randn(B, NH, DK, generator=g), torch.randn(B, NH, 1, generator=g))
@@ -50,7 +59,7 @@ def test_step_matches_torch_in_place(case):
 
 
 @pytest.mark.parametrize("case", STEP_CASES[1:3], ids=lambda c: "B{}-NH{}-DK{}-DV{}".format(*c))
-def test_step_bfloat16_state(case):
+def test_step_bfloat16_state(case, one_launch):
     """C and n stored in bfloat16 (m float32): the kernel updates and reads out in float32 and rounds
     the state once per step; the in-place PyTorch step rounds the same state but reads out in bfloat16
     (a coarser h). Both stay within bfloat16 rounding of the float32 step (h: amplified where |n·q| is small)."""
@@ -96,10 +105,10 @@ def test_step_dispatch_keeps_state_unless_in_place():
     assert rel_err(h_i, h_c) < 1e-5 and all(rel_err(a, b) < 1e-5 for a, b in zip(state, s_c))
 
 
-def test_the_last_tile_of_a_head_writes_n_and_m_and_the_counters_return_to_zero():
-    """One launch per step: a head's DV tiles (three here) each count their arrival and the last
-    writes the head's n and m, after every tile has read the old ones. Inactive rows sharing a
-    scratch slot count its tiles twice; every counter is back at zero after the step."""
+def test_n_and_m_are_written_after_every_tile_has_read_them(one_launch):
+    """A head over three DV tiles, by slot index, with inactive rows sharing a scratch slot: the
+    second launch, or the last tile to arrive on the head's counter, writes its n and m. In one
+    launch the scratch slot's tiles count twice; every counter is back at zero after the step."""
     B, NH, DK, DV = 3, 2, 128, 160
     g = torch.Generator().manual_seed(5)
     state = tuple(torch.randn(*s, generator=g).to(DEVICE) for s in ((4, NH, DK, DV), (4, NH, DK), (4, NH, 1)))
@@ -113,37 +122,62 @@ def test_the_last_tile_of_a_head_writes_n_and_m_and_the_counters_return_to_zero(
     h, _ = mlstm_step_triton(q, k, v, i, f, state, slots=slots)
     assert rel_err(h[:1], h_ref) < 1e-5 and all(rel_err(a[2:3], b) < 1e-5 for a, b in zip(state, ref))
     assert all(torch.equal(a[[0, 1, 3]], b[[0, 1, 3]]) for a, b in zip(state, before))
-    assert not arrivals(state[0].device, 4 * NH)[: 4 * NH].any()
+    if one_launch:
+        assert not arrivals(state[0].device, 4 * NH)[: 4 * NH].any()
 
 
 RECORD_STEP = """
 import json, torch
 from triton.backends.compiler import GPUTarget
 from xlstm7b.kernels.aot import record_launches
+from xlstm7b.kernels.launch_settings import launch_overrides
 from xlstm7b.kernels.step_triton import mlstm_step_triton
 q, k, v = (torch.empty(1, 8, d, dtype=torch.bfloat16, device="meta") for d in (256, 256, 512))
 i, f = (torch.empty(1, 8, device="meta") for _ in range(2))
 counts = []
 for slots in (None, torch.empty(1, dtype=torch.int64, device="meta")):
     state = (torch.empty(1, 8, 256, 512, device="meta"), torch.empty(1, 8, 256, device="meta"), torch.empty(1, 8, 1, device="meta"))
-    with record_launches(GPUTarget("cuda", 90, 32)) as launches:
+    with record_launches(GPUTarget("cuda", 90, 32)) as launches, launch_overrides(step=dict(one_launch=ONE_LAUNCH)):
         mlstm_step_triton(q, k, v, i, f, state, slots=slots)
     counts.append([(x.name, x.grid) for x in launches])
 print(json.dumps(counts))
 """
 
 
-def test_a_step_is_one_launch():
+def test_launches_of_a_step():
     """At the 7B's heads, with and without slots, as a GPU would see it (recorded on meta tensors in
-    a process without the interpreter): one kernel, 8 heads x 16 DV tiles."""
+    a process without the interpreter): 8 heads x 16 DV tiles, then by default the n and m launch."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-c", RECORD_STEP], capture_output=True, text=True, env=env, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.splitlines()[-1]) == [[["_step_kernel", [8, 16]]]] * 2
+    for one_launch, want in ((0, [["_step_kernel", [8, 16]], ["_step_nm_kernel", [8]]]), (1, [["_step_kernel", [8, 16]]])):
+        script = f"ONE_LAUNCH = {one_launch}\n{RECORD_STEP}"
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert json.loads(run.stdout.splitlines()[-1]) == [want] * 2, one_launch
+
+
+def test_the_step_switch():
+    """Off by default; a bad value or name is refused with the allowed ones; under torch.compile the
+    switch is a constant of the trace (no graph break in a fullgraph compile)."""
+    assert not step_one_launch()
+    with launch_overrides(step=dict(one_launch=1)):
+        assert step_one_launch()
+        with launch_overrides(states=dict(BV=32)):
+            assert step_one_launch()
+    for bad, match in ((dict(one_launch=2), "one_launch=2 is not allowed"), (dict(one_launch=True), "not allowed"),
+                       (dict(BV=32), "step takes one_launch")):
+        with pytest.raises(ValueError, match=match):
+            with launch_overrides(step=bad):
+                pass
+
+    def pick(x):
+        return x * 2 if step_one_launch() else x + 1
+
+    with launch_overrides(step=dict(one_launch=1)):
+        assert torch.compile(pick, fullgraph=True, backend="eager")(torch.full((2,), 3.0)).tolist() == [6.0, 6.0]
 
 
 @pytest.mark.gpu
-def test_step_at_the_7b_head_shape_over_many_tiles():
+def test_step_at_the_7b_head_shape_over_many_tiles(one_launch):
     """Batch 1 at the 7B's heads (16 DV tiles a head, all resident at once): a race between a
     head's tiles and its n and m writes would drift from the reference within a few steps."""
     NH, DK, DV = 8, 256, 512
@@ -157,11 +191,12 @@ def test_step_at_the_7b_head_shape_over_many_tiles():
         h_ref, ref = mlstm_step_torch(q, k, v, i, f, ref)
         assert rel_err(h, h_ref) < 1e-4
     assert all(rel_err(a, b) < 1e-4 for a, b in zip(state, ref))
-    assert not arrivals(state[0].device, NH)[:NH].any()
+    if one_launch:
+        assert not arrivals(state[0].device, NH)[:NH].any()
 
 
 @pytest.mark.gpu
-def test_step_cuda_graph():
+def test_step_cuda_graph(one_launch):
     B, NH, DK, DV = 4, 8, 256, 512
     state = tuple(t.cuda() for t in (torch.zeros(B, NH, DK, DV), torch.zeros(B, NH, DK), torch.zeros(B, NH, 1)))
     ref = tuple(t.clone() for t in state)

@@ -1,7 +1,7 @@
 """Slot-index stepping: the decoding step over B rows of a larger state, named by `slots` (as a
 serving pool's decoding rows are). Equal to stepping those rows as a dense batch; the other rows
 untouched, bit for bit; inactive rows may share one scratch row and leave it as it was. The Triton
-step kernel in the interpreter (without CUDA), its PyTorch twin, `XLSTM.step` and the step runners."""
+step kernel in the interpreter (without CUDA) in both its forms, its PyTorch twin, `XLSTM.step` and the step runners."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from conftest import HAS_CUDA, rel_err, random_model
 from xlstm7b import ModelConfig, State
 from xlstm7b.decode import CompiledStep, step_runner
 from xlstm7b.kernels import mlstm_step_, mlstm_step_torch
+from xlstm7b.kernels.launch_settings import launch_overrides
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
@@ -28,11 +29,17 @@ def pool(P, NH, DK, DV, dtype, seed):
     return C.to(DEVICE, dtype), n.to(DEVICE, dtype), m.to(DEVICE)
 
 
+@pytest.fixture(params=["triton", "triton-one-launch", "torch"])
+def backend(request):
+    """The step's backend, the Triton step in both forms (two launches, the default, and one)."""
+    with launch_overrides(step=dict(one_launch=int(request.param == "triton-one-launch"))):
+        yield request.param.removesuffix("-one-launch")
+
+
 # P pool rows, NH, DK, DV; the last spreads a head over three DV tiles (BV = 8192 // 128 = 64)
 CASES = [(5, 2, 16, 32), (3, 1, 128, 160)]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "P{}-NH{}-DK{}-DV{}".format(*c))
 def test_slots_equal_stepping_the_rows_as_a_batch(case, dtype, backend):
@@ -53,7 +60,6 @@ def test_slots_equal_stepping_the_rows_as_a_batch(case, dtype, backend):
         assert torch.equal(t[others], b[others])  # untouched, bit for bit
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_slots_against_the_reference_step(backend):
     P, NH, DK, DV = 4, 2, 16, 32
     slots = torch.tensor([2, 1], device=DEVICE)
@@ -67,7 +73,6 @@ def test_slots_against_the_reference_step(backend):
         assert rel_err(t.index_select(0, slots), r) < 1e-5
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_inactive_rows_share_a_scratch_row_and_leave_it_as_it_was(dtype, backend):
     """A bucket's padding: inactive rows (i = -inf, f = +inf) all on one scratch row."""
