@@ -219,44 +219,11 @@ def build_shards(corpus: Corpus, tok: Tokenizer, tokenizer_path: Path, bos: int,
             print(f"resuming the tokenization in {partial}", flush=True)
         for split in SPLITS:
             state = progress["splits"].setdefault(split, {"shards": [], "documents": 0, "bytes": 0, "max_token_id": 0, "done": False})
-            if state["done"]:
-                continue
-            written = {shard["file"] for shard in state["shards"]}
-            for f in partial.glob(f"{split}_*.bin"):  # a shard the kill cut short
-                if f.name not in written:
-                    f.unlink()
-            buf, pending_docs, pending_bytes = [], 0, 0
-
-            def flush():
-                nonlocal pending_docs, pending_bytes
-                if buf:
-                    name = f"{split}_{len(state['shards']):05d}.bin"
-                    arr = np.concatenate(buf)
-                    with open(partial / name, "wb") as fh:
-                        arr.tofile(fh)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                    state["shards"].append({"file": name, "tokens": int(arr.size)})
-                    state["max_token_id"] = max(state["max_token_id"], int(arr.max()))
-                    buf.clear()
-                state["documents"] += pending_docs
-                state["bytes"] += pending_bytes
-                pending_docs = pending_bytes = 0
-                save_json(progress_path, progress)
-
-            docs = itertools.islice(corpus.documents(split), state["documents"], None)
-            while batch := [text for _, text in itertools.islice(docs, ENCODE_BATCH)]:
-                for enc in tok.encode_batch(batch, add_special_tokens=False):
-                    buf.append(np.asarray([bos, *enc.ids], dtype=dtype))
-                pending_docs += len(batch)
-                pending_bytes += sum(len(t.encode("utf-8")) for t in batch)
-                if sum(a.size for a in buf) >= shard_tokens:
-                    flush()
-            flush()
-            state["done"] = True
-            save_json(progress_path, progress)
+            if not state["done"]:
+                tokenize_split(corpus, tok, bos, dtype, split, state, partial, shard_tokens, lambda: save_json(progress_path, progress))
         splits = {split: {"shards": st["shards"], "documents": st["documents"], "bytes": st["bytes"],
-                          "tokens": sum(shard["tokens"] for shard in st["shards"]), "max_token_id": st["max_token_id"]}
+                          "tokens": sum(shard["tokens"] for shard in st["shards"]), "max_token_id": st["max_token_id"],
+                          "largest_document": st.get("largest_document")}
                   for split, st in progress["splits"].items()}
         manifest = {"tokenizer": str(tokenizer_path), "dtype": progress["dtype"], "bos_token_id": bos, "splits": splits}
         save_json(partial / "manifest.json", manifest)
@@ -265,6 +232,66 @@ def build_shards(corpus: Corpus, tok: Tokenizer, tokenizer_path: Path, bos: int,
     tr = splits["train"]
     print(f"tokenized {tr['documents']} training documents into {tr['tokens']:,} tokens "
           f"in {time.perf_counter() - t0:.0f}s{' (resumed)' if resumed else ''}: {out}", flush=True)
+    if warning := lopsided_message(splits):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
+def tokenize_split(corpus: Corpus, tok: Tokenizer, bos: int, dtype, split: str, state: dict, partial: Path, shard_tokens: int,
+                   save) -> None:
+    """Tokenizes the documents of `split` past the `state["documents"]` already done into shards of
+    `partial`, updating `state` (shards, counts, the largest document) and calling `save` after each shard."""
+    written = {shard["file"] for shard in state["shards"]}
+    for f in partial.glob(f"{split}_*.bin"):  # a shard the kill cut short
+        if f.name not in written:
+            f.unlink()
+    buf, pending_docs, pending_bytes = [], 0, 0
+
+    def flush():
+        nonlocal pending_docs, pending_bytes
+        if buf:
+            name = f"{split}_{len(state['shards']):05d}.bin"
+            arr = np.concatenate(buf)
+            with open(partial / name, "wb") as fh:
+                arr.tofile(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            state["shards"].append({"file": name, "tokens": int(arr.size)})
+            state["max_token_id"] = max(state["max_token_id"], int(arr.max()))
+            buf.clear()
+        state["documents"] += pending_docs
+        state["bytes"] += pending_bytes
+        pending_docs = pending_bytes = 0
+        save()
+
+    docs = itertools.islice(corpus.documents(split), state["documents"], None)
+    while batch := list(itertools.islice(docs, ENCODE_BATCH)):
+        texts = [text for _, text in batch]
+        for (name, _), enc in zip(batch, tok.encode_batch(texts, add_special_tokens=False)):
+            buf.append(np.asarray([bos, *enc.ids], dtype=dtype))
+            if buf[-1].size > (state.get("largest_document") or {}).get("tokens", 0):
+                state["largest_document"] = {"name": name, "tokens": int(buf[-1].size)}
+        pending_docs += len(batch)
+        pending_bytes += sum(len(t.encode("utf-8")) for t in texts)
+        if sum(a.size for a in buf) >= shard_tokens:
+            flush()
+    flush()
+    state["done"] = True
+    save()
+
+
+def lopsided_message(splits: dict) -> str | None:
+    """What to do when one document holds most of the corpus's tokens: documents are assigned to a
+    split whole, so the split it lands in gets most of the data and the other little (None otherwise)."""
+    total = sum(splits[s]["tokens"] for s in SPLITS)
+    documents = sum(splits[s]["documents"] for s in SPLITS)
+    split, largest = max(((s, splits[s].get("largest_document") or {"tokens": 0}) for s in SPLITS), key=lambda x: x[1]["tokens"])
+    if documents < 2 or 2 * largest["tokens"] <= total:
+        return None
+    other = "val" if split == "train" else "train"
+    return (f"document {largest['name']!r} holds {largest['tokens']:,} of the corpus's {total:,} tokens "
+            f"({largest['tokens'] / total:.1%}) and lies whole in the {split} split (documents are split whole, by name), "
+            f"leaving the {other} split {splits[other]['tokens']:,} tokens in {splits[other]['documents']} documents. "
+            "Split it into several files (one document per file) for balanced splits")
 
 
 def prepare_data(cfg: DataConfig, model: ModelConfig, rank: int = 0, barrier=lambda: None, *,
@@ -309,6 +336,8 @@ def empty_split_message(splits: dict, split: str, seq_len: int) -> str:
     if documents < 2:
         return (f"{problem}. The corpus has {documents} document(s) (one per file, or per row), and the training and "
                 "validation splits need one each: add documents (e.g. split the text into several files) or lower train.seq_len")
+    if lopsided := lopsided_message(splits):
+        return f"{problem}: {lopsided}"
     share = "raise data.val_fraction (more documents for validation)" if split == "val" else \
         "lower data.val_fraction (more documents for training)"
     return f"{problem}. Add data, lower train.seq_len or {share}"
