@@ -12,7 +12,8 @@ when missing: the official TFLA kernel (mlstm_kernels, "chunkwise--triton_xl_chu
 flash-linear-attention's chunk_simple_gla,
 and causal flash attention through torch SDPA (32 heads x 128, same token count).
 Step kernel: latency at batch 1, 8, 64 with the 7B per-layer state, and the HBM bandwidth it reaches
-(state bytes read + written per step / time). With --profile: the device time per kernel of our
+(state bytes read + written per step / time), in both forms (STEP_FORMS: rows "xlstm7b-triton", two
+launches, the default, and "xlstm7b-triton-one-launch"). With --profile: the device time per kernel of our
 forward and forward+backward at the longest S (where the time goes, next to the roofline), for
 both grid orders.
 With --tune, only a sweep of our kernels' tiles, warps and pipeline stages against launch_config's
@@ -24,6 +25,7 @@ benchmarks/gpu.sh) or killed keeps what it measured so far.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -212,20 +214,31 @@ def bench_chunkwise(args, device, dtype, record, names: tuple[str, ...]) -> None
                 record(row)
 
 
+STEP_FORMS = {"xlstm7b-triton": {}, "xlstm7b-triton-one-launch": dict(step=dict(one_launch=1))}
+"""The forms of the Triton step measured, by provider, as launch_overrides: n and m written by a
+second small launch (the default) or by the last DV tile of each head (one launch); the faster one
+should be the default."""
+
+
 def bench_step(args, device, record) -> None:
     NH, DK, DV = args.step_shape
     backend = "torch" if args.dry_run else "triton"
+    if backend == "triton":  # triton is optional for the CPU dry run
+        from xlstm7b.kernels.launch_settings import launch_overrides
+    forms = STEP_FORMS if backend == "triton" else {"xlstm7b-torch": None}
     for B in args.step_batches:
         state = zero_state(B, NH, DK, DV, device=device)
         q, k = torch.randn(B, NH, DK, device=device), torch.randn(B, NH, DK, device=device)
         v = torch.randn(B, NH, DV, device=device)
         i, f = torch.randn(B, NH, device=device), torch.randn(B, NH, device=device) + 4
-        ms, _ = measure(lambda: mlstm_step_(q, k, v, i, f, state, backend=backend), device, args.reps)
         state_bytes = 4 * B * NH * (DK * DV + DK + 1)
         io_bytes = 4 * B * NH * (2 * DK + 2 * DV + 2)
         moved = 2 * state_bytes + io_bytes
-        record(dict(kernel="step", provider=f"xlstm7b-{backend}", B=B, NH=NH, DK=DK, DV=DV, ms=ms, bytes=moved,
-                    gb_per_s=moved / ms / 1e6))
+        for provider, overrides in forms.items():
+            with launch_overrides(**overrides) if overrides is not None else contextlib.nullcontext():
+                ms, _ = measure(lambda: mlstm_step_(q, k, v, i, f, state, backend=backend), device, args.reps)
+            record(dict(kernel="step", provider=provider, B=B, NH=NH, DK=DK, DV=DV, ms=ms, bytes=moved,
+                        gb_per_s=moved / ms / 1e6))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,13 +9,14 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from conftest import rel_err  # noqa: E402
+from conftest import load_script, rel_err  # noqa: E402
 
 from xlstm7b.kernels import mlstm_step, mlstm_step_, mlstm_step_torch, mlstm_step_torch_  # noqa: E402
 from xlstm7b.kernels.launch_settings import launch_overrides, step_one_launch  # noqa: E402
@@ -174,6 +175,22 @@ def test_the_step_switch():
 
     with launch_overrides(step=dict(one_launch=1)):
         assert torch.compile(pick, fullgraph=True, backend="eager")(torch.full((2,), 3.0)).tolist() == [6.0, 6.0]
+
+
+def test_the_benchmark_measures_both_forms(monkeypatch):
+    """benchmarks/kernels.py's step rows: one per form and batch, each measured under its setting."""
+    kb = load_script("kernels", monkeypatch)
+    step, seen = kb.mlstm_step_, []
+
+    def spy(*args, **kwargs):
+        seen.append(step_one_launch())
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(kb, "mlstm_step_", spy)
+    rows = []
+    kb.bench_step(SimpleNamespace(step_shape=(1, 16, 32), step_batches=[1], dry_run=False, reps=25), DEVICE, rows.append)
+    assert [r["provider"] for r in rows] == list(kb.STEP_FORMS) == ["xlstm7b-triton", "xlstm7b-triton-one-launch"]
+    assert seen == sorted(seen) and set(seen) == {False, True}
 
 
 @pytest.mark.gpu
