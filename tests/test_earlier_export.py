@@ -112,7 +112,9 @@ def test_a_run_exported_by_an_earlier_version_resumes(run_with_template, corpus,
     for name in (RECORD, "generation_config.json", "tokenizer_config.json", "README.md"):  # not written before the record
         (model / name).unlink()
     shutil.copyfile(run / "tokenizer.json", model / "tokenizer.json")  # the earlier export's copy of the run's tokenizer
+    (run / "tokenizer_config.json").unlink()  # an earlier run kept no chat template: taken from data.tokenizer's folder
     assert trainer.train(job(corpus, cache, run, "--train.steps=3", "--run.export=true", "--run.sample_tokens=0",
                              f"--data.tokenizer={source / 'tokenizer.json'}")) == 0
     assert "adopted" in capsys.readouterr().err
     assert "optimizer steps: 3" in (model / "README.md").read_text()
+    assert json.loads((model / "tokenizer_config.json").read_text())["chat_template"] == "{{ messages[0]['content'] }}"

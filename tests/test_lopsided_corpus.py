@@ -9,7 +9,8 @@ import pytest
 
 from test_train import overrides
 from xlstm7b.cli import main
-from xlstm7b.train.data import lopsided_message, split_of
+from xlstm7b.train.data import split_of
+from xlstm7b.train.splits import lopsided_message
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

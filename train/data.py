@@ -31,11 +31,12 @@ import torch
 from tokenizers import Tokenizer
 
 from xlstm7b import ModelConfig
+from xlstm7b.hub import copy_tokenizer
 
 from .config import DataConfig, user_path, writable_folder
+from .splits import SPLITS, empty_split_message, lopsided_message
 from .tokenizer import check_vocab, load_tokenizer, train_bpe
 
-SPLITS = ("train", "val")
 ENCODE_BATCH = 256
 """Documents read and encoded at a time (the tokenizer encodes a batch on all cores)."""
 MAX_INVALID_UTF8 = 0.01
@@ -143,12 +144,32 @@ class Corpus:
                 yield name, text
 
 
+def local_tokenizer(tokenizer: str) -> Path | None:
+    """The tokenizer.json that data.tokenizer names on this machine (a file, or a folder holding one); None for
+    'train' or a hub name."""
+    path = Path(tokenizer).expanduser()
+    if tokenizer == "train" or not path.exists():
+        return None
+    return path if path.is_file() else path / "tokenizer.json"
+
+
+def keep_tokenizer(run_tokenizer: Path, tokenizer_path: Path, source: str) -> None:
+    """Copies the run's tokenizer, `tokenizer_path`, to `run_tokenizer` in the run directory with its
+    chat template (xlstm7b.hub.copy_tokenizer), so that a resumed run's export keeps the template. A
+    resumed run (`tokenizer_path` is its copy) started before the template was kept takes it from
+    data.tokenizer, `source`, where that file is the run's tokenizer byte for byte."""
+    if tokenizer_path != run_tokenizer:
+        copy_tokenizer(tokenizer_path, run_tokenizer)
+    elif (not run_tokenizer.with_name("tokenizer_config.json").exists() and (local := local_tokenizer(source))
+          and local.is_file() and local.read_bytes() == run_tokenizer.read_bytes()):
+        copy_tokenizer(local, run_tokenizer)
+
+
 def prepare_tokenizer(corpus: Corpus, tokenizer: str, vocab_size: int, cache: Path, rank: int) -> Path:
     """The tokenizer file to use: `tokenizer` itself, or a BPE trained on the training split (cached)."""
     if tokenizer != "train":
-        path = Path(tokenizer).expanduser()
-        if path.exists():
-            return path if path.is_file() else path / "tokenizer.json"
+        if path := local_tokenizer(tokenizer):
+            return path
         path = cache / "tokenizers" / stable_hash(tokenizer) / "tokenizer.json"  # a hub tokenizer, kept locally
         if rank == 0 and not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -279,21 +300,6 @@ def tokenize_split(corpus: Corpus, tok: Tokenizer, bos: int, dtype, split: str, 
     save()
 
 
-def lopsided_message(splits: dict) -> str | None:
-    """What to do when one document holds most of the corpus's tokens: documents are assigned to a
-    split whole, so the split it lands in gets most of the data and the other little (None otherwise)."""
-    total = sum(splits[s]["tokens"] for s in SPLITS)
-    documents = sum(splits[s]["documents"] for s in SPLITS)
-    split, largest = max(((s, splits[s].get("largest_document") or {"tokens": 0}) for s in SPLITS), key=lambda x: x[1]["tokens"])
-    if documents < 2 or 2 * largest["tokens"] <= total:
-        return None
-    other = "val" if split == "train" else "train"
-    return (f"document {largest['name']!r} holds {largest['tokens']:,} of the corpus's {total:,} tokens "
-            f"({largest['tokens'] / total:.1%}) and lies whole in the {split} split (documents are split whole, by name), "
-            f"leaving the {other} split {splits[other]['tokens']:,} tokens in {splits[other]['documents']} documents. "
-            "Split it into several files (one document per file) for balanced splits")
-
-
 def prepare_data(cfg: DataConfig, model: ModelConfig, rank: int = 0, barrier=lambda: None, *,
                  run_tokenizer: Path | None = None, run_tokens: str | None = None) -> tuple[Path, Path, Tokenizer]:
     """(token folder with manifest.json, tokenizer.json, the tokenizer): built by rank 0 if not
@@ -325,22 +331,6 @@ def prepare_data(cfg: DataConfig, model: ModelConfig, rank: int = 0, barrier=lam
         build_shards(corpus, tok, tokenizer_path, model.bos_token_id, out, cfg.shard_tokens)
     barrier()
     return out, tokenizer_path, tok
-
-
-def empty_split_message(splits: dict, split: str, seq_len: int) -> str:
-    """Why `split` has no training window, and the one change that gives it one."""
-    info = splits[split]
-    documents = sum(splits[s]["documents"] for s in SPLITS)
-    problem = (f"the {split} split has {info['tokens']} tokens in {info['documents']} documents: not one sequence of "
-               f"train.seq_len={seq_len} + 1 tokens")
-    if documents < 2:
-        return (f"{problem}. The corpus has {documents} document(s) (one per file, or per row), and the training and "
-                "validation splits need one each: add documents (e.g. split the text into several files) or lower train.seq_len")
-    if lopsided := lopsided_message(splits):
-        return f"{problem}: {lopsided}"
-    share = "raise data.val_fraction (more documents for validation)" if split == "val" else \
-        "lower data.val_fraction (more documents for training)"
-    return f"{problem}. Add data, lower train.seq_len or {share}"
 
 
 class TokenData:

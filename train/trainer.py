@@ -19,12 +19,12 @@ from tokenizers import Tokenizer
 from torch.utils.checkpoint import checkpoint
 
 from xlstm7b import XLSTM, generate, save_pretrained
-from xlstm7b.hub import copy_tokenizer, save_for_hub
+from xlstm7b.hub import save_for_hub
 from xlstm7b.threads import set_threads, threads_text
 
 from . import checkpointing
 from .config import JobConfig, TrainConfig, user_path, writable_folder
-from .data import TokenData, prepare_data
+from .data import TokenData, keep_tokenizer, prepare_data
 from .lock import RunDirBusy, RunLock
 from .metrics import MetricsLog, peak_flops, peak_memory_gb, run_facts, train_flops_per_token
 from .optim import build_optimizer, describe, lr_at
@@ -180,8 +180,8 @@ def run_data(job: JobConfig, d: Dist, run_dir: Path) -> tuple[Path, Path, Tokeni
     folder, tokenizer_path, tok = prepare_data(
         job.data, job.model, d.rank, d.barrier, run_tokenizer=run_tokenizer if saved and run_tokenizer.is_file() else None,
         run_tokens=Path(saved["data"]).name if saved and "data" in saved else None)
-    if d.is_main and tokenizer_path != run_tokenizer:
-        copy_tokenizer(tokenizer_path, run_tokenizer)
+    if d.is_main:
+        keep_tokenizer(run_tokenizer, tokenizer_path, job.data.tokenizer)
     return folder, tokenizer_path, tok
 
 
