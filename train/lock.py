@@ -40,8 +40,8 @@ def check_run_dir(run_dir: Path) -> None:
     if (run_dir / "train.lock").exists():
         adopt_earlier_export(run_dir / "model")
         if foreign := foreign_files(run_dir / "model"):  # found now, not when the export fails after training
-            raise ValueError(f"{foreign[0]} was not written by xlstm7b (an export of an older version, or a file of "
-                             f"yours); the run's export into {run_dir / 'model'} would not replace it. Move it away, then rerun")
+            raise ValueError(f"{foreign[0]} was not written by xlstm7b (a file of yours, or one an earlier version's "
+                             f"export did not provably write); the run's export into {run_dir / 'model'} would not replace it. Move it away, then rerun")
         return
     entries = sorted(p.name for p in run_dir.iterdir())
     if entries:
