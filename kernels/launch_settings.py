@@ -140,7 +140,7 @@ def launch_overrides(**kernels: dict[str, int]):
                 raise ValueError(f"launch_overrides: {kernel} takes {', '.join(TUNABLE[kernel])}, not {name!r}")
             if not _allowed(name, value):
                 raise ValueError(f"launch_overrides: {kernel} {name}={value!r} is not allowed (tiles: powers of two "
-                                 ">= 16; num_warps: 1, 2, 4 or 8; num_stages: 1 to 6; enabled, local_max, one_launch: 0 or 1; "
+                                 ">= 16; num_warps: 1, 2, 4 or 8; num_stages: 1 to 6; enabled, one_launch, local_max: 0 or 1; "
                                  f"grid_order: one of {', '.join(map(repr, GRID_ORDERS))})")
     merged = {k: dict(v) for k, v in _OVERRIDES.get().items()}
     for kernel, params in kernels.items():
