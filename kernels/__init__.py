@@ -113,7 +113,9 @@ def mlstm_step_(
     No allocation besides h, no host synchronization and no gradient through the state, so a
     decoding step can be captured in a CUDA graph or compiled. Shapes are the caller's promise: it
     runs once per token and layer, so it validates nothing. slots (int64 [B], optional): token b
-    steps row slots[b] of a state with any number of rows (a serving pool); no other row is touched."""
+    steps row slots[b] of a state with any number of rows (a serving pool); no other row is touched.
+    The Triton step is two launches, or one inside `launch_overrides(step=dict(one_launch=1))`
+    (launch_settings.py; opt-in until a GPU measures it, see step_triton.py)."""
     if resolve_backend(backend, q.device, q, v) == "triton":
         from .step_triton import mlstm_step_triton
 
