@@ -16,7 +16,7 @@
    size, dtype of the stored chunk states, fused state and output passes, grid order), at S 8,192
    and 65,536 beside what the H200 measured. Beside the official TFLA kernel's published 8.2 ms
    forward / 21 ms forward+backward.
-3. The kernels one layer launches, forward and backward (xlstm7b.kernels.aot.count_launches).
+3. The kernels one layer launches, forward and backward (xlstm7b.kernels.launch_count.count_launches).
 
 Writes benchmarks/results/kernel_resources_7b.json and prints the tables (also saved as .md).
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import triton
 
-from xlstm7b.kernels import aot  # noqa: E402
+from xlstm7b.kernels import aot, launch_count  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import CHUNK_SIZES  # noqa: E402
 from xlstm7b.kernels.launch_settings import default_config  # noqa: E402
 
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     models = {d.name: roofline(shape, d) for d in DESIGNS}
     two_pass = [d for d in DESIGNS if not d.fused_forward and d.c_bytes == 2]
     by_seq = {d.name: {(dev.name, S): roofline(Shape(S=S), d, dev) for dev in (H100, H200) for S in SEQ_LENS} for d in two_pass}
-    counts = {c.tag: aot.count_launches(c) for c in (aot.Case(256, 512, 64, "bf16", False), aot.Case(256, 512, 64, "bf16", True))}
+    counts = {c.tag: launch_count.count_launches(c) for c in (aot.Case(256, 512, 64, "bf16", False), aot.Case(256, 512, 64, "bf16", True))}
     built, tiles = DESIGNS[1], DESIGNS[3]
     report = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

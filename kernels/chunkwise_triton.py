@@ -70,11 +70,12 @@ def _checkpointed() -> bool:
     """True in a forward whose backward follows a recomputation of it: inside a backward pass (the
     recomputation of a reentrant checkpoint) or under a non-reentrant checkpoint's saved-tensor hooks
     (torch.utils.checkpoint and torch.distributed's composable checkpoint), which drop what the first
-    forward saves and keep what the recomputation saves, and need the two to save as many tensors."""
-    if torch._C._current_graph_task_id() != -1:
-        return True
+    forward saves and keep what the recomputation saves, and need the two to save as many tensors
+    (so under hooks, the hooks alone decide)."""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(True)
-    return hooks is not None and hooks[0].__qualname__.split(".")[0] in _CHECKPOINT_HOOKS
+    if hooks is not None:
+        return hooks[0].__qualname__.split(".")[0] in _CHECKPOINT_HOOKS
+    return torch._C._current_graph_task_id() != -1
 
 
 def _backward(ctx, dh, dC, dn, dm, *_):

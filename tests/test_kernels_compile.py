@@ -119,7 +119,7 @@ def test_launches_per_layer():
     activation checkpointing too. Counted on meta tensors in a process without the interpreter."""
     spec = json.dumps([dict(DK=256, DV=512, L=64, dtype="bf16", reset=r) for r in (False, True)])
     env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-m", "xlstm7b.kernels.aot", "--count"], input=spec, capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "xlstm7b.kernels.launch_count"], input=spec, capture_output=True,
                          text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     for counts in json.loads(run.stdout):
