@@ -21,6 +21,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import time
 import weakref
 from collections import Counter
@@ -34,6 +35,9 @@ from xlstm7b import generate
 from xlstm7b.decode import cuda_compiled_step, decoding_state, step_runner
 from xlstm7b.layouts import package_fused
 from xlstm7b.quantize import quantize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its neighbours, when loaded on its own
+from plotting import pyplot  # noqa: E402
 
 NO_KERNEL = frozenset(f"aten::{op}" for op in (
     "view", "_unsafe_view", "as_strided", "reshape", "_reshape_alias", "alias", "detach", "t", "transpose",
@@ -313,13 +317,7 @@ class LiveRows(list):
 
 
 def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+    if (plt := pyplot()) is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (metric, x, y, xlabel, ylabel) in zip(axes, [

@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_providers import measure, mlstm_inputs, provider_fla, provider_ours, provider_sdpa, provider_tfla  # noqa: E402
+from plotting import pyplot  # noqa: E402
 from profiling import profile_kernels  # noqa: E402
 from xlstm7b.kernels import mlstm, mlstm_step_, zero_state  # noqa: E402
 
@@ -267,13 +268,7 @@ def environment(device: str) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    if (plt := pyplot()) is None:
         return
     shapes = sorted({(r["NH"], r["DK"], r["DV"]) for r in rows if r["kernel"] == "chunkwise"})
     fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 4 * len(shapes)), squeeze=False)

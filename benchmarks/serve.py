@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,12 +37,14 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate, preset_path
-from xlstm7b.serve import Engine, EngineConfig, SamplingParams
-from xlstm7b.serve.config import STATE_DTYPES
-from xlstm7b.train.config import load_config
-from xlstm7b.train.evaluate import source_documents, tokenized_documents
-from xlstm7b.train.tokenizer import token_bytes_tensor
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from xlstm7b import XLSTM, ModelConfig, State, from_pretrained, generate, preset_path  # noqa: E402
+from xlstm7b.serve import Engine, EngineConfig, SamplingParams  # noqa: E402
+from xlstm7b.serve.config import STATE_DTYPES  # noqa: E402
+from xlstm7b.train.config import load_config  # noqa: E402
+from xlstm7b.train.evaluate import source_documents, tokenized_documents  # noqa: E402
+from xlstm7b.train.tokenizer import token_bytes_tensor  # noqa: E402
+from plotting import pyplot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIXES = {"prefill": ((32, 128, 512, 1024), (32, 64, 128)), "decode": ((16, 32, 64), (256, 512))}
@@ -156,13 +159,7 @@ def state_bpb(model: XLSTM, args) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+    if (plt := pyplot()) is None:
         return
     engine = sorted((r for r in result["rows"] if r["impl"] == "engine" and "error" not in r), key=lambda r: r["concurrency"])
     base = next(r for r in result["rows"] if r["impl"] != "engine")
