@@ -7,6 +7,8 @@ reported, and eval scores all of a file that is not the training corpus."""
 import errno
 import json
 import struct
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +96,39 @@ def test_random_bytes_named_txt_are_refused_and_a_few_bad_bytes_counted(tmp_path
     docs = list(Corpus(DataConfig(source=str(few), val_fraction=0.0)).documents("train"))
     assert len(docs) == 1 and docs[0][1].endswith("\ufffd\ufffd")
     assert "b.txt: 2 of its 4,402 bytes (0.05%)" in capsys.readouterr().err
+
+
+def test_legacy_encoded_text_is_read_and_nul_bytes_are_refused(tmp_path, capsys):
+    """Text in a legacy encoding (like the standard library's own Latin-1 and KOI8-R test modules,
+    part of the bundled corpus) is text: read with U+FFFD and counted, however many of its bytes are
+    not UTF-8. A NUL byte marks binary data, valid UTF-8 or not."""
+    from xlstm7b.train.config import DataConfig
+    from xlstm7b.train.data import Corpus
+
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    (latin / "m.py").write_bytes("# café crème brûlée\nx = 'déjà'\n".encode("latin-1") * 50)
+    docs = list(Corpus(DataConfig(source=str(latin), val_fraction=0.0)).documents("train"))
+    assert len(docs) == 1 and docs[0][1].startswith("# caf\ufffd cr\ufffdme")
+    assert "m.py: 300 of its 1,550 bytes (19.35%) are not valid UTF-8" in capsys.readouterr().err
+    nul = tmp_path / "nul"
+    nul.mkdir()
+    (nul / "z.txt").write_bytes(b"plain text\n" * 100 + b"\x00\x00")
+    with pytest.raises(ValueError, match=r"z.txt is not UTF-8 text: .*NUL among them.*binary data"):
+        list(Corpus(DataConfig(source=str(nul), val_fraction=0.0)).documents("train"))
+
+
+def test_the_bundled_corpus_legacy_encoded_modules_are_read():
+    """The demo's corpus: the standard library holds Latin-1 and KOI8-R modules; refusing them
+    stopped `scripts/demo.sh` before training."""
+    from xlstm7b.train.config import DataConfig
+    from xlstm7b.train.data import Corpus
+
+    files = sorted((Path(sysconfig.get_paths()["stdlib"]) / "test" / "encoded_modules").glob("*.py"))
+    if not files:
+        pytest.skip("this interpreter ships without its test package")
+    corpus = Corpus(DataConfig(source="stdlib"))
+    assert all(corpus.read_text(f) for f in files)
 
 
 def safetensors_file(path, entries: dict, data_len: int) -> None:

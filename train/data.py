@@ -40,7 +40,11 @@ from .tokenizer import check_vocab, load_tokenizer, train_bpe
 ENCODE_BATCH = 256
 """Documents read and encoded at a time (the tokenizer encodes a batch on all cores)."""
 MAX_INVALID_UTF8 = 0.01
-"""Share of a text file's bytes that may be invalid UTF-8 (replaced, with a warning); past it the file is refused."""
+"""Share of a text file's bytes that may be invalid UTF-8 and control bytes each before the file is
+taken for binary data and refused (with a NUL byte, always). Text in a legacy encoding (Latin-1,
+KOI8-R: a few of the standard library's own test files) has invalid UTF-8 but no control bytes:
+it is read with U+FFFD in place of those bytes, with a warning giving the count."""
+CONTROL_BYTES = bytes(b for b in range(32) if chr(b) not in "\t\n\v\f\r\x1b")
 LOCAL_FORMATS = {".txt": "text", ".md": "text", ".py": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -117,18 +121,24 @@ class Corpus:
             yield f"{n}", row[c.text_field]
 
     def read_text(self, file: Path) -> str:
-        """A text file of the corpus. Invalid UTF-8 is replaced (U+FFFD) with a warning giving the count;
-        a file with more than MAX_INVALID_UTF8 of its bytes invalid is not text (binary data under a
-        text name) and is refused."""
+        """A text file of the corpus. Binary data under a text name (a NUL byte, or more than
+        MAX_INVALID_UTF8 of its bytes both invalid UTF-8 and control bytes) is refused; other invalid
+        UTF-8 is replaced (U+FFFD) with a warning giving the count."""
         raw = file.read_bytes()
+        nul = b"\x00" in raw
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
+            if not nul:
+                return text
+            bad = 0
         except UnicodeDecodeError:
             text = raw.decode("utf-8", errors="replace")
-        bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+            bad = text.count("\ufffd") - raw.count("\ufffd".encode())
         counts = f"{bad:,} of its {len(raw):,} bytes ({bad / len(raw):.2%}) are not valid UTF-8"
-        if bad > MAX_INVALID_UTF8 * len(raw):
-            raise ValueError(f"data.source={self.cfg.source!r}: {file} is not UTF-8 text: {counts} (binary data?). "
+        control = sum(map(raw.count, (bytes([b]) for b in CONTROL_BYTES)))
+        if nul or (bad > MAX_INVALID_UTF8 * len(raw) and control > MAX_INVALID_UTF8 * len(raw)):
+            what = f"{counts}, {control:,} are control bytes" + (" (NUL among them)" if nul else "")
+            raise ValueError(f"data.source={self.cfg.source!r}: {file} is not UTF-8 text: {what} (binary data?). "
                              "Remove it from the source, or convert it to UTF-8")
         if file not in self.warned:
             self.warned.add(file)
