@@ -1,6 +1,6 @@
-"""Folders exported before xlstm7b recorded its files (.xlstm7b-written.json): a `save_pretrained`
-folder and a run's RUN_DIR/model are adopted where their files prove themselves ours, so saving over
-them and resuming the run work as before; any file not provably ours stays foreign, never replaced.
+"""Folders exported before xlstm7b recorded its files (.xlstm7b-written.json): a run's RUN_DIR/model
+is adopted where its files prove themselves ours, so resuming the run works as before; a plain
+save_pretrained folder, like any file not provably ours, stays foreign, never replaced.
 And a resumed run's export keeps the chat template of the run's tokenizer source."""
 
 import hashlib
@@ -37,16 +37,30 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_saving_over_an_earlier_export_adopts_it(model, tmp_path, capsys):
+def test_a_plain_earlier_export_stays_foreign_and_overwrite_deletes_none_of_it(model, tmp_path, capsys):
+    """Outside a run, an earlier version's save_pretrained folder looks exactly like the released
+    model's or transformers' save (config.json of model type xlstm, sharded safetensors): nothing
+    proves it ours, so it is refused, and overwrite=True writes beside it without deleting a shard."""
     folder = earlier_export(model, tmp_path / "m", max_shard_size=200_000)
-    shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
-    assert len(shards) > 1
-    xlstm7b.save_pretrained(model, folder)
-    err = capsys.readouterr().err
-    assert "earlier xlstm7b version" in err and "adopted" in err and len(err.strip().splitlines()) == 1
-    assert is_ours(folder / "model.safetensors") and not any((folder / s).exists() for s in shards)
-    assert not (folder / "model.safetensors.index.json").exists()  # the earlier index, ours: replaced by one file
-    xlstm7b.from_pretrained(folder)
+    before = {p: digest(p) for p in folder.iterdir()}
+    assert sum(p.name.startswith("model-") for p in before) > 1
+    with pytest.raises(ForeignFileError, match="config.json"):
+        xlstm7b.save_pretrained(model, folder)
+    assert {p: digest(p) for p in folder.iterdir()} == before and "adopted" not in capsys.readouterr().err
+    xlstm7b.save_pretrained(model, folder, overwrite=True)
+    assert all(p.exists() for p in before if p.name.startswith("model-"))  # every earlier shard kept
+    assert is_ours(folder / "model.safetensors")
+
+
+def earlier_run_export(model, tokenizer, run: Path) -> Path:
+    """A run directory whose RUN_DIR/model an earlier version exported: the weights and a copy of
+    the run's tokenizer.json, no record."""
+    (run / "model").mkdir(parents=True)
+    (run / "train.lock").touch()
+    tokenizer.save(str(run / "tokenizer.json"))
+    earlier_export(model, run / "model")
+    shutil.copyfile(run / "tokenizer.json", run / "model" / "tokenizer.json")
+    return run
 
 
 @pytest.mark.parametrize("case, planted, refused", [
@@ -54,29 +68,22 @@ def test_saving_over_an_earlier_export_adopts_it(model, tmp_path, capsys):
     ("a config.json of another model", {"config.json": json.dumps({"model_type": "llama"}).encode()}, "config.json"),
     ("weights that are not safetensors", {"model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"},
      "config.json"),  # nothing adopted: the config is named first
-    ("a tokenizer.json outside a run", {"tokenizer.json": b"{}"}, "tokenizer.json"),
+    ("a tokenizer.json that is not the run's", {"tokenizer.json": b"{}"}, "config.json"),
 ])
-def test_what_is_not_provably_ours_stays_foreign(model, tmp_path, case, planted, refused, capsys):
-    folder = earlier_export(model, tmp_path / "m")
+def test_what_is_not_provably_ours_stays_foreign(model, tokenizer, tmp_path, case, planted, refused, capsys):
+    run = earlier_run_export(model, tokenizer, tmp_path / "run")
     for name, data in planted.items():
-        (folder / name).write_bytes(data)
-    before = {p: digest(p) for p in folder.iterdir()}
+        (run / "model" / name).write_bytes(data)
+    before = {p: digest(p) for p in (run / "model").iterdir()}
+    with pytest.raises(ValueError, match=f"{refused} was not written by xlstm7b"):
+        check_run_dir(run)
     with pytest.raises(ForeignFileError, match=refused):
-        xlstm7b.save_pretrained(model, folder)
+        xlstm7b.save_pretrained(model, run / "model")
     assert {p: digest(p) for p in before} == before, case  # nothing replaced or removed
 
 
-def test_an_earlier_runs_export_folder_is_adopted_only_with_the_runs_tokenizer(model, tokenizer, tmp_path, capsys):
-    run = tmp_path / "run"
-    (run / "model").mkdir(parents=True)
-    (run / "train.lock").touch()
-    tokenizer.save(str(run / "tokenizer.json"))
-    earlier_export(model, run / "model")
-    (run / "model" / "tokenizer.json").write_bytes((run / "tokenizer.json").read_bytes()[:-1] + b" ")  # not the run's
-    with pytest.raises(ValueError, match="tokenizer.json was not written by xlstm7b"):
-        check_run_dir(run)
-    shutil.copyfile(run / "tokenizer.json", run / "model" / "tokenizer.json")
-    (run / "model" / RECORD).unlink()  # the refused check adopted the weights; start again from an earlier export
+def test_an_earlier_runs_export_folder_is_adopted(model, tokenizer, tmp_path, capsys):
+    run = earlier_run_export(model, tokenizer, tmp_path / "run")
     check_run_dir(run)
     assert all(is_ours(run / "model" / n) for n in ("config.json", "model.safetensors", "tokenizer.json"))
     assert "adopted" in capsys.readouterr().err

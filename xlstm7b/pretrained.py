@@ -273,8 +273,8 @@ def save_pretrained(model: XLSTM, path: str | os.PathLike, *, max_shard_size: in
     a final name.
 
     The folder must be new, empty or hold only files xlstm7b wrote (an earlier save's: replaced, and
-    its shards this save does not write removed; an earlier version's export, which has no record, is
-    adopted where its files prove themselves ours: `xlstm7b.written.adopt_earlier_export`); otherwise a ForeignFileError names a file that is
+    its shards this save does not write removed; a run's export by an earlier version, which has no
+    record, is adopted: `xlstm7b.written.adopt_earlier_export`); otherwise a ForeignFileError names a file that is
     not ours. overwrite=True writes anyway: files under the names this save writes are replaced,
     every other file is left as it is (never deleted)."""
     if not isinstance(model, XLSTM):

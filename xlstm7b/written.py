@@ -8,8 +8,8 @@ of ours that the user has since edited) is never overwritten or removed unless t
 writer replaces only what the same writer wrote: `eval --out` never replaces a checkpoint's
 config.json, although save_pretrained wrote it.
 
-Folders exported before the record existed (a `save_pretrained` folder, a run's RUN_DIR/model) are
-adopted by `adopt_earlier_export` where their files prove themselves ours; see there.
+A run's RUN_DIR/model exported before the record existed is adopted by `adopt_earlier_export` where
+its files prove themselves ours; see there.
 """
 
 import json
@@ -112,13 +112,15 @@ def json_object(path: Path) -> dict | None:
 
 
 def earlier_export(folder: Path) -> dict[str, str]:
-    """The files of `folder` that an export of an earlier version (before the record) provably wrote,
-    by name -> writer: a config.json of model_type "xlstm" with the weights it loads (model.safetensors,
-    or the index and every shard it names, each a safetensors file), and a tokenizer.json that is a
-    byte-for-byte copy of the run's (RUN_DIR/model/tokenizer.json beside RUN_DIR/tokenizer.json, as
-    the trainer exported it). Nothing if any part is missing or is not what it claims."""
+    """The files of `folder` that a training run's export by an earlier version (before the record)
+    provably wrote, by name -> writer: in RUN_DIR/model (beside RUN_DIR/train.lock), a tokenizer.json
+    that is a byte-for-byte copy of RUN_DIR/tokenizer.json, as the trainer exported it, with a
+    config.json of model_type "xlstm" and the weights it loads (model.safetensors, or the index and
+    every shard it names, each a safetensors file). Nothing if any part is missing or is not what it
+    claims. Outside a run nothing is provable: the released model and transformers' saves write the
+    same config.json and weights, so a folder holding them stays foreign."""
     config, index = json_object(folder / "config.json"), json_object(folder / "model.safetensors.index.json")
-    if config is None or config.get("model_type") != "xlstm":
+    if config is None or config.get("model_type") != "xlstm" or not run_tokenizer_copy(folder):
         return {}
     if index is not None:
         shards = index.get("weight_map")
@@ -129,14 +131,18 @@ def earlier_export(folder: Path) -> dict[str, str]:
         weights = ["model.safetensors"]
     if not all(Path(n).name == n and safetensors_file(folder / n) for n in weights if n != "model.safetensors.index.json"):
         return {}
-    ours = {n: "save_pretrained" for n in ["config.json", *weights]}
-    tokenizer, runs = folder / "tokenizer.json", folder.parent / "tokenizer.json"
+    return {n: "save_pretrained" for n in ["config.json", *weights]} | {"tokenizer.json": "save_for_hub"}
+
+
+def run_tokenizer_copy(folder: Path) -> bool:
+    """Whether folder/tokenizer.json is a plain file with the bytes of the run's own tokenizer
+    (folder is a run's export: RUN_DIR/model, beside RUN_DIR/train.lock and RUN_DIR/tokenizer.json)."""
+    tokenizer, run = folder / "tokenizer.json", folder.parent
     try:
-        if tokenizer.is_file() and not tokenizer.is_symlink() and runs.is_file() and tokenizer.read_bytes() == runs.read_bytes():
-            ours["tokenizer.json"] = "save_for_hub"
+        return ((run / "train.lock").is_file() and tokenizer.is_file() and not tokenizer.is_symlink()
+                and (run / "tokenizer.json").is_file() and tokenizer.read_bytes() == (run / "tokenizer.json").read_bytes())
     except OSError:
-        pass
-    return ours
+        return False
 
 
 def adopt_earlier_export(folder: Path) -> list[str]:
