@@ -105,16 +105,18 @@ def _step_nm_kernel(K, I_, F_, N, M, SLOTS, NH, DK, s_k, BK: tl.constexpr, HAS_S
     tl.store(M + s_bh, m_new)
 
 
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def arrivals(device: torch.device, rows: int) -> torch.Tensor:
     """The step's arrival counters on `device`, at least `rows` of them (zero between launches):
-    allocated on the first step of a state that size, so before a CUDA graph captures one."""
-    have = _ARRIVALS.get(device)
-    if have is None or have.numel() < rows:
-        _ARRIVALS[device] = have = torch.zeros(rows, dtype=torch.int32, device=device)
-    return have
+    allocated on the first step of a state that size, so before a CUDA graph captures one. A larger
+    state gets larger counters beside the old ones, which are kept: a graph captured with them
+    replays their address, which must never be freed and reused."""
+    have = _ARRIVALS.setdefault(device, [])
+    if not have or have[-1].numel() < rows:
+        have.append(torch.zeros(rows, dtype=torch.int32, device=device))
+    return have[-1]
 
 
 def _rows(x: torch.Tensor, BH: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from conftest import load_script, rel_err  # noqa: E402
 
 from xlstm7b.kernels import mlstm_step, mlstm_step_, mlstm_step_torch, mlstm_step_torch_  # noqa: E402
 from xlstm7b.kernels.launch_settings import launch_overrides, step_one_launch  # noqa: E402
+from xlstm7b.kernels import step_triton  # noqa: E402
 from xlstm7b.kernels.step_triton import arrivals, mlstm_step_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -229,3 +230,13 @@ def test_step_cuda_graph(one_launch):
         h_ref, ref = mlstm_step_torch(q, k, v, i, f, ref)
     torch.cuda.synchronize()
     assert rel_err(h, h_ref) < 1e-4 and rel_err(state[0], ref[0]) < 1e-4
+
+
+def test_larger_arrival_counters_keep_the_earlier_ones_alive():
+    """A CUDA graph captured with the counters of a small state replays their address: growing them
+    for a larger state must not free the earlier tensor (its memory could be reused under the graph)."""
+    device = torch.device("meta")
+    small = arrivals(device, 4)
+    large = arrivals(device, 64)
+    assert large.numel() == 64 and arrivals(device, 8) is large
+    assert any(t is small for t in step_triton._ARRIVALS[device])
