@@ -83,7 +83,7 @@ def test_a_training_step_reads_no_value_back_to_the_host(backend, chunk):
 def test_a_plain_forward_checks_the_ids_and_the_check_is_the_only_read():
     _, model, _ = debug_model()
     ids = torch.tensor([[1, 2, 512]])
-    with pytest.raises(ValueError, match=r"token id 512 outside \[0, vocab_size=512\)"):
+    with pytest.raises(ValueError, match=r"token id 512 outside the vocabulary \[0, vocab_size=512\)"):
         model(ids)
     with pytest.raises(ValueError, match="token id -3 outside"):
         check_token_ids(torch.tensor([[-3, 4]], dtype=torch.int32), 512)

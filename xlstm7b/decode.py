@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-from .model import XLSTM
+from .model import XLSTM, check_token_ids
 from .state import State
 
 
@@ -57,9 +57,7 @@ def batch_prompts(input_ids, config, device) -> tuple[torch.Tensor, torch.Tensor
     else:
         mask = None
     _check_integer(input_ids)
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= config.vocab_size:
-        raise ValueError(f"input_ids contains token id {lo if lo < 0 else hi} outside the vocabulary [0, {config.vocab_size})")
+    check_token_ids(input_ids, config.vocab_size)
     return input_ids.to(device=device, dtype=torch.long), mask
 
 

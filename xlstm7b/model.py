@@ -40,7 +40,7 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if input_ids.numel():
         lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one read back
         if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"input_ids contains token id {lo if lo < 0 else hi} outside [0, vocab_size={vocab_size})")
+            raise ValueError(f"input_ids contains token id {lo if lo < 0 else hi} outside the vocabulary [0, vocab_size={vocab_size})")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
