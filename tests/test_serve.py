@@ -283,6 +283,11 @@ def test_metrics(server):
     assert values["xlstm7b_request_generation_tokens_sum"] - before.get("xlstm7b_request_generation_tokens_sum", 0) == 2 + 5
     assert values["xlstm7b_inter_token_latency_seconds_count"] - before.get("xlstm7b_inter_token_latency_seconds_count", 0) == 5
     assert values['xlstm7b_request_prompt_tokens_bucket{le="200.0"}'] - before.get('xlstm7b_request_prompt_tokens_bucket{le="200.0"}', 0) == 2
+    # one request at a time: every decode step is a bucket of 1 and decodes its request (the first
+    # token comes from the prefill): 1 + 4 steps
+    steps = {name: value - before.get(name, 0) for name, value in values.items() if name.startswith("xlstm7b_decode_steps_total")}
+    assert steps.pop('xlstm7b_decode_steps_total{bucket="1"}') == 5 and set(steps.values()) == {0}, steps
+    assert values["xlstm7b_decode_rows_total"] - before.get("xlstm7b_decode_rows_total", 0) == 5
 
 
 def test_memory_flat_under_load(server):

@@ -62,6 +62,7 @@ class EngineCollector:
             "prefix_cache_hits": ("prefix cache hits", cache["hits"]),
             "prefix_cache_saved_tokens": ("prompt tokens not prefilled thanks to the prefix cache", cache["saved_tokens"]),
             "prefix_cache_evictions": ("prefix states evicted", cache["evictions"]),
+            "decode_rows": ("rows of batched decode steps that decoded a request (the rest padded a bucket)", s["decode_rows"]),
         }
         for name, (doc, value) in counters.items():
             yield self.family(CounterMetricFamily, name, doc, value)
@@ -70,6 +71,13 @@ class EngineCollector:
         for reason, value in s["finished"].items():
             finished.add_metric([self.label, reason], value)
         yield finished
+        # by bucket, so that a dashboard sees how much of each step was padding: rows stepped are
+        # sum(bucket x steps), of which decode_rows decoded a request
+        steps = CounterMetricFamily("xlstm7b_decode_steps", "batched decode steps, by bucket (rows stepped)",
+                                    labels=["model_name", "bucket"])
+        for bucket, value in s["decode_steps"].items():
+            steps.add_metric([self.label, str(bucket)], value)
+        yield steps
 
 
 class Metrics:
