@@ -15,6 +15,7 @@ from tqdm import tqdm
 from xlstm7b import CheckpointError, from_pretrained
 from xlstm7b.arguments import NON_NEGATIVE_INT, POSITIVE_INT, number, parse
 from xlstm7b.pretrained import check_device, read_config
+from xlstm7b.quantize import METHODS, quantize
 from xlstm7b.threads import add_threads_option, set_threads, threads_value
 from xlstm7b.written import check_overwrite, remember
 
@@ -185,6 +186,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--piece-tokens", type=POSITIVE_INT, default=2048, help="positions per forward; the state carries across pieces")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--quantize", choices=METHODS, help="score the model with its weights quantised as `xlstm7b generate "
+                   "--quantize` decodes with them (xlstm7b.quantize): int8 on CUDA or CPU, int4 on CUDA with bfloat16")
     add_threads_option(p)
     p.add_argument("--out", type=Path, help="write the result as JSON here, and the loss-by-position plot beside it (.png)")
     p.add_argument("--overwrite", action="store_true", help="let --out replace files xlstm7b did not write")
@@ -234,6 +237,8 @@ def eval_main(argv: list[str]) -> int:
         if Path(args.checkpoint).is_dir():  # else from_pretrained says what is wrong with the path
             forward_positions(args.batch_size, args.piece_tokens, read_config(Path(args.checkpoint)).chunk_size)
         model = from_pretrained(args.checkpoint, device=device, dtype=dtype)
+        if args.quantize:
+            quantize(model, args.quantize)
         tok_source = args.tokenizer or Path(args.checkpoint) / "tokenizer.json"
         if not args.tokenizer and not Path(tok_source).is_file():
             raise FileNotFoundError(f"{args.checkpoint} has no tokenizer.json; pass --tokenizer PATH")
@@ -248,7 +253,7 @@ def eval_main(argv: list[str]) -> int:
                 bar.set_postfix(bpb=f"{bpb:.4f}", refresh=False)
         result = evaluate_documents(model, docs, tbytes, batch_size=args.batch_size, piece_tokens=args.piece_tokens,
                                     progress=progress if bar is not None else None)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"xlstm7b eval: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -258,7 +263,7 @@ def eval_main(argv: list[str]) -> int:
         if bar is not None:
             bar.close()
     result = {"checkpoint": str(args.checkpoint), "data": args.data, "split": split, "val_fraction": val_fraction,
-              "dtype": str(dtype).removeprefix("torch."), "batch_size": args.batch_size, "piece_tokens": args.piece_tokens,
+              "dtype": str(dtype).removeprefix("torch."), "quantize": args.quantize, "batch_size": args.batch_size, "piece_tokens": args.piece_tokens,
               **result, "machine": machine(device)}
     print(report(result, threads))
     if args.out:

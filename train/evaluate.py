@@ -215,7 +215,8 @@ def machine(device: torch.device) -> dict:
 
 
 def report(result: dict, threads: int) -> str:
-    lines = [f"{result['documents']:,} documents, {result['tokens']:,} tokens, {result['bytes']:,} bytes: "
+    weights = f" with {result['quantize']} weights" if result.get("quantize") else ""
+    lines = [f"{result['documents']:,} documents, {result['tokens']:,} tokens, {result['bytes']:,} bytes{weights}: "
              f"{result['bpb']:.4f} bits/byte, loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f} "
              f"({result['tokens_per_s']:,.0f} tokens/s, {threads_text(threads)})", f"{'positions':>12} {'tokens':>12} {'bits/byte':>10} {'loss':>8}"]
     for b in result["by_position"]:
