@@ -45,8 +45,8 @@ from triton.runtime import jit
 
 from .chunkwise_triton import chunk_gates, triton_chunk_size
 from .chunkwise_triton_bwd import backward
-from .chunkwise_triton_fwd import FUSED_MAX_CHUNK, forward
-from .launch_settings import GRID_LAUNCHES, interpreting, launch_overrides
+from .chunkwise_triton_fwd import CHUNK_SIZES, FUSED_MAX_CHUNK, forward
+from .launch_settings import GRID_LAUNCHES, INTRA_LAUNCHES, interpreting, launch_overrides
 from .step_triton import mlstm_step_triton
 
 # Per-block and per-SM limits of the targets we compile for (CUDA programming guide, compute
@@ -246,9 +246,20 @@ VARIANTS = {
     "default": {},
     "tiles": {launch: dict(grid_order="tiles") for launch in GRID_LAUNCHES},
     "local-max": dict(states=dict(local_max=1)),
+    "chunk128-intra": {launch: dict(LB=64, BK=64, BV=64) for launch in INTRA_LAUNCHES},
 }
 """The selectable variants of the chunkwise kernels besides the one-pass forward, as launch_overrides:
-the per-chunk launches with the tile index fastest, the states pass at each chunk's own stabilizer."""
+the per-chunk launches with the tile index fastest, the states pass at each chunk's own stabilizer,
+chunk 128 tiled in sub-blocks of 64 (chunkwise_triton_intra.py) with the 64-wide operand tiles of
+chunk 64."""
+
+VARIANT_CHUNKS = {"chunk128-intra": (128,)}
+"""The chunk sizes a variant is built for, where not all of CHUNK_SIZES."""
+
+
+def variant_chunks(variant: str) -> tuple[int, ...]:
+    """The chunk sizes `variant` (a key of VARIANTS) runs at."""
+    return VARIANT_CHUNKS.get(variant, CHUNK_SIZES)
 
 
 def chunkwise_launches(target: GPUTarget, cases: Iterable[Case], B: int = 1, NH: int = 2, S: int = 1031) -> list[Launch]:

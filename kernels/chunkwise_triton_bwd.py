@@ -36,6 +36,10 @@ import triton.language as tl
 
 from .chunkwise_triton_fwd import _gate_vectors, _row_log_d, chunk_states, final_state, program_ids, state_dtype
 from .chunkwise_triton_gates import _gates_bwd_kernel, _state_dot
+from .chunkwise_triton_intra import tiled_kernel
+from .chunkwise_triton_intra_bwd import (
+    _dqk_intra_kernel, _dqk_state_terms, _dv_intra_kernel, _dv_state_term, _normalizer_grads, _scores_intra_kernel,
+)
 from .launch_settings import grid_meta, launch_config
 
 
@@ -145,8 +149,7 @@ def _scores_bwd_kernel(
         dh = tl.load(DH + r_off, mask=mr[:, None] & mv[None, :], other=0.0).to(tl.float32)
         hdh += tl.sum(tl.load(H + r_off, mask=mr[:, None] & mv[None, :], other=0.0).to(tl.float32) * dh, 1)
         dA += tl.dot((dh * rden[:, None]).to(DT), tl.trans(vt), input_precision=PREC)
-    dden = tl.where(tl.abs(den) > tl.exp(-m_r), -hdh * rden * tl.where(den > 0, 1.0, -1.0), 0.0)
-    dmt = -eps * hdh * rden  # total derivative of h_t . dh_t in m_t
+    dden, dmt = _normalizer_grads(den, m_r, hdh, rden, eps)
     dA += dden[:, None]
     qk = tl.zeros([RB, L], dtype=tl.float32)
     for kb in range(tl.cdiv(DK, BK)):
@@ -216,26 +219,9 @@ def _dqk_bwd_kernel(
     offs_k = i_k * BK + tl.arange(0, BK)
     mk = offs_k < DK
     mtk = mt[:, None] & mk[None, :]
-    dq_s = tl.zeros([L, BK], dtype=tl.float32)  # gradient of q_t through the entry state
-    dk_s = tl.zeros([L, BK], dtype=tl.float32)  # gradient of k_j through the end state
-    dg_acc = tl.zeros([BK], dtype=tl.float32)
-    for vb in range(tl.cdiv(DV, BV)):
-        offs_v = vb * BV + tl.arange(0, BV)
-        mv = offs_v < DV
-        mtv = mt[:, None] & mv[None, :]
-        mkv = mk[:, None] & mv[None, :]
-        vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mtv, other=0.0).to(DT)
-        dnum = tl.load(DH + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mtv, other=0.0).to(tl.float32) * rden[:, None]
-        C = tl.load(CS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0).to(tl.float32)
-        dCe = tl.load(DCS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0).to(tl.float32)
-        dq_s += tl.dot(dnum.to(DT), tl.trans(C).to(DT), input_precision=PREC)
-        dk_s += tl.dot(vt, tl.trans(dCe).to(DT), input_precision=PREC)
-        dg_acc += tl.sum(dCe * C, 1)
-    n = tl.load(NS + st_in * DK + offs_k, mask=mk, other=0.0)
-    dne = tl.load(DNS + (st_in + 1) * DK + offs_k, mask=mk, other=0.0)
-    dq_s += dden[:, None] * n[None, :]
-    dk_s += dne[None, :]
-    dg_acc += dne * n
+    # the gradients of q_t and k_j through the entry and end states
+    dq_s, dk_s, dg_acc = _dqk_state_terms(V, DH, CS, NS, DCS, DNS, offs_t, mt, offs_k, mk, rden, dden, i_bh, i_c, NC, DK, DV,
+                                          s_v_bh, s_v_t, BK, BV, DT, PREC)
 
     dS = tl.load(DSS + (i_bh * NC + i_c) * L * L + tt[:, None] * L + tt[None, :]).to(DT)
     qt = tl.load(Q + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mtk, other=0.0)
@@ -274,13 +260,7 @@ def _dv_bwd_kernel(
     _, _, _, _, _, a, _, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
     st_end = i_bh * (NC + 1) + i_c + 1
     w = tl.exp(a - tl.load(MS + st_end))
-    dv_s = tl.zeros([L, BV], dtype=tl.float32)
-    for kb in range(tl.cdiv(DK, BK)):
-        offs_k = kb * BK + tl.arange(0, BK)
-        mk = offs_k < DK
-        kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        dCe = tl.load(DCS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-        dv_s += tl.dot(kt.to(DT), dCe.to(DT), input_precision=PREC)
+    dv_s = _dv_state_term(K, DCS, offs_t, mt, offs_v, mv, i_bh, i_c, NC, DK, DV, s_k_bh, s_k_t, BK, DT, PREC)
     A = tl.load(AS + (i_bh * NC + i_c) * L * L + tt[:, None] * L + tt[None, :]).to(DT)
     rden = tl.load(RDEN + i_bh * S_pad + offs_t)
     dnum = tl.load(DH + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mtv, other=0.0).to(tl.float32) * rden[:, None]
@@ -318,7 +298,8 @@ def backward(
     NRB = L // cfg["scores"]["RB"]
     cols = q.new_empty(NRB, BH, S_pad, **f32)  # partial sums per row block
     grid, sc = grid_meta(cfg["scores"], NC, NRB, BH)
-    _scores_bwd_kernel[grid](
+    scores_kernel, sc = tiled_kernel(_scores_bwd_kernel, _scores_intra_kernel, sc)
+    scores_kernel[grid](
         q, k, v, h, dh, b, ig, virt, cnt, mt, den, MS, A, dS, rows, cols, rden, dden, dmtc, dmtv,
         S, S_pad, NC, BH, DK, DV, DK**-0.5, eps, *strides, **meta, **sc,
     )
@@ -338,14 +319,16 @@ def backward(
     dcarry = q.new_empty(NKB, BH, S_pad, **f32)
     da = torch.empty_like(dcarry)
     dg = q.new_empty(NKB, BH, NC, **f32)
-    grid, dqk = grid_meta(cfg["dqk"], NC, NKB, BH)
-    _dqk_bwd_kernel[grid](
+    grid, dqk = grid_meta(cfg["dqk"], NC * (L // cfg["dqk"]["LB"]), NKB, BH)  # a program per sub-block of LB rows
+    dqk_kernel, dqk = tiled_kernel(_dqk_bwd_kernel, _dqk_intra_kernel, dqk)
+    dqk_kernel[grid](
         q, k, v, dh, b, ig, virt, cnt, mt, rden, dden, dS, CS, NS, DCS, DNS, MS,
         dq, dk, dcarry, da, dg,
         S, S_pad, NC, BH, DK, DV, DK**-0.5, *strides, **meta, **dqk,
     )
-    grid, dvc = grid_meta(cfg["dv"], NC, triton.cdiv(DV, cfg["dv"]["BV"]), BH)
-    _dv_bwd_kernel[grid](
+    grid, dvc = grid_meta(cfg["dv"], NC * (L // cfg["dv"]["LB"]), triton.cdiv(DV, cfg["dv"]["BV"]), BH)
+    dv_kernel, dvc = tiled_kernel(_dv_bwd_kernel, _dv_intra_kernel, dvc)
+    dv_kernel[grid](
         k, dh, b, ig, virt, cnt, rden, A, DCS, MS, dv,
         S, S_pad, NC, DK, DV, *strides, **meta, **dvc,
     )

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_settings import grid_meta, interpreting, launch_config
+from .chunkwise_triton_intra import _output_intra_kernel, tiled_kernel
+from .launch_settings import grid_meta, interpreting, launch_config, program_ids
 
 CHUNK_SIZES = (16, 32, 64, 128)
 """Chunk lengths the kernels take: tl.dot needs >= 16, and above 128 the [L, L] score tiles of one
@@ -38,19 +39,6 @@ FUSED_MAX_CHUNK = 16
 """The longest chunk the one-pass forward (_fused_fwd_kernel, for Hopper GPUs) is built for: up to it,
 it compiles for sm_90 without spills at the 7B head shape (at 32 it spills on sm_90, at 64 about a
 KiB, at 128 its [L, DK] tiles exceed shared memory; on sm_80 it spills at 16 already)."""
-
-
-@triton.jit
-def program_ids(TILES_FIRST: tl.constexpr):
-    """(outer index, tile index) of this program: the grid is (outer, tiles, batch*head), the outer
-    index (a chunk, or a chunk's row block) on the fastest axis (grid order "chunks"), or (tiles,
-    outer, batch*head) with the head-dim tile's index fastest (order "tiles": the programs that read
-    the same chunk's operands run next to each other, while those operands are still in L2)."""
-    if TILES_FIRST:
-        i_o, i_t = tl.program_id(1), tl.program_id(0)
-    else:
-        i_o, i_t = tl.program_id(0), tl.program_id(1)
-    return i_o, i_t
 
 
 @triton.jit
@@ -384,7 +372,8 @@ def forward(
         return h, CF, NF, MF, mt, den, MS, *no_chunk_states(q)
     CS, NS, MS, (C, n, m) = chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg["states"], state_dtype(q))
     grid, out = grid_meta(cfg["output"], NC * (chunk // cfg["output"]["RB"]), triton.cdiv(DV, cfg["output"]["BV"]), B * NH)
-    _output_fwd_kernel[grid](
+    output_kernel, out = tiled_kernel(_output_fwd_kernel, _output_intra_kernel, out)
+    output_kernel[grid](
         q, k, v, b, ig, virt, cnt, CS, NS, MS, h, mt, den,
         S, S_pad, NC, DK, DV, DK**-0.5, eps, *strides, **meta, **out,
     )

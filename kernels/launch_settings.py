@@ -34,6 +34,11 @@ def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
             cfg[kernel].update(params)
     for kernel in ("output", "scores"):
         cfg[kernel]["RB"] = min(cfg[kernel]["RB"], L)
+    for kernel in INTRA_LAUNCHES:
+        if L % cfg[kernel]["LB"]:
+            choices = ", ".join(str(16 << i) for i in range((L // 16).bit_length()))
+            raise ValueError(f"launch_overrides: {kernel} LB={cfg[kernel]['LB']} does not divide the chunk ({L}); "
+                             f"at chunk_size={L} LB is one of {choices}")
     return cfg
 
 
@@ -61,20 +66,21 @@ def default_config(dtype: torch.dtype, DK: int, DV: int, L: int, interpreter: bo
         "fused": dict(common, enabled=0, BK=triton.next_power_of_2(DK), BV=16, num_warps=8, num_stages=1),
         # 64-row state tiles in half precision: the state products then lower to wgmma
         "states": dict(common, BK=BK if half else tk, BV=tv, local_max=0),
-        "output": dict(common, RB=min(L, wide), BK=tk, BV=tv, grid_order="chunks"),
-        "scores": dict(common, RB=min(L, wide), BK=tk, BV=tv, grid_order="chunks"),
-        "dqk": dict(common, BK=tk if L < 64 else min(tk, 32), BV=tv, grid_order="chunks"),
-        "dv": dict(common, BK=tk, BV=BV, grid_order="chunks"),
+        # LB = L: the chunk's columns in one block (chunkwise_triton_intra.py takes them in LB < L)
+        "output": dict(common, RB=min(L, wide), LB=L, BK=tk, BV=tv, grid_order="chunks"),
+        "scores": dict(common, RB=min(L, wide), LB=L, BK=tk, BV=tv, grid_order="chunks"),
+        "dqk": dict(common, LB=L, BK=tk if L < 64 else min(tk, 32), BV=tv, grid_order="chunks"),
+        "dv": dict(common, LB=L, BK=tk, BV=BV, grid_order="chunks"),
     }
 
 
 TUNABLE = {
     "fused": ("enabled", "BV", "num_warps", "num_stages"),
     "states": ("BK", "BV", "num_warps", "num_stages", "local_max"),
-    "output": ("RB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
-    "scores": ("RB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
-    "dqk": ("BK", "BV", "num_warps", "num_stages", "grid_order"),
-    "dv": ("BK", "BV", "num_warps", "num_stages", "grid_order"),
+    "output": ("RB", "LB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
+    "scores": ("RB", "LB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
+    "dqk": ("LB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
+    "dv": ("LB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
     "step": ("one_launch",),
 }
 """The meta-parameters of each launch_config entry that `launch_overrides` may set. "fused" is the
@@ -100,6 +106,11 @@ both against the L2's size)."""
 
 GRID_LAUNCHES = tuple(kernel for kernel, params in TUNABLE.items() if "grid_order" in params)
 """The launches whose programs share a chunk's operand tiles, which take a grid_order."""
+
+INTRA_LAUNCHES = tuple(kernel for kernel, params in TUNABLE.items() if "LB" in params)
+"""The launches that hold score tiles of the chunk's columns, which take an LB: the columns (and in
+the backward's dq, dk and dv the rows) in sub-blocks of LB, a power of two dividing the chunk; LB
+below the chunk runs the kernels of chunkwise_triton_intra.py and chunkwise_triton_intra_bwd.py."""
 
 _OVERRIDES: contextvars.ContextVar[dict[str, dict[str, int]]] = contextvars.ContextVar("launch_overrides", default={})
 
@@ -158,6 +169,20 @@ def step_one_launch() -> bool:
     off by default. Under torch.compile it is a constant of the trace: a compiled step keeps the
     setting in force when it was compiled (torch._dynamo.reset() to compile it again)."""
     return bool(_OVERRIDES.get().get("step", {}).get("one_launch", 0))
+
+
+@triton.jit
+def program_ids(TILES_FIRST: tl.constexpr):
+    """(outer index, tile index) of this program of a grid_meta grid: the grid is (outer, tiles,
+    batch*head), the outer index (a chunk, or a chunk's row block) on the fastest axis (grid order
+    "chunks"), or (tiles, outer, batch*head) with the head-dim tile's index fastest (order "tiles":
+    the programs that read the same chunk's operands run next to each other, while those operands
+    are still in L2)."""
+    if TILES_FIRST:
+        i_o, i_t = tl.program_id(1), tl.program_id(0)
+    else:
+        i_o, i_t = tl.program_id(0), tl.program_id(1)
+    return i_o, i_t
 
 
 def grid_meta(cfg: dict, outer: int, tiles: int, BH: int) -> tuple[tuple[int, int, int], dict]:

@@ -5,7 +5,7 @@ and says nothing about registers or shared memory.
 Through the real launchers, so the tiles, warps and dtypes are the ones a GPU gets: the chunkwise
 forward and backward and the decoding step, for every preset's head shape, every chunk size the
 Triton backend takes, bf16, fp16 and fp32 inputs, with and without resets at the 7B and 1.3B head
-shapes, and every variant of aot.VARIANTS at those two shapes in bf16. Fails on any compile error,
+shapes, and every variant of aot.VARIANTS at those two shapes in bf16 (at the chunks it is built for). Fails on any compile error,
 on shared memory above the target's per-block limit (the launch would fail), and at the 7B and 1.3B
 head shapes on register spills. Each distinct binary is compiled once, in two processes.
 
@@ -43,11 +43,13 @@ def cases(shapes, resets=(False, True), dtypes=tuple(aot.DTYPES), variant="defau
 
 # The variants (aot.VARIANTS) differ from the default in a few lines of the launches they change:
 # compiled at the large shapes in bf16, the dtype they are for.
-VARIANT_CASES = [c for v in aot.VARIANTS if v != "default" for c in cases(sorted(SPILL_FREE), (False,), ("bf16",), v)]
+VARIANT_CASES = [c for v in aot.VARIANTS if v != "default" for c in cases(sorted(SPILL_FREE), (False,), ("bf16",), v)
+                 if c.L in aot.variant_chunks(v)]
 
 KERNELS = {
     "_fused_fwd_kernel", "_states_fwd_kernel", "_output_fwd_kernel", "_states_bwd_kernel", "_scores_bwd_kernel",
     "_dqk_bwd_kernel", "_dv_bwd_kernel", "_gates_bwd_kernel", "_step_kernel", "_step_nm_kernel",
+    "_output_intra_kernel", "_scores_intra_kernel", "_dqk_intra_kernel", "_dv_intra_kernel",
 }
 
 
@@ -108,6 +110,20 @@ def test_local_max_states_pass_compiled(reports):
         for L in CHUNK_SIZES:
             assert {r["kernel"] for r in local if r["arch"] == arch and f"-L{L}-bf16-local-max" in r["tag"]} == {"_states_fwd_kernel"}
     assert all(tag.endswith("-local-max") for r in local for tag in r["tag"].split(","))
+
+
+def test_intra_chunk_tiled_launches_compiled(reports):
+    """The chunk-128 variant tiled in sub-blocks of 64 (chunkwise_triton_intra.py): its four tiled
+    launches with 64-wide operand tiles, for both archs at the 7B and 1.3B head shapes (spills and
+    shared memory are checked with the others), and no launch of another case among them."""
+    tiled = [r for r in reports if "error" not in r and r["kernel"].endswith("_intra_kernel")]
+    for arch in ARCHS:
+        for DK, DV in SPILL_FREE:
+            found = {r["kernel"] for r in tiled if r["arch"] == arch and f"DK{DK}-DV{DV}-L128-bf16-chunk128-intra" in r["tag"]}
+            assert found == {"_output_intra_kernel", "_scores_intra_kernel", "_dqk_intra_kernel", "_dv_intra_kernel"}, (arch, DK)
+    assert all(tag.endswith("-chunk128-intra") for r in tiled for tag in r["tag"].split(","))
+    for r in tiled:
+        assert {k: r["constexprs"][k] for k in ("L", "LB", "BK", "BV")} == {"L": "128", "LB": "64", "BK": "64", "BV": "64"}, r
 
 
 BACKWARD_KERNELS = ("_scores_bwd_kernel", "_states_bwd_kernel", "_dqk_bwd_kernel", "_dv_bwd_kernel", "_gates_bwd_kernel")

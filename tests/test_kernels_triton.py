@@ -19,7 +19,7 @@ from xlstm7b.kernels import mlstm, mlstm_parallel, resolve_backend  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
 from xlstm7b.kernels import aot, chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import FUSED_MAX_CHUNK, state_dtype  # noqa: E402
-from xlstm7b.kernels.launch_settings import launch_overrides  # noqa: E402
+from xlstm7b.kernels.launch_settings import INTRA_LAUNCHES, launch_overrides  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-2, 1e-2)}  # values, grads
@@ -116,11 +116,11 @@ and the variants of aot.VARIANTS (the per-chunk launches with the tile index fas
 pass at each chunk's own stabilizer)."""
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case, variant", [(c, v) for v in VARIANTS for c in CASES if v not in aot.VARIANTS or c[5] in aot.variant_chunks(v)],
+                         ids=lambda x: x if isinstance(x, str) else case_id(x))
 def test_chunkwise_matches_oracle(case, variant):
-    """Every variant of the forward and backward: values, final states and the gradients of every
-    input, the initial state included."""
+    """Every variant of the forward and backward (at the chunks it is built for): values, final
+    states and the gradients of every input, the initial state included."""
     B, NH, S, DK, DV, L, init, reset, gates = case
     L = min(L, FUSED_MAX_CHUNK) if variant == "fused" else L
     xs, rs = make_inputs(B, NH, S, DK, DV, init=init, reset=reset, gates=gates)
@@ -159,17 +159,51 @@ def test_activation_checkpointing_reuses_the_recomputed_chunk_states(variant, re
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("variant", ["two-pass", "tiles", "local-max"])
-def test_chunk_end_max_from_the_zeroed_state(variant):
+def intra(LB: int) -> dict:
+    """launch_overrides tiling every launch that takes an LB in sub-blocks of LB (chunkwise_triton_intra.py)."""
+    return {launch: dict(LB=LB) for launch in INTRA_LAUNCHES}
+
+
+@pytest.mark.parametrize("variant, chunk, at", [("two-pass", 16, 36), ("tiles", 16, 36), ("local-max", 16, 36), ("intra", 32, 20)])
+def test_chunk_end_max_from_the_zeroed_state(variant, chunk, at):
     """A reset followed by input gates at -15 to the end of the chunk: the zeroed state (m = 0)
-    outweighs every token, so the chunk-end m, the final state's, took its max from the zeroed
-    state and its gradient flows through that path only (to virt, then to f)."""
+    outweighs every token, so the chunk-end m took its max from the zeroed state and its gradient
+    flows through that path only (to virt, then to f). Tiled in sub-blocks of 16 ("intra"), the
+    reset is in the chunk's second one."""
     xs, _ = make_inputs(1, 2, 40, 16, 16, init=True)
-    xs[3][..., 36:] = -15.0
+    xs[3][..., at:] = -15.0
     rs = torch.zeros(1, 40, dtype=torch.bool, device=DEVICE)
-    rs[:, 36] = True
-    with launch_overrides(**VARIANTS[variant]):
-        check_against_oracle(xs, rs, 16)
+    rs[:, at] = True
+    with launch_overrides(**(intra(chunk // 2) if variant == "intra" else VARIANTS[variant])):
+        check_against_oracle(xs, rs, chunk)
+
+
+# B, NH, S, DK, DV, chunk, initial state, reset mask, gates: the kernels tiled in two sub-blocks
+INTRA_CASES = [
+    (2, 2, 45, 16, 16, 32, True, True, "random"),
+    (1, 2, 40, 16, 16, 32, True, True, "limits"),
+    (1, 1, 70, 24, 40, 64, True, True, "random"),  # a ragged S, head dims that are not powers of two
+]
+
+
+@pytest.mark.parametrize("case", INTRA_CASES, ids=case_id)
+def test_intra_chunk_tiling_matches_oracle(case):
+    """The launches tiled in sub-blocks of half the chunk (the code chunk128-intra runs at chunk 128,
+    at chunks the interpreter runs in seconds): values, final states and every gradient, the initial
+    state's included, with resets in either sub-block of a chunk."""
+    B, NH, S, DK, DV, L, init, reset, gates = case
+    xs, rs = make_inputs(B, NH, S, DK, DV, init=init, reset=reset, gates=gates)
+    rs[0, L // 2 + 3] = True  # in the first chunk's second sub-block
+    with launch_overrides(**intra(L // 2)):
+        check_against_oracle(xs, rs, L, state_grads=gates != "limits")
+
+
+def test_intra_chunk_tiling_mixed_with_untiled_launches():
+    """Each launch takes its own LB: the untiled dq, dk read the scores' tiled [L, L] tiles (their
+    blocks above the diagonal stored as zeros), an untiled forward meets a tiled backward."""
+    xs, rs = make_inputs(1, 2, 45, 16, 16, init=True, reset=True)
+    with launch_overrides(scores=dict(LB=16), dv=dict(LB=16)):
+        check_against_oracle(xs, rs, 32)
 
 
 def test_more_heads_than_a_grid_axis_takes():

@@ -92,6 +92,22 @@ def test_launch_overrides_reject_bad_settings(kwargs, message):
             pass
 
 
+@pytest.mark.parametrize("kwargs, chunk, message", [
+    (dict(output=dict(LB=24)), 32, "not allowed"),  # not a power of two
+    (dict(dqk=dict(LB=8)), 32, "not allowed"),  # below tl.dot's 16
+    (dict(scores=dict(LB=64)), 32, "scores LB=64 does not divide the chunk \\(32\\); at chunk_size=32 LB is one of 16, 32$"),
+    (dict(dv=dict(LB=32)), 16, "dv LB=32 does not divide the chunk \\(16\\); at chunk_size=16 LB is one of 16$"),
+    (dict(states=dict(LB=16)), 32, "states takes"),
+])
+def test_intra_chunk_tile_rejected(kwargs, chunk, message):
+    """LB (the chunk's sub-block, chunkwise_triton_intra.py) is a power of two >= 16 dividing the
+    chunk, on the launches that hold score tiles: else an error naming the choices, before any launch."""
+    xs, _ = make_inputs(1, 1, 40, 16, 16)
+    with pytest.raises(ValueError, match=message):
+        with launch_overrides(**kwargs):
+            mlstm_chunkwise_triton(*xs, chunk_size=chunk)
+
+
 def test_benchmark_dry_run(tmp_path, monkeypatch):
     """The GPU benchmark script parses its arguments and runs end to end on tiny CPU shapes."""
     report = load_script("kernels", monkeypatch).main(["--dry-run", "--profile", "--out", str(tmp_path)])
