@@ -246,6 +246,8 @@ VARIANTS = {
     "default": {},
     "tiles": {launch: dict(grid_order="tiles") for launch in GRID_LAUNCHES},
     "local-max": dict(states=dict(local_max=1)),
+    # the states pass split over 16 segments (chunkwise_triton_split.py): batch 1 at S 65,536, chunk 64
+    "split": dict(states=dict(segments=16)),
     "chunk128-intra": {launch: dict(LB=64, BK=64, BV=64) for launch in INTRA_LAUNCHES},
 }
 """The selectable variants of the chunkwise kernels besides the one-pass forward, as launch_overrides:

@@ -83,7 +83,7 @@ def _states_bwd_kernel(
             tl.store(DNS + (i_bh * (NC + 1) + i_c + 1) * DK + offs_k, dn, mask=mk)
             if i_k == 0:
                 tl.store(DMK + i_bh * (NC + 1) + i_c + 1, dmk)
-        _, _, _, carry, _, _, g, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+        _, _, _, carry, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
         offs_t = i_c * L + tl.arange(0, L)
         mt = offs_t < S
         m_beg = tl.load(MS + i_bh * (NC + 1) + i_c)
@@ -97,8 +97,10 @@ def _states_bwd_kernel(
         decay = tl.exp(g + m_beg - m_end)
         dC = decay * dC + tl.dot(tl.trans(qt * qd[:, None]).to(DT), dnum.to(DT), input_precision=PREC)
         dn = decay * dn + tl.sum(qt * (qd * dden)[:, None], 0)
-        # the chunk-end m came from the carried state (the forward took both from the same operands)
-        beta = (g + m_beg == m_end).to(tl.float32)
+        # the chunk-end m came from the carried state: for the single states pass, whose chunk-end m
+        # is max(fl(g + m_beg), the chunk's own max), the same test as g + m_beg == m_end bit for bit;
+        # it holds also where the split pass's combine rounded the m at a segment boundary otherwise
+        beta = (g + m_beg >= tl.maximum(tl.max(a, 0), virt_last)).to(tl.float32)
         dmk = tl.sum(tl.load(DMTC + i_bh * S_pad + offs_t), 0) + beta * dmk
     tl.store(DC0 + i_bh * DK * DV + c_off, dC, mask=mkv)
     if i_v == 0:
@@ -308,7 +310,8 @@ def backward(
     DNS = torch.empty_like(NS)
     DMK = torch.empty_like(MS)
     dC0, dn0, dm0 = final_state(q, DV)
-    st = {name: value for name, value in cfg["states"].items() if name != "local_max"}  # local_max: the forward pass's alone
+    # local_max and segments: the forward's states pass's alone
+    st = {name: value for name, value in cfg["states"].items() if name not in ("local_max", "segments")}
     _states_bwd_kernel[(triton.cdiv(DK, st["BK"]), triton.cdiv(DV, st["BV"]), BH)](
         q, dh, b, ig, virt, cnt, mt, rden, dden, MS, dmtc, C, n, dC, dn, dm, DCS, dC0, DNS, dn0, DMK,
         S, S_pad, NC, DK, DV, DK**-0.5, *strides, **meta, **st,

@@ -6,7 +6,9 @@ Two launches (spec §2, chunkwise form):
 1. `_states_fwd_kernel`: one program per (DK tile, DV tile, batch*head) walks the chunks in order,
    storing the state each chunk starts from (C, n, m) and adding the chunk's own k v^T product.
    Sequential over chunks, parallel over heads and state tiles; nothing but the chunk-entry states
-   goes to memory (C in bf16 for bf16 inputs: see state_dtype).
+   goes to memory (C in bf16 for bf16 inputs: see state_dtype). Or, with launch_config's "states"
+   segments > 1, the same states in three launches over segments of the sequence
+   (chunkwise_triton_split.py), for few heads at long sequences.
 2. `_output_fwd_kernel`: one program per (chunk and block of its rows, DV tile, batch*head)
    computes those outputs from the chunk's entry state and its own tokens (causal scores against
    the chunk's L tokens, loop over DK tiles); the grid's order (chunks or DV tiles fastest) is a
@@ -28,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunkwise_triton_chunk import _gate_vectors, _state_step, _store_entry
+from .chunkwise_triton_split import segment_plan, split_chunk_states
 from .chunkwise_triton_intra import _output_intra_kernel, tiled_kernel
 from .launch_settings import grid_meta, interpreting, launch_config, program_ids
 
@@ -39,37 +43,6 @@ FUSED_MAX_CHUNK = 16
 """The longest chunk the one-pass forward (_fused_fwd_kernel, for Hopper GPUs) is built for: up to it,
 it compiles for sm_90 without spills at the 7B head shape (at 32 it spills on sm_90, at 64 about a
 KiB, at 128 its [L, DK] tiles exceed shared memory; on sm_80 it spills at 16 already)."""
-
-
-@triton.jit
-def _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L: tl.constexpr, HAS_RESET: tl.constexpr):
-    """Per-position gate quantities of chunk i_c.
-
-    Returns b, ig, cnt, carry (log weight of the entry state at t, -inf after a reset), virt,
-    a (log weight of token j in the chunk-end state), g (log decay of the entry state over the
-    whole chunk) and virt_last (virt at the chunk's last position).
-    """
-    offs = i_c * L + tl.arange(0, L)
-    last = i_c * L + L - 1
-    bt = tl.load(B_ + i_bh * S_pad + offs)
-    it = tl.load(I_ + i_bh * S_pad + offs)
-    b_last = tl.load(B_ + i_bh * S_pad + last)
-    if HAS_RESET:
-        cnt = tl.load(CNT + i_b * S_pad + offs)
-        cnt_last = tl.load(CNT + i_b * S_pad + last)
-        virt = tl.load(VIRT + i_bh * S_pad + offs)
-        virt_last = tl.load(VIRT + i_bh * S_pad + last)
-        carry = tl.where(cnt == 0, bt, float("-inf"))
-        a = tl.where(cnt == cnt_last, b_last - bt + it, float("-inf"))
-        g = tl.where(cnt_last == 0, b_last, float("-inf"))
-    else:
-        cnt = tl.zeros([L], dtype=tl.int32)
-        virt = tl.full([L], float("-inf"), tl.float32)
-        virt_last = float("-inf")
-        carry = bt
-        a = b_last - bt + it
-        g = b_last
-    return bt, it, cnt, carry, virt, a, g, virt_last
 
 
 @triton.jit
@@ -104,9 +77,7 @@ def _states_fwd_kernel(
     NH: tl.constexpr, L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, LOCAL_MAX: tl.constexpr,
 ):
-    """The chunk-entry states. With LOCAL_MAX the chunk's own product k^T (w v) is taken at the
-    chunk's own max log weight and scaled to the running stabilizer after it, so the product does
-    not wait on the carried m: the chain from one chunk to the next is a scale and an add."""
+    """The chunk-entry states, walking the chunks in order (_state_step; LOCAL_MAX: there)."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b = i_bh // NH
     offs_k = i_k * BK + tl.arange(0, BK)
@@ -118,31 +89,9 @@ def _states_fwd_kernel(
     n = tl.load(N0 + i_bh * DK + offs_k, mask=mk, other=0.0)
     m = tl.load(M0 + i_bh)
     for i_c in range(NC):
-        # the state chunk i_c starts from; n and m are written by one program column only
-        tl.store(CS + (i_bh * NC + i_c) * DK * DV + c_off, C.to(CS.dtype.element_ty), mask=mkv)
-        if i_v == 0:
-            tl.store(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, n, mask=mk)
-            if i_k == 0:
-                tl.store(MS + i_bh * (NC + 1) + i_c, m)
-        _, _, _, _, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
-        m_new = tl.maximum(g + m, tl.maximum(tl.max(a, 0), virt_last))
-        decay = tl.exp(g + m - m_new)
-        m_loc = tl.max(a, 0)
-        m_loc = tl.where(m_loc == float("-inf"), 0.0, m_loc)  # -inf: no token reaches the chunk's end
-        w = tl.exp(a - m_loc) if LOCAL_MAX else tl.exp(a - m_new)  # [L] weight of each token
-        offs_t = i_c * L + tl.arange(0, L)
-        mt = offs_t < S
-        kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32)
-        kw = kt * w[:, None]
-        if LOCAL_MAX:  # the chunk's product, then to the running stabilizer
-            to_new = tl.exp(m_loc - m_new)
-            C = decay * C + to_new * tl.dot(tl.trans(kw).to(DT), vt.to(DT), input_precision=PREC)
-            n = decay * n + to_new * tl.sum(kw, 0)
-        else:
-            C = decay * C + tl.dot(tl.trans(kw).to(DT), vt.to(DT), input_precision=PREC)
-            n = decay * n + tl.sum(kw, 0)
-        m = m_new
+        _store_entry(CS, NS, MS, C, n, m, i_bh, i_c, i_k, i_v, NC, offs_k, offs_v, DK, DV)
+        C, n, m, _ = _state_step(K, V, B_, I_, VIRT, CNT, C, n, m, i_c, i_bh, i_b, offs_k, offs_v, S, S_pad, DK, DV,
+                                 s_k_bh, s_k_t, s_v_bh, s_v_t, L, HAS_RESET, DT, PREC, LOCAL_MAX)
     tl.store(CF + i_bh * DK * DV + c_off, C, mask=mkv)
     if i_v == 0:
         tl.store(NS + (i_bh * (NC + 1) + NC) * DK + offs_k, n, mask=mk)
@@ -299,7 +248,8 @@ def chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg, dtype: torch.dtype)
     """Entry states of every chunk, C [B*NH, NC, DK, DV] in `dtype`, n [B*NH, NC+1, DK] and m
     [B*NH, NC+1] (index NC: the final n, m; the per-chunk launches index both alike) in float32, and
     the final state: C [B, NH, DK, DV], n [B, NH, DK] and m [B, NH, 1] in float32. `cfg` is
-    launch_config(...)["states"]."""
+    launch_config(...)["states"]: one sequential pass, or with segments > 1 the split pass
+    (chunkwise_triton_split.segment_plan)."""
     B, NH, _, DK = k.shape
     DV = v.shape[-1]
     S_pad = b.shape[-1]
@@ -309,14 +259,15 @@ def chunk_states(k, v, b, ig, virt, cnt, C0, n0, m0, S, cfg, dtype: torch.dtype)
     MS = k.new_empty(B * NH, NC + 1, dtype=torch.float32)
     CF, NF, MF = final_state(k, DV)
     meta = dict(cfg)
-    local_max = meta.pop("local_max")
-    grid = (triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]), B * NH)
-    _states_fwd_kernel[grid](
-        k, v, b, ig, virt, cnt, C0, n0, m0, CS, NS, MS, CF, NF, MF,
-        S, S_pad, NC, DK, DV,
-        k.stride(1), k.stride(2), v.stride(1), v.stride(2),
-        HAS_RESET=cnt is not None, NH=NH, LOCAL_MAX=bool(local_max), **meta,
-    )
+    local_max, segments = meta.pop("local_max"), meta.pop("segments")
+    args = (k, v, b, ig, virt, cnt, C0, n0, m0, CS, NS, MS, CF, NF, MF, S, S_pad, NC, DK, DV,
+            k.stride(1), k.stride(2), v.stride(1), v.stride(2))
+    meta.update(HAS_RESET=cnt is not None, NH=NH, LOCAL_MAX=bool(local_max))
+    P, NCP = segment_plan(NC, segments, B * NH)
+    if P > 1:
+        split_chunk_states(*args, P=P, NCP=NCP, meta=meta)
+    else:
+        _states_fwd_kernel[(triton.cdiv(DK, cfg["BK"]), triton.cdiv(DV, cfg["BV"]), B * NH)](*args, **meta)
     return CS, NS, MS, (CF, NF, MF)
 
 

@@ -5,7 +5,7 @@ per-head sum both ends of the state need (dC . C + dn . n)."""
 import triton
 import triton.language as tl
 
-from .chunkwise_triton_fwd import _gate_vectors
+from .chunkwise_triton_chunk import _gate_vectors
 
 
 @triton.jit
@@ -44,10 +44,12 @@ def _gates_bwd_kernel(
     i_b = i_bh // NH
     tt = tl.arange(0, L)
     offs_t = i_bh * S_pad + i_c * L + tt
-    _, _, _, _, _, a, g, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    _, _, _, _, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
     m_beg, m_end = tl.load(MS + i_bh * (NC + 1) + i_c), tl.load(MS + i_bh * (NC + 1) + i_c + 1)
     dmk_end = tl.load(DMK + i_bh * (NC + 1) + i_c + 1)
-    beta = (g + m_beg == m_end).to(tl.float32)
+    # the carried state attained the chunk-end max: as _states_bwd_kernel decides it (there: why not
+    # g + m_beg == m_end)
+    beta = (g + m_beg >= tl.maximum(tl.max(a, 0), virt_last)).to(tl.float32)
     top_a = (a == m_end).to(tl.float32) * (1.0 - beta)  # 1 where a_j attained the chunk-end max
     n_top = tl.sum(top_a, 0)
     cols = tl.zeros([L], dtype=tl.float32)

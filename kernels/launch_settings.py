@@ -32,13 +32,12 @@ def launch_config(q: torch.Tensor, v: torch.Tensor, L: int) -> dict[str, dict]:
     for kernel, params in _OVERRIDES.get().items():
         if kernel in cfg:  # the step's switch is read by step_one_launch
             cfg[kernel].update(params)
+    # capped at the chunk, which short sequences shorten (chunkwise_triton.triton_chunk_size): a power
+    # of two up to the chunk divides it
     for kernel in ("output", "scores"):
         cfg[kernel]["RB"] = min(cfg[kernel]["RB"], L)
     for kernel in INTRA_LAUNCHES:
-        if L % cfg[kernel]["LB"]:
-            choices = ", ".join(str(16 << i) for i in range((L // 16).bit_length()))
-            raise ValueError(f"launch_overrides: {kernel} LB={cfg[kernel]['LB']} does not divide the chunk ({L}); "
-                             f"at chunk_size={L} LB is one of {choices}")
+        cfg[kernel]["LB"] = min(cfg[kernel]["LB"], L)
     return cfg
 
 
@@ -65,7 +64,7 @@ def default_config(dtype: torch.dtype, DK: int, DV: int, L: int, interpreter: bo
         # off until measured on a GPU (benchmarks/kernels.py --tune): one pass with the state on chip
         "fused": dict(common, enabled=0, BK=triton.next_power_of_2(DK), BV=16, num_warps=8, num_stages=1),
         # 64-row state tiles in half precision: the state products then lower to wgmma
-        "states": dict(common, BK=BK if half else tk, BV=tv, local_max=0),
+        "states": dict(common, BK=BK if half else tk, BV=tv, local_max=0, segments=1),
         # LB = L: the chunk's columns in one block (chunkwise_triton_intra.py takes them in LB < L)
         "output": dict(common, RB=min(L, wide), LB=L, BK=tk, BV=tv, grid_order="chunks"),
         "scores": dict(common, RB=min(L, wide), LB=L, BK=tk, BV=tv, grid_order="chunks"),
@@ -76,7 +75,7 @@ def default_config(dtype: torch.dtype, DK: int, DV: int, L: int, interpreter: bo
 
 TUNABLE = {
     "fused": ("enabled", "BV", "num_warps", "num_stages"),
-    "states": ("BK", "BV", "num_warps", "num_stages", "local_max"),
+    "states": ("BK", "BV", "num_warps", "num_stages", "local_max", "segments"),
     "output": ("RB", "LB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
     "scores": ("RB", "LB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
     "dqk": ("LB", "BK", "BV", "num_warps", "num_stages", "grid_order"),
@@ -90,12 +89,19 @@ and the backward's own states pass; "output" the forward's output pass; "scores"
 the backward's other passes. "grid_order" (see GRID_ORDERS) is the launch order of the programs
 that share a chunk's operand tiles; "local_max" 1 has the chunk-entry states pass (forward, and its
 rerun in the backward) take each chunk's product at the chunk's own stabilizer, off the carried
-one's sequential chain (_states_fwd_kernel). "step" is the decoding step (step_triton.py):
+one's sequential chain (_states_fwd_kernel); "segments" P > 1 (a power of two up to
+MAX_SEGMENTS, capped at the number of chunks) splits that pass over P segments of the sequence
+(chunkwise_triton_split.py: per-segment states in parallel, a combine, a second walk of each
+segment), a chain of about 2 NC / P + P chunk steps in place of NC, for few heads at long S.
+"step" is the decoding step (step_triton.py):
 `one_launch=1` has the last DV tile of each head write its n and m, counted on an atomic counter,
 in place of a second launch."""
 
 MAX_GRID_Y = 65535
 """The largest grid size CUDA takes on a launch's second and third axes."""
+
+MAX_SEGMENTS = 64
+"""The most segments the split states pass takes ("states" segments): its combine walks them in order."""
 
 GRID_ORDERS = ("chunks", "tiles")
 """Launch orders of the per-chunk launches (output, scores, dqk, dv): "chunks" puts the chunk index on
@@ -109,8 +115,9 @@ GRID_LAUNCHES = tuple(kernel for kernel, params in TUNABLE.items() if "grid_orde
 
 INTRA_LAUNCHES = tuple(kernel for kernel, params in TUNABLE.items() if "LB" in params)
 """The launches that hold score tiles of the chunk's columns, which take an LB: the columns (and in
-the backward's dq, dk and dv the rows) in sub-blocks of LB, a power of two dividing the chunk; LB
-below the chunk runs the kernels of chunkwise_triton_intra.py and chunkwise_triton_intra_bwd.py."""
+the backward's dq, dk and dv the rows) in sub-blocks of LB, a power of two >= 16 (capped at the
+chunk, so it divides it); LB below the chunk runs the kernels of chunkwise_triton_intra.py and
+chunkwise_triton_intra_bwd.py."""
 
 _OVERRIDES: contextvars.ContextVar[dict[str, dict[str, int]]] = contextvars.ContextVar("launch_overrides", default={})
 
@@ -126,6 +133,8 @@ def _allowed(name: str, value) -> bool:
         return 1 <= value <= 6
     if name in ("enabled", "local_max", "one_launch"):
         return value in (0, 1)
+    if name == "segments":
+        return 1 <= value <= MAX_SEGMENTS and value & (value - 1) == 0
     return value >= 16 and value & (value - 1) == 0  # a tile: tl.dot takes powers of two >= 16
 
 
@@ -140,8 +149,8 @@ def launch_overrides(**kernels: dict[str, int]):
     """Within the block the chunkwise kernels (and the decoding step) launch with these settings in place of
     launch_config's, e.g. `with launch_overrides(states=dict(BV=32, num_warps=4)):`, to measure
     other tiles, warps and pipeline stages (benchmarks/kernels.py --tune). Tiles are powers of two
-    >= 16 (the launches mask DK and DV tails; RB is capped at the chunk), warps 1, 2, 4 or 8, stages
-    1 to 6, enabled, local_max and one_launch 0 or 1, grid_order one of GRID_ORDERS. Results change by summation order and rounding only. Nested blocks add to
+    >= 16 (the launches mask DK and DV tails; RB and LB are capped at the chunk), warps 1, 2, 4 or 8, stages
+    1 to 6, enabled, local_max and one_launch 0 or 1, segments a power of two 1 to 64, grid_order one of GRID_ORDERS. Results change by summation order and rounding only. Nested blocks add to
     the outer one's settings. A backward runs with its forward's settings (see chunkwise_triton)."""
     for kernel, params in kernels.items():
         if kernel not in TUNABLE:
@@ -152,6 +161,7 @@ def launch_overrides(**kernels: dict[str, int]):
             if not _allowed(name, value):
                 raise ValueError(f"launch_overrides: {kernel} {name}={value!r} is not allowed (tiles: powers of two "
                                  ">= 16; num_warps: 1, 2, 4 or 8; num_stages: 1 to 6; enabled, one_launch, local_max: 0 or 1; "
+                                 f"segments: a power of two 1 to {MAX_SEGMENTS}; "
                                  f"grid_order: one of {', '.join(map(repr, GRID_ORDERS))})")
     merged = {k: dict(v) for k, v in _OVERRIDES.get().items()}
     for kernel, params in kernels.items():

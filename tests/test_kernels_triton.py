@@ -19,6 +19,7 @@ from xlstm7b.kernels import mlstm, mlstm_parallel, resolve_backend  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
 from xlstm7b.kernels import aot, chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import FUSED_MAX_CHUNK, state_dtype  # noqa: E402
+from xlstm7b.kernels.chunkwise_triton_split import segment_plan  # noqa: E402
 from xlstm7b.kernels.launch_settings import INTRA_LAUNCHES, launch_overrides  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,7 +110,9 @@ def case_id(c):
     return f"B{B}-NH{NH}-S{S}-DK{DK}-DV{DV}-L{L}" + "-init" * init + "-reset" * reset + f"-{gates}"
 
 
-VARIANTS = {"two-pass": {}, "fused": dict(fused=dict(enabled=1))} | {k: v for k, v in aot.VARIANTS.items() if k != "default"}
+# the split states pass at 4 segments, so that the few chunks of these tests make segments of several
+VARIANTS = ({"two-pass": {}, "fused": dict(fused=dict(enabled=1))} | {k: v for k, v in aot.VARIANTS.items() if k != "default"}
+            | {"split": dict(states=dict(segments=4))})
 """The selectable forms of the kernels, as launch_overrides: the default (states and output passes,
 each per-chunk launch with the chunk index fastest), the one-pass forward (at the chunks it takes),
 and the variants of aot.VARIANTS (the per-chunk launches with the tile index fastest, the states
@@ -131,7 +134,7 @@ def test_chunkwise_matches_oracle(case, variant):
         check_against_oracle(xs, rs, L, state_grads=gates != "limits")
 
 
-@pytest.mark.parametrize("variant, reentrant", [("two-pass", False), ("two-pass", True), ("fused", False)])
+@pytest.mark.parametrize("variant, reentrant", [("two-pass", False), ("two-pass", True), ("fused", False), ("split", False)])
 def test_activation_checkpointing_reuses_the_recomputed_chunk_states(variant, reentrant, monkeypatch):
     """Under torch.utils.checkpoint (either form) the backward takes the chunk states its forward's
     recomputation produced (the one-pass forward stores none: its backward runs the states pass) and
@@ -164,7 +167,7 @@ def intra(LB: int) -> dict:
     return {launch: dict(LB=LB) for launch in INTRA_LAUNCHES}
 
 
-@pytest.mark.parametrize("variant, chunk, at", [("two-pass", 16, 36), ("tiles", 16, 36), ("local-max", 16, 36), ("intra", 32, 20)])
+@pytest.mark.parametrize("variant, chunk, at", [("two-pass", 16, 36), ("tiles", 16, 36), ("local-max", 16, 36), ("intra", 32, 20), ("split", 16, 36)])
 def test_chunk_end_max_from_the_zeroed_state(variant, chunk, at):
     """A reset followed by input gates at -15 to the end of the chunk: the zeroed state (m = 0)
     outweighs every token, so the chunk-end m took its max from the zeroed state and its gradient
@@ -222,6 +225,76 @@ def test_local_max_with_a_chunk_no_token_reaches():
         local = mlstm_chunkwise_triton(*xs[:5], tuple(xs[5:]), chunk_size=16)
     for a, b in zip((default[0], *default[1]), (local[0], *local[1])):
         assert torch.isfinite(b).all() and rel_err(b, a) < 1e-6
+
+
+def sparse_resets(B: int, S: int, *at: int) -> torch.Tensor:
+    rs = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
+    rs[:, list(at)] = True
+    return rs
+
+
+# B, NH, S, DK, DV, chunk, initial state, reset positions, gates; segments, local_max
+SPLIT_CASES = [
+    ((1, 2, 150, 16, 16, 16, True, (37, 100), "random"), 4, 0),  # 10 chunks: segments of 3, 3, 3 and 1
+    ((2, 1, 150, 16, 32, 16, True, (), "random"), 8, 1),  # 5 segments of 2 chunks, each chunk at its own max
+    ((1, 1, 70, 24, 40, 32, False, (50,), "random"), 64, 0),  # more segments than chunks: 3 of one
+    ((1, 2, 64, 16, 16, 16, True, (9,), "limits"), 2, 0),  # 2 segments of 2 chunks
+]
+
+
+@pytest.mark.parametrize("case, segments, local_max", SPLIT_CASES,
+                         ids=[f"{case_id((*c[:7], bool(c[7]), c[8]))}-P{P}" + "-local-max" * lm for c, P, lm in SPLIT_CASES])
+def test_split_states_pass_matches_oracle(case, segments, local_max, monkeypatch):
+    """The states pass split over segments (chunkwise_triton_split.py), with forget gates near 1 so
+    that every segment's state reaches the next: values, final states and every gradient, the final
+    m's and the initial state's included, against the float64 oracle; the split launches ran."""
+    B, NH, S, DK, DV, L, init, resets, gates = case
+    xs, _ = make_inputs(B, NH, S, DK, DV, init=init, gates=gates)
+    if gates == "random":
+        xs[4] = xs[4] + 6.0
+    runs = []
+    original = chunkwise_triton_fwd.split_chunk_states
+    monkeypatch.setattr(chunkwise_triton_fwd, "split_chunk_states", lambda *a, **kw: runs.append(kw["P"]) or original(*a, **kw))
+    with launch_overrides(states=dict(segments=segments, local_max=local_max)):
+        check_against_oracle(xs, sparse_resets(B, S, *resets), L, state_grads=gates != "limits")
+    assert runs and set(runs) == {segment_plan(-(-S // L), segments, B * NH)[0]}  # forward, and the backward's rerun
+
+
+def test_split_with_segments_no_token_reaches():
+    """Input gates of -inf over a whole segment (the first and the last of three): its local state
+    stays empty (m = -inf) without a NaN, and the split pass gives what the single pass gives, in
+    values and gradients."""
+    xs, _ = make_inputs(1, 2, 96, 16, 16, init=True)
+    xs[4] = xs[4] + 6.0
+    xs[3][..., :32] = float("-inf")
+    xs[3][..., 64:] = float("-inf")
+    single, single_grads = forward_backward(mlstm_chunkwise_triton, xs, None, chunk_size=16)
+    with launch_overrides(states=dict(segments=4)):
+        split, split_grads = forward_backward(mlstm_chunkwise_triton, xs, None, chunk_size=16)
+    for a, b in zip((*single, *single_grads), (*split, *split_grads)):
+        assert torch.isfinite(b).all() and rel_err(b, a) < 1e-5
+
+
+def test_split_routes_the_carried_max_at_segment_boundaries():
+    """Input gates of -12 after the first chunk and forget gates near 1: the carried state attains
+    every chunk-end max, and the final m's gradient flows back through every chunk to dm0 and f. At
+    a segment boundary the combine's m rounds otherwise than g + m_beg: the backward must still see
+    the carried state there (g + m_beg >= the chunk's own max, not g + m_beg == m_end)."""
+    xs, _ = make_inputs(1, 2, 256, 16, 16, init=True)
+    xs[4] = xs[4] + 6.0
+    xs[3][..., 16:] = -12.0
+    with launch_overrides(states=dict(segments=4)):
+        check_against_oracle(xs, None, 16)
+
+
+def test_segment_plan():
+    """Segments asked, capped at the chunks and at CUDA's grid axis, and the chunks each holds."""
+    assert segment_plan(10, 4, 2) == (4, 3)
+    assert segment_plan(5, 4, 2) == (3, 2)  # segments of 2, 2 and 1
+    assert segment_plan(3, 64, 2) == (3, 1)
+    assert segment_plan(1, 16, 2) == (1, 1)  # one chunk: the single pass
+    assert segment_plan(1024, 16, 8) == (16, 64)
+    assert segment_plan(1024, 16, 65535) == (1, 1024)
 
 
 @pytest.mark.parametrize("case", [(1, 2, 512, 64, 64, 16, False, True, "limits"), (1, 1, 300, 64, 128, 16, True, True, "random")],

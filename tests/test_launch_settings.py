@@ -84,6 +84,9 @@ def test_the_backward_runs_with_the_forwards_launch_settings(monkeypatch):
     (dict(dv=dict(grid_order=1)), "grid_order: one of 'chunks', 'tiles'"),
     (dict(states=dict(grid_order="tiles")), "states takes"),
     (dict(states=dict(local_max=2)), "local_max: 0 or 1"),
+    (dict(states=dict(segments=3)), "segments: a power of two 1 to 64"),
+    (dict(states=dict(segments=128)), "segments: a power of two 1 to 64"),
+    (dict(output=dict(segments=2)), "output takes"),
     (dict(dv=dict(local_max=1)), "dv takes"),
 ])
 def test_launch_overrides_reject_bad_settings(kwargs, message):

@@ -1,0 +1,87 @@
+"""The @triton.jit helpers every chunkwise kernel shares for one chunk: its gate vectors
+(chunkwise_triton_fwd.py describes the vectors the kernels take), and for the states passes (the
+single one in chunkwise_triton_fwd.py, the sequence-split one in chunkwise_triton_split.py) one step
+of the state recurrence over the chunk and the store of a chunk's entry state."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Per-position gate quantities of chunk i_c.
+
+    Returns b, ig, cnt, carry (log weight of the entry state at t, -inf after a reset), virt,
+    a (log weight of token j in the chunk-end state), g (log decay of the entry state over the
+    whole chunk) and virt_last (virt at the chunk's last position).
+    """
+    offs = i_c * L + tl.arange(0, L)
+    last = i_c * L + L - 1
+    bt = tl.load(B_ + i_bh * S_pad + offs)
+    it = tl.load(I_ + i_bh * S_pad + offs)
+    b_last = tl.load(B_ + i_bh * S_pad + last)
+    if HAS_RESET:
+        cnt = tl.load(CNT + i_b * S_pad + offs)
+        cnt_last = tl.load(CNT + i_b * S_pad + last)
+        virt = tl.load(VIRT + i_bh * S_pad + offs)
+        virt_last = tl.load(VIRT + i_bh * S_pad + last)
+        carry = tl.where(cnt == 0, bt, float("-inf"))
+        a = tl.where(cnt == cnt_last, b_last - bt + it, float("-inf"))
+        g = tl.where(cnt_last == 0, b_last, float("-inf"))
+    else:
+        cnt = tl.zeros([L], dtype=tl.int32)
+        virt = tl.full([L], float("-inf"), tl.float32)
+        virt_last = float("-inf")
+        carry = bt
+        a = b_last - bt + it
+        g = b_last
+    return bt, it, cnt, carry, virt, a, g, virt_last
+
+
+@triton.jit
+def _state_step(
+    K, V, B_, I_, VIRT, CNT, C, n, m, i_c, i_bh, i_b, offs_k, offs_v, S, S_pad, DK, DV,
+    s_k_bh, s_k_t, s_v_bh, s_v_t,
+    L: tl.constexpr, HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, LOCAL_MAX: tl.constexpr,
+):
+    """Chunk i_c added to the state tile C [BK, BV], n [BK] (float32, at stabilizer m): the
+    chunk-end C, n, m, and the chunk's log decay g (-inf through a reset).
+
+    With LOCAL_MAX the chunk's own product k^T (w v) is taken at the chunk's own max log weight and
+    scaled to the running stabilizer after it, so the product does not wait on the carried m: the
+    chain from one chunk to the next is a scale and an add. m may be -inf (a segment's local pass
+    starts from the empty state): the chunk-end m stays -inf until a token reaches the state, and
+    the exponents then subtract 0 in its place (-inf - -inf would be NaN); a finite m is used as is."""
+    _, _, _, _, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    m_new = tl.maximum(g + m, tl.maximum(tl.max(a, 0), virt_last))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    decay = tl.exp(g + m - m_sub)
+    m_loc = tl.max(a, 0)
+    m_loc = tl.where(m_loc == float("-inf"), 0.0, m_loc)  # -inf: no token reaches the chunk's end
+    w = tl.exp(a - m_loc) if LOCAL_MAX else tl.exp(a - m_sub)  # [L] weight of each token
+    offs_t = i_c * L + tl.arange(0, L)
+    mt, mk, mv = offs_t < S, offs_k < DK, offs_v < DV
+    kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    kw = kt * w[:, None]
+    if LOCAL_MAX:  # the chunk's product, then to the running stabilizer
+        to_new = tl.exp(m_loc - m_sub)
+        C = decay * C + to_new * tl.dot(tl.trans(kw).to(DT), vt.to(DT), input_precision=PREC)
+        n = decay * n + to_new * tl.sum(kw, 0)
+    else:
+        C = decay * C + tl.dot(tl.trans(kw).to(DT), vt.to(DT), input_precision=PREC)
+        n = decay * n + tl.sum(kw, 0)
+    return C, n, m_new, g
+
+
+@triton.jit
+def _store_entry(CS, NS, MS, C, n, m, i_bh, i_c, i_k, i_v, NC, offs_k, offs_v, DK, DV):
+    """The state chunk i_c starts from, into CS [BH, NC, DK, DV] (in its dtype), NS [BH, NC+1, DK]
+    and MS [BH, NC+1]; n and m by one program column only."""
+    mk, mv = offs_k < DK, offs_v < DV
+    c_off = offs_k[:, None] * DV + offs_v[None, :]
+    tl.store(CS + (i_bh * NC + i_c) * DK * DV + c_off, C.to(CS.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+    if i_v == 0:
+        tl.store(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, n, mask=mk)
+        if i_k == 0:
+            tl.store(MS + i_bh * (NC + 1) + i_c, m)
