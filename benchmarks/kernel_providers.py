@@ -56,14 +56,19 @@ def mlstm_inputs(B, NH, S, DK, DV, dtype, device, grad):
     return [t.detach().requires_grad_(grad) for t in (q, k, v, i, f)]
 
 
-def provider_ours(backend: str, chunk: int, grid_order: str = "chunks"):
-    """Our kernels; the Triton ones with their per-chunk launches in `grid_order` (launch_settings.
-    GRID_ORDERS; the backward takes the forward's settings)."""
-    if grid_order == "chunks":
+def provider_ours(backend: str, chunk: int, grid_order: str = "chunks", variant: str = "default"):
+    """Our kernels; the Triton ones with the launch settings of `variant` (a key of kernels.aot.VARIANTS)
+    and their per-chunk launches in `grid_order` (launch_settings.GRID_ORDERS; the backward takes the
+    forward's settings)."""
+    if grid_order == "chunks" and variant == "default":
         return lambda x: lambda: mlstm(*x, backend=backend, chunk_size=chunk)[0]
-    from xlstm7b.kernels.launch_settings import GRID_LAUNCHES, launch_overrides  # Triton: only for these rows
+    from xlstm7b.kernels.aot import VARIANTS  # Triton: only for these rows
+    from xlstm7b.kernels.launch_settings import GRID_LAUNCHES, launch_overrides
 
-    overrides = {launch: dict(grid_order=grid_order) for launch in GRID_LAUNCHES}
+    overrides = {launch: dict(params) for launch, params in VARIANTS[variant].items()}
+    if grid_order != "chunks":
+        for launch in GRID_LAUNCHES:
+            overrides.setdefault(launch, {})["grid_order"] = grid_order
 
     def make(x):
         def run():

@@ -7,7 +7,8 @@
 Chunkwise kernels: forward and forward+backward time and peak memory at a fixed token count
 B*S = 65,536 (S from 512 to 65,536) for the xLSTM 7B head shape (NH 8, DK 256, DV 512, bf16) and
 for NH 16 (DK 128, DV 256); ours at chunk 64 and 128, each also with the L2-aware launch order
-(rows "-tiles": grid_order "tiles" on every per-chunk launch). Peers, each skipped with a message
+(rows "-tiles": grid_order "tiles" on every per-chunk launch), and at chunk 128 tiled inside the
+chunk (rows "-chunk128-intra": aot.VARIANTS' chunk128-intra). Peers, each skipped with a message
 when missing: the official TFLA kernel (mlstm_kernels, "chunkwise--triton_xl_chunk"),
 flash-linear-attention's chunk_simple_gla,
 and causal flash attention through torch SDPA (32 heads x 128, same token count).
@@ -165,7 +166,7 @@ def bench_tune(args, device, dtype, record) -> None:
 
 
 PROVIDERS = ("xlstm7b-triton", "xlstm7b-triton-chunk128", "xlstm7b-triton-tiles", "xlstm7b-triton-chunk128-tiles",
-             "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128", "xlstm7b-torch")
+             "xlstm7b-triton-chunk128-intra", "xlstm7b-triton-chunk128-intra-tiles", "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128", "xlstm7b-torch")
 
 
 def bench_chunkwise(args, device, dtype, record, names: tuple[str, ...]) -> None:
@@ -177,6 +178,9 @@ def bench_chunkwise(args, device, dtype, record, names: tuple[str, ...]) -> None
         # the L2-aware launch order: every per-chunk launch with the tile index fastest
         providers["xlstm7b-triton-tiles"] = lambda: provider_ours("triton", args.chunk_size, "tiles")
         providers["xlstm7b-triton-chunk128-tiles"] = lambda: provider_ours("triton", 128, "tiles")
+        # chunk 128 tiled in sub-blocks of 64 with chunk 64's operand tiles (aot.VARIANTS)
+        providers["xlstm7b-triton-chunk128-intra"] = lambda: provider_ours("triton", 128, variant="chunk128-intra")
+        providers["xlstm7b-triton-chunk128-intra-tiles"] = lambda: provider_ours("triton", 128, "tiles", "chunk128-intra")
         providers["tfla-exp-chunk128"] = lambda: provider_tfla(128)
         providers["fla-simple-gla"] = provider_fla
         providers["sdpa-flash-32x128"] = lambda: provider_sdpa(device)
@@ -354,7 +358,7 @@ def main(argv=None) -> dict:
     # Most important first, if the run is cut: ours and the official kernel, ours at its chunk, the
     # step kernel and the profile (quick), then the other peers (whose compiling and tuning is slow).
     first = ("xlstm7b-triton", "xlstm7b-triton-tiles", "tfla-exp-chunk128", "xlstm7b-triton-chunk128",
-             "xlstm7b-triton-chunk128-tiles")
+             "xlstm7b-triton-chunk128-tiles", "xlstm7b-triton-chunk128-intra", "xlstm7b-triton-chunk128-intra-tiles")
     try:
         if args.tune:
             bench_tune(args, device, dtype, record)

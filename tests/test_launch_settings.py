@@ -95,20 +95,35 @@ def test_launch_overrides_reject_bad_settings(kwargs, message):
             pass
 
 
-@pytest.mark.parametrize("kwargs, chunk, message", [
-    (dict(output=dict(LB=24)), 32, "not allowed"),  # not a power of two
-    (dict(dqk=dict(LB=8)), 32, "not allowed"),  # below tl.dot's 16
-    (dict(scores=dict(LB=64)), 32, "scores LB=64 does not divide the chunk \\(32\\); at chunk_size=32 LB is one of 16, 32$"),
-    (dict(dv=dict(LB=32)), 16, "dv LB=32 does not divide the chunk \\(16\\); at chunk_size=16 LB is one of 16$"),
-    (dict(states=dict(LB=16)), 32, "states takes"),
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(output=dict(LB=24)), "output LB=24 is not allowed \\(tiles: powers of two >= 16"),
+    (dict(dqk=dict(LB=8)), "dqk LB=8 is not allowed"),
+    (dict(dv=dict(LB=32.0)), "dv LB=32.0 is not allowed"),
+    (dict(states=dict(LB=16)), "states takes BK, BV"),
 ])
-def test_intra_chunk_tile_rejected(kwargs, chunk, message):
-    """LB (the chunk's sub-block, chunkwise_triton_intra.py) is a power of two >= 16 dividing the
-    chunk, on the launches that hold score tiles: else an error naming the choices, before any launch."""
-    xs, _ = make_inputs(1, 1, 40, 16, 16)
+def test_intra_chunk_tile_rejected(kwargs, message):
+    """LB (the chunk's sub-block, chunkwise_triton_intra.py) is a power of two >= 16, on the launches
+    that hold score tiles: else an error naming the choices."""
     with pytest.raises(ValueError, match=message):
         with launch_overrides(**kwargs):
-            mlstm_chunkwise_triton(*xs, chunk_size=chunk)
+            pass
+
+
+def test_intra_chunk_tile_capped_at_the_chunk(monkeypatch):
+    """A sub-block longer than the chunk (a short sequence runs a shorter chunk: triton_chunk_size)
+    is the whole chunk: the untiled kernels run."""
+    xs, _ = make_inputs(1, 1, 20, 16, 16)
+    with launch_overrides(scores=dict(LB=64), dv=dict(LB=16)):
+        cfg = launch_config(xs[0], xs[2], 32)
+        assert (cfg["scores"]["LB"], cfg["dv"]["LB"], cfg["dqk"]["LB"]) == (32, 16, 32)
+        assert launch_config(xs[0], xs[2], 16)["dv"]["LB"] == 16
+    seen = []
+    original = chunkwise_triton_bwd.tiled_kernel
+    monkeypatch.setattr(chunkwise_triton_bwd, "tiled_kernel", lambda u, i, meta: seen.append(meta["LB"] < meta["L"]) or original(u, i, meta))
+    xs = [x.requires_grad_() for x in xs]
+    with launch_overrides(scores=dict(LB=64), dqk=dict(LB=64), dv=dict(LB=64)):
+        mlstm_chunkwise_triton(*xs, chunk_size=128)[0].sum().backward()  # S 20: chunk 32
+    assert seen == [False] * 3
 
 
 def test_benchmark_dry_run(tmp_path, monkeypatch):
@@ -133,3 +148,20 @@ def test_benchmark_rows_of_the_tiles_order(monkeypatch):
         x = kb.mlstm_inputs(1, 2, 40, 16, 16, torch.float32, DEVICE, grad=True)
         kb.provider_ours("triton", 16, order)(x)().sum().backward()
         assert seen == [order] * 4  # output; scores, dqk, dv
+
+
+def test_benchmark_rows_of_the_intra_chunk_variant(monkeypatch):
+    """benchmarks/kernels.py's "-chunk128-intra" rows run chunk 128 through the kernels tiled inside the
+    chunk, forward and backward, in the row's grid order."""
+    kb = load_script("kernels", monkeypatch)
+    seen = []
+    for module in (chunkwise_triton_fwd, chunkwise_triton_bwd):
+        original = module.tiled_kernel
+        monkeypatch.setattr(module, "tiled_kernel", lambda untiled, intra, meta, f=original:
+                            seen.append((f(untiled, intra, meta)[0].fn.__name__, meta["TILES_FIRST"])) or f(untiled, intra, meta))
+    for order in ("chunks", "tiles"):
+        seen.clear()
+        x = kb.mlstm_inputs(1, 1, 130, 16, 16, torch.float32, DEVICE, grad=True)  # chunk 128 from S 65 on
+        kb.provider_ours("triton", 128, order, "chunk128-intra")(x)().sum().backward()
+        tiled = ("_output_intra_kernel", "_scores_intra_kernel", "_dqk_intra_kernel", "_dv_intra_kernel")
+        assert seen == [(name, order == "tiles") for name in tiled]
