@@ -162,7 +162,7 @@ else
     # and 256; then the launch variants
     stage kernels 90 "$python" benchmarks/kernels.py --seq-lens 65536 8192 --heads 8,256,512 \
         --providers xlstm7b-triton xlstm7b-triton-tiles xlstm7b-triton-chunk128 xlstm7b-triton-chunk128-tiles \
-        xlstm7b-triton-chunk128-intra xlstm7b-triton-chunk128-intra-tiles tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 --profile --out "$out"
+        xlstm7b-triton-chunk128-intra xlstm7b-triton-chunk128-intra-tiles xlstm7b-triton-split tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 --profile --out "$out"
     stage tune 40 "$python" benchmarks/kernels.py --tune --seq-lens 65536 --heads 8,256,512 --reps 25 --out "$out"
     # 7B shape, random bf16 weights shared with the official model: batch 1 in every mode, then batch 256
     # with float32 and bfloat16 state, kernels per token, the 8k prefill's forward, where a step's time goes

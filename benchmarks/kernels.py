@@ -8,7 +8,9 @@ Chunkwise kernels: forward and forward+backward time and peak memory at a fixed 
 B*S = 65,536 (S from 512 to 65,536) for the xLSTM 7B head shape (NH 8, DK 256, DV 512, bf16) and
 for NH 16 (DK 128, DV 256); ours at chunk 64 and 128, each also with the L2-aware launch order
 (rows "-tiles": grid_order "tiles" on every per-chunk launch), and at chunk 128 tiled inside the
-chunk (rows "-chunk128-intra": aot.VARIANTS' chunk128-intra). Peers, each skipped with a message
+chunk (rows "-chunk128-intra": aot.VARIANTS' chunk128-intra), and at chunk 64 with the states pass
+split over 16 segments (row "-split": aot.VARIANTS' split, for batch 1 at S 65,536; at S 8,192 the
+row shows its cost where eight sequences already fill the GPU). Peers, each skipped with a message
 when missing: the official TFLA kernel (mlstm_kernels, "chunkwise--triton_xl_chunk"),
 flash-linear-attention's chunk_simple_gla,
 and causal flash attention through torch SDPA (32 heads x 128, same token count).
@@ -73,12 +75,13 @@ def bench_profile(args, device, dtype, record) -> None:
 # one compiles for sm_90 without spills at the 7B head shape, chunk 64 and 128, bf16 (kernels.aot,
 # Triton 3.7.1); RB 32 with 4 warps lowers to mma.sync, the rest to wgmma.
 # The variants first: the L2-aware launch order (the row "per-chunk" sets it on every per-chunk
-# launch at once) and the states pass at each chunk's own stabilizer, then each launch's settings.
+# launch at once), the states pass at each chunk's own stabilizer and split over segments, then each
+# launch's settings.
 TILES_FIRST = dict(grid_order="tiles")
 TUNE_CANDIDATES = {
     "per-chunk": [TILES_FIRST],
-    "states": [dict(local_max=1), dict(num_warps=4), dict(BV=32), dict(BV=32, num_warps=4), dict(BK=128), dict(BV=128),
-               dict(num_stages=2), dict(num_stages=4)],
+    "states": [dict(local_max=1), dict(segments=16), dict(segments=64), dict(num_warps=4), dict(BV=32),
+               dict(BV=32, num_warps=4), dict(BK=128), dict(BV=128), dict(num_stages=2), dict(num_stages=4)],
     "output": [TILES_FIRST, dict(RB=32, num_warps=4), dict(BV=128), dict(BV=32), dict(BK=32), dict(num_stages=2),
                dict(num_stages=4), dict(TILES_FIRST, BV=128)],
     "dqk": [TILES_FIRST, dict(BK=64), dict(BK=16), dict(BV=32), dict(BV=128), dict(num_warps=4), dict(num_stages=2)],
@@ -166,7 +169,8 @@ def bench_tune(args, device, dtype, record) -> None:
 
 
 PROVIDERS = ("xlstm7b-triton", "xlstm7b-triton-chunk128", "xlstm7b-triton-tiles", "xlstm7b-triton-chunk128-tiles",
-             "xlstm7b-triton-chunk128-intra", "xlstm7b-triton-chunk128-intra-tiles", "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128", "xlstm7b-torch")
+             "xlstm7b-triton-chunk128-intra", "xlstm7b-triton-chunk128-intra-tiles", "xlstm7b-triton-split",
+             "tfla-exp-chunk128", "fla-simple-gla", "sdpa-flash-32x128", "xlstm7b-torch")
 
 
 def bench_chunkwise(args, device, dtype, record, names: tuple[str, ...]) -> None:
@@ -181,6 +185,8 @@ def bench_chunkwise(args, device, dtype, record, names: tuple[str, ...]) -> None
         # chunk 128 tiled in sub-blocks of 64 with chunk 64's operand tiles (aot.VARIANTS)
         providers["xlstm7b-triton-chunk128-intra"] = lambda: provider_ours("triton", 128, variant="chunk128-intra")
         providers["xlstm7b-triton-chunk128-intra-tiles"] = lambda: provider_ours("triton", 128, "tiles", "chunk128-intra")
+        # the states pass split over 16 segments of each sequence (aot.VARIANTS)
+        providers["xlstm7b-triton-split"] = lambda: provider_ours("triton", args.chunk_size, variant="split")
         providers["tfla-exp-chunk128"] = lambda: provider_tfla(128)
         providers["fla-simple-gla"] = provider_fla
         providers["sdpa-flash-32x128"] = lambda: provider_sdpa(device)
@@ -358,7 +364,8 @@ def main(argv=None) -> dict:
     # Most important first, if the run is cut: ours and the official kernel, ours at its chunk, the
     # step kernel and the profile (quick), then the other peers (whose compiling and tuning is slow).
     first = ("xlstm7b-triton", "xlstm7b-triton-tiles", "tfla-exp-chunk128", "xlstm7b-triton-chunk128",
-             "xlstm7b-triton-chunk128-tiles", "xlstm7b-triton-chunk128-intra", "xlstm7b-triton-chunk128-intra-tiles")
+             "xlstm7b-triton-chunk128-tiles", "xlstm7b-triton-chunk128-intra", "xlstm7b-triton-chunk128-intra-tiles",
+             "xlstm7b-triton-split")
     try:
         if args.tune:
             bench_tune(args, device, dtype, record)

@@ -165,3 +165,17 @@ def test_benchmark_rows_of_the_intra_chunk_variant(monkeypatch):
         kb.provider_ours("triton", 128, order, "chunk128-intra")(x)().sum().backward()
         tiled = ("_output_intra_kernel", "_scores_intra_kernel", "_dqk_intra_kernel", "_dv_intra_kernel")
         assert seen == [(name, order == "tiles") for name in tiled]
+
+
+def test_benchmark_row_of_the_split_states_pass(monkeypatch):
+    """benchmarks/kernels.py's "-split" row runs the states pass split over segments, in the forward
+    and in the backward's rerun (16 segments asked, capped at the 3 chunks here)."""
+    kb = load_script("kernels", monkeypatch)
+    seen = []
+    original = chunkwise_triton_fwd.split_chunk_states
+    monkeypatch.setattr(chunkwise_triton_fwd, "split_chunk_states", lambda *a, **kw: seen.append(kw["P"]) or original(*a, **kw))
+    x = kb.mlstm_inputs(1, 2, 40, 16, 16, torch.float32, DEVICE, grad=True)
+    kb.provider_ours("triton", 16, variant="split")(x)().sum().backward()
+    assert seen == [3, 3]
+    kb.provider_ours("triton", 16)(x)().sum().backward()
+    assert seen == [3, 3]  # the default row: the single pass
