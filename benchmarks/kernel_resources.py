@@ -13,7 +13,7 @@
    share a chunk's rows run further apart, in its grid order, than the L2 holds), and the roofline
    time of each launch on an H100 SXM (989 TFLOP/s dense bf16, 3.35 TB/s, 50 MB L2) and an H200
    (4.8 TB/s, the same die and L2), for the kernels as built and for the design alternatives (chunk
-   size, dtype of the stored chunk states, fused state and output passes, grid order), at S 8,192
+   size, dtype of the stored chunk states, fused state and output passes, grid order, chunk 128 tiled inside the chunk), at S 8,192
    and 65,536 beside what the H200 measured. Beside the official TFLA kernel's published 8.2 ms
    forward / 21 ms forward+backward.
 3. The kernels one layer launches, forward and backward (xlstm7b.kernels.launch_count.count_launches).
@@ -33,7 +33,7 @@ import triton
 
 from xlstm7b.kernels import aot, launch_count  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import CHUNK_SIZES  # noqa: E402
-from xlstm7b.kernels.launch_settings import default_config  # noqa: E402
+from xlstm7b.kernels.launch_settings import INTRA_LAUNCHES, default_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TFLA_MS = {"forward": 8.2, "forward+backward": 21.0}  # official TFLA, exp input gate, chunk 128 (performance anchors)
@@ -89,6 +89,30 @@ class Design:
     fused_forward: bool = False
     fused_bv: int = 0
     grid_order: str = "chunks"
+    variant: str = "default"
+    """A key of aot.VARIANTS whose launch settings replace the defaults (settings): its tiles, and an
+    LB below the chunk (chunk128-intra: the launches tiled inside the chunk), where the score work
+    above the diagonal is skipped (computed). The programs of a chunk's sub-blocks in dq, dk and dv,
+    which read the same entry and end states, run side by side in either grid order: from L2."""
+
+
+def settings(s: Shape, d: Design) -> dict[str, dict]:
+    """The launch settings of the design: launch_settings.default_config for the shape and chunk, the
+    variant's over them, LB capped at the chunk as launch_config caps it."""
+    cfg = default_config(torch.bfloat16 if s.e == 2 else torch.float32, s.DK, s.DV, d.L)
+    for launch, params in aot.VARIANTS[d.variant].items():
+        cfg[launch].update(params)
+    for launch in INTRA_LAUNCHES:
+        cfg[launch]["LB"] = min(cfg[launch]["LB"], d.L)
+    return cfg
+
+
+def computed(L: int, cfg: dict) -> float:
+    """The share of a chunk's [L, L] score work a launch with settings `cfg` computes: all of it in one
+    block (LB = L), else the sub-blocks up to each block of rows' last row (RB rows; LB in dq, dk, dv)."""
+    LB = cfg["LB"]
+    RB = min(cfg.get("RB", LB), L)
+    return sum(-(-(i + 1) * RB // LB) for i in range(L // RB)) * RB * LB / L**2
 
 
 def rereads(s: Shape, d: Design, dev: Device) -> dict[str, float]:
@@ -99,7 +123,7 @@ def rereads(s: Shape, d: Design, dev: Device) -> dict[str, float]:
     programs are adjacent, with "chunks" a whole head's chunks apart (S / L programs, or S / RB)."""
     DK, DV, e, L = s.DK, s.DV, s.e, d.L
     S = min(s.S, s.T)  # a sequence holds at most the T tokens
-    cfg = default_config(torch.bfloat16 if e == 2 else torch.float32, DK, DV, L)
+    cfg = settings(s, d)
     qk_bytes, v_bytes = s.T * s.NH * DK * e, s.T * s.NH * DV * e
     tiles_bytes = s.T * s.NH * L * e  # one [L, L] tile per chunk
     out, sc, dqk, dv = (cfg[k] for k in ("output", "scores", "dqk", "dv"))
@@ -137,7 +161,9 @@ def launches(s: Shape, d: Design, dev: Device = H100) -> dict[str, list[tuple[st
     state_flops = 2 * T * NH * DK * DV  # one k v^T (or q C) product over all tokens
     intra_k, intra_v = 2 * T * NH * L * DK, 2 * T * NH * L * DV  # q k^T (DK) or A v (DV) over the chunk
     again = rereads(s, d, dev)
-    nkb = -(-DK // default_config(torch.bfloat16, DK, DV, L)["dqk"]["BK"])  # dqk's DK tiles: partial sums each
+    cfg = settings(s, d)
+    nkb = -(-DK // cfg["dqk"]["BK"])  # dqk's DK tiles: partial sums each
+    share = {launch: computed(L, cfg[launch]) for launch in INTRA_LAUNCHES}  # of the causal score work
     chunk_states = ("states", state_flops, qk_bytes + v_bytes + cs + 3 * vec)
     if d.fused_forward:
         tiles_dv = -(-DV // d.fused_bv) if d.fused_bv else 1  # programs per head, each reading q and k
@@ -145,13 +171,13 @@ def launches(s: Shape, d: Design, dev: Device = H100) -> dict[str, list[tuple[st
         fwd = [("states+output", widen * (2 * state_flops + intra_v) + tiles_dv * intra_k,
                 tiles_dv * 2 * qk_bytes + 2 * v_bytes + 5 * vec)]
     else:
-        fwd = [chunk_states, ("output", state_flops + intra_k + intra_v, 2 * qk_bytes + 2 * v_bytes + cs + 5 * vec + again["output"])]
+        fwd = [chunk_states, ("output", state_flops + share["output"] * (intra_k + intra_v), 2 * qk_bytes + 2 * v_bytes + cs + 5 * vec + again["output"])]
     bwd = [
         chunk_states,  # recomputed, not stored by the forward
-        ("scores", intra_k + intra_v, 2 * qk_bytes + 3 * v_bytes + 2 * tiles + 12 * vec + again["scores"]),
+        ("scores", share["scores"] * (intra_k + intra_v), 2 * qk_bytes + 3 * v_bytes + 2 * tiles + 12 * vec + again["scores"]),
         ("states_bwd", state_flops, qk_bytes + v_bytes + dcs + 6 * vec),
-        ("dqk", 2 * state_flops + 2 * intra_k, 4 * qk_bytes + 2 * v_bytes + cs + dcs + tiles + (6 + 2 * nkb) * vec + again["dqk"]),
-        ("dv", state_flops + intra_v, qk_bytes + 2 * v_bytes + dcs + tiles + 3 * vec + again["dv"]),
+        ("dqk", 2 * state_flops + 2 * share["dqk"] * intra_k, 4 * qk_bytes + 2 * v_bytes + cs + dcs + tiles + (6 + 2 * nkb) * vec + again["dqk"]),
+        ("dv", state_flops + share["dv"] * intra_v, qk_bytes + 2 * v_bytes + dcs + tiles + 3 * vec + again["dv"]),
         ("gates", 0, (10 + 2 * nkb) * vec),
     ]
     return {"forward": fwd, "backward": bwd}
@@ -181,6 +207,9 @@ DESIGNS = [
     Design("chunk 128, fused forward, q and k read once (not built)", 128, c_bytes=2, dc_bytes=2, fused_forward=True),
     Design("as built, fused forward (opt-in): chunk 16, 16-wide DV tiles", 16, c_bytes=2, dc_bytes=2, fused_forward=True,
            fused_bv=16),
+    Design("chunk 128 tiled in sub-blocks of 64, 64-wide tiles (opt-in: chunk128-intra)", 128, c_bytes=2, dc_bytes=2,
+           variant="chunk128-intra"),
+    Design("chunk128-intra, grid_order tiles", 128, c_bytes=2, dc_bytes=2, grid_order="tiles", variant="chunk128-intra"),
 ]
 SEQ_LENS = (8192, 65536)  # the H200 run's two sequence lengths at B*S = 65,536
 
@@ -192,7 +221,7 @@ SEQ_LENS = (8192, 65536)  # the H200 run's two sequence lengths at B*S = 65,536
 
 def compile_report(archs: list[int], jobs: int) -> list[dict]:
     cases = [aot.Case(256, 512, L, dt, reset) for L in CHUNK_SIZES for dt in aot.DTYPES for reset in (False, True)]
-    cases += [aot.Case(256, 512, L, "bf16", False, v) for v in aot.VARIANTS if v != "default" for L in CHUNK_SIZES]
+    cases += [aot.Case(256, 512, L, "bf16", False, v) for v in aot.VARIANTS if v != "default" for L in aot.variant_chunks(v)]
     return aot.compile_matrix({arch: cases for arch in archs}, jobs=jobs)
 
 

@@ -256,7 +256,9 @@ chunk 128 tiled in sub-blocks of 64 (chunkwise_triton_intra.py) with the 64-wide
 chunk 64."""
 
 VARIANT_CHUNKS = {"chunk128-intra": (128,)}
-"""The chunk sizes a variant is built for, where not all of CHUNK_SIZES."""
+"""The chunk sizes a variant is built for, where not all of CHUNK_SIZES (the compile matrix and the
+tests take it there); a shorter sequence's shorter chunk runs the untiled kernels with its tiles
+(LB is capped at the chunk)."""
 
 
 def variant_chunks(variant: str) -> tuple[int, ...]:

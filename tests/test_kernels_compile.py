@@ -271,3 +271,30 @@ def test_l2_model_reproduces_the_slowdown_with_s(monkeypatch):
     assert not any(kr.rereads(kr.Shape(), built, huge).values())
     again = kr.rereads(kr.Shape(), built, kr.H200)
     assert again["output"] == 7 * 2 * 65536 * 8 * 256 * 2  # q and k read by 8 DV tiles (BV 64), 1024 programs apart
+
+
+def test_cost_model_of_the_intra_chunk_tiling(monkeypatch):
+    """chunk128-intra in the byte model (a design of it in DESIGNS): at two sub-blocks 3/4 of chunk
+    128's score work (the blocks above the diagonal skipped), the same HBM bytes in each launch's own
+    reads, and with 64-wide tiles in place of 32 half as many head-dim tiles of the output and dq, dk
+    re-reading a chunk's rows past the L2 in the order "chunks" (none in the order "tiles", as for
+    chunk 128 as built)."""
+    kr = load_script("kernel_resources", monkeypatch)
+    s, dev = kr.Shape(), kr.H200
+    built, intra = (kr.Design(v, 128, c_bytes=2, dc_bytes=2, variant=v) for v in ("default", "chunk128-intra"))
+    assert any(d.variant == "chunk128-intra" for d in kr.DESIGNS)
+    assert {k: kr.computed(128, cfg) for k, cfg in kr.settings(s, intra).items() if k in kr.INTRA_LAUNCHES} == dict.fromkeys(kr.INTRA_LAUNCHES, 0.75)
+    assert kr.computed(128, kr.settings(s, built)["scores"]) == 1.0
+    score_flops = {"output": 128 * (s.DK + s.DV), "scores": 128 * (s.DK + s.DV), "dqk": 2 * 128 * s.DK, "dv": 128 * s.DV}
+    huge = kr.Device("all-L2", dev.flops, dev.bytes_per_s, 1e15)
+    for phase in ("forward", "backward"):
+        for (k, f_built, b_built), (_, f_intra, b_intra) in zip(*(kr.launches(s, d, huge)[phase] for d in (built, intra))):
+            assert f_built - f_intra == 0.25 * 2 * s.T * s.NH * score_flops.get(k, 0), k
+            assert b_intra == b_built or k in ("dqk", "gates") and b_intra < b_built, k  # fewer DK tiles' partial sums
+    again_built, again_intra = (kr.rereads(s, d, dev) for d in (built, intra))
+    assert again_intra["output"] == again_built["output"] * 7 / 15  # 8 DV tiles of 64 in place of 16 of 32
+    assert again_intra["dqk"] == again_built["dqk"] * 3 / 7  # 4 DK tiles of 64 in place of 8 of 32
+    assert again_intra["dv"] == again_built["dv"]  # 64-wide DV tiles in both
+    tiles = kr.Design("tiles", 128, c_bytes=2, dc_bytes=2, grid_order="tiles", variant="chunk128-intra")
+    assert not any(kr.rereads(s, tiles, dev).values())
+    assert kr.roofline(s, intra, dev)["forward+backward_ms"] < kr.roofline(s, built, dev)["forward+backward_ms"]
