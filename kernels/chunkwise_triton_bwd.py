@@ -20,6 +20,8 @@ Then, six launches in all and no per-position PyTorch op:
    per-position pieces of the gate gradients.
 4. `_gates_bwd_kernel` (chunkwise_triton_gates.py) sums those pieces into the gate vectors'
    gradients, and gives the initial m's.
+With a launch setting LB below the chunk, the scores, dq/dk and dv launches run their forms tiled in
+sub-blocks of LB of the chunk's columns (and rows) in place of 1 and 3 (chunkwise_triton_intra_bwd.py).
 
 Exact gradients, eps included. Writing every stabilized quantity as exp(-m) times its unstabilized
 value, the result depends on a stabilizer m only through eps: with Dn = max(|den|, exp(-m)) + eps,

@@ -12,7 +12,9 @@ Two launches (spec §2, chunkwise form):
 2. `_output_fwd_kernel`: one program per (chunk and block of its rows, DV tile, batch*head)
    computes those outputs from the chunk's entry state and its own tokens (causal scores against
    the chunk's L tokens, loop over DK tiles); the grid's order (chunks or DV tiles fastest) is a
-   launch setting (launch_settings.GRID_ORDERS, program_ids).
+   launch setting (launch_settings.GRID_ORDERS, program_ids). With launch_config's "output" LB below
+   the chunk, `_output_intra_kernel` in its place takes the chunk's columns in sub-blocks of LB
+   (chunkwise_triton_intra.py).
 Or one (launch_config's "fused" entry, off by default until a GPU has measured it):
 `_fused_fwd_kernel`: one program per (DV tile, batch*head) walks the chunks in order with its
 columns of the state on chip, computing each chunk's outputs and then its state update.
