@@ -14,7 +14,9 @@ Then, six launches in all and no per-position PyTorch op:
    takes the row sums h . dh and the per-position terms of the normalizer the other launches use.
 2. `_states_bwd_kernel` walks the chunks backwards carrying dC, dn: the gradient of the state at
    every chunk boundary (dC stored like the chunk states: see state_dtype), and dC0, dn0 at the
-   start. It also carries the scalar gradient of the chunk-boundary stabilizer m (see below).
+   start. It also carries the scalar gradient of the chunk-boundary stabilizer m (see below). With
+   launch_config's "states" segments > 1, three launches over segments of the sequence in its place
+   (chunkwise_triton_split_bwd.py), as the states pass's (ten launches in all).
 3. `_dqk_bwd_kernel` (per chunk and DK tile) and `_dv_bwd_kernel` (per chunk and DV tile) give
    dq, dk, dv from those tiles, the chunk's entry state and the gradient of its end state, plus the
    per-position pieces of the gate gradients.
@@ -36,12 +38,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunkwise_triton_chunk import _state_grad_step, _store_end_grad
 from .chunkwise_triton_fwd import _gate_vectors, _row_log_d, chunk_states, final_state, program_ids, state_dtype
 from .chunkwise_triton_gates import _gates_bwd_kernel, _state_dot
 from .chunkwise_triton_intra import tiled_kernel
 from .chunkwise_triton_intra_bwd import (
     _dqk_intra_kernel, _dqk_state_terms, _dv_intra_kernel, _dv_state_term, _normalizer_grads, _scores_intra_kernel,
 )
+from .chunkwise_triton_split import segment_plan
+from .chunkwise_triton_split_bwd import split_states_grad
 from .launch_settings import grid_meta, launch_config
 
 
@@ -80,30 +85,10 @@ def _states_bwd_kernel(
             dmk -= _state_dot(DC_END, C_END, DN_END, N_END, i_bh, DK, DV, BK, BV)
     for j in range(NC):
         i_c = NC - 1 - j
-        tl.store(DCS + (i_bh * NC + i_c) * DK * DV + c_off, dC.to(DCS.dtype.element_ty), mask=mkv)
-        if i_v == 0:
-            tl.store(DNS + (i_bh * (NC + 1) + i_c + 1) * DK + offs_k, dn, mask=mk)
-            if i_k == 0:
-                tl.store(DMK + i_bh * (NC + 1) + i_c + 1, dmk)
-        _, _, _, carry, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
-        offs_t = i_c * L + tl.arange(0, L)
-        mt = offs_t < S
-        m_beg = tl.load(MS + i_bh * (NC + 1) + i_c)
-        m_end = tl.load(MS + i_bh * (NC + 1) + i_c + 1)
-        m_t = tl.load(MT + i_bh * S_pad + offs_t)
-        rden = tl.load(RDEN + i_bh * S_pad + offs_t)
-        dden = tl.load(DDEN + i_bh * S_pad + offs_t)
-        qd = tl.exp(carry + m_beg - m_t) * scale  # weight of the entry state in h_t, times 1/sqrt(DK)
-        qt = tl.load(Q + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        dnum = tl.load(DH + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32) * rden[:, None]
-        decay = tl.exp(g + m_beg - m_end)
-        dC = decay * dC + tl.dot(tl.trans(qt * qd[:, None]).to(DT), dnum.to(DT), input_precision=PREC)
-        dn = decay * dn + tl.sum(qt * (qd * dden)[:, None], 0)
-        # the chunk-end m came from the carried state: for the single states pass, whose chunk-end m
-        # is max(fl(g + m_beg), the chunk's own max), the same test as g + m_beg == m_end bit for bit;
-        # it holds also where the split pass's combine rounded the m at a segment boundary otherwise
-        beta = (g + m_beg >= tl.maximum(tl.max(a, 0), virt_last)).to(tl.float32)
-        dmk = tl.sum(tl.load(DMTC + i_bh * S_pad + offs_t), 0) + beta * dmk
+        _store_end_grad(DCS, DNS, DMK, dC, dn, dmk, i_bh, i_c, i_k, i_v, NC, offs_k, offs_v, DK, DV)
+        dC, dn, dmk, _, _ = _state_grad_step(Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, DMTC, dC, dn, dmk, i_c, i_bh, i_b,
+                                             offs_k, offs_v, S, S_pad, NC, DK, DV, scale, s_k_bh, s_k_t, s_v_bh, s_v_t,
+                                             L, HAS_RESET, DT, PREC)
     tl.store(DC0 + i_bh * DK * DV + c_off, dC, mask=mkv)
     if i_v == 0:
         tl.store(DN0 + i_bh * DK + offs_k, dn, mask=mk)
@@ -283,7 +268,7 @@ def backward(
     dC0, dn0, dm0. Six launches, nothing else: the chunk states, the scores (with the per-position
     normalizer terms), the states' gradients, dq and dk, dv, and the gate vectors' gradients. Given
     the forward's chunk-entry states CS, NS (chunk_states' with the same settings), five: the states
-    pass is not run again."""
+    pass is not run again. Both states passes split over segments take three launches each."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     BH, S_pad, L = B * NH, b.shape[-1], chunk
@@ -312,12 +297,14 @@ def backward(
     DNS = torch.empty_like(NS)
     DMK = torch.empty_like(MS)
     dC0, dn0, dm0 = final_state(q, DV)
-    # local_max and segments: the forward's states pass's alone
-    st = {name: value for name, value in cfg["states"].items() if name not in ("local_max", "segments")}
-    _states_bwd_kernel[(triton.cdiv(DK, st["BK"]), triton.cdiv(DV, st["BV"]), BH)](
-        q, dh, b, ig, virt, cnt, mt, rden, dden, MS, dmtc, C, n, dC, dn, dm, DCS, dC0, DNS, dn0, DMK,
-        S, S_pad, NC, DK, DV, DK**-0.5, *strides, **meta, **st,
-    )
+    st = {name: value for name, value in cfg["states"].items() if name != "local_max"}  # local_max: the forward pass's alone
+    P, NCP = segment_plan(NC, st.pop("segments"), BH)  # split over the forward's segments (chunkwise_triton_split_bwd.py)
+    args = (q, dh, b, ig, virt, cnt, mt, rden, dden, MS, dmtc, C, n, dC, dn, dm, DCS, dC0, DNS, dn0, DMK,
+            S, S_pad, NC, DK, DV, DK**-0.5, *strides)
+    if P > 1:
+        split_states_grad(*args, P=P, NCP=NCP, meta=dict(meta, **st))
+    else:
+        _states_bwd_kernel[(triton.cdiv(DK, st["BK"]), triton.cdiv(DV, st["BV"]), BH)](*args, **meta, **st)
 
     NKB = triton.cdiv(DK, cfg["dqk"]["BK"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -1,7 +1,8 @@
 """The @triton.jit helpers every chunkwise kernel shares for one chunk: its gate vectors
 (chunkwise_triton_fwd.py describes the vectors the kernels take), and for the states passes (the
 single one in chunkwise_triton_fwd.py, the sequence-split one in chunkwise_triton_split.py) one step
-of the state recurrence over the chunk and the store of a chunk's entry state."""
+of the state recurrence over the chunk and the store of a chunk's entry state, and their backward
+twins (the gradient of the state taken back over one chunk, the store of a chunk's end-state gradient)."""
 
 import triton
 import triton.language as tl
@@ -85,3 +86,48 @@ def _store_entry(CS, NS, MS, C, n, m, i_bh, i_c, i_k, i_v, NC, offs_k, offs_v, D
         tl.store(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, n, mask=mk)
         if i_k == 0:
             tl.store(MS + i_bh * (NC + 1) + i_c, m)
+
+
+@triton.jit
+def _state_grad_step(
+    Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, DMTC, dC, dn, dmk, i_c, i_bh, i_b, offs_k, offs_v,
+    S, S_pad, NC, DK, DV, scale, s_k_bh, s_k_t, s_v_bh, s_v_t,
+    L: tl.constexpr, HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Chunk i_c taken back from the gradient of its end state (dC [BK, BV], dn [BK] and the
+    stabilizer's dmk, float32) to the gradient of its entry state: returns those, the chunk's decay
+    of the entry state (the factor dC, dn carry back with) and beta (1 where the carried state
+    attained the chunk-end max: the factor dmk carries back with)."""
+    _, _, _, carry, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    offs_t = i_c * L + tl.arange(0, L)
+    mt, mk, mv = offs_t < S, offs_k < DK, offs_v < DV
+    m_beg = tl.load(MS + i_bh * (NC + 1) + i_c)
+    m_end = tl.load(MS + i_bh * (NC + 1) + i_c + 1)
+    m_t = tl.load(MT + i_bh * S_pad + offs_t)
+    rden = tl.load(RDEN + i_bh * S_pad + offs_t)
+    dden = tl.load(DDEN + i_bh * S_pad + offs_t)
+    qd = tl.exp(carry + m_beg - m_t) * scale  # weight of the entry state in h_t, times 1/sqrt(DK)
+    qt = tl.load(Q + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    dnum = tl.load(DH + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32) * rden[:, None]
+    decay = tl.exp(g + m_beg - m_end)
+    dC = decay * dC + tl.dot(tl.trans(qt * qd[:, None]).to(DT), dnum.to(DT), input_precision=PREC)
+    dn = decay * dn + tl.sum(qt * (qd * dden)[:, None], 0)
+    # the chunk-end m came from the carried state: for the single states pass, whose chunk-end m is
+    # max(fl(g + m_beg), the chunk's own max), the same test as g + m_beg == m_end bit for bit; it
+    # holds also where the split pass's combine rounded the m at a segment boundary otherwise
+    beta = (g + m_beg >= tl.maximum(tl.max(a, 0), virt_last)).to(tl.float32)
+    dmk = tl.sum(tl.load(DMTC + i_bh * S_pad + offs_t), 0) + beta * dmk
+    return dC, dn, dmk, decay, beta
+
+
+@triton.jit
+def _store_end_grad(DCS, DNS, DMK, dC, dn, dmk, i_bh, i_c, i_k, i_v, NC, offs_k, offs_v, DK, DV):
+    """The gradient of the state chunk i_c ends with, into DCS [BH, NC, DK, DV] (in its dtype), DNS
+    [BH, NC+1, DK] and DMK [BH, NC+1] (at index i_c + 1); dn and dmk by one program column only."""
+    mk, mv = offs_k < DK, offs_v < DV
+    c_off = offs_k[:, None] * DV + offs_v[None, :]
+    tl.store(DCS + (i_bh * NC + i_c) * DK * DV + c_off, dC.to(DCS.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+    if i_v == 0:
+        tl.store(DNS + (i_bh * (NC + 1) + i_c + 1) * DK + offs_k, dn, mask=mk)
+        if i_k == 0:
+            tl.store(DMK + i_bh * (NC + 1) + i_c + 1, dmk)

@@ -1,5 +1,6 @@
 """The chunk-entry states pass of the Triton chunkwise mLSTM split over segments of the sequence
-(launch_overrides(states=dict(segments=P)); chunk_states in chunkwise_triton_fwd.py calls it).
+(launch_overrides(states=dict(segments=P)); chunk_states in chunkwise_triton_fwd.py calls it; the
+backward's states pass splits alike: chunkwise_triton_split_bwd.py).
 
 The single states pass (_states_fwd_kernel) is one program per (DK tile, DV tile, batch*head), each
 walking all NC chunks in a dependent chain: at batch 1 and long S far fewer programs than a GPU has

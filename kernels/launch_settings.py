@@ -90,9 +90,10 @@ the backward's other passes. "grid_order" (see GRID_ORDERS) is the launch order 
 that share a chunk's operand tiles; "local_max" 1 has the chunk-entry states pass (forward, and its
 rerun in the backward) take each chunk's product at the chunk's own stabilizer, off the carried
 one's sequential chain (_states_fwd_kernel); "segments" P > 1 (a power of two up to
-MAX_SEGMENTS, capped at the number of chunks) splits that pass over P segments of the sequence
-(chunkwise_triton_split.py: per-segment states in parallel, a combine, a second walk of each
-segment), a chain of about 2 NC / P + P chunk steps in place of NC, for few heads at long S.
+MAX_SEGMENTS, capped at the number of chunks) splits that pass, and the backward's states pass, over
+P segments of the sequence (chunkwise_triton_split.py, chunkwise_triton_split_bwd.py: per-segment
+states in parallel, a combine, a second walk of each segment), a chain of about 2 NC / P + P chunk
+steps in place of NC, for few heads at long S.
 "step" is the decoding step (step_triton.py):
 `one_launch=1` has the last DV tile of each head write its n and m, counted on an atomic counter,
 in place of a second launch."""

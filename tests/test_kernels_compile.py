@@ -50,6 +50,8 @@ KERNELS = {
     "_fused_fwd_kernel", "_states_fwd_kernel", "_output_fwd_kernel", "_states_bwd_kernel", "_scores_bwd_kernel",
     "_dqk_bwd_kernel", "_dv_bwd_kernel", "_gates_bwd_kernel", "_step_kernel", "_step_nm_kernel",
     "_output_intra_kernel", "_scores_intra_kernel", "_dqk_intra_kernel", "_dv_intra_kernel",
+    "_states_local_kernel", "_states_combine_kernel", "_states_rewalk_kernel", "_states_grad_local_kernel",
+    "_states_grad_combine_kernel", "_states_grad_rewalk_kernel",
 }
 
 
@@ -110,6 +112,26 @@ def test_local_max_states_pass_compiled(reports):
         for L in CHUNK_SIZES:
             assert {r["kernel"] for r in local if r["arch"] == arch and f"-L{L}-bf16-local-max" in r["tag"]} == {"_states_fwd_kernel"}
     assert all(tag.endswith("-local-max") for r in local for tag in r["tag"].split(","))
+
+
+SPLIT_KERNELS = {"_states_local_kernel", "_states_combine_kernel", "_states_rewalk_kernel", "_states_grad_local_kernel",
+                 "_states_grad_combine_kernel", "_states_grad_rewalk_kernel"}
+
+
+def test_split_states_pass_compiled(reports):
+    """The states passes split over segments (chunkwise_triton_split.py, chunkwise_triton_split_bwd.py):
+    their three launches each, forward and backward, for both archs, every chunk size and the 7B and
+    1.3B head shapes (spills and shared memory are checked with the others), none of them serving a
+    case without the split, and on sm_90 the local and second walks' state products on wgmma, as the
+    single passes'."""
+    split = [r for r in reports if "error" not in r and r["kernel"] in SPLIT_KERNELS]
+    for arch in ARCHS:
+        for L in CHUNK_SIZES:
+            for DK, DV in SPILL_FREE:
+                found = {r["kernel"] for r in split if r["arch"] == arch and f"DK{DK}-DV{DV}-L{L}-bf16-split" in r["tag"]}
+                assert found == SPLIT_KERNELS, (arch, L, DK)
+    assert all(tag.endswith("-split") for r in split for tag in r["tag"].split(","))
+    assert all(r["mma"] == "wgmma" for r in split if r["arch"] == 90 and "combine" not in r["kernel"])
 
 
 def test_intra_chunk_tiled_launches_compiled(reports):

@@ -247,7 +247,8 @@ SPLIT_CASES = [
 def test_split_states_pass_matches_oracle(case, segments, local_max, monkeypatch):
     """The states pass split over segments (chunkwise_triton_split.py), with forget gates near 1 so
     that every segment's state reaches the next: values, final states and every gradient, the final
-    m's and the initial state's included, against the float64 oracle; the split launches ran."""
+    m's and the initial state's included, against the float64 oracle; the split launches ran for the
+    forward's states (and their rerun in the backward) and for the backward's states pass."""
     B, NH, S, DK, DV, L, init, resets, gates = case
     xs, _ = make_inputs(B, NH, S, DK, DV, init=init, gates=gates)
     if gates == "random":
@@ -255,9 +256,12 @@ def test_split_states_pass_matches_oracle(case, segments, local_max, monkeypatch
     runs = []
     original = chunkwise_triton_fwd.split_chunk_states
     monkeypatch.setattr(chunkwise_triton_fwd, "split_chunk_states", lambda *a, **kw: runs.append(kw["P"]) or original(*a, **kw))
+    grads = chunkwise_triton_bwd.split_states_grad
+    monkeypatch.setattr(chunkwise_triton_bwd, "split_states_grad", lambda *a, **kw: runs.append(-kw["P"]) or grads(*a, **kw))
     with launch_overrides(states=dict(segments=segments, local_max=local_max)):
         check_against_oracle(xs, sparse_resets(B, S, *resets), L, state_grads=gates != "limits")
-    assert runs and set(runs) == {segment_plan(-(-S // L), segments, B * NH)[0]}  # forward, and the backward's rerun
+    P = segment_plan(-(-S // L), segments, B * NH)[0]
+    assert sorted(runs) == [-P, P, P]  # the forward's, its rerun in the backward, the backward's
 
 
 def test_split_with_segments_no_token_reaches():
