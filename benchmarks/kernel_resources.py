@@ -33,6 +33,7 @@ import triton
 
 from xlstm7b.kernels import aot, launch_count  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import CHUNK_SIZES  # noqa: E402
+from xlstm7b.kernels.chunkwise_triton_split import segment_plan  # noqa: E402
 from xlstm7b.kernels.launch_settings import INTRA_LAUNCHES, default_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,7 +94,11 @@ class Design:
     """A key of aot.VARIANTS whose launch settings replace the defaults (settings): its tiles, and an
     LB below the chunk (chunk128-intra: the launches tiled inside the chunk), where the score work
     above the diagonal is skipped (computed). The programs of a chunk's sub-blocks in dq, dk and dv,
-    which read the same entry and end states, run side by side in either grid order: from L2."""
+    which read the same entry and end states, run side by side in either grid order: from L2.
+    Variant split (states segments P): both states passes over P segments of each sequence
+    (chunkwise_triton_split.py, chunkwise_triton_split_bwd.py), reading their operands twice and
+    moving the segments' float32 states (or gradients) four times, for a chain of about 2 NC / P + P
+    steps (chain)."""
 
 
 def settings(s: Shape, d: Design) -> dict[str, dict]:
@@ -164,23 +169,53 @@ def launches(s: Shape, d: Design, dev: Device = H100) -> dict[str, list[tuple[st
     cfg = settings(s, d)
     nkb = -(-DK // cfg["dqk"]["BK"])  # dqk's DK tiles: partial sums each
     share = {launch: computed(L, cfg[launch]) for launch in INTRA_LAUNCHES}  # of the causal score work
-    chunk_states = ("states", state_flops, qk_bytes + v_bytes + cs + 3 * vec)
+    chunk_states = [("states", state_flops, qk_bytes + v_bytes + cs + 3 * vec)]
+    states_bwd = [("states_bwd", state_flops, qk_bytes + v_bytes + dcs + 6 * vec)]
+    if segment_count(s, d) > 1:  # local walks (their ends out), combine (in, entries out), second walks (in)
+        seg = T // min(s.S, T) * NH * segment_count(s, d) * DK * DV * 4
+        chunk_states = [("states_local", state_flops, qk_bytes + v_bytes + seg + 3 * vec), ("states_combine", 0, 2 * seg),
+                        ("states_rewalk", state_flops, qk_bytes + v_bytes + seg + cs + 3 * vec)]
+        states_bwd = [("states_bwd_local", state_flops, qk_bytes + v_bytes + seg + 6 * vec), ("states_bwd_combine", 0, 2 * seg),
+                      ("states_bwd_rewalk", state_flops, qk_bytes + v_bytes + seg + dcs + 6 * vec)]
     if d.fused_forward:
         tiles_dv = -(-DV // d.fused_bv) if d.fused_bv else 1  # programs per head, each reading q and k
         widen = 2 if d.fused_bv else 1  # the n columns beside each tile's state columns
         fwd = [("states+output", widen * (2 * state_flops + intra_v) + tiles_dv * intra_k,
                 tiles_dv * 2 * qk_bytes + 2 * v_bytes + 5 * vec)]
     else:
-        fwd = [chunk_states, ("output", state_flops + share["output"] * (intra_k + intra_v), 2 * qk_bytes + 2 * v_bytes + cs + 5 * vec + again["output"])]
+        fwd = [*chunk_states, ("output", state_flops + share["output"] * (intra_k + intra_v), 2 * qk_bytes + 2 * v_bytes + cs + 5 * vec + again["output"])]
     bwd = [
-        chunk_states,  # recomputed, not stored by the forward
+        *chunk_states,  # recomputed, not stored by the forward
         ("scores", share["scores"] * (intra_k + intra_v), 2 * qk_bytes + 3 * v_bytes + 2 * tiles + 12 * vec + again["scores"]),
-        ("states_bwd", state_flops, qk_bytes + v_bytes + dcs + 6 * vec),
+        *states_bwd,
         ("dqk", 2 * state_flops + 2 * share["dqk"] * intra_k, 4 * qk_bytes + 2 * v_bytes + cs + dcs + tiles + (6 + 2 * nkb) * vec + again["dqk"]),
         ("dv", state_flops + share["dv"] * intra_v, qk_bytes + 2 * v_bytes + dcs + tiles + 3 * vec + again["dv"]),
         ("gates", 0, (10 + 2 * nkb) * vec),
     ]
     return {"forward": fwd, "backward": bwd}
+
+
+def segment_count(s: Shape, d: Design) -> int:
+    """The segments the states passes run per sequence (1: the single pass; split: kernels'
+    segment_plan, capped at the chunks, the last segment possibly shorter)."""
+    NC = min(s.S, s.T) // d.L
+    return segment_plan(NC, settings(s, d)["states"]["segments"], s.T // min(s.S, s.T) * s.NH)[0]
+
+
+def chain(s: Shape, d: Design) -> dict:
+    """What the roofline cannot see of a states pass (the forward's, its rerun, the backward's):
+    the dependent chunk steps one program walks (the single pass: every chunk of its sequence;
+    split: its segment, the combine's P steps of an elementwise scale and add, and its segment
+    again, less one chunk) and the programs of the launches that walk them (DK tiles x DV tiles x
+    sequences x heads, x P split), against the 132 SMs of an H100 or H200."""
+    cfg = settings(s, d)["states"]
+    NC, heads = min(s.S, s.T) // d.L, s.T // min(s.S, s.T) * s.NH
+    tiles = -(-s.DK // cfg["BK"]) * -(-s.DV // cfg["BV"]) * heads
+    P = segment_count(s, d)
+    if P == 1:
+        return dict(steps=NC, programs=tiles)
+    NCP = -(-NC // P)
+    return dict(steps=2 * NCP - 1 + P, programs=tiles * P)
 
 
 def roofline(s: Shape, d: Design, dev: Device = H100) -> dict:
@@ -210,6 +245,7 @@ DESIGNS = [
     Design("chunk 128 tiled in sub-blocks of 64, 64-wide tiles (opt-in: chunk128-intra)", 128, c_bytes=2, dc_bytes=2,
            variant="chunk128-intra"),
     Design("chunk128-intra, grid_order tiles", 128, c_bytes=2, dc_bytes=2, grid_order="tiles", variant="chunk128-intra"),
+    Design("states passes split over 16 segments (opt-in: split), chunk 64", 64, c_bytes=2, dc_bytes=2, variant="split"),
 ]
 SEQ_LENS = (8192, 65536)  # the H200 run's two sequence lengths at B*S = 65,536
 
@@ -235,6 +271,15 @@ def seq_table(models: dict) -> str:
     measured = " | ".join(f"{H200_MEASURED_MS[S]['forward']:.2f} / {H200_MEASURED_MS[S]['forward+backward']:.2f}"
                           if dev is H200 else "" for dev, S in cols)
     lines.append(f"| measured, as built then (chunk 64, grid order chunks; H200 run 1) | {measured} |")
+    return "\n".join(lines)
+
+
+def chain_table(designs: list[Design]) -> str:
+    """A states pass's chain (chain) by design and S at B*S = 65,536: steps / programs."""
+    lines = ["| design | " + " | ".join(f"S {S:,}" for S in SEQ_LENS) + " |", "|---" * (len(SEQ_LENS) + 1) + "|"]
+    for d in designs:
+        cells = (chain(Shape(S=S), d) for S in SEQ_LENS)
+        lines.append(f"| {d.name} | " + " | ".join(f"{c['steps']:,} / {c['programs']:,}" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -312,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
         peaks=dict(flops=PEAK_FLOPS, bytes_per_s=PEAK_BYTES), tfla_published_ms=TFLA_MS, h200_measured_ms=H200_MEASURED_MS,
         kernels=reports, violations=found, designs={d.name: dict(dataclasses.asdict(d), **models[d.name]) for d in DESIGNS},
         by_seq_len={name: {f"{dev}, S {S}": m for (dev, S), m in by.items()} for name, by in by_seq.items()},
+        states_chain={d.name: {f"S {S}": chain(Shape(S=S), d) for S in SEQ_LENS} for d in two_pass},
         launches_per_layer=counts,
     )
     text = "\n\n".join([
@@ -323,6 +369,10 @@ def main(argv: list[str] | None = None) -> dict:
         "## The L2-aware model by sequence length at B*S = 65,536: forward / forward+backward ms "
         "(H200 SXM: 4.8 TB/s, the same 50 MB L2)",
         seq_table(by_seq),
+        "## A states pass's sequential chain at B*S = 65,536 (the forward's, its rerun, the backward's): dependent "
+        "chunk steps one program walks / programs of the launch (132 SMs on an H100 or H200; the roofline above "
+        "cannot see the chain)",
+        chain_table(two_pass),
         f"## Per launch at S 65,536 on the H200, chunk 64: grid order chunks ('{built.name}') and tiles",
         order_table(by_seq[built.name][H200.name, 65536], by_seq[tiles.name][H200.name, 65536]),
         f"## Launches of '{DESIGNS[2].name}' (S 65,536, H100)",

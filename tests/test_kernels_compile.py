@@ -320,3 +320,27 @@ def test_cost_model_of_the_intra_chunk_tiling(monkeypatch):
     tiles = kr.Design("tiles", 128, c_bytes=2, dc_bytes=2, grid_order="tiles", variant="chunk128-intra")
     assert not any(kr.rereads(s, tiles, dev).values())
     assert kr.roofline(s, intra, dev)["forward+backward_ms"] < kr.roofline(s, built, dev)["forward+backward_ms"]
+
+
+def test_cost_model_of_the_split_states_passes(monkeypatch):
+    """The split variant in the byte model (a design of it in DESIGNS): each states pass (the
+    forward's, its rerun, the backward's) as three launches that do its state products twice, read
+    its operands (and per-position vectors) twice and move the segments' float32 states four times; a
+    chain of 2 NC / P - 1 + P steps on P times the programs."""
+    kr = load_script("kernel_resources", monkeypatch)
+    s, dev = kr.Shape(), kr.H200  # batch 1, S 65,536: 1,024 chunks of 64, 16 segments of 64
+    built, split = (kr.Design(v, 64, c_bytes=2, dc_bytes=2, variant=v) for v in ("default", "split"))
+    assert any(d.variant == "split" for d in kr.DESIGNS)
+    seg = s.NH * 16 * s.DK * s.DV * 4
+    operands = s.T * s.NH * (s.DK + s.DV) * s.e  # k and v, or q and dh
+    by = {d: {k: (f, b) for phase in ("forward", "backward") for k, f, b in kr.launches(s, d, dev)[phase]} for d in (built, split)}
+    vec = s.T * s.NH * 4  # a float32 per-position vector
+    for single, parts, vectors in (("states", ("states_local", "states_combine", "states_rewalk"), 3),
+                                   ("states_bwd", ("states_bwd_local", "states_bwd_combine", "states_bwd_rewalk"), 6)):
+        flops, nbytes = (sum(by[split][k][i] for k in parts) for i in (0, 1))
+        assert flops == 2 * by[built][single][0]
+        assert nbytes == by[built][single][1] + operands + 4 * seg + vectors * vec  # the gate vectors read twice too
+    assert [k for k, *_ in kr.launches(s, split, dev)["forward"]] == ["states_local", "states_combine", "states_rewalk", "output"]
+    assert kr.chain(s, built) == dict(steps=1024, programs=256)
+    assert kr.chain(s, split) == dict(steps=2 * 64 - 1 + 16, programs=16 * 256)
+    assert kr.chain(kr.Shape(S=64 * 5), split) == dict(steps=2 * 1 - 1 + 5, programs=5 * 256 * 204)  # capped at 5 chunks

@@ -493,3 +493,15 @@ def test_long_sequence_gpu(S, chunk, gates):
     outs, grads = forward_backward(mlstm_chunkwise_triton, xs, rs, chunk_size=chunk)
     for t in (*outs, *grads[:5]):
         assert torch.isfinite(t).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_states_pass_gpu(dtype):
+    """The states passes split over segments at the 7B head shape on the GPU (bfloat16 chunk states,
+    tensor-core products; the interpreter runs float32 only): values, final states and gradients."""
+    xs, _ = make_inputs(1, 2, 1000, 256, 512, dtype=dtype, init=True)
+    xs[4] = xs[4] + 6.0
+    tol = (3e-4, TOL[dtype][1]) if dtype == torch.float32 else None
+    with launch_overrides(states=dict(segments=4)):  # 16 chunks of 64: 4 segments of 4
+        check_against_oracle(xs, sparse_resets(1, 1000, 300), 64, dtype, tol=tol)
