@@ -41,7 +41,7 @@ import triton.language as tl
 from .chunkwise_triton_chunk import _state_grad_step, _store_end_grad
 from .chunkwise_triton_fwd import _gate_vectors, _row_log_d, chunk_states, final_state, program_ids, state_dtype
 from .chunkwise_triton_gates import _gates_bwd_kernel, _state_dot
-from .chunkwise_triton_intra import tiled_kernel
+from .chunkwise_triton_intra import _qk_block, tiled_kernel
 from .chunkwise_triton_intra_bwd import (
     _dqk_intra_kernel, _dqk_state_terms, _dv_intra_kernel, _dv_state_term, _normalizer_grads, _scores_intra_kernel,
 )
@@ -140,13 +140,7 @@ def _scores_bwd_kernel(
         dA += tl.dot((dh * rden[:, None]).to(DT), tl.trans(vt), input_precision=PREC)
     dden, dmt = _normalizer_grads(den, m_r, hdh, rden, eps)
     dA += dden[:, None]
-    qk = tl.zeros([RB, L], dtype=tl.float32)
-    for kb in range(tl.cdiv(DK, BK)):
-        offs_k = kb * BK + tl.arange(0, BK)
-        mk = offs_k < DK
-        qr = tl.load(Q + i_bh * s_k_bh + offs_r[:, None] * s_k_t + offs_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0).to(DT)
-        kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(DT)
-        qk += tl.dot(qr, tl.trans(kt), input_precision=PREC)
+    qk = _qk_block(Q, K, offs_r, offs_t, mr, mt, i_bh, DK, s_k_bh, s_k_t, BK, DT, PREC)
     # log D of these rows, from the same float32 operands as the forward's (so the equality tests
     # below are exact)
     bt, it, cnt, _, _, _, _, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
