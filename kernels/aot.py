@@ -246,14 +246,14 @@ VARIANTS = {
     "default": {},
     "tiles": {launch: dict(grid_order="tiles") for launch in GRID_LAUNCHES},
     "local-max": dict(states=dict(local_max=1)),
-    # the states pass split over 16 segments (chunkwise_triton_split.py): batch 1 at S 65,536, chunk 64
     "split": dict(states=dict(segments=16)),
     "chunk128-intra": {launch: dict(LB=64, BK=64, BV=64) for launch in INTRA_LAUNCHES},
 }
 """The selectable variants of the chunkwise kernels besides the one-pass forward, as launch_overrides:
 the per-chunk launches with the tile index fastest, the states pass at each chunk's own stabilizer,
-chunk 128 tiled in sub-blocks of 64 (chunkwise_triton_intra.py) with the 64-wide operand tiles of
-chunk 64."""
+the states passes split over 16 segments of each sequence (chunkwise_triton_split.py,
+chunkwise_triton_split_bwd.py: for batch 1 at S 65,536 and chunk 64), chunk 128 tiled in sub-blocks
+of 64 (chunkwise_triton_intra.py) with the 64-wide operand tiles of chunk 64."""
 
 VARIANT_CHUNKS = {"chunk128-intra": (128,)}
 """The chunk sizes a variant is built for, where not all of CHUNK_SIZES (the compile matrix and the

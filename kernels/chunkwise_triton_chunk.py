@@ -98,7 +98,7 @@ def _state_grad_step(
     stabilizer's dmk, float32) to the gradient of its entry state: returns those, the chunk's decay
     of the entry state (the factor dC, dn carry back with) and beta (1 where the carried state
     attained the chunk-end max: the factor dmk carries back with)."""
-    _, _, _, carry, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    _, _, _, carry, _, _, g, _ = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
     offs_t = i_c * L + tl.arange(0, L)
     mt, mk, mv = offs_t < S, offs_k < DK, offs_v < DV
     m_beg = tl.load(MS + i_bh * (NC + 1) + i_c)
@@ -114,7 +114,9 @@ def _state_grad_step(
     dn = decay * dn + tl.sum(qt * (qd * dden)[:, None], 0)
     # the chunk-end m came from the carried state: for the single states pass, whose chunk-end m is
     # max(fl(g + m_beg), the chunk's own max), the same test as g + m_beg == m_end bit for bit; it
-    # holds also where the split pass's combine rounded the m at a segment boundary otherwise
+    # holds also where the split pass's combine rounded the m at a segment boundary otherwise (a and
+    # virt_last read again here, not held in registers across the products)
+    _, _, _, _, _, a, _, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
     beta = (g + m_beg >= tl.maximum(tl.max(a, 0), virt_last)).to(tl.float32)
     dmk = tl.sum(tl.load(DMTC + i_bh * S_pad + offs_t), 0) + beta * dmk
     return dC, dn, dmk, decay, beta
