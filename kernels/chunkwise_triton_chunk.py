@@ -9,14 +9,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L: tl.constexpr, HAS_RESET: tl.constexpr):
-    """Per-position gate quantities of chunk i_c.
-
-    Returns b, ig, cnt, carry (log weight of the entry state at t, -inf after a reset), virt,
-    a (log weight of token j in the chunk-end state), g (log decay of the entry state over the
-    whole chunk) and virt_last (virt at the chunk's last position).
-    """
-    offs = i_c * L + tl.arange(0, L)
+def _gate_rows(B_, I_, VIRT, CNT, rows, i_bh, i_b, i_c, S_pad, L: tl.constexpr, HAS_RESET: tl.constexpr):
+    """At the in-chunk positions `rows` of chunk i_c: b, ig, cnt (zeros without resets), carry (log
+    weight of the entry state at t, -inf after a reset), virt (see chunkwise_triton_fwd), a (log
+    weight of token j in the chunk-end state) and g (log decay of the entry state over the chunk)."""
+    offs = i_c * L + rows
     last = i_c * L + L - 1
     bt = tl.load(B_ + i_bh * S_pad + offs)
     it = tl.load(I_ + i_bh * S_pad + offs)
@@ -25,17 +22,27 @@ def _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L: tl.constexpr, HAS
         cnt = tl.load(CNT + i_b * S_pad + offs)
         cnt_last = tl.load(CNT + i_b * S_pad + last)
         virt = tl.load(VIRT + i_bh * S_pad + offs)
-        virt_last = tl.load(VIRT + i_bh * S_pad + last)
         carry = tl.where(cnt == 0, bt, float("-inf"))
         a = tl.where(cnt == cnt_last, b_last - bt + it, float("-inf"))
         g = tl.where(cnt_last == 0, b_last, float("-inf"))
     else:
-        cnt = tl.zeros([L], dtype=tl.int32)
-        virt = tl.full([L], float("-inf"), tl.float32)
-        virt_last = float("-inf")
+        cnt = tl.zeros_like(rows)
+        virt = tl.full(bt.shape, float("-inf"), tl.float32)
         carry = bt
         a = b_last - bt + it
         g = b_last
+    return bt, it, cnt, carry, virt, a, g
+
+
+@triton.jit
+def _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L: tl.constexpr, HAS_RESET: tl.constexpr):
+    """Per-position gate quantities of chunk i_c: _gate_rows' at all L positions (b, ig, cnt, carry,
+    virt, a, g), and virt_last (virt at the chunk's last position)."""
+    bt, it, cnt, carry, virt, a, g = _gate_rows(B_, I_, VIRT, CNT, tl.arange(0, L), i_bh, i_b, i_c, S_pad, L, HAS_RESET)
+    if HAS_RESET:
+        virt_last = tl.load(VIRT + i_bh * S_pad + i_c * L + L - 1)
+    else:
+        virt_last = float("-inf")
     return bt, it, cnt, carry, virt, a, g, virt_last
 
 

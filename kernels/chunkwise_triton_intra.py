@@ -1,5 +1,5 @@
-"""The per-chunk launches tiled inside the chunk (launch setting LB < L; launch_settings.py), and the
-gate arithmetic of a block of a chunk's positions that every chunkwise kernel shares.
+"""The per-chunk launches tiled inside the chunk (launch setting LB < L; launch_settings.py), with
+the helpers of a block of a chunk's scores they share.
 
 At chunk 128 a launch that holds the chunk's [RB, L] or [L, L] score tiles next to its operand
 tiles must halve the operand tiles (launch_settings.default_config), so q, k and v are read twice as
@@ -23,33 +23,8 @@ backward's tests of which term attained a max stay exact whatever LB each launch
 import triton
 import triton.language as tl
 
+from .chunkwise_triton_chunk import _gate_rows
 from .launch_settings import program_ids
-
-
-@triton.jit
-def _gate_rows(B_, I_, VIRT, CNT, rows, i_bh, i_b, i_c, S_pad, L: tl.constexpr, HAS_RESET: tl.constexpr):
-    """At the in-chunk positions `rows` of chunk i_c: b, ig, cnt (zeros without resets), carry (log
-    weight of the entry state at t, -inf after a reset), virt (see chunkwise_triton_fwd), a (log
-    weight of token j in the chunk-end state) and g (log decay of the entry state over the chunk)."""
-    offs = i_c * L + rows
-    last = i_c * L + L - 1
-    bt = tl.load(B_ + i_bh * S_pad + offs)
-    it = tl.load(I_ + i_bh * S_pad + offs)
-    b_last = tl.load(B_ + i_bh * S_pad + last)
-    if HAS_RESET:
-        cnt = tl.load(CNT + i_b * S_pad + offs)
-        cnt_last = tl.load(CNT + i_b * S_pad + last)
-        virt = tl.load(VIRT + i_bh * S_pad + offs)
-        carry = tl.where(cnt == 0, bt, float("-inf"))
-        a = tl.where(cnt == cnt_last, b_last - bt + it, float("-inf"))
-        g = tl.where(cnt_last == 0, b_last, float("-inf"))
-    else:
-        cnt = tl.zeros_like(rows)
-        virt = tl.full(bt.shape, float("-inf"), tl.float32)
-        carry = bt
-        a = b_last - bt + it
-        g = b_last
-    return bt, it, cnt, carry, virt, a, g
 
 
 @triton.jit

@@ -6,7 +6,8 @@ entry and end states."""
 import triton
 import triton.language as tl
 
-from .chunkwise_triton_intra import _gate_rows, _log_d_block, _qk_block
+from .chunkwise_triton_chunk import _gate_rows
+from .chunkwise_triton_intra import _log_d_block, _qk_block
 from .launch_settings import program_ids
 
 

@@ -485,6 +485,20 @@ def test_fused_forward_gpu(case, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [(1, 1, 777, 256, 512, 128, True, True, "random"), (1, 2, 512, 64, 64, 128, False, True, "limits")],
+                         ids=case_id)
+def test_intra_chunk_tiling_gpu(case, dtype):
+    """chunk128-intra (chunk 128 tiled in sub-blocks of 64, 64-wide tiles) in half precision at the 7B
+    head shape and at the gate limits: values, final states and gradients."""
+    B, NH, S, DK, DV, L, init, reset, gates = case
+    xs, rs = make_inputs(B, NH, S, DK, DV, dtype=dtype, init=init, reset=reset, gates=gates)
+    with launch_overrides(**aot.VARIANTS["chunk128-intra"]):
+        check_against_oracle(xs, rs, L, dtype, state_grads=gates != "limits",
+                             grads=not (dtype == torch.float16 and gates == "limits"))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("S, chunk, gates", [(16384, 64, "random"), (16384, 128, "random"), (65536, 64, "limits")])
 def test_long_sequence_gpu(S, chunk, gates):
     """No NaN or inf over long sequences at the 7B head shape; at 65,536 tokens with every gate
