@@ -1,5 +1,6 @@
-"""The Triton chunkwise mLSTM kernels against the float64 parallel oracle (their launch settings:
-test_launch_settings.py; the step kernel: test_step_kernel.py).
+"""The Triton chunkwise mLSTM kernels against the float64 parallel oracle (the intra-chunk tiled and
+split-states variants: test_kernels_variants.py; their launch settings: test_launch_settings.py; the
+step kernel: test_step_kernel.py; shared helpers: kernel_oracle.py).
 
 Without CUDA the real kernels run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET=1):
 fp32, tiny shapes. Tests marked gpu add bf16/fp16, large shapes and long sequences.
@@ -13,110 +14,15 @@ from torch.utils.checkpoint import checkpoint
 pytest.importorskip("triton")
 
 from conftest import random_model, rel_err  # noqa: E402
+from kernel_oracle import (CASES, DEVICE, TOL, VARIANTS, case_id, check_against_oracle, forward_backward,  # noqa: E402
+                           make_inputs)
 
 from xlstm7b import ModelConfig  # noqa: E402
 from xlstm7b.kernels import mlstm, mlstm_parallel, resolve_backend  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton import chunk_gates, mlstm_chunkwise_fwd, mlstm_chunkwise_triton  # noqa: E402
 from xlstm7b.kernels import aot, chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_fwd import FUSED_MAX_CHUNK, state_dtype  # noqa: E402
-from xlstm7b.kernels.chunkwise_triton_split import segment_plan  # noqa: E402
-from xlstm7b.kernels.launch_settings import INTRA_LAUNCHES, launch_overrides  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (1e-2, 1e-2)}  # values, grads
-
-
-def make_inputs(B, NH, S, DK, DV, *, dtype=torch.float32, init=False, reset=False, gates="random", seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
-
-    q, k, v = rand(B, NH, S, DK), rand(B, NH, S, DK), rand(B, NH, S, DV)
-    if gates == "random":
-        i, f = rand(B, NH, S, scale=3.0), rand(B, NH, S, scale=3.0) + 2.0
-    else:  # soft-cap limits: i = +15 everywhere but a few; f = +-15
-        i = torch.full((B, NH, S), 15.0, device=DEVICE)
-        i[..., 1::4] = -15.0
-        f = torch.where(torch.rand(B, NH, S, generator=g) < 0.7, 15.0, -15.0).to(DEVICE)
-    xs = [q.to(dtype), k.to(dtype), v.to(dtype), i, f]
-    if init:
-        xs += [rand(B, NH, DK, DV), rand(B, NH, DK).abs(), rand(B, NH, 1)]
-    rs = None
-    if reset:
-        rs = torch.rand(B, S, generator=g) < 0.1
-        rs[:, min(S - 1, 5)] = True
-        rs = rs.to(DEVICE)
-    return xs, rs
-
-
-def forward_backward(fn, xs, reset, seed=1, state_grads=True, **kw):
-    """Runs fn on leaf copies of xs, backpropagates fixed random cotangents of (h, C, n, m)
-    (of h alone without state_grads)."""
-    xs = [x.detach().clone().requires_grad_() for x in xs]
-    state = tuple(xs[5:]) if len(xs) > 5 else None
-    h, (C, n, m) = fn(*xs[:5], state, reset=reset, **kw)
-    outs = (h, C, n, m) if state_grads else (h,)
-    g = torch.Generator().manual_seed(seed)
-    cot = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device) for o in outs]
-    sum((o.double() * c).sum() for o, c in zip(outs, cot)).backward()
-    return (h, C, n, m), [x.grad for x in xs]
-
-
-# dn0 and dm0 can be cancelling sums far below the terms they are made of: dn0 only where |n . q|
-# won the normalizer's max, in one column's units of C0's gradient; dm0 the eps-sized rest of terms
-# that include dC0 . C0 and dn0 . n0. In bfloat16 or float16 such a near-zero sum is off by the
-# rounding of its terms (dn0 2.4e-2 relative to a norm of 1e-4, next to 6.3 for dC0, at the 7B head
-# shape in the interpreter; 6.3e-2 on an H200), so for those dtypes check_against_oracle measures
-# their error against a hundredth of the scale of dC0 . C0 and dn0 . n0 where that exceeds their norm.
-def check_against_oracle(xs, reset, chunk, dtype=torch.float32, state_grads=True, tol=None, grads=True):
-    outs, grads_ = forward_backward(mlstm_chunkwise_triton, xs, reset, state_grads=state_grads, chunk_size=chunk)
-    ref_outs, ref_grads = forward_backward(mlstm_parallel, [x.double() for x in xs], reset, state_grads=state_grads)
-    tol_v, tol_g = tol or TOL[dtype]
-    for name, a, b in zip(("h", "C", "n", "m"), outs, ref_outs):
-        assert torch.isfinite(a).all(), name
-        assert rel_err(a, b) <= tol_v, f"{name}: rel err {rel_err(a, b):.2e}"
-    if not grads:
-        return
-    floors = {}
-    if len(xs) > 5 and dtype != torch.float32:  # the initial state's gradients
-        dC0, dn0, C0, n0 = ref_grads[5], ref_grads[6], xs[5].double(), xs[6].double()
-        floors["dn0"] = 1e-2 * dC0.norm() / dC0.shape[-1] ** 0.5
-        floors["dm0"] = 1e-2 * ((dC0 * C0).abs().sum((-1, -2)) + (dn0 * n0).abs().sum(-1)).norm()
-    for name, a, b in zip(("dq", "dk", "dv", "di", "df", "dC0", "dn0", "dm0"), grads_, ref_grads):
-        assert torch.isfinite(a).all(), name
-        err = ((a.double() - b).norm() / torch.maximum(b.norm(), floors.get(name, b.norm())).clamp_min(1e-300)).item()
-        assert err <= tol_g, f"{name}: rel err {err:.2e}"
-
-
-# B, NH, S, DK, DV, chunk, initial state, reset mask, gates
-CASES = [
-    (1, 2, 1, 16, 16, 16, False, False, "random"),
-    (2, 1, 17, 16, 32, 16, True, False, "random"),
-    (1, 2, 45, 32, 16, 16, True, True, "random"),
-    (2, 1, 70, 16, 16, 32, False, True, "random"),
-    (1, 1, 70, 16, 16, 64, True, True, "random"),
-    (1, 1, 33, 24, 40, 32, True, True, "random"),  # head dims that are not powers of two
-    (1, 1, 48, 16, 16, 128, True, False, "random"),
-    (1, 1, 150, 16, 16, 128, False, True, "random"),
-    (2, 2, 64, 32, 32, 16, True, True, "random"),
-    (1, 2, 40, 16, 16, 16, True, True, "limits"),
-    (1, 1, 33, 16, 16, 16, False, False, "limits"),
-]
-
-
-def case_id(c):
-    B, NH, S, DK, DV, L, init, reset, gates = c
-    return f"B{B}-NH{NH}-S{S}-DK{DK}-DV{DV}-L{L}" + "-init" * init + "-reset" * reset + f"-{gates}"
-
-
-# the split states pass at 4 segments, so that the few chunks of these tests make segments of several
-VARIANTS = ({"two-pass": {}, "fused": dict(fused=dict(enabled=1))} | {k: v for k, v in aot.VARIANTS.items() if k != "default"}
-            | {"split": dict(states=dict(segments=4))})
-"""The selectable forms of the kernels, as launch_overrides: the default (states and output passes,
-each per-chunk launch with the chunk index fastest), the one-pass forward (at the chunks it takes),
-and the variants of aot.VARIANTS (the per-chunk launches with the tile index fastest, the states
-pass at each chunk's own stabilizer)."""
+from xlstm7b.kernels.launch_settings import launch_overrides  # noqa: E402
 
 
 @pytest.mark.parametrize("case, variant", [(c, v) for v in VARIANTS for c in CASES if v not in aot.VARIANTS or c[5] in aot.variant_chunks(v)],
@@ -162,144 +68,11 @@ def test_activation_checkpointing_reuses_the_recomputed_chunk_states(variant, re
         assert torch.equal(a, b)
 
 
-def intra(LB: int) -> dict:
-    """launch_overrides tiling every launch that takes an LB in sub-blocks of LB (chunkwise_triton_intra.py)."""
-    return {launch: dict(LB=LB) for launch in INTRA_LAUNCHES}
-
-
-@pytest.mark.parametrize("variant, chunk, at", [("two-pass", 16, 36), ("tiles", 16, 36), ("local-max", 16, 36), ("intra", 32, 20), ("split", 16, 36)])
-def test_chunk_end_max_from_the_zeroed_state(variant, chunk, at):
-    """A reset followed by input gates at -15 to the end of the chunk: the zeroed state (m = 0)
-    outweighs every token, so the chunk-end m took its max from the zeroed state and its gradient
-    flows through that path only (to virt, then to f). Tiled in sub-blocks of 16 ("intra"), the
-    reset is in the chunk's second one."""
-    xs, _ = make_inputs(1, 2, 40, 16, 16, init=True)
-    xs[3][..., at:] = -15.0
-    rs = torch.zeros(1, 40, dtype=torch.bool, device=DEVICE)
-    rs[:, at] = True
-    with launch_overrides(**(intra(chunk // 2) if variant == "intra" else VARIANTS[variant])):
-        check_against_oracle(xs, rs, chunk)
-
-
-# B, NH, S, DK, DV, chunk, initial state, reset mask, gates: the kernels tiled in two sub-blocks
-INTRA_CASES = [
-    (2, 2, 45, 16, 16, 32, True, True, "random"),
-    (1, 2, 40, 16, 16, 32, True, True, "limits"),
-    (1, 1, 70, 24, 40, 64, True, True, "random"),  # a ragged S, head dims that are not powers of two
-]
-
-
-@pytest.mark.parametrize("case", INTRA_CASES, ids=case_id)
-def test_intra_chunk_tiling_matches_oracle(case):
-    """The launches tiled in sub-blocks of half the chunk (the code chunk128-intra runs at chunk 128,
-    at chunks the interpreter runs in seconds): values, final states and every gradient, the initial
-    state's included, with resets in either sub-block of a chunk."""
-    B, NH, S, DK, DV, L, init, reset, gates = case
-    xs, rs = make_inputs(B, NH, S, DK, DV, init=init, reset=reset, gates=gates)
-    rs[0, L // 2 + 3] = True  # in the first chunk's second sub-block
-    with launch_overrides(**intra(L // 2)):
-        check_against_oracle(xs, rs, L, state_grads=gates != "limits")
-
-
-def test_intra_chunk_tiling_mixed_with_untiled_launches():
-    """Each launch takes its own LB: the untiled dq, dk read the scores' tiled [L, L] tiles (their
-    blocks above the diagonal stored as zeros), an untiled forward meets a tiled backward."""
-    xs, rs = make_inputs(1, 2, 45, 16, 16, init=True, reset=True)
-    with launch_overrides(scores=dict(LB=16), dv=dict(LB=16)):
-        check_against_oracle(xs, rs, 32)
-
-
 def test_more_heads_than_a_grid_axis_takes():
     """Batch x heads past CUDA's 65,535 on a grid axis is an error saying to split the batch."""
     xs, _ = make_inputs(65536, 1, 1, 16, 16)
     with pytest.raises(ValueError, match="at most 65,535 sequences x heads.*split the batch"):
         mlstm_chunkwise_triton(*xs, chunk_size=16)
-
-def test_local_max_with_a_chunk_no_token_reaches():
-    """Input gates of -inf over a whole chunk (as padding has): the chunk's own max is -inf, its
-    product zero; the states pass at the chunk's own stabilizer gives what the default gives."""
-    xs, _ = make_inputs(1, 2, 48, 16, 16, init=True)
-    xs[3][..., 16:32] = float("-inf")
-    default = mlstm_chunkwise_triton(*xs[:5], tuple(xs[5:]), chunk_size=16)
-    with launch_overrides(**VARIANTS["local-max"]):
-        local = mlstm_chunkwise_triton(*xs[:5], tuple(xs[5:]), chunk_size=16)
-    for a, b in zip((default[0], *default[1]), (local[0], *local[1])):
-        assert torch.isfinite(b).all() and rel_err(b, a) < 1e-6
-
-
-def sparse_resets(B: int, S: int, *at: int) -> torch.Tensor:
-    rs = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
-    rs[:, list(at)] = True
-    return rs
-
-
-# B, NH, S, DK, DV, chunk, initial state, reset positions, gates; segments, local_max
-SPLIT_CASES = [
-    ((1, 2, 150, 16, 16, 16, True, (37, 100), "random"), 4, 0),  # 10 chunks: segments of 3, 3, 3 and 1
-    ((2, 1, 150, 16, 32, 16, True, (), "random"), 8, 1),  # 5 segments of 2 chunks, each chunk at its own max
-    ((1, 1, 70, 24, 40, 32, False, (50,), "random"), 64, 0),  # more segments than chunks: 3 of one
-    ((1, 2, 64, 16, 16, 16, True, (9,), "limits"), 2, 0),  # 2 segments of 2 chunks
-]
-
-
-@pytest.mark.parametrize("case, segments, local_max", SPLIT_CASES,
-                         ids=[f"{case_id((*c[:7], bool(c[7]), c[8]))}-P{P}" + "-local-max" * lm for c, P, lm in SPLIT_CASES])
-def test_split_states_pass_matches_oracle(case, segments, local_max, monkeypatch):
-    """The states pass split over segments (chunkwise_triton_split.py), with forget gates near 1 so
-    that every segment's state reaches the next: values, final states and every gradient, the final
-    m's and the initial state's included, against the float64 oracle; the split launches ran for the
-    forward's states (and their rerun in the backward) and for the backward's states pass."""
-    B, NH, S, DK, DV, L, init, resets, gates = case
-    xs, _ = make_inputs(B, NH, S, DK, DV, init=init, gates=gates)
-    if gates == "random":
-        xs[4] = xs[4] + 6.0
-    runs = []
-    original = chunkwise_triton_fwd.split_chunk_states
-    monkeypatch.setattr(chunkwise_triton_fwd, "split_chunk_states", lambda *a, **kw: runs.append(kw["P"]) or original(*a, **kw))
-    grads = chunkwise_triton_bwd.split_states_grad
-    monkeypatch.setattr(chunkwise_triton_bwd, "split_states_grad", lambda *a, **kw: runs.append(-kw["P"]) or grads(*a, **kw))
-    with launch_overrides(states=dict(segments=segments, local_max=local_max)):
-        check_against_oracle(xs, sparse_resets(B, S, *resets), L, state_grads=gates != "limits")
-    P = segment_plan(-(-S // L), segments, B * NH)[0]
-    assert sorted(runs) == [-P, P, P]  # the forward's, its rerun in the backward, the backward's
-
-
-def test_split_with_segments_no_token_reaches():
-    """Input gates of -inf over a whole segment (the first and the last of three): its local state
-    stays empty (m = -inf) without a NaN, and the split pass gives what the single pass gives, in
-    values and gradients."""
-    xs, _ = make_inputs(1, 2, 96, 16, 16, init=True)
-    xs[4] = xs[4] + 6.0
-    xs[3][..., :32] = float("-inf")
-    xs[3][..., 64:] = float("-inf")
-    single, single_grads = forward_backward(mlstm_chunkwise_triton, xs, None, chunk_size=16)
-    with launch_overrides(states=dict(segments=4)):
-        split, split_grads = forward_backward(mlstm_chunkwise_triton, xs, None, chunk_size=16)
-    for a, b in zip((*single, *single_grads), (*split, *split_grads)):
-        assert torch.isfinite(b).all() and rel_err(b, a) < 1e-5
-
-
-def test_split_routes_the_carried_max_at_segment_boundaries():
-    """Input gates of -12 after the first chunk and forget gates near 1: the carried state attains
-    every chunk-end max, and the final m's gradient flows back through every chunk to dm0 and f. At
-    a segment boundary the combine's m rounds otherwise than g + m_beg: the backward must still see
-    the carried state there (g + m_beg >= the chunk's own max, not g + m_beg == m_end)."""
-    xs, _ = make_inputs(1, 2, 256, 16, 16, init=True)
-    xs[4] = xs[4] + 6.0
-    xs[3][..., 16:] = -12.0
-    with launch_overrides(states=dict(segments=4)):
-        check_against_oracle(xs, None, 16)
-
-
-def test_segment_plan():
-    """Segments asked, capped at the chunks and at CUDA's grid axis, and the chunks each holds."""
-    assert segment_plan(10, 4, 2) == (4, 3)
-    assert segment_plan(5, 4, 2) == (3, 2)  # segments of 2, 2 and 1
-    assert segment_plan(3, 64, 2) == (3, 1)
-    assert segment_plan(1, 16, 2) == (1, 1)  # one chunk: the single pass
-    assert segment_plan(1024, 16, 8) == (16, 64)
-    assert segment_plan(1024, 16, 65535) == (1, 1024)
-
 
 @pytest.mark.parametrize("case", [(1, 2, 512, 64, 64, 16, False, True, "limits"), (1, 1, 300, 64, 128, 16, True, True, "random")],
                          ids=case_id)
@@ -485,20 +258,6 @@ def test_fused_forward_gpu(case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", [(1, 1, 777, 256, 512, 128, True, True, "random"), (1, 2, 512, 64, 64, 128, False, True, "limits")],
-                         ids=case_id)
-def test_intra_chunk_tiling_gpu(case, dtype):
-    """chunk128-intra (chunk 128 tiled in sub-blocks of 64, 64-wide tiles) in half precision at the 7B
-    head shape and at the gate limits: values, final states and gradients."""
-    B, NH, S, DK, DV, L, init, reset, gates = case
-    xs, rs = make_inputs(B, NH, S, DK, DV, dtype=dtype, init=init, reset=reset, gates=gates)
-    with launch_overrides(**aot.VARIANTS["chunk128-intra"]):
-        check_against_oracle(xs, rs, L, dtype, state_grads=gates != "limits",
-                             grads=not (dtype == torch.float16 and gates == "limits"))
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("S, chunk, gates", [(16384, 64, "random"), (16384, 128, "random"), (65536, 64, "limits")])
 def test_long_sequence_gpu(S, chunk, gates):
     """No NaN or inf over long sequences at the 7B head shape; at 65,536 tokens with every gate
@@ -509,13 +268,3 @@ def test_long_sequence_gpu(S, chunk, gates):
         assert torch.isfinite(t).all()
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_split_states_pass_gpu(dtype):
-    """The states passes split over segments at the 7B head shape on the GPU (bfloat16 chunk states,
-    tensor-core products; the interpreter runs float32 only): values, final states and gradients."""
-    xs, _ = make_inputs(1, 2, 1000, 256, 512, dtype=dtype, init=True)
-    xs[4] = xs[4] + 6.0
-    tol = (3e-4, TOL[dtype][1]) if dtype == torch.float32 else None
-    with launch_overrides(states=dict(segments=4)):  # 16 chunks of 64: 4 segments of 4
-        check_against_oracle(xs, sparse_resets(1, 1000, 300), 64, dtype, tol=tol)

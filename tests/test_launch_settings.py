@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import load_script  # noqa: E402
-from test_kernels_triton import DEVICE, check_against_oracle, make_inputs  # noqa: E402
+from kernel_oracle import DEVICE, check_against_oracle, make_inputs  # noqa: E402
 
 from xlstm7b.kernels import chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton import mlstm_chunkwise_triton  # noqa: E402
