@@ -160,10 +160,10 @@ else
     [[ ! -e $work/junit.xml ]] || "$python" benchmarks/gpu_summary.py junit "$work/junit.xml" "$out/tests.json"
     # the 7B head shape at 65,536 and 8,192 tokens in both launch orders; the step kernel at batch 1
     # and 256; then the launch variants
-    stage kernels 90 "$python" benchmarks/kernels.py --seq-lens 65536 8192 --heads 8,256,512 \
+    stage kernels 115 "$python" benchmarks/kernels.py --seq-lens 65536 8192 --heads 8,256,512 \
         --providers xlstm7b-triton xlstm7b-triton-tiles xlstm7b-triton-chunk128 xlstm7b-triton-chunk128-tiles \
         xlstm7b-triton-chunk128-intra xlstm7b-triton-chunk128-intra-tiles xlstm7b-triton-split tfla-exp-chunk128 fla-simple-gla --step-batches 1 256 --reps 50 --profile --out "$out"
-    stage tune 40 "$python" benchmarks/kernels.py --tune --seq-lens 65536 --heads 8,256,512 --reps 25 --out "$out"
+    stage tune 25 "$python" benchmarks/kernels.py --tune --seq-lens 65536 --heads 8,256,512 --reps 25 --out "$out"
     # 7B shape, random bf16 weights shared with the official model: batch 1 in every mode, then batch 256
     # with float32 and bfloat16 state, kernels per token, the 8k prefill's forward, where a step's time goes
     stage generate 120 "$python" benchmarks/generate.py --device cuda --batches 1 256 --state-dtypes float32 bfloat16 \
@@ -171,7 +171,7 @@ else
         --memory-tokens --repeats 2 --kernels-per-token --profile "${official[@]}" --out "$out"
     stage train 50 "$python" benchmarks/train.py --presets 1.3b --steps 5 --micro-batch-sweep 4 8 --optimizer fused foreach \
         --profile --output "$out/train.json"
-    stage train-compiled 40 "$python" benchmarks/train.py --presets 1.3b --steps 5 --micro-batch 4 --optimizer fused \
+    stage train-compiled 30 "$python" benchmarks/train.py --presets 1.3b --steps 5 --micro-batch 4 --optimizer fused \
         --compile --output "$out/train_compiled.json"
     # second call: the engine at the 7B shape, random bf16 weights, bfloat16 C and n (512 slots: 32 GiB)
     stage serve 75 "$python" benchmarks/serve.py --device cuda --preset 7b --concurrency 64 256 512 \
