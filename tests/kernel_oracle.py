@@ -111,6 +111,22 @@ def intra(LB: int) -> dict:
     return {launch: dict(LB=LB) for launch in INTRA_LAUNCHES}
 
 
+def nan_for_uninitialised_memory():
+    """As a pytest fixture (or a contextlib.contextmanager): torch.empty and its kin return memory
+    filled with NaN (integers with their largest value) rather than whatever it held, so that an entry
+    a launch reads but no launch wrote fails the oracle check rather than passing where the memory
+    happened to hold zeros. Deterministic mode warns only; the previous settings come back after."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def sparse_resets(B: int, S: int, *at: int) -> torch.Tensor:
     rs = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
     rs[:, list(at)] = True

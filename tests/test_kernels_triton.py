@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from conftest import random_model, rel_err  # noqa: E402
 from kernel_oracle import (CASES, DEVICE, TOL, VARIANTS, case_id, check_against_oracle, forward_backward,  # noqa: E402
-                           make_inputs)
+                           make_inputs, nan_for_uninitialised_memory)
 
 from xlstm7b import ModelConfig  # noqa: E402
 from xlstm7b.kernels import mlstm, mlstm_parallel, resolve_backend  # noqa: E402
@@ -24,12 +24,16 @@ from xlstm7b.kernels import aot, chunkwise_triton_bwd, chunkwise_triton_fwd  # n
 from xlstm7b.kernels.chunkwise_triton_fwd import FUSED_MAX_CHUNK, state_dtype  # noqa: E402
 from xlstm7b.kernels.launch_settings import launch_overrides  # noqa: E402
 
+nan_in_empty_memory = pytest.fixture(nan_for_uninitialised_memory)
 
+
+@pytest.mark.usefixtures("nan_in_empty_memory")
 @pytest.mark.parametrize("case, variant", [(c, v) for v in VARIANTS for c in CASES if v not in aot.VARIANTS or c[5] in aot.variant_chunks(v)],
                          ids=lambda x: x if isinstance(x, str) else case_id(x))
 def test_chunkwise_matches_oracle(case, variant):
     """Every variant of the forward and backward (at the chunks it is built for): values, final
-    states and the gradients of every input, the initial state included."""
+    states and the gradients of every input, the initial state included; memory the launchers
+    allocate holds NaN until a launch writes it (an entry read but never written fails)."""
     B, NH, S, DK, DV, L, init, reset, gates = case
     L = min(L, FUSED_MAX_CHUNK) if variant == "fused" else L
     xs, rs = make_inputs(B, NH, S, DK, DV, init=init, reset=reset, gates=gates)
@@ -73,6 +77,7 @@ def test_more_heads_than_a_grid_axis_takes():
     xs, _ = make_inputs(65536, 1, 1, 16, 16)
     with pytest.raises(ValueError, match="at most 65,535 sequences x heads.*split the batch"):
         mlstm_chunkwise_triton(*xs, chunk_size=16)
+
 
 @pytest.mark.parametrize("case", [(1, 2, 512, 64, 64, 16, False, True, "limits"), (1, 1, 300, 64, 128, 16, True, True, "random")],
                          ids=case_id)
@@ -266,5 +271,3 @@ def test_long_sequence_gpu(S, chunk, gates):
     outs, grads = forward_backward(mlstm_chunkwise_triton, xs, rs, chunk_size=chunk)
     for t in (*outs, *grads[:5]):
         assert torch.isfinite(t).all()
-
-

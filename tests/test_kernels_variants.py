@@ -2,7 +2,9 @@
 test_kernels_triton.py: the launches tiled inside the chunk (launch setting LB,
 chunkwise_triton_intra*.py), the states passes split over segments of the sequence (states
 segments, chunkwise_triton_split*.py), the states pass at each chunk's own stabilizer (local_max),
-and the chunk-end max taken from a reset's zeroed state in every form.
+and the chunk-end max taken from a reset's zeroed state in every form. Memory the launchers allocate
+holds NaN until a launch writes it (nan_for_uninitialised_memory): an entry read but never written
+fails the check.
 
 Without CUDA the kernels run in Triton's CPU interpreter (fp32, tiny shapes); tests marked gpu add
 half precision at the 7B head shape.
@@ -15,12 +17,14 @@ pytest.importorskip("triton")
 
 from conftest import rel_err  # noqa: E402
 from kernel_oracle import (DEVICE, TOL, VARIANTS, case_id, check_against_oracle, forward_backward, intra,  # noqa: E402
-                           make_inputs, sparse_resets)
+                           make_inputs, nan_for_uninitialised_memory, sparse_resets)
 
 from xlstm7b.kernels import aot, chunkwise_triton_bwd, chunkwise_triton_fwd  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton import mlstm_chunkwise_triton  # noqa: E402
 from xlstm7b.kernels.chunkwise_triton_split import segment_plan  # noqa: E402
 from xlstm7b.kernels.launch_settings import launch_overrides  # noqa: E402
+
+nan_in_empty_memory = pytest.fixture(autouse=True)(nan_for_uninitialised_memory)
 
 
 @pytest.mark.parametrize("variant, chunk, at", [("two-pass", 16, 36), ("tiles", 16, 36), ("local-max", 16, 36), ("intra", 32, 20), ("split", 16, 36)])
@@ -57,6 +61,17 @@ def test_intra_chunk_tiling_matches_oracle(case):
         check_against_oracle(xs, rs, L, state_grads=gates != "limits")
 
 
+def test_intra_chunk_tiling_in_four_sub_blocks():
+    """Chunk 64 in sub-blocks of 16: the dq loop of a middle sub-block and its dk, dv loops each run
+    several blocks. Forget gates near 1 and a first chunk without resets let the terms between
+    distant sub-blocks weigh in (at random gates with a reset every ten tokens they fall below the
+    tolerance); the second chunk has a reset in each of its middle sub-blocks."""
+    xs, _ = make_inputs(1, 1, 128, 16, 16, init=True)
+    xs[4] = xs[4] + 6.0
+    with launch_overrides(**intra(16)):
+        check_against_oracle(xs, sparse_resets(1, 128, 64 + 21, 64 + 40), 64)
+
+
 def test_intra_chunk_tiling_mixed_with_untiled_launches():
     """Each launch takes its own LB: the untiled dq, dk read the scores' tiled [L, L] tiles (their
     blocks above the diagonal stored as zeros), an untiled forward meets a tiled backward."""
@@ -77,22 +92,32 @@ def test_local_max_with_a_chunk_no_token_reaches():
         assert torch.isfinite(b).all() and rel_err(b, a) < 1e-6
 
 
-# B, NH, S, DK, DV, chunk, initial state, reset positions, gates; segments, local_max
+# (B, NH, S, DK, DV, chunk, initial state, reset positions, gates), the launch_overrides (states segments at least)
 SPLIT_CASES = [
-    ((1, 2, 150, 16, 16, 16, True, (37, 100), "random"), 4, 0),  # 10 chunks: segments of 3, 3, 3 and 1
-    ((2, 1, 150, 16, 32, 16, True, (), "random"), 8, 1),  # 5 segments of 2 chunks, each chunk at its own max
-    ((1, 1, 70, 24, 40, 32, False, (50,), "random"), 64, 0),  # more segments than chunks: 3 of one
-    ((1, 2, 64, 16, 16, 16, True, (9,), "limits"), 2, 0),  # 2 segments of 2 chunks
+    ((1, 2, 150, 16, 16, 16, True, (37, 100), "random"), dict(states=dict(segments=4))),  # 10 chunks: segments of 3, 3, 3 and 1
+    ((2, 1, 150, 16, 32, 16, True, (), "random"), dict(states=dict(segments=8, local_max=1))),  # 5 segments of 2 chunks, each chunk at its own max
+    ((1, 1, 70, 24, 40, 32, False, (50,), "random"), dict(states=dict(segments=64))),  # more segments than chunks: 3 of one
+    ((1, 2, 64, 16, 16, 16, True, (9,), "limits"), dict(states=dict(segments=2))),  # 2 segments of 2 chunks
+    # 3 DK tiles (the last masked) by 3 DV tiles: the first DV tile's programs own n, the (0, 0) ones m
+    ((1, 1, 100, 40, 48, 16, True, (40,), "random"), dict(states=dict(segments=4, BK=16, BV=16))),
+    ((1, 1, 150, 16, 16, 16, True, (48, 95), "random"), dict(states=dict(segments=4))),  # resets at segment 1's first and last tokens
+    # the one-pass forward stores no states: its backward recomputes them split, at the one-pass forward's m
+    ((1, 2, 100, 16, 16, 16, True, (30,), "random"), dict(states=dict(segments=4), fused=dict(enabled=1))),
 ]
 
 
-@pytest.mark.parametrize("case, segments, local_max", SPLIT_CASES,
-                         ids=[f"{case_id((*c[:7], bool(c[7]), c[8]))}-P{P}" + "-local-max" * lm for c, P, lm in SPLIT_CASES])
-def test_split_states_pass_matches_oracle(case, segments, local_max, monkeypatch):
+def split_id(case: tuple, overrides: dict) -> str:
+    settings = "-".join(f"{k}{v}" for launch in overrides.values() for k, v in launch.items())
+    return f"{case_id((*case[:7], bool(case[7]), case[8]))}-{settings}".replace("enabled1", "fused")
+
+
+@pytest.mark.parametrize("case, overrides", SPLIT_CASES, ids=[split_id(*c) for c in SPLIT_CASES])
+def test_split_states_pass_matches_oracle(case, overrides, monkeypatch):
     """The states pass split over segments (chunkwise_triton_split.py), with forget gates near 1 so
     that every segment's state reaches the next: values, final states and every gradient, the final
     m's and the initial state's included, against the float64 oracle; the split launches ran for the
-    forward's states (and their rerun in the backward) and for the backward's states pass."""
+    forward's states (but for the one-pass forward, which computes none), their rerun in the backward
+    and the backward's states pass."""
     B, NH, S, DK, DV, L, init, resets, gates = case
     xs, _ = make_inputs(B, NH, S, DK, DV, init=init, gates=gates)
     if gates == "random":
@@ -102,10 +127,10 @@ def test_split_states_pass_matches_oracle(case, segments, local_max, monkeypatch
     monkeypatch.setattr(chunkwise_triton_fwd, "split_chunk_states", lambda *a, **kw: runs.append(kw["P"]) or original(*a, **kw))
     grads = chunkwise_triton_bwd.split_states_grad
     monkeypatch.setattr(chunkwise_triton_bwd, "split_states_grad", lambda *a, **kw: runs.append(-kw["P"]) or grads(*a, **kw))
-    with launch_overrides(states=dict(segments=segments, local_max=local_max)):
+    with launch_overrides(**overrides):
         check_against_oracle(xs, sparse_resets(B, S, *resets), L, state_grads=gates != "limits")
-    P = segment_plan(-(-S // L), segments, B * NH)[0]
-    assert sorted(runs) == [-P, P, P]  # the forward's, its rerun in the backward, the backward's
+    P = segment_plan(-(-S // L), overrides["states"]["segments"], B * NH)[0]
+    assert sorted(runs) == [-P] + [P] * (1 if "fused" in overrides else 2)
 
 
 def test_split_with_segments_no_token_reaches():
@@ -167,5 +192,7 @@ def test_split_states_pass_gpu(dtype):
     xs, _ = make_inputs(1, 2, 1000, 256, 512, dtype=dtype, init=True)
     xs[4] = xs[4] + 6.0
     tol = (3e-4, TOL[dtype][1]) if dtype == torch.float32 else None
-    with launch_overrides(states=dict(segments=4)):  # 16 chunks of 64: 4 segments of 4
+    # float32 on a GPU runs chunks of 32 (triton_chunk_size): 32 chunks, 4 segments of 8; bfloat16
+    # 16 chunks of 64, 4 segments of 4
+    with launch_overrides(states=dict(segments=4)):
         check_against_oracle(xs, sparse_resets(1, 1000, 300), 64, dtype, tol=tol)
