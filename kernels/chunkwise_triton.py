@@ -102,6 +102,11 @@ mlstm_chunkwise_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 
 
+MAX_INT32 = 2**31 - 1
+"""The largest offset the kernels take within q, k, v and h (their chunk states are addressed in
+int64: see chunkwise_triton_fwd.py)."""
+
+
 def chunk_gates(i: torch.Tensor, f: torch.Tensor, reset: torch.Tensor | None, L: int):
     """The kernels' gate vectors (see module docstring), padded to a multiple of L. Differentiable.
     The kernels index them as contiguous rows: i and f are often views of a [B, S, NH] projection, and
@@ -157,6 +162,9 @@ def mlstm_chunkwise_triton(
     if B * NH > MAX_GRID_Y:  # every launch puts batch x head on a grid axis CUDA caps
         raise ValueError(f"mlstm: the triton backend takes at most {MAX_GRID_Y:,} sequences x heads per call, got "
                          f"{B:,} x {NH} = {B * NH:,}: split the batch")
+    if B * NH * S * max(DK, DV) > MAX_INT32:  # a head's offset into q, k, v, h is int32 in the kernels
+        raise ValueError(f"mlstm: the triton backend takes q, k, v of at most {MAX_INT32:,} elements per call, got "
+                         f"{B:,} x {NH} x {S:,} x {max(DK, DV)}: split the batch (or the sequence, carrying the state)")
     L = triton_chunk_size(chunk_size, S, q.dtype)
     b, ig, virt, cnt = chunk_gates(i, f, reset, L)
     if state is None:

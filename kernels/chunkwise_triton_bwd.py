@@ -2,7 +2,7 @@
 custom ops and public function: chunkwise_triton.py).
 
 The forward keeps only h, the per-position stabilizer m_t and denominator den, and the chunk-entry
-m; the chunk-entry states C, n are recomputed (one cheap sequential pass) instead of stored, unless
+m; the chunk-entry states C, n are recomputed (the forward's states pass, again) instead of stored, unless
 the forward ran in a checkpoint's recomputation, right before this backward (chunkwise_triton.py).
 Then, six launches in all and no per-position PyTorch op:
 1. `_scores_bwd_kernel` (per chunk and block of rows) computes the chunk's weighted scores A_tj and
@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunkwise_triton_chunk import _state_grad_step, _store_end_grad
-from .chunkwise_triton_fwd import _gate_vectors, _row_log_d, chunk_states, final_state, program_ids, state_dtype
+from .chunkwise_triton_chunk import _gate_vectors, _state_grad_step, _store_end_grad
+from .chunkwise_triton_fwd import _row_log_d, chunk_states, final_state, state_dtype
 from .chunkwise_triton_gates import _gates_bwd_kernel, _state_dot
 from .chunkwise_triton_intra import _qk_block, tiled_kernel
 from .chunkwise_triton_intra_bwd import (
@@ -47,7 +47,7 @@ from .chunkwise_triton_intra_bwd import (
 )
 from .chunkwise_triton_split import segment_plan
 from .chunkwise_triton_split_bwd import split_states_grad
-from .launch_settings import grid_meta, launch_config
+from .launch_settings import grid_meta, launch_config, program_ids
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def _states_bwd_kernel(
     mk, mv = offs_k < DK, offs_v < DV
     mkv = mk[:, None] & mv[None, :]
     c_off = offs_k[:, None] * DV + offs_v[None, :]
-    dC = tl.load(DC_END + i_bh * DK * DV + c_off, mask=mkv, other=0.0)
+    dC = tl.load(DC_END + i_bh.to(tl.int64) * DK * DV + c_off, mask=mkv, other=0.0)
     dn = tl.load(DN_END + i_bh * DK + offs_k, mask=mk, other=0.0)
     dmk = tl.load(DM_END + i_bh)
     if i_k == 0:
@@ -89,7 +89,7 @@ def _states_bwd_kernel(
         dC, dn, dmk, _, _ = _state_grad_step(Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, DMTC, dC, dn, dmk, i_c, i_bh, i_b,
                                              offs_k, offs_v, S, S_pad, NC, DK, DV, scale, s_k_bh, s_k_t, s_v_bh, s_v_t,
                                              L, HAS_RESET, DT, PREC)
-    tl.store(DC0 + i_bh * DK * DV + c_off, dC, mask=mkv)
+    tl.store(DC0 + i_bh.to(tl.int64) * DK * DV + c_off, dC, mask=mkv)
     if i_v == 0:
         tl.store(DN0 + i_bh * DK + offs_k, dn, mask=mk)
         if i_k == 0:
@@ -134,9 +134,9 @@ def _scores_bwd_kernel(
         offs_v = vb * BV + tl.arange(0, BV)
         mv = offs_v < DV
         vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(DT)
-        r_off = i_bh * s_v_bh + offs_r[:, None] * s_v_t + offs_v[None, :]
-        dh = tl.load(DH + r_off, mask=mr[:, None] & mv[None, :], other=0.0).to(tl.float32)
-        hdh += tl.sum(tl.load(H + r_off, mask=mr[:, None] & mv[None, :], other=0.0).to(tl.float32) * dh, 1)
+        r_off = offs_r[:, None] * s_v_t + offs_v[None, :]
+        dh = tl.load(DH + i_bh * s_v_bh + r_off, mask=mr[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        hdh += tl.sum(tl.load(H + i_bh * s_v_bh + r_off, mask=mr[:, None] & mv[None, :], other=0.0).to(tl.float32) * dh, 1)
         dA += tl.dot((dh * rden[:, None]).to(DT), tl.trans(vt), input_precision=PREC)
     dden, dmt = _normalizer_grads(den, m_r, hdh, rden, eps)
     dA += dden[:, None]

@@ -64,8 +64,8 @@ def _state_step(
     m_new = tl.maximum(g + m, tl.maximum(tl.max(a, 0), virt_last))
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     decay = tl.exp(g + m - m_sub)
-    m_loc = tl.max(a, 0)
-    m_loc = tl.where(m_loc == float("-inf"), 0.0, m_loc)  # -inf: no token reaches the chunk's end
+    a_max = tl.max(a, 0)
+    m_loc = tl.where(a_max == float("-inf"), 0.0, a_max)  # -inf: no token reaches the chunk's end
     w = tl.exp(a - m_loc) if LOCAL_MAX else tl.exp(a - m_sub)  # [L] weight of each token
     offs_t = i_c * L + tl.arange(0, L)
     mt, mk, mv = offs_t < S, offs_k < DK, offs_v < DV
@@ -73,7 +73,8 @@ def _state_step(
     vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32)
     kw = kt * w[:, None]
     if LOCAL_MAX:  # the chunk's product, then to the running stabilizer
-        to_new = tl.exp(m_loc - m_sub)
+        # zero where no token reaches the chunk's end: its product is zero, and exp(0 - m_sub) may overflow
+        to_new = tl.where(a_max == float("-inf"), 0.0, tl.exp(m_loc - m_sub))
         C = decay * C + to_new * tl.dot(tl.trans(kw).to(DT), vt.to(DT), input_precision=PREC)
         n = decay * n + to_new * tl.sum(kw, 0)
     else:
@@ -88,11 +89,25 @@ def _store_entry(CS, NS, MS, C, n, m, i_bh, i_c, i_k, i_v, NC, offs_k, offs_v, D
     and MS [BH, NC+1]; n and m by one program column only."""
     mk, mv = offs_k < DK, offs_v < DV
     c_off = offs_k[:, None] * DV + offs_v[None, :]
-    tl.store(CS + (i_bh * NC + i_c) * DK * DV + c_off, C.to(CS.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+    tl.store(CS + (i_bh * NC + i_c).to(tl.int64) * DK * DV + c_off, C.to(CS.dtype.element_ty), mask=mk[:, None] & mv[None, :])
     if i_v == 0:
         tl.store(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, n, mask=mk)
         if i_k == 0:
             tl.store(MS + i_bh * (NC + 1) + i_c, m)
+
+
+@triton.jit
+def _chunk_end_max_source(a, g, m_beg, virt_last):
+    """Which term attained a chunk's end stabilizer max(g + m_beg, max_j a_j, virt_last), the one its
+    gradient goes to: beta, 1.0 for the carried state (ties go to it), and top_a [L], 1.0 for the
+    tokens whose a_j is the maximum otherwise (split between ties; none: the zeroed state after a
+    reset, through virt_last). Decided from the terms themselves, not by comparing them with the
+    stored chunk-end m: for the single states pass, whose m is exactly that max, the same bit for bit;
+    the split pass's combine rounds the m at a segment boundary otherwise."""
+    a_max = tl.max(a, 0)
+    beta = tl.where(g + m_beg >= tl.maximum(a_max, virt_last), 1.0, 0.0)
+    top_a = tl.where(a == a_max, 1.0, 0.0) * tl.where(a_max >= virt_last, 1.0 - beta, 0.0)
+    return beta, top_a
 
 
 @triton.jit
@@ -119,12 +134,9 @@ def _state_grad_step(
     decay = tl.exp(g + m_beg - m_end)
     dC = decay * dC + tl.dot(tl.trans(qt * qd[:, None]).to(DT), dnum.to(DT), input_precision=PREC)
     dn = decay * dn + tl.sum(qt * (qd * dden)[:, None], 0)
-    # the chunk-end m came from the carried state: for the single states pass, whose chunk-end m is
-    # max(fl(g + m_beg), the chunk's own max), the same test as g + m_beg == m_end bit for bit; it
-    # holds also where the split pass's combine rounded the m at a segment boundary otherwise (a and
-    # virt_last read again here, not held in registers across the products)
+    # a and virt_last read again here, not held in registers across the products
     _, _, _, _, _, a, _, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
-    beta = (g + m_beg >= tl.maximum(tl.max(a, 0), virt_last)).to(tl.float32)
+    beta, _ = _chunk_end_max_source(a, g, m_beg, virt_last)
     dmk = tl.sum(tl.load(DMTC + i_bh * S_pad + offs_t), 0) + beta * dmk
     return dC, dn, dmk, decay, beta
 
@@ -135,7 +147,7 @@ def _store_end_grad(DCS, DNS, DMK, dC, dn, dmk, i_bh, i_c, i_k, i_v, NC, offs_k,
     [BH, NC+1, DK] and DMK [BH, NC+1] (at index i_c + 1); dn and dmk by one program column only."""
     mk, mv = offs_k < DK, offs_v < DV
     c_off = offs_k[:, None] * DV + offs_v[None, :]
-    tl.store(DCS + (i_bh * NC + i_c) * DK * DV + c_off, dC.to(DCS.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+    tl.store(DCS + (i_bh * NC + i_c).to(tl.int64) * DK * DV + c_off, dC.to(DCS.dtype.element_ty), mask=mk[:, None] & mv[None, :])
     if i_v == 0:
         tl.store(DNS + (i_bh * (NC + 1) + i_c + 1) * DK + offs_k, dn, mask=mk)
         if i_k == 0:

@@ -25,7 +25,9 @@ The kernels take the gate vectors of chunkwise_triton.chunk_gates:
   virt [B*NH, S_pad]  log weight of the zeroed state after an in-chunk reset (else -inf),
   cnt [B, S_pad]      number of resets so far in the chunk (token j reaches t only if equal).
 Math, the carried state and the final state are float32 whatever the input dtype; h comes back in
-v's dtype.
+v's dtype. A program's base offset into a per-head or per-chunk buffer is taken in int64 (the
+offsets within its tiles stay int32): at the 7B head shape the chunk states of 16,384 heads x chunks
+(batch 2 at S 65,536) pass 2**31 elements, and q, k, v of half a million tokens do.
 """
 
 import torch
@@ -87,14 +89,14 @@ def _states_fwd_kernel(
     mk, mv = offs_k < DK, offs_v < DV
     mkv = mk[:, None] & mv[None, :]
     c_off = offs_k[:, None] * DV + offs_v[None, :]
-    C = tl.load(C0 + i_bh * DK * DV + c_off, mask=mkv, other=0.0)
+    C = tl.load(C0 + i_bh.to(tl.int64) * DK * DV + c_off, mask=mkv, other=0.0)
     n = tl.load(N0 + i_bh * DK + offs_k, mask=mk, other=0.0)
     m = tl.load(M0 + i_bh)
     for i_c in range(NC):
         _store_entry(CS, NS, MS, C, n, m, i_bh, i_c, i_k, i_v, NC, offs_k, offs_v, DK, DV)
         C, n, m, _ = _state_step(K, V, B_, I_, VIRT, CNT, C, n, m, i_c, i_bh, i_b, offs_k, offs_v, S, S_pad, DK, DV,
                                  s_k_bh, s_k_t, s_v_bh, s_v_t, L, HAS_RESET, DT, PREC, LOCAL_MAX)
-    tl.store(CF + i_bh * DK * DV + c_off, C, mask=mkv)
+    tl.store(CF + i_bh.to(tl.int64) * DK * DV + c_off, C, mask=mkv)
     if i_v == 0:
         tl.store(NS + (i_bh * (NC + 1) + NC) * DK + offs_k, n, mask=mk)
         tl.store(NF + i_bh * DK + offs_k, n, mask=mk)
@@ -134,7 +136,7 @@ def _output_fwd_kernel(
         mk = offs_k < DK
         qr = tl.load(Q + i_bh * s_k_bh + offs_r[:, None] * s_k_t + offs_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
         kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        C = tl.load(CS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        C = tl.load(CS + (i_bh * NC + i_c).to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         n = tl.load(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, mask=mk, other=0.0)
         qk += tl.dot(qr.to(DT), tl.trans(kt.to(DT)), input_precision=PREC)
         q_c += tl.dot(qr.to(DT), C.to(DT), input_precision=PREC)
@@ -189,7 +191,7 @@ def _fused_fwd_kernel(
     mk, mv = offs_k < DK, (cols < BV) & (offs_v < DV)
     is_hi, is_lo = (cols == BV)[None, :], (cols == BV + 1)[None, :]
     n_col = tl.arange(0, 16)[None, :]  # the columns of the [BK, 16] tile that brings n to q
-    X = tl.load(C0 + i_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    X = tl.load(C0 + i_bh.to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
     X += tl.where(is_hi, tl.load(N0 + i_bh * DK + offs_k, mask=mk, other=0.0)[:, None], 0.0)
     m = tl.load(M0 + i_bh)
     for i_c in range(NC):
@@ -231,7 +233,7 @@ def _fused_fwd_kernel(
             tl.store(MT + i_bh * S_pad + offs_t, m_t)
             tl.store(DEN + i_bh * S_pad + offs_t, den)
         m = m_new
-    tl.store(CF + i_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :], X, mask=mk[:, None] & mv[None, :])
+    tl.store(CF + i_bh.to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], X, mask=mk[:, None] & mv[None, :])
     if i_v == 0:
         tl.store(NF + i_bh * DK + offs_k, tl.sum(tl.where(is_hi | is_lo, X, 0.0), 1), mask=mk)
         tl.store(MS + i_bh * (NC + 1) + NC, m)

@@ -5,7 +5,7 @@ per-head sum both ends of the state need (dC . C + dn . n)."""
 import triton
 import triton.language as tl
 
-from .chunkwise_triton_chunk import _gate_vectors
+from .chunkwise_triton_chunk import _chunk_end_max_source, _gate_vectors
 
 
 @triton.jit
@@ -19,9 +19,9 @@ def _state_dot(X, Y, N, Z, i_bh, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
         nz += tl.load(N + i_bh * DK + offs_k, mask=mk, other=0.0) * tl.load(Z + i_bh * DK + offs_k, mask=mk, other=0.0)
         for vb in range(tl.cdiv(DV, BV)):
             offs_v = vb * BV + tl.arange(0, BV)
-            off = i_bh * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+            head, off = i_bh.to(tl.int64) * DK * DV, offs_k[:, None] * DV + offs_v[None, :]
             mkv = mk[:, None] & (offs_v < DV)[None, :]
-            acc += tl.load(X + off, mask=mkv, other=0.0) * tl.load(Y + off, mask=mkv, other=0.0)
+            acc += tl.load(X + head + off, mask=mkv, other=0.0) * tl.load(Y + head + off, mask=mkv, other=0.0)
     return tl.sum(tl.sum(acc, 1), 0) + tl.sum(nz, 0)
 
 
@@ -45,12 +45,9 @@ def _gates_bwd_kernel(
     tt = tl.arange(0, L)
     offs_t = i_bh * S_pad + i_c * L + tt
     _, _, _, _, _, a, g, virt_last = _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
-    m_beg, m_end = tl.load(MS + i_bh * (NC + 1) + i_c), tl.load(MS + i_bh * (NC + 1) + i_c + 1)
+    m_beg = tl.load(MS + i_bh * (NC + 1) + i_c)
     dmk_end = tl.load(DMK + i_bh * (NC + 1) + i_c + 1)
-    # the carried state attained the chunk-end max: as _states_bwd_kernel decides it (there: why not
-    # g + m_beg == m_end)
-    beta = (g + m_beg >= tl.maximum(tl.max(a, 0), virt_last)).to(tl.float32)
-    top_a = (a == m_end).to(tl.float32) * (1.0 - beta)  # 1 where a_j attained the chunk-end max
+    beta, top_a = _chunk_end_max_source(a, g, m_beg, virt_last)
     n_top = tl.sum(top_a, 0)
     cols = tl.zeros([L], dtype=tl.float32)
     for rb in range(NRB):

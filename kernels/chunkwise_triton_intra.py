@@ -89,7 +89,7 @@ def _output_intra_kernel(
         offs_k = kb * BK + tl.arange(0, BK)
         mk = offs_k < DK
         qr = tl.load(Q + i_bh * s_k_bh + offs_r[:, None] * s_k_t + offs_k[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
-        C = tl.load(CS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        C = tl.load(CS + (i_bh * NC + i_c).to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         num += tl.dot(qr.to(DT), C.to(DT), input_precision=PREC)
         q_n += tl.sum(qr.to(tl.float32) * tl.load(NS + (i_bh * (NC + 1) + i_c) * DK + offs_k, mask=mk, other=0.0)[None, :], 1)
     num *= decay[:, None]

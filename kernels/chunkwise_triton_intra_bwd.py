@@ -37,8 +37,8 @@ def _dqk_state_terms(
         mkv = mk[:, None] & mv[None, :]
         vt = tl.load(V + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mtv, other=0.0).to(DT)
         dnum = tl.load(DH + i_bh * s_v_bh + offs_t[:, None] * s_v_t + offs_v[None, :], mask=mtv, other=0.0).to(tl.float32) * rden[:, None]
-        C = tl.load(CS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0).to(tl.float32)
-        dCe = tl.load(DCS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0).to(tl.float32)
+        C = tl.load(CS + (i_bh * NC + i_c).to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0).to(tl.float32)
+        dCe = tl.load(DCS + (i_bh * NC + i_c).to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mkv, other=0.0).to(tl.float32)
         dq_s += tl.dot(dnum.to(DT), tl.trans(C).to(DT), input_precision=PREC)
         dk_s += tl.dot(vt, tl.trans(dCe).to(DT), input_precision=PREC)
         dg_acc += tl.sum(dCe * C, 1)
@@ -58,7 +58,7 @@ def _dv_state_term(K, DCS, offs_t, mt, offs_v, mv, i_bh, i_c, NC, DK, DV, s_k_bh
         offs_k = kb * BK + tl.arange(0, BK)
         mk = offs_k < DK
         kt = tl.load(K + i_bh * s_k_bh + offs_t[:, None] * s_k_t + offs_k[None, :], mask=mt[:, None] & mk[None, :], other=0.0)
-        dCe = tl.load(DCS + (i_bh * NC + i_c) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        dCe = tl.load(DCS + (i_bh * NC + i_c).to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         dv_s += tl.dot(kt.to(DT), dCe.to(DT), input_precision=PREC)
     return dv_s
 
@@ -89,9 +89,9 @@ def _scores_intra_kernel(
     hdh = tl.zeros([RB], dtype=tl.float32)  # h_t . dh_t
     for vb in range(tl.cdiv(DV, BV)):
         offs_v = vb * BV + tl.arange(0, BV)
-        r_off = i_bh * s_v_bh + offs_r[:, None] * s_v_t + offs_v[None, :]
+        r_off = offs_r[:, None] * s_v_t + offs_v[None, :]
         mrv = mr[:, None] & (offs_v < DV)[None, :]
-        hdh += tl.sum(tl.load(H + r_off, mask=mrv, other=0.0).to(tl.float32) * tl.load(DH + r_off, mask=mrv, other=0.0).to(tl.float32), 1)
+        hdh += tl.sum(tl.load(H + i_bh * s_v_bh + r_off, mask=mrv, other=0.0).to(tl.float32) * tl.load(DH + i_bh * s_v_bh + r_off, mask=mrv, other=0.0).to(tl.float32), 1)
     dden, dmt = _normalizer_grads(den, m_r, hdh, rden, eps)
     b_r, _, cnt_r, carry, virt, _, _ = _gate_rows(B_, I_, VIRT, CNT, rows, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
     by_carry = carry + tl.load(MS + i_bh * (NC + 1) + i_c) == m_r
@@ -174,25 +174,25 @@ def _dqk_intra_kernel(
     dden = tl.load(DDEN + i_bh * S_pad + offs_t)
     dq_s, dk_s, dg_acc = _dqk_state_terms(V, DH, CS, NS, DCS, DNS, offs_t, mt, offs_k, mk, rden, dden, i_bh, i_c, NC, DK, DV,
                                           s_v_bh, s_v_t, BK, BV, DT, PREC)
-    k_off = i_bh * s_k_bh + offs_k[None, :]
+    head = i_bh * s_k_bh
     dq = qd[:, None] * dq_s
     for c in range(i_s + 1):  # the column blocks these rows reach
         cols = c * LB + tl.arange(0, LB)
-        kc = tl.load(K + k_off + (i_c * L + cols)[:, None] * s_k_t, mask=(i_c * L + cols < S)[:, None] & mk[None, :], other=0.0)
+        kc = tl.load(K + head + (i_c * L + cols)[:, None] * s_k_t + offs_k[None, :], mask=(i_c * L + cols < S)[:, None] & mk[None, :], other=0.0)
         dS = tl.load(DSS + (i_bh * NC + i_c) * L * L + rows[:, None] * L + cols[None, :])
         dq += tl.dot(dS.to(DT), kc.to(DT), input_precision=PREC)
     dk = w[:, None] * dk_s
     for r in range(i_s, L // LB):  # the row blocks that reach these columns
         rr = r * LB + tl.arange(0, LB)
-        qr = tl.load(Q + k_off + (i_c * L + rr)[:, None] * s_k_t, mask=(i_c * L + rr < S)[:, None] & mk[None, :], other=0.0)
+        qr = tl.load(Q + head + (i_c * L + rr)[:, None] * s_k_t + offs_k[None, :], mask=(i_c * L + rr < S)[:, None] & mk[None, :], other=0.0)
         dS = tl.load(DSS + (i_bh * NC + i_c) * L * L + rr[:, None] * L + rows[None, :])
         dk += tl.dot(tl.trans(dS.to(DT)), qr.to(DT), input_precision=PREC)
-    t_off = k_off + offs_t[:, None] * s_k_t
-    tl.store(DQ + t_off, dq.to(DQ.dtype.element_ty), mask=mtk)
-    tl.store(DK_ + t_off, dk.to(DK_.dtype.element_ty), mask=mtk)
+    t_off = offs_t[:, None] * s_k_t + offs_k[None, :]
+    tl.store(DQ + head + t_off, dq.to(DQ.dtype.element_ty), mask=mtk)
+    tl.store(DK_ + head + t_off, dk.to(DK_.dtype.element_ty), mask=mtk)
     part = (i_k * BH + i_bh) * S_pad + offs_t
-    tl.store(DCARRY + part, qd * tl.sum(tl.load(Q + t_off, mask=mtk, other=0.0).to(tl.float32) * dq_s, 1))
-    tl.store(DA + part, w * tl.sum(tl.load(K + t_off, mask=mtk, other=0.0).to(tl.float32) * dk_s, 1))
+    tl.store(DCARRY + part, qd * tl.sum(tl.load(Q + head + t_off, mask=mtk, other=0.0).to(tl.float32) * dq_s, 1))
+    tl.store(DA + part, w * tl.sum(tl.load(K + head + t_off, mask=mtk, other=0.0).to(tl.float32) * dk_s, 1))
     if i_s == 0:
         tl.store(DG + (i_k * BH + i_bh) * NC + i_c, tl.exp(g + m_beg - m_end) * tl.sum(dg_acc, 0))
 

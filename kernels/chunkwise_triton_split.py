@@ -19,9 +19,9 @@ A chain of about NC/P + P + NC/P steps in place of NC, P times the programs; k a
 
 Values differ from the single pass by rounding only. The m at a segment boundary is the combine's
 max of sums that round otherwise than the sequential chain's, so the backward's routing of the
-stabilizer's gradient (whether the carried state attained the chunk-end max: g + m_beg >= the
-chunk's own max, in _states_bwd_kernel and _gates_bwd_kernel) may differ from the single pass's
-only where the two terms of that max tie within one rounding at a segment boundary.
+stabilizer's gradient decides which term attained the chunk-end max from the terms themselves
+(chunkwise_triton_chunk._chunk_end_max_source), not from the stored m; it may differ from the single
+pass's only where two terms of that max tie within one rounding at a segment boundary.
 """
 
 import torch
@@ -60,7 +60,7 @@ def _states_local_kernel(
         C, n, m, g = _state_step(K, V, B_, I_, VIRT, CNT, C, n, m, i_c, i_bh, i_b, offs_k, offs_v, S, S_pad, DK, DV,
                                  s_k_bh, s_k_t, s_v_bh, s_v_t, L, HAS_RESET, DT, PREC, LOCAL_MAX)
         G += g
-    tl.store(CSEG + i_s * DK * DV + offs_k[:, None] * DV + offs_v[None, :], C, mask=mk[:, None] & mv[None, :])
+    tl.store(CSEG + i_s.to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], C, mask=mk[:, None] & mv[None, :])
     if i_v == 0:
         tl.store(NSEG + i_s * DK + offs_k, n, mask=mk)
         if i_k == 0:
@@ -87,15 +87,15 @@ def _states_combine_kernel(
     mkv = mk[:, None] & mv[None, :]
     mn = mk & (i_v == 0)
     c_off = offs_k[:, None] * DV + offs_v[None, :]
-    C = tl.load(C0 + i_bh * DK * DV + c_off, mask=mkv, other=0.0)
+    C = tl.load(C0 + i_bh.to(tl.int64) * DK * DV + c_off, mask=mkv, other=0.0)
     n = tl.load(N0 + i_bh * DK + offs_k, mask=mn, other=0.0)
     m = tl.load(M0 + i_bh)
     for p in range(P):
         seg = i_bh * P + p
-        C_p = tl.load(CSEG + seg * DK * DV + c_off, mask=mkv, other=0.0)
+        C_p = tl.load(CSEG + seg.to(tl.int64) * DK * DV + c_off, mask=mkv, other=0.0)
         n_p = tl.load(NSEG + seg * DK + offs_k, mask=mn, other=0.0)
         m_p, G_p = tl.load(MSEG + seg), tl.load(GSEG + seg)
-        tl.store(CSEG + seg * DK * DV + c_off, C, mask=mkv)
+        tl.store(CSEG + seg.to(tl.int64) * DK * DV + c_off, C, mask=mkv)
         tl.store(NSEG + seg * DK + offs_k, n, mask=mn)
         if i_v == 0:
             if i_k == 0:
@@ -106,7 +106,7 @@ def _states_combine_kernel(
         C = to_out * C + from_p * C_p
         n = to_out * n + from_p * n_p
         m = m_out
-    tl.store(CF + i_bh * DK * DV + c_off, C, mask=mkv)
+    tl.store(CF + i_bh.to(tl.int64) * DK * DV + c_off, C, mask=mkv)
     tl.store(NS + (i_bh * (NC + 1) + NC) * DK + offs_k, n, mask=mn)
     tl.store(NF + i_bh * DK + offs_k, n, mask=mn)
     if i_v == 0:
@@ -137,9 +137,9 @@ def _states_rewalk_kernel(
     mk, mv = offs_k < DK, offs_v < DV
     c_beg = p * NCP
     c_end = tl.minimum(c_beg + NCP, NC)
-    C = tl.load(CSEG + i_s * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    C = tl.load(CSEG + i_s.to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
     n = tl.load(NSEG + i_s * DK + offs_k, mask=mk, other=0.0)
-    m = tl.load(MS + i_bh * (NC + 1) + c_beg)
+    m = tl.load(MS + i_bh * (NC + 1) + c_beg)  # the combine's; _store_entry writes it back unchanged
     for i_c in range(c_beg, c_end - 1):
         _store_entry(CS, NS, MS, C, n, m, i_bh, i_c, i_k, i_v, NC, offs_k, offs_v, DK, DV)
         C, n, m, _ = _state_step(K, V, B_, I_, VIRT, CNT, C, n, m, i_c, i_bh, i_b, offs_k, offs_v, S, S_pad, DK, DV,

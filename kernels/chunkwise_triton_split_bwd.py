@@ -29,7 +29,7 @@ from .chunkwise_triton_gates import _state_dot
 @triton.jit
 def _states_grad_local_kernel(
     # pointers
-    Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, DMTC, CSEG, NSEG, MSEG, DSEG, BSEG,
+    Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, DMTC, DCSEG, DNSEG, DMSEG, DSEG, BSEG,
     # dims
     S, S_pad, NC, NCP, P, DK, DV, scale,
     # strides
@@ -39,7 +39,7 @@ def _states_grad_local_kernel(
     HAS_RESET: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Segment p's gradient at its start from a zero gradient at its end, and the products of its
-    factors, into CSEG [BH*P, DK, DV], NSEG [BH*P, DK], MSEG, DSEG and BSEG [BH*P] (float32)."""
+    factors, into DCSEG [BH*P, DK, DV], DNSEG [BH*P, DK], DMSEG, DSEG and BSEG [BH*P] (float32)."""
     i_k, i_v, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh, p = i_s // P, i_s % P
     i_b = i_bh // NH
@@ -58,11 +58,11 @@ def _states_grad_local_kernel(
                                                     s_k_bh, s_k_t, s_v_bh, s_v_t, L, HAS_RESET, DT, PREC)
         D *= decay
         Bt *= beta
-    tl.store(CSEG + i_s * DK * DV + offs_k[:, None] * DV + offs_v[None, :], dC, mask=mk[:, None] & mv[None, :])
+    tl.store(DCSEG + i_s.to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], dC, mask=mk[:, None] & mv[None, :])
     if i_v == 0:
-        tl.store(NSEG + i_s * DK + offs_k, dn, mask=mk)
+        tl.store(DNSEG + i_s * DK + offs_k, dn, mask=mk)
         if i_k == 0:
-            tl.store(MSEG + i_s, dmk)
+            tl.store(DMSEG + i_s, dmk)
             tl.store(DSEG + i_s, D)
             tl.store(BSEG + i_s, Bt)
 
@@ -70,15 +70,15 @@ def _states_grad_local_kernel(
 @triton.jit
 def _states_grad_combine_kernel(
     # pointers
-    CSEG, NSEG, MSEG, DSEG, BSEG, C_END, N_END, DC_END, DN_END, DM_END, DC0, DN0, DMK,
+    DCSEG, DNSEG, DMSEG, DSEG, BSEG, C_END, N_END, DC_END, DN_END, DM_END, DC0, DN0, DMK,
     # dims
     NC, NCP, P, DK, DV,
     # meta-parameters
     BK: tl.constexpr, BV: tl.constexpr,
 ):
     """The segments' end-state gradients, last segment first, from the final state's (in place of
-    their local start gradients in CSEG, NSEG; dm in DMK at each segment's end), and the initial
-    state's. dn is carried by the first DV tile's programs alone: they own NSEG's rows."""
+    their local start gradients in DCSEG, DNSEG; dm in DMK at each segment's end), and the initial
+    state's. dn is carried by the first DV tile's programs alone: they own DNSEG's rows."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
@@ -86,7 +86,7 @@ def _states_grad_combine_kernel(
     mkv = mk[:, None] & mv[None, :]
     mn = mk & (i_v == 0)
     c_off = offs_k[:, None] * DV + offs_v[None, :]
-    dC = tl.load(DC_END + i_bh * DK * DV + c_off, mask=mkv, other=0.0)
+    dC = tl.load(DC_END + i_bh.to(tl.int64) * DK * DV + c_off, mask=mkv, other=0.0)
     dn = tl.load(DN_END + i_bh * DK + offs_k, mask=mn, other=0.0)
     dmk = tl.load(DM_END + i_bh)
     if i_k == 0:
@@ -94,18 +94,18 @@ def _states_grad_combine_kernel(
             dmk -= _state_dot(DC_END, C_END, DN_END, N_END, i_bh, DK, DV, BK, BV)
     for j in range(P):
         seg = i_bh * P + P - 1 - j
-        dC_p = tl.load(CSEG + seg * DK * DV + c_off, mask=mkv, other=0.0)
-        dn_p = tl.load(NSEG + seg * DK + offs_k, mask=mn, other=0.0)
-        dm_p, D_p, B_p = tl.load(MSEG + seg), tl.load(DSEG + seg), tl.load(BSEG + seg)
-        tl.store(CSEG + seg * DK * DV + c_off, dC, mask=mkv)
-        tl.store(NSEG + seg * DK + offs_k, dn, mask=mn)
+        dC_p = tl.load(DCSEG + seg.to(tl.int64) * DK * DV + c_off, mask=mkv, other=0.0)
+        dn_p = tl.load(DNSEG + seg * DK + offs_k, mask=mn, other=0.0)
+        dm_p, D_p, B_p = tl.load(DMSEG + seg), tl.load(DSEG + seg), tl.load(BSEG + seg)
+        tl.store(DCSEG + seg.to(tl.int64) * DK * DV + c_off, dC, mask=mkv)
+        tl.store(DNSEG + seg * DK + offs_k, dn, mask=mn)
         if i_v == 0:
             if i_k == 0:
                 tl.store(DMK + i_bh * (NC + 1) + tl.minimum((P - j) * NCP, NC), dmk)
         dC = D_p * dC + dC_p
         dn = D_p * dn + dn_p
         dmk = B_p * dmk + dm_p
-    tl.store(DC0 + i_bh * DK * DV + c_off, dC, mask=mkv)
+    tl.store(DC0 + i_bh.to(tl.int64) * DK * DV + c_off, dC, mask=mkv)
     tl.store(DN0 + i_bh * DK + offs_k, dn, mask=mn)
     if i_v == 0:
         if i_k == 0:
@@ -115,7 +115,7 @@ def _states_grad_combine_kernel(
 @triton.jit
 def _states_grad_rewalk_kernel(
     # pointers
-    Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, DMTC, CSEG, NSEG, DCS, DNS, DMK,
+    Q, DH, B_, I_, VIRT, CNT, MT, RDEN, DDEN, MS, DMTC, DCSEG, DNSEG, DCS, DNS, DMK,
     # dims
     S, S_pad, NC, NCP, P, DK, DV, scale,
     # strides
@@ -134,9 +134,9 @@ def _states_grad_rewalk_kernel(
     mk, mv = offs_k < DK, offs_v < DV
     c_beg = p * NCP
     c_end = tl.minimum(c_beg + NCP, NC)
-    dC = tl.load(CSEG + i_s * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-    dn = tl.load(NSEG + i_s * DK + offs_k, mask=mk, other=0.0)
-    dmk = tl.load(DMK + i_bh * (NC + 1) + c_end)
+    dC = tl.load(DCSEG + i_s.to(tl.int64) * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    dn = tl.load(DNSEG + i_s * DK + offs_k, mask=mk, other=0.0)
+    dmk = tl.load(DMK + i_bh * (NC + 1) + c_end)  # the combine's; _store_end_grad writes it back unchanged
     for j in range(c_end - 1 - c_beg):
         i_c = c_end - 1 - j
         _store_end_grad(DCS, DNS, DMK, dC, dn, dmk, i_bh, i_c, i_k, i_v, NC, offs_k, offs_v, DK, DV)
@@ -155,13 +155,13 @@ def split_states_grad(
     segment_plan); `meta` is the states pass's meta-parameters."""
     BH = q.shape[0] * q.shape[1]
     f32 = dict(dtype=torch.float32)
-    CSEG, NSEG = q.new_empty(BH * P, DK, DV, **f32), q.new_empty(BH * P, DK, **f32)
-    MSEG, DSEG, BSEG = (q.new_empty(BH * P, **f32) for _ in range(3))
+    DCSEG, DNSEG = q.new_empty(BH * P, DK, DV, **f32), q.new_empty(BH * P, DK, **f32)
+    DMSEG, DSEG, BSEG = (q.new_empty(BH * P, **f32) for _ in range(3))
     tiles = (triton.cdiv(DK, meta["BK"]), triton.cdiv(DV, meta["BV"]))
     gates = (q, dh, b, ig, virt, cnt, mt, rden, dden, MS, dmtc)
     dims, strides = (S, S_pad, NC, NCP, P, DK, DV, scale), (s_k_bh, s_k_t, s_v_bh, s_v_t)
-    _states_grad_local_kernel[(*tiles, BH * P)](*gates, CSEG, NSEG, MSEG, DSEG, BSEG, *dims, *strides, **meta)
+    _states_grad_local_kernel[(*tiles, BH * P)](*gates, DCSEG, DNSEG, DMSEG, DSEG, BSEG, *dims, *strides, **meta)
     combine = {name: meta[name] for name in ("BK", "BV", "num_warps", "num_stages") if name in meta}
-    _states_grad_combine_kernel[(*tiles, BH)](CSEG, NSEG, MSEG, DSEG, BSEG, C, n, dC, dn, dm, dC0, dn0, DMK,
+    _states_grad_combine_kernel[(*tiles, BH)](DCSEG, DNSEG, DMSEG, DSEG, BSEG, C, n, dC, dn, dm, dC0, dn0, DMK,
                                               NC, NCP, P, DK, DV, **combine)
-    _states_grad_rewalk_kernel[(*tiles, BH * P)](*gates, CSEG, NSEG, DCS, DNS, DMK, *dims, *strides, **meta)
+    _states_grad_rewalk_kernel[(*tiles, BH * P)](*gates, DCSEG, DNSEG, DCS, DNS, DMK, *dims, *strides, **meta)

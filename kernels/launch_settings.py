@@ -198,7 +198,7 @@ def program_ids(TILES_FIRST: tl.constexpr):
 
 def grid_meta(cfg: dict, outer: int, tiles: int, BH: int) -> tuple[tuple[int, int, int], dict]:
     """The grid of a per-chunk launch with `outer` chunks (or chunk row blocks) and `tiles`
-    head-dim tiles per head, in cfg's grid_order (see chunkwise_triton_fwd.program_ids), and the
+    head-dim tiles per head, in cfg's grid_order (see program_ids), and the
     kernel's meta-parameters. The order "tiles" puts `outer` on the grid's second axis, which CUDA
     caps at 65,535."""
     meta = dict(cfg)

@@ -31,9 +31,9 @@ from .launch_settings import step_one_launch
 @triton.jit
 def _state_row(SLOTS, i_bh, NH, HAS_SLOTS: tl.constexpr):
     """The state's batch*head row that the token row i_bh updates: its own, or its slot's head."""
-    s_bh = i_bh
-    if HAS_SLOTS:  # resolved at compile time, so s_bh may change type
-        s_bh = tl.load(SLOTS + i_bh // NH) * NH + i_bh % NH  # int64: a large pool's offsets do not wrap
+    s_bh = i_bh.to(tl.int64)  # int64: the offsets of a large batch's (or pool's) state do not wrap
+    if HAS_SLOTS:  # resolved at compile time
+        s_bh = tl.load(SLOTS + i_bh // NH) * NH + i_bh % NH
     return s_bh
 
 
