@@ -97,13 +97,13 @@ def case_id(c):
     return f"B{B}-NH{NH}-S{S}-DK{DK}-DV{DV}-L{L}" + "-init" * init + "-reset" * reset + f"-{gates}"
 
 
-# the split states pass at 4 segments, so that the few chunks of these tests make segments of several
 VARIANTS = ({"two-pass": {}, "fused": dict(fused=dict(enabled=1))} | {k: v for k, v in aot.VARIANTS.items() if k != "default"}
             | {"split": dict(states=dict(segments=4))})
 """The selectable forms of the kernels, as launch_overrides: the default (states and output passes,
 each per-chunk launch with the chunk index fastest), the one-pass forward (at the chunks it takes),
 and the variants of aot.VARIANTS (the per-chunk launches with the tile index fastest, the states
-pass at each chunk's own stabilizer)."""
+pass at each chunk's own stabilizer, the states passes split over segments, here 4 so that these
+tests' few chunks make segments of several, and chunk 128 tiled inside the chunk, at chunk 128)."""
 
 
 def intra(LB: int) -> dict:
