@@ -35,6 +35,17 @@ def _gate_rows(B_, I_, VIRT, CNT, rows, i_bh, i_b, i_c, S_pad, L: tl.constexpr, 
 
 
 @triton.jit
+def _masked_log_d(b_r, cnt_r, rows, bt, it, cnt, cols, HAS_RESET: tl.constexpr):
+    """log D_tj = b_t - b_j + ig_j [len(rows), len(cols)] for the in-chunk rows t (b_r, cnt_r: their
+    b and cnt) and columns j (bt, it, cnt: theirs) of one chunk, where j <= t in the same document
+    (else -inf)."""
+    reach = rows[:, None] >= cols[None, :]
+    if HAS_RESET:
+        reach = reach & (cnt_r[:, None] == cnt[None, :])
+    return tl.where(reach, b_r[:, None] - bt[None, :] + it[None, :], float("-inf"))
+
+
+@triton.jit
 def _gate_vectors(B_, I_, VIRT, CNT, i_bh, i_b, i_c, S_pad, L: tl.constexpr, HAS_RESET: tl.constexpr):
     """Per-position gate quantities of chunk i_c: _gate_rows' at all L positions (b, ig, cnt, carry,
     virt, a, g), and virt_last (virt at the chunk's last position)."""

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunkwise_triton_chunk import _gate_vectors, _state_step, _store_entry
+from .chunkwise_triton_chunk import _gate_vectors, _masked_log_d, _state_step, _store_entry
 from .chunkwise_triton_split import segment_plan, split_chunk_states
 from .chunkwise_triton_intra import _output_intra_kernel, tiled_kernel
 from .launch_settings import grid_meta, interpreting, launch_config, program_ids
@@ -54,19 +54,17 @@ def _row_log_d(B_, I_, VIRT, CNT, bt, it, cnt, rows, i_bh, i_b, i_c, S_pad, L: t
     """For the rows `rows` (in-chunk positions t) of chunk i_c, given the chunk's column vectors
     from _gate_vectors: log D_tj = b_t - b_j + ig_j for j <= t in the same document (else -inf)
     [len(rows), L], and the rows' carry and virt (see _gate_vectors)."""
-    cols = tl.arange(0, L)
     offs_r = i_c * L + rows
     b_r = tl.load(B_ + i_bh * S_pad + offs_r)
-    reach = rows[:, None] >= cols[None, :]
     if HAS_RESET:
         cnt_r = tl.load(CNT + i_b * S_pad + offs_r)
-        reach = reach & (cnt_r[:, None] == cnt[None, :])
         carry_r = tl.where(cnt_r == 0, b_r, float("-inf"))
         virt_r = tl.load(VIRT + i_bh * S_pad + offs_r)
     else:
+        cnt_r = cnt  # unused without resets
         carry_r = b_r
         virt_r = tl.full(b_r.shape, float("-inf"), tl.float32)
-    return tl.where(reach, b_r[:, None] - bt[None, :] + it[None, :], float("-inf")), carry_r, virt_r
+    return _masked_log_d(b_r, cnt_r, rows, bt, it, cnt, tl.arange(0, L), HAS_RESET), carry_r, virt_r
 
 
 @triton.jit

@@ -23,7 +23,7 @@ backward's tests of which term attained a max stay exact whatever LB each launch
 import triton
 import triton.language as tl
 
-from .chunkwise_triton_chunk import _gate_rows
+from .chunkwise_triton_chunk import _gate_rows, _masked_log_d
 from .launch_settings import program_ids
 
 
@@ -32,10 +32,7 @@ def _log_d_block(B_, I_, VIRT, CNT, b_r, cnt_r, rows, cols, i_bh, i_b, i_c, S_pa
     """log D_tj = b_t - b_j + ig_j for the rows t (b_r, cnt_r: their b and cnt) and the columns j
     `cols` of chunk i_c, where j <= t in the same document (else -inf)."""
     bt, it, cnt, _, _, _, _ = _gate_rows(B_, I_, VIRT, CNT, cols, i_bh, i_b, i_c, S_pad, L, HAS_RESET)
-    reach = rows[:, None] >= cols[None, :]
-    if HAS_RESET:
-        reach = reach & (cnt_r[:, None] == cnt[None, :])
-    return tl.where(reach, b_r[:, None] - bt[None, :] + it[None, :], float("-inf"))
+    return _masked_log_d(b_r, cnt_r, rows, bt, it, cnt, cols, HAS_RESET)
 
 
 @triton.jit
